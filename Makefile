@@ -1,0 +1,41 @@
+# lisa_dist front door. `make demo` and `make test` work on a fresh machine: they create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# This machine's CPU wheel of torch, installed before anything else so that no CUDA build is ever fetched.
+TORCH_PIN ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+# The demo fine-tunes on ../shared's Alpaca-GPT4 sample when it is there, else on the instruction data the repo ships.
+DEMO_DATA := $(firstword $(wildcard ../shared/data/alpaca_gpt4_en_999.json) lisa_dist/assets/demo_alpaca.jsonl)
+
+.PHONY: venv demo test test-slow test-all lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[all,test]'
+	touch $@
+
+demo: venv
+	$(PY) -m lisa_dist.cli train configs/demo.yaml --data.path=$(DEMO_DATA)
+
+test: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow tests
+
+test-all: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check lisa_dist tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache runs

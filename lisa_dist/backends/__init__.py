@@ -1,0 +1,15 @@
+"""Backends behind one Protocol; `build_backend` picks one by `backend.name`."""
+from __future__ import annotations
+
+from lisa_dist.backends.base import Backend
+from lisa_dist.backends.local import LocalBackend
+from lisa_dist.config import Config
+
+
+def build_backend(cfg: Config) -> Backend:
+    if cfg.backend.name == "local":
+        return LocalBackend(cfg.train.device, cfg.train.precision, cfg.optim)
+    raise ValueError(f"backend.name={cfg.backend.name!r} is not available")
+
+
+__all__ = ["Backend", "LocalBackend", "build_backend"]

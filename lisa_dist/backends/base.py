@@ -1,0 +1,50 @@
+"""The one small interface every backend implements; the trainer loop talks to nothing else."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lisa_dist.optim import TrainableSet
+
+
+class Backend(Protocol):
+    """Local, DDP, FSDP2 and DeepSpeed all provide these verbs.
+
+    The trainer calls `prepare` once, `activate` at each LISA switch (and once at the start), then per step
+    `forward_backward` for each micro-batch and `step`.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
+        """Wrap or place the model and build the optimizer over `trainable.always` (no layer active yet)."""
+
+    def activate(self, layers: Sequence[int]) -> None:
+        """Train exactly `layers` from now on: only they and the always-trained params have grads and Adam state."""
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Backward of `scale` x the summed token loss of one micro-batch; returns the detached loss sum."""
+
+    def step(self, lr: float) -> float:
+        """Clip the global grad norm, take one optimizer step at `lr`, clear grads; returns the pre-clip norm."""
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of Adam moments this rank holds."""
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity on one process)."""
+
+    def barrier(self) -> None: ...
+
+    def save_model(self, path: str) -> None:
+        """Write the full model as a Hugging Face folder (from the main rank)."""
+
+    def close(self) -> None: ...

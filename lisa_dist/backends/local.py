@@ -1,0 +1,88 @@
+"""One process, one device: the reference every distributed backend is compared against."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lisa_dist.config import OptimConfig
+from lisa_dist.loss import lm_loss_sum
+from lisa_dist.optim import TrainableSet, build_adamw, moment_bytes, set_active_params, set_lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+class LocalBackend:
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str, precision: str, optim: OptimConfig) -> None:
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.optim_cfg = optim
+        self.model: nn.Module | None = None
+        self.trainable: TrainableSet | None = None
+        self.optimizer: torch.optim.AdamW | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
+        self.model = model.to(self.device)
+        self.model.train()
+        self.trainable = trainable
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, p in trainable.always:
+            p.requires_grad_(True)
+        self.optimizer = build_adamw(trainable.always, [], self.optim_cfg)
+
+    def activate(self, layers: Sequence[int]) -> None:
+        set_active_params(self.optimizer, self.trainable, layers)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self._autocast():
+            loss_sum = lm_loss_sum(self.model, batch)
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, lr: float) -> float:
+        max_norm = self.optim_cfg.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), max_norm)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def optimizer_state_bytes(self) -> int:
+        return moment_bytes(self.optimizer)
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def save_model(self, path: str) -> None:
+        self.model.save_pretrained(path)
+
+    def close(self) -> None:
+        self.optimizer = None

@@ -1,0 +1,75 @@
+"""`lisa-dist`: train, print the resolved config, or show which modules a model's layers are."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from lisa_dist.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lisa-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "run a fine-tune"), ("config", "print the resolved config as YAML")):
+        p = sub.add_parser(name, help=text, description=f"{text}; extra --section.key=value arguments override it")
+        p.add_argument("config", nargs="?", help="YAML or JSON config file (defaults when omitted)")
+    layers = sub.add_parser("layers", help="print the decoder layers and always-trained modules of a model")
+    layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
+    layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
+    return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    # Everything from the first --section.key on is an override (argparse would take a value with a space in it,
+    # such as --model.preset_overrides={a: 1}, for the positional config path).
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            return argv[:i], argv[i:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = _parser().parse_args(own)
+    try:
+        if args.command == "layers":
+            return _show_layers(args.model, args.layers_path, overrides)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"lisa-dist: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lisa_dist.data import DataError
+    from lisa_dist.trainer import train
+
+    try:
+        train(cfg)
+    except (ConfigError, DataError) as exc:
+        logging.getLogger("lisa_dist").error("%s", exc)
+        return 2
+    return 0
+
+
+def _show_layers(model_name: str, layers_path: str | None, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+    from lisa_dist.config import ModelConfig
+    from lisa_dist.models import find_layout, load_model
+
+    model, _ = load_model(ModelConfig(name=model_name, layers_path=layers_path), seed=0)
+    layout = find_layout(model, layers_path)
+    print(layout.describe())
+    print(f"decoder layers: {layout.layers_path} ({layout.num_layers} x {type(layout.layers[0]).__name__})")
+    for name, module in layout.always.items():
+        print(f"always trained: {name} ({type(module).__name__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML/JSON plus `--section.key=value` overrides.
+
+All validation lives here: `validate()` checks what the config alone can tell, `validate_for_model()` what needs
+the model (gamma against the number of decoder layers). Every error names the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key that lisa_dist cannot run with."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"
+    """A preset (`tiny-llama`, ...), a local Hugging Face folder, a `.gguf` file, or a hub id."""
+    layers_path: str | None = None
+    """Dotted attribute path of the decoder block list (e.g. `model.layers`), overriding the built-in registry."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; defaults to the model's own (presets use a built-in byte-level tokenizer)."""
+    dtype: str = "float32"
+    """Storage dtype of the weights: float32 or bfloat16."""
+    preset_overrides: dict[str, Any] = field(default_factory=dict)
+    """Config fields changed on a preset, e.g. {num_hidden_layers: 8}."""
+    trust_remote_code: bool = False
+    """Passed to transformers when loading a folder or hub id."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A local .json/.jsonl/.parquet/.txt file, a folder of them, or a hub dataset id."""
+    format: str = "alpaca"
+    """text (packed raw text), alpaca (instruction/input/output) or chat (messages with the chat template)."""
+    max_length: int = 512
+    """Tokens per example: the packing block for text, the truncation length otherwise."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    skip_bad_rows: bool = False
+    """Skip rows that are malformed or empty after tokenization (counted and logged) instead of stopping."""
+    cache_dir: str = ".cache/lisa_dist/data"
+    """Where tokenized datasets are cached, keyed by source, format, length and tokenizer."""
+    text_field: str = "text"
+    """Field holding the text in json/jsonl/parquet files of the text format."""
+    messages_field: str = "messages"
+    """Field holding the list of {role, content} messages in the chat format."""
+
+
+@dataclass
+class LisaConfig:
+    enabled: bool = True
+    """false trains every layer: the full fine-tuning baseline, through the same loop."""
+    gamma: int = 2
+    """Decoder layers active at once, in 1..L."""
+    interval: int = 20
+    """Steps per sampling period (K in the paper)."""
+    strategy: str = "uniform"
+    """uniform (the paper's Algorithm 1), weighted (lisa.weights) or fixed (lisa.fixed_layers)."""
+    weights: list[float] | None = None
+    """Per-layer sampling weights for the weighted strategy, one per decoder layer."""
+    fixed_layers: list[int] | None = None
+    """Layer indices for the fixed strategy."""
+    seed: int | None = None
+    """Seed of the layer sampler; defaults to train.seed."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of LISA: the second baseline method."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling numerator."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; null lets peft pick its default for the model family."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate, > 0."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices (biases, norms and 1-d params are never decayed)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam beta1, beta2, each in [0, 1)."""
+    eps: float = 1e-8
+    """Adam epsilon, > 0."""
+    schedule: str = "cosine"
+    """cosine, linear or constant, after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr, in [0, 1]."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clipping over trainable params; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Examples per forward pass per rank."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 42
+    """Seed of model init, data order and (by default) the layer sampler."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast compute, fp32 weights and optimizer state)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in backward."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    output_dir: str = "runs/default"
+    """Metrics, summary and exported models go here."""
+
+
+@dataclass
+class BackendConfig:
+    name: str = "local"
+    """local (one process)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_final: bool = False
+    """Write the trained model as a Hugging Face folder to <output_dir>/final at the end."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Steps between metric records (JSONL, cross-rank loss reduction); 1 logs every step."""
+    console_every: int = 10
+    """Steps between metric lines on the console (a multiple of log_every is shown)."""
+    jsonl: str | None = None
+    """Metrics JSONL path; defaults to <output_dir>/metrics.jsonl."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    level: str = "INFO"
+    """Python logging level."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+BACKENDS = ("local",)
+DATA_FORMATS = ("text", "alpaca", "chat")
+STRATEGIES = ("uniform", "weighted", "fixed")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML/JSON file (or start from defaults), apply `--section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_file(Path(path))
+    cfg = from_dict(raw, source=str(path) if path else "defaults")
+    for key, value in parse_overrides(overrides or []):
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        _check_known(section, sections, f"{source}: unknown section")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`--a.b=v` or `--a.b v` pairs; values are parsed as YAML scalars (so `true`, `3`, `[1, 2]` keep their type)."""
+    pairs = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"override '{arg}' must look like --section.key=value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{arg}' has no value")
+        pairs.append((key, _parse_scalar(text)))
+        i += 1
+    return pairs
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` on cfg, coercing the value to the field's type; unknown names get the closest valid one."""
+    if dotted.count(".") != 1:
+        raise ConfigError(f"'{dotted}' must be section.key")
+    section_name, key = dotted.split(".")
+    _check_known(section_name, {f.name for f in dataclasses.fields(Config)}, "unknown section")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    _check_known(key, fields, f"unknown key in section '{section_name}':", prefix=f"{section_name}.")
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(value, hint, dotted))
+
+
+def _check_known(name: str, known: typing.Iterable[str], what: str, prefix: str = "") -> None:
+    known = list(known)
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    raise ConfigError(f"{what} '{prefix}{name}'{hint} (valid: {', '.join(sorted(known))})")
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: expected a list")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r}: expected a mapping")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected a string")
+    raise ConfigError(f"{name}: unsupported field type {hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, name, value, f"expected one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Everything that can be checked without the model."""
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _require(bool(cfg.data.path), "data.path", cfg.data.path, "a file, folder or hub dataset id is required")
+    _choice("data.format", cfg.data.format, DATA_FORMATS)
+    _require(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "expected >= 2")
+    _validate_lisa(cfg.lisa)
+    _require(not (cfg.lisa.enabled and cfg.lora.enabled), "lora.enabled", cfg.lora.enabled,
+             "LoRA and LISA are separate methods: set lisa.enabled=false to train LoRA")
+    _require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "expected >= 1")
+    _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "expected in [0, 1)")
+    _validate_optim(cfg.optim)
+    t = cfg.train
+    _require(t.steps >= 1, "train.steps", t.steps, "expected >= 1")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "expected >= 1")
+    _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "expected >= 1")
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.device", t.device, DEVICES)
+    _choice("backend.name", cfg.backend.name, BACKENDS)
+    _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
+    _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
+    _choice("logging.level", cfg.logging.level, LOG_LEVELS)
+
+
+def _validate_lisa(lisa: LisaConfig) -> None:
+    _choice("lisa.strategy", lisa.strategy, STRATEGIES)
+    _require(lisa.gamma >= 1, "lisa.gamma", lisa.gamma, "expected >= 1 (and <= the number of decoder layers)")
+    _require(lisa.interval >= 1, "lisa.interval", lisa.interval, "expected >= 1")
+    if lisa.strategy == "weighted":
+        _require(lisa.weights is not None, "lisa.weights", lisa.weights, "required by lisa.strategy=weighted")
+        _require(all(w >= 0 for w in lisa.weights) and sum(lisa.weights) > 0, "lisa.weights", lisa.weights,
+                 "expected non-negative weights with a positive sum")
+    if lisa.strategy == "fixed":
+        layers = lisa.fixed_layers
+        _require(bool(layers), "lisa.fixed_layers", layers, "required by lisa.strategy=fixed")
+        _require(len(set(layers)) == len(layers), "lisa.fixed_layers", layers, "expected distinct layer indices")
+        _require(len(layers) == lisa.gamma, "lisa.fixed_layers", layers,
+                 f"expected exactly lisa.gamma={lisa.gamma} layers")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _require(o.lr > 0, "optim.lr", o.lr, "expected > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "expected >= 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "expected two values in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "expected > 0")
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "expected >= 0")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "expected in [0, 1]")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "expected >= 0 (0 disables clipping)")
+
+
+def validate_for_model(cfg: Config, num_layers: int) -> None:
+    """Checks that need the number of decoder layers L."""
+    lisa = cfg.lisa
+    if not lisa.enabled:
+        return
+    _require(1 <= lisa.gamma <= num_layers, "lisa.gamma", lisa.gamma, f"expected in 1..{num_layers} (the model's L)")
+    if lisa.strategy == "weighted":
+        _require(len(lisa.weights) == num_layers, "lisa.weights", lisa.weights,
+                 f"expected {num_layers} weights, one per decoder layer")
+        positive = sum(w > 0 for w in lisa.weights)
+        _require(positive >= lisa.gamma, "lisa.weights", lisa.weights,
+                 f"expected at least lisa.gamma={lisa.gamma} positive weights")
+    if lisa.strategy == "fixed":
+        _require(all(0 <= i < num_layers for i in lisa.fixed_layers), "lisa.fixed_layers", lisa.fixed_layers,
+                 f"expected indices in 0..{num_layers - 1}")

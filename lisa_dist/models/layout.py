@@ -1,0 +1,220 @@
+"""The one place that knows which modules of a model are its decoder layers and which are always trained.
+
+FSDP wrapping, activation checkpointing and the LISA sampler all go through `find_layout`. Families are looked up by
+Hugging Face `config.model_type` in `FAMILIES`; anything else falls back to the longest homogeneous `nn.ModuleList`,
+and `model.layers_path` overrides both. Paths are attribute chains resolved with getattr, never eval'd or matched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lisa_dist.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps its blocks, relative to the `*ForCausalLM` model."""
+
+    layers: str
+    norm: str
+    extra: tuple[str, ...] = ()
+    """Further always-trained modules (learned position embeddings, projections); a path that is None is skipped."""
+
+
+_LLAMA_LIKE = Family("model.layers", "model.norm")
+
+FAMILIES: dict[str, Family] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+         "phi3"),
+        _LLAMA_LIKE,
+    ),
+    "phi": Family("model.layers", "model.final_layernorm"),
+    "gpt2": Family("transformer.h", "transformer.ln_f", ("transformer.wpe",)),
+    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    "opt": Family(
+        "model.decoder.layers", "model.decoder.final_layer_norm",
+        ("model.decoder.embed_positions", "model.decoder.project_in", "model.decoder.project_out"),
+    ),
+}
+
+
+def resolve_path(root: nn.Module, path: str) -> object:
+    """Follow a dotted attribute path (`"model.layers"`, `"model.layers.0"`) from `root`.
+
+    Raises AttributeError naming the part of the path that does not exist.
+    """
+    obj: object = root
+    walked = []
+    for part in path.split("."):
+        if not part or not hasattr(obj, part):
+            where = ".".join(walked) or "the model"
+            raise AttributeError(f"{path!r}: {where} ({type(obj).__name__}) has no attribute {part!r}")
+        obj = getattr(obj, part)
+        walked.append(part)
+    return obj
+
+
+@dataclass
+class ModelLayout:
+    """The decoder layers of `model` and the modules trained at every step.
+
+    `layers_path` is relative to `model`, so `f"{layers_path}.{i}.{name}"` is the name `model.named_parameters()`
+    gives a parameter of layer i.
+    """
+
+    model: nn.Module
+    layers_path: str
+    layers: nn.ModuleList
+    always: dict[str, nn.Module] = field(default_factory=dict)
+    family: str = "unknown"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_params(self, i: int) -> list[nn.Parameter]:
+        return list(self.layers[i].parameters())
+
+    def always_trained_params(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter of the model outside the decoder layers, each once (tied weights appear once)."""
+        in_layers = {id(p) for p in self.layers.parameters()}
+        return [(name, p) for name, p in self.model.named_parameters() if id(p) not in in_layers]
+
+    def describe(self) -> str:
+        total = sum(p.numel() for p in self.model.parameters())
+        always = sum(p.numel() for _, p in self.always_trained_params())
+        block = type(self.layers[0]).__name__ if self.num_layers else "-"
+        return (
+            f"{type(self.model).__name__} ({self.family}): L={self.num_layers} x {block} at {self.layers_path}, "
+            f"{_millions(total)} params ({_millions(always)} always trained, {_millions(total - always)} in layers)"
+        )
+
+
+def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout:
+    """Find the decoder layers of `model`: the `layers_path` override, else the family registry, else the longest
+    `nn.ModuleList` of one block class.
+
+    Pass the plain Hugging Face model. A peft-wrapped model also works: paths (override and registry) are resolved
+    on its base model, and the returned `layers_path` and `always` names are re-expressed relative to `model` itself.
+    Raises ConfigError listing every candidate `nn.ModuleList` when no unambiguous layer list is found.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family_name = getattr(getattr(base, "config", None), "model_type", None)
+    family = FAMILIES.get(family_name)
+    if layers_path is not None:
+        layers = _resolve_override(base, layers_path)
+    else:
+        layers = _from_family(base, family) if family else None
+        if layers is None:
+            family = None
+            layers = _generic_layers(base)
+    names = {id(module): name for name, module in model.named_modules()}
+    return ModelLayout(
+        model=model,
+        layers_path=names[id(layers)],
+        layers=layers,
+        always=_always_modules(base, family, names),
+        family=family_name or type(base).__name__,
+    )
+
+
+def _resolve_override(base: nn.Module, path: str) -> nn.ModuleList:
+    try:
+        found = resolve_path(base, path)
+    except AttributeError as exc:
+        raise ConfigError(f"model.layers_path={path!r} does not resolve: {exc}. {_candidates_hint(base)}") from None
+    if not isinstance(found, nn.ModuleList):
+        raise ConfigError(
+            f"model.layers_path={path!r} is a {type(found).__name__}, not an nn.ModuleList. {_candidates_hint(base)}"
+        )
+    return found
+
+
+def _from_family(base: nn.Module, family: Family) -> nn.ModuleList | None:
+    # A variant that reuses a model_type but moves its blocks falls through to the generic search.
+    try:
+        found = resolve_path(base, family.layers)
+        resolve_path(base, family.norm)
+    except AttributeError:
+        return None
+    return found if isinstance(found, nn.ModuleList) else None
+
+
+def _generic_layers(base: nn.Module) -> nn.ModuleList:
+    lists = _module_lists(base)
+    # Lists nested in another list (per-layer MoE experts, say) are parts of a block, never the blocks themselves.
+    outer = [
+        (path, ml) for path, ml in lists
+        if len(ml) and _homogeneous(ml) and not any(path.startswith(f"{other}.") for other, _ in lists)
+    ]
+    if not outer:
+        raise ConfigError(f"cannot find the decoder layers of {type(base).__name__}: {_candidates_hint(base)}")
+    longest = max(len(ml) for _, ml in outer)
+    best = [(path, ml) for path, ml in outer if len(ml) == longest]
+    if len(best) > 1:
+        raise ConfigError(
+            f"cannot tell which list holds the decoder layers of {type(base).__name__}: "
+            f"{', '.join(path for path, _ in best)} all have {longest} blocks. {_candidates_hint(base)}"
+        )
+    return best[0][1]
+
+
+def _module_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, nn.ModuleList) and name]
+
+
+def _homogeneous(ml: nn.ModuleList) -> bool:
+    return len({type(m) for m in ml}) == 1
+
+
+def _candidates_hint(base: nn.Module) -> str:
+    lists = _module_lists(base)
+    if not lists:
+        found = "no nn.ModuleList found"
+    else:
+        found = "candidates: " + ", ".join(f"{path} ({_shape(ml)})" for path, ml in lists)
+    return f"{found}; set model.layers_path to the dotted path of the decoder block list"
+
+
+def _shape(ml: nn.ModuleList) -> str:
+    if not len(ml):
+        return "empty"
+    classes = sorted({type(m).__name__ for m in ml})
+    return f"{len(ml)} x {'/'.join(classes)}"
+
+
+def _always_modules(base: nn.Module, family: Family | None, names: dict[int, str]) -> dict[str, nn.Module]:
+    embed = _hf_module(base, "get_input_embeddings")
+    head = _hf_module(base, "get_output_embeddings")
+    if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", False):
+        head = None  # tied: training the embedding trains the head
+    modules = [embed]
+    if family is not None:
+        modules += [_optional(base, path) for path in (*family.extra, family.norm)]
+    modules.append(head)
+    return {names[id(m)]: m for m in modules if m is not None and id(m) in names}
+
+
+def _hf_module(base: nn.Module, getter: str) -> nn.Module | None:
+    if not hasattr(base, getter):
+        return None
+    try:
+        found = getattr(base, getter)()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _optional(base: nn.Module, path: str) -> nn.Module | None:
+    try:
+        found = resolve_path(base, path)
+    except AttributeError:
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"

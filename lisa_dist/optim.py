@@ -1,0 +1,116 @@
+"""AdamW whose state exists only for the params that train now, and the learning-rate schedule.
+
+The optimizer has four param groups: always-trained params (embeddings, final norm, head) with and without weight
+decay, then the active layers' params with and without weight decay. A LISA switch replaces the params of the last
+two groups and drops the Adam state of every param that leaves them; the always-trained params keep their moments
+and their own step count, and newly active layers start from fresh state (torch AdamW creates it lazily).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lisa_dist.config import OptimConfig
+
+NamedParams = list[tuple[str, nn.Parameter]]
+ALWAYS_GROUPS = (0, 1)
+LAYER_GROUPS = (2, 3)
+
+
+@dataclass
+class TrainableSet:
+    """What a method trains: params trained at every step, and per decoder layer the params LISA switches."""
+
+    always: NamedParams
+    layers: list[NamedParams] = field(default_factory=list)
+
+    def layer_params(self, indices: Sequence[int]) -> NamedParams:
+        return [named for i in indices for named in self.layers[i]]
+
+    def num_params(self, indices: Sequence[int]) -> int:
+        return sum(p.numel() for _, p in self.always + self.layer_params(indices))
+
+
+def _split_decay(params: NamedParams) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    # Matrices decay; biases, norm scales and other 1-d params do not.
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    return decay, no_decay
+
+
+def param_groups(always: NamedParams, active: NamedParams, weight_decay: float) -> list[dict]:
+    groups = []
+    for params in (always, active):
+        decay, no_decay = _split_decay(params)
+        groups.append({"params": decay, "weight_decay": weight_decay})
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(always, active, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def set_active_params(optimizer: torch.optim.Optimizer, trainable: TrainableSet, indices: Sequence[int]) -> None:
+    """Make exactly the layers `indices` trainable: flip requires_grad and swap the optimizer's layer groups.
+
+    Params that stay active keep their Adam state; params that leave lose it (and their gradient).
+    """
+    active = trainable.layer_params(indices)
+    keep = {id(p) for _, p in active}
+    for _, p in trainable.layer_params(range(len(trainable.layers))):
+        if id(p) not in keep:
+            p.requires_grad_(False)
+            p.grad = None
+            optimizer.state.pop(p, None)
+    for _, p in active:
+        p.requires_grad_(True)
+    decay, no_decay = _split_decay(active)
+    optimizer.param_groups[LAYER_GROUPS[0]]["params"] = decay
+    optimizer.param_groups[LAYER_GROUPS[1]]["params"] = no_decay
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def moment_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state tensors shaped like their param (Adam's moments); per-param step scalars excluded."""
+    total = 0
+    for param, state in optimizer.state.items():
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                total += _local_nbytes(value)
+    return total
+
+
+def _local_nbytes(t: torch.Tensor) -> int:
+    # A sharded (DTensor) state counts only the shard this rank holds.
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine/linear decay or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, progress)
+    if cfg.schedule == "constant":
+        factor = 1.0
+    elif cfg.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)

@@ -1,0 +1,38 @@
+"""Packaging for lisa_dist.
+
+torch carries a lower bound only: users install the CUDA build that matches their cluster. The Makefile installs
+this machine's CPU wheel before anything else so that pip never pulls a CUDA build here.
+"""
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "deepspeed": ["deepspeed>=0.15"],
+    "mpi": ["mpi4py>=3.1"],
+    "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9"],
+    "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "psutil>=5.9", "scipy>=1.10"],
+}
+EXTRAS["all"] = sorted({req for name in ("deepspeed", "mpi", "bench") for req in EXTRAS[name]})
+
+setup(
+    name="lisa_dist",
+    version="0.1.0",
+    description="Distributed LISA (Layerwise Importance Sampled AdamW) fine-tuning for large language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lisa_dist", "lisa_dist.*"]),
+    package_data={"lisa_dist": ["assets/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=4.45",
+        "datasets>=4.0",
+        "safetensors>=0.4",
+        "accelerate>=0.30",
+        "peft>=0.11",
+        "gguf>=0.10",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lisa-dist=lisa_dist.cli:main"]},
+)
