@@ -23,7 +23,8 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: venv
-	$(PY) -m lisa_dist.cli train configs/demo.yaml --data.path=$(DEMO_DATA)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m lisa_dist.cli train configs/demo.yaml \
+		--data.path=$(DEMO_DATA)
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" tests

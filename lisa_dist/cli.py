@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import yaml
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under a launcher only rank 0 speaks at the configured level; the other ranks report warnings and errors.
+    level = cfg.logging.level if os.environ.get("RANK", "0") == "0" else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lisa_dist.data import DataError
     from lisa_dist.trainer import train
 

@@ -132,7 +132,13 @@ class TrainConfig:
 @dataclass
 class BackendConfig:
     name: str = "local"
-    """local (one process)."""
+    """local (one process) or fsdp (FSDP2 under torchrun)."""
+    replicate: int = 1
+    """fsdp: replicas of the sharded model (HSDP); 1 shards over all ranks, N shards within groups of WORLD/N."""
+    frozen_dtype: str = "float32"
+    """fsdp: storage dtype of frozen decoder layers; bfloat16 keeps fp32 masters only for active layers."""
+    reshard_after_forward: bool = True
+    """fsdp: free a block's gathered params after its forward (re-gathered in backward)."""
 
 
 @dataclass
@@ -171,7 +177,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "fsdp")
 DATA_FORMATS = ("text", "alpaca", "chat")
 STRATEGIES = ("uniform", "weighted", "fixed")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -345,10 +351,25 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "expected >= 1")
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.device", t.device, DEVICES)
-    _choice("backend.name", cfg.backend.name, BACKENDS)
+    _validate_backend(cfg)
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
     _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
     _choice("logging.level", cfg.logging.level, LOG_LEVELS)
+
+
+def _validate_backend(cfg: Config) -> None:
+    b = cfg.backend
+    _choice("backend.name", b.name, BACKENDS)
+    _require(b.replicate >= 1, "backend.replicate", b.replicate, "expected >= 1")
+    _choice("backend.frozen_dtype", b.frozen_dtype, DTYPES)
+    if b.frozen_dtype == "bfloat16":
+        _require(b.name == "fsdp", "backend.frozen_dtype", b.frozen_dtype, "bfloat16 needs backend.name=fsdp")
+        _require(cfg.train.precision == "bf16", "backend.frozen_dtype", b.frozen_dtype,
+                 "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
+        _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
+                 "float32 with backend.frozen_dtype=bfloat16 (active layers keep fp32 masters)")
+    if cfg.lora.enabled:
+        _require(b.name == "local", "backend.name", b.name, "the LoRA baseline runs on backend.name=local")
 
 
 def _validate_lisa(lisa: LisaConfig) -> None:

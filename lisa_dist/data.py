@@ -492,9 +492,11 @@ def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) ->
 class ShardedBatches:
     """One rank's micro-batches for any global optimizer step, as a pure function of the step.
 
-    Epoch e visits the examples in the order of a permutation drawn from `seed + e`; rank r takes positions
-    r, r + W, r + 2W, ... of it. Global step s of an epoch covers positions [s*G, (s+1)*G) with G = W*M*A, so a
-    1-rank run with micro batch M*W sees the same examples per step (and per micro-batch) as W ranks with M.
+    Epoch e visits the examples in the order of a permutation drawn from `seed + e`. Global step s of an epoch
+    covers positions [s*G, (s+1)*G) with G = W*M*A; its k-th micro-batch round covers the next M*W positions, of
+    which rank r takes the contiguous M at offset r*M. So a 1-rank run with micro batch M*W sees the same examples
+    per step and per micro-batch round as W ranks with M, and a 1-rank run with micro batch M and W*A accumulation
+    steps computes exactly the micro-batches the W ranks compute (the bitwise reference of a distributed run).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
@@ -535,11 +537,11 @@ class ShardedBatches:
             raise ValueError(f"step {step} is negative")
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self.permutation(epoch)
-        start = within * self.global_batch + self.rank
+        m = self.micro_batch_size
         micro = []
         for k in range(self.grad_accum):
-            first = start + k * self.micro_batch_size * self.world_size
-            micro.append(order[first: first + self.micro_batch_size * self.world_size: self.world_size].tolist())
+            first = within * self.global_batch + (k * self.world_size + self.rank) * m
+            micro.append(order[first: first + m].tolist())
         return micro
 
     def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:

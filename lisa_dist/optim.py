@@ -8,7 +8,7 @@ and their own step count, and newly active layers start from fresh state (torch 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +80,33 @@ def set_active_params(optimizer: torch.optim.Optimizer, trainable: TrainableSet,
     optimizer.param_groups[LAYER_GROUPS[1]]["params"] = no_decay
 
 
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
+                   sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Global L2 norm of the gradients of `params`; when above `max_norm` (> 0), scale them down to it.
+
+    Each rank squares and sums its own (local) gradient shards in fp64, `sum_over_shards` adds the ranks that hold
+    other shards of the same params. In fp64 the split into shards changes the norm by about 1e-16 relative, so the
+    fp32 clip factor, and the trained weights, do not depend on how the params are sharded.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for grad in grads:
+        squares += torch.linalg.vector_norm(_local(grad), dtype=torch.float64) ** 2
+    if sum_over_shards is not None:
+        squares = sum_over_shards(squares)
+    total = math.sqrt(float(squares))
+    if max_norm > 0 and total > max_norm:
+        factor = max_norm / (total + 1e-6)
+        for grad in grads:
+            grad.mul_(factor)
+    return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # A sharded (DTensor) gradient or state contributes only the shard this rank holds.
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -91,14 +118,9 @@ def moment_bytes(optimizer: torch.optim.Optimizer) -> int:
     for param, state in optimizer.state.items():
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                total += _local_nbytes(value)
+                local = _local(value)
+                total += local.numel() * local.element_size()
     return total
-
-
-def _local_nbytes(t: torch.Tensor) -> int:
-    # A sharded (DTensor) state counts only the shard this rank holds.
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -20,7 +20,7 @@ from lisa_dist.data import ShardedBatches, load_examples
 from lisa_dist.loss import supervised_tokens
 from lisa_dist.methods import apply_lora, lisa_trainable
 from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger
-from lisa_dist.models import ModelLayout, find_layout, load_model
+from lisa_dist.models import ModelLayout, find_layout, open_model
 from lisa_dist.optim import TrainableSet, lr_at
 from lisa_dist.sampler import LayerSampler
 
@@ -50,13 +50,14 @@ class Run:
 def build(cfg: Config) -> Run:
     backend = build_backend(cfg)
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model, seed=cfg.train.seed)
-    layout = find_layout(model, cfg.model.layers_path)
+    skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed)
+    layout = find_layout(skeleton, cfg.model.layers_path)
     validate_for_model(cfg, layout.num_layers)
     if backend.is_main:
         log.info("model: %s", layout.describe())
     if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(skeleton)  # before sharding: FSDP then wraps the checkpointed blocks
+    model = backend.materialize(skeleton, layout, weights)
     if cfg.lora.enabled:
         model, trainable = apply_lora(model, cfg.lora)
     else:
@@ -112,7 +113,9 @@ def maybe_switch(run: Run, step: int) -> bool:
 def train_step(run: Run, step: int) -> dict[str, Any] | None:
     """One optimizer step over the global batch; returns the metrics record on logging steps."""
     backend, cfg = run.backend, run.cfg
+    start = time.perf_counter()
     switched = maybe_switch(run, step)
+    switch_s = time.perf_counter() - start
     start = time.perf_counter()
     micro_batches = run.batches.step_batches(step)
     local_counts = torch.tensor([sum(supervised_tokens(b) for b in micro_batches),
@@ -134,7 +137,7 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     return {
         "step": done, "epoch": run.batches.epoch_of(step), "loss": loss, "lr": lr, "grad_norm": grad_norm,
         "tokens": run.tokens_seen, "tokens_per_s": int(counts[1]) / (time.perf_counter() - start),
-        "active_layers": list(run.active), "switched": switched,
+        "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
         "trainable_params": run.trainable.num_params(run.active),
         "optimizer_state_bytes": backend.optimizer_state_bytes(),
     }

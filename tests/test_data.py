@@ -330,8 +330,11 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch(world, n):
     perm = ranks[0].permutation(0).tolist()
     assert sorted(perm) == list(range(n))
     streams = [[i for s in range(spe) for micro in r.step_indices(s) for i in micro] for r in ranks]
-    for rank, stream in enumerate(streams):
-        assert stream == [perm[rank + i * world] for i in range(len(stream))]
+    for rank, r in enumerate(ranks):
+        for s in range(spe):
+            for k, micro in enumerate(r.step_indices(s)):
+                first = s * world * 4 + (k * world + rank) * 2
+                assert micro == perm[first: first + 2]
     seen = [i for stream in streams for i in stream]
     assert len(seen) == len(set(seen)) == spe * world * 4
     assert set(seen) == set(perm[: spe * world * 4])
@@ -348,6 +351,18 @@ def test_two_ranks_see_the_global_batch_of_one_rank_with_double_micro_batch():
         assert union == [sorted(m) for m in reference]
         epoch, within = divmod(step, 3)
         assert [i for m in reference for i in m] == one.permutation(epoch)[within * 12: (within + 1) * 12].tolist()
+
+
+def test_one_rank_with_more_accumulation_computes_the_ranks_micro_batches():
+    """The bitwise reference of a W-rank run: micro batch M, W*A accumulation steps, micro k*W+r == rank r's k."""
+    ds = toy_dataset(41)
+    two = batches(ds, world=2, micro=3, accum=2)
+    one = batches(ds, world=1, micro=3, accum=4)[0]
+    for step in range(7):
+        reference = one.step_indices(step)
+        for rank in range(2):
+            for k, micro in enumerate(two[rank].step_indices(step)):
+                assert micro == reference[k * 2 + rank]
 
 
 def test_epochs_reshuffle_deterministically_and_steps_are_pure():

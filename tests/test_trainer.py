@@ -1,7 +1,6 @@
 """The local backend and the one training loop: optimizer state only for active params, equivalences, metrics."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,28 +11,18 @@ from lisa_dist.metrics import read_jsonl
 from lisa_dist.optim import lr_at
 from lisa_dist.trainer import build, train, train_step
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
+from .helpers import DEMO_DATA, REPO, tiny_overrides, write_text_data
+
 FP32 = 4
 
 
 @pytest.fixture
 def data_file(tmp_path):
-    """The demo's responses as raw text, packed into 64-token blocks by the text format."""
-    path = tmp_path / "data.jsonl"
-    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
-    path.write_text("".join(json.dumps({"text": row["output"]}) + "\n" for row in rows))
-    return path
+    return write_text_data(tmp_path / "data.jsonl")
 
 
 def tiny_cfg(tmp_path, data_file, *overrides):
-    return load_config(None, [
-        f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        "--model.name=tiny-llama", "--model.preset_overrides={num_hidden_layers: 4, hidden_size: 64}",
-        "--train.micro_batch_size=4", "--train.steps=6", f"--train.output_dir={tmp_path / 'run'}",
-        "--optim.lr=3e-3", "--lisa.gamma=1", "--lisa.interval=2", "--logging.progress=false", *overrides,
-    ])
+    return load_config(None, tiny_overrides(tmp_path, data_file, *overrides))
 
 
 def run_steps(cfg, steps=None):

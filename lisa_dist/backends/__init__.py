@@ -9,6 +9,13 @@ from lisa_dist.config import Config
 def build_backend(cfg: Config) -> Backend:
     if cfg.backend.name == "local":
         return LocalBackend(cfg.train.device, cfg.train.precision, cfg.optim)
+    if cfg.backend.name == "fsdp":
+        from lisa_dist.backends.fsdp import FSDPBackend
+        from lisa_dist.dist import init_distributed
+
+        b = cfg.backend
+        return FSDPBackend(init_distributed(cfg.train.device), cfg.train.precision, cfg.optim, replicate=b.replicate,
+                           frozen_dtype=b.frozen_dtype, reshard_after_forward=b.reshard_after_forward)
     raise ValueError(f"backend.name={cfg.backend.name!r} is not available")
 
 

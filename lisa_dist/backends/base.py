@@ -7,14 +7,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lisa_dist.models import ModelLayout, WeightSource
 from lisa_dist.optim import TrainableSet
 
 
 class Backend(Protocol):
     """Local, DDP, FSDP2 and DeepSpeed all provide these verbs.
 
-    The trainer calls `prepare` once, `activate` at each LISA switch (and once at the start), then per step
-    `forward_backward` for each micro-batch and `step`.
+    The trainer calls `materialize` and `prepare` once, `activate` at each LISA switch (and once at the start),
+    then per step `forward_backward` for each micro-batch and `step`.
     """
 
     rank: int
@@ -23,6 +24,9 @@ class Backend(Protocol):
 
     @property
     def is_main(self) -> bool: ...
+
+    def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
+        """Turn a meta-device skeleton into the model this rank trains (placed, sharded, weights loaded)."""
 
     def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
         """Wrap or place the model and build the optimizer over `trainable.always` (no layer active yet)."""

@@ -9,7 +9,8 @@ from torch import nn
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.loss import lm_loss_sum
-from lisa_dist.optim import TrainableSet, build_adamw, moment_bytes, set_active_params, set_lr
+from lisa_dist.models import ModelLayout, WeightSource, materialize_full
+from lisa_dist.optim import TrainableSet, build_adamw, clip_grad_norm, moment_bytes, set_active_params, set_lr
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,6 +36,9 @@ class LocalBackend:
     @property
     def is_main(self) -> bool:
         return True
+
+    def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
+        return materialize_full(model, source, self.device)
 
     def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
         self.model = model.to(self.device)
@@ -65,12 +69,11 @@ class LocalBackend:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, lr: float) -> float:
-        max_norm = self.optim_cfg.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), max_norm)
+        norm = clip_grad_norm(self.trainable_params(), self.optim_cfg.max_grad_norm)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.optimizer)

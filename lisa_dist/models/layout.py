@@ -70,6 +70,10 @@ class ModelLayout:
     layers: nn.ModuleList
     always: dict[str, nn.Module] = field(default_factory=dict)
     family: str = "unknown"
+    final_norm: nn.Module | None = None
+    """The norm after the last block (None when the family is unknown)."""
+    head: nn.Module | None = None
+    """The LM head, None when it is tied to the input embedding."""
 
     @property
     def num_layers(self) -> int:
@@ -112,12 +116,18 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
             family = None
             layers = _generic_layers(base)
     names = {id(module): name for name, module in model.named_modules()}
+    embed, head = _embeddings(base)
+    norm = _optional(base, family.norm) if family else None
+    extra = [_optional(base, path) for path in family.extra] if family else []
+    always = [m for m in (embed, *extra, norm, head) if m is not None and id(m) in names]
     return ModelLayout(
         model=model,
         layers_path=names[id(layers)],
         layers=layers,
-        always=_always_modules(base, family, names),
+        always={names[id(m)]: m for m in always},
         family=family_name or type(base).__name__,
+        final_norm=norm,
+        head=head,
     )
 
 
@@ -186,16 +196,13 @@ def _shape(ml: nn.ModuleList) -> str:
     return f"{len(ml)} x {'/'.join(classes)}"
 
 
-def _always_modules(base: nn.Module, family: Family | None, names: dict[int, str]) -> dict[str, nn.Module]:
+def _embeddings(base: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The input embedding and the LM head, the head None when tied (training the embedding trains it)."""
     embed = _hf_module(base, "get_input_embeddings")
     head = _hf_module(base, "get_output_embeddings")
     if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", False):
-        head = None  # tied: training the embedding trains the head
-    modules = [embed]
-    if family is not None:
-        modules += [_optional(base, path) for path in (*family.extra, family.norm)]
-    modules.append(head)
-    return {names[id(m)]: m for m in modules if m is not None and id(m) in names}
+        head = None
+    return embed, head
 
 
 def _hf_module(base: nn.Module, getter: str) -> nn.Module | None:

@@ -1,56 +1,91 @@
-"""Turn `model.name` into a model and tokenizer: a preset, a `.gguf` file, a local folder or a hub id."""
+"""Turn `model.name` into a model and tokenizer: a preset, a `.gguf` file, a local folder or a hub id.
+
+`open_model` builds only a skeleton (parameters on the meta device) plus a description of where its weights come
+from, so that a backend can shard before it allocates; `load_model` is the single-process shortcut.
+"""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import init_empty_weights
 from huggingface_hub.errors import HFValidationError
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from lisa_dist.config import ConfigError, ModelConfig
-from lisa_dist.models.presets import PRESETS, build_preset, torch_dtype
+from lisa_dist.models.presets import PRESETS, build_preset, preset_config, torch_dtype
+from lisa_dist.models.tokenizer import byte_tokenizer
+from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSource, matches_model, materialize_full
 
 
-def load_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load the model and tokenizer `cfg` names; `seed` only matters for presets (their random init).
+def open_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase, WeightSource]:
+    """The model `cfg` names as a meta-device skeleton (buffers real), its tokenizer, and its weight source.
 
-    `cfg.tokenizer`, when set, replaces the model's own tokenizer. A tokenizer without a pad token pads with eos.
+    `seed` only matters for presets (their random init). `cfg.tokenizer`, when set, replaces the model's own
+    tokenizer; a tokenizer without a pad token pads with eos.
     """
+    dtype = torch_dtype(cfg.dtype)
     if cfg.name in PRESETS:
-        model, tokenizer = build_preset(cfg.name, cfg.preset_overrides, seed, cfg.dtype)
+        config = preset_config(cfg.name, cfg.preset_overrides)
+        tokenizer = byte_tokenizer()
+        source: WeightSource = FullWeights(
+            f"preset {cfg.name} (seed {seed})", lambda: build_preset(cfg.name, cfg.preset_overrides, seed, dtype)[0]
+        )
+        skeleton = build_skeleton(config, dtype)
     elif cfg.preset_overrides:
         raise ConfigError(f"model.preset_overrides only apply to presets ({', '.join(PRESETS)}), not {cfg.name!r}")
-    elif cfg.name.endswith(".gguf"):
-        model, tokenizer = _load_gguf(cfg)
     else:
-        model, tokenizer = _load_pretrained(cfg)
+        skeleton, tokenizer, source = _open_pretrained(cfg, dtype)
     if cfg.tokenizer is not None:
         tokenizer = _tokenizer(cfg.tokenizer, {"trust_remote_code": cfg.trust_remote_code}, field="model.tokenizer")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return skeleton, tokenizer, source
 
 
-def _load_gguf(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
-    path = Path(cfg.name)
-    if not path.is_file():
-        raise ConfigError(f"model.name={cfg.name!r}: no such .gguf file")
-    # transformers dequantizes the GGUF tensors into a regular model of the requested dtype.
-    kwargs = {"gguf_file": path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype(cfg.dtype), **kwargs)
-    tokenizer = None if cfg.tokenizer else _tokenizer(str(path.parent), kwargs, field="model.name")
-    return model, tokenizer
+def load_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model `cfg` names, with its weights, in CPU memory (single process)."""
+    skeleton, tokenizer, source = open_model(cfg, seed)
+    return materialize_full(skeleton, source, torch.device("cpu")), tokenizer
 
 
-def _load_pretrained(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
-    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` with its parameters on the meta device (no memory) and its buffers computed."""
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSource]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    location = cfg.name
+    if cfg.name.endswith(".gguf"):
+        path = Path(cfg.name)
+        if not path.is_file():
+            raise ConfigError(f"model.name={cfg.name!r}: no such .gguf file")
+        location, kwargs["gguf_file"] = str(path.parent), path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=torch_dtype(cfg.dtype), **kwargs)
+        config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name, exc) from None
-    tokenizer = None if cfg.tokenizer else _tokenizer(cfg.name, kwargs, field="model.name")
-    return model, tokenizer
+    skeleton = build_skeleton(config, dtype, cfg.trust_remote_code)
+    tokenizer = None if cfg.tokenizer else _tokenizer(location, kwargs, field="model.name")
+    if "gguf_file" not in kwargs and Path(location).is_dir():
+        files = SafetensorsWeights(location)
+        if files.files and matches_model(files, skeleton):
+            return skeleton, tokenizer, files
+    # transformers' own loading: GGUF dequantization, renamed or fused checkpoint keys, hub downloads.
+    load = partial(_from_pretrained, location, dtype, kwargs)
+    return skeleton, tokenizer, FullWeights(f"from_pretrained({cfg.name})", load)
+
+
+def _from_pretrained(location: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(location, exc) from None
 
 
 def _load_error(name: str, exc: Exception) -> ConfigError:

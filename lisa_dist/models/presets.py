@@ -82,6 +82,16 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def preset_config(name: str, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The config of preset `name` with `overrides` applied; ConfigError for an unknown name or field."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.name={name!r} is not a preset: expected one of {', '.join(PRESETS)}")
+    try:
+        return PRESETS[name](**(overrides or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"model.preset_overrides of {name}: {exc}") from None
+
+
 def build_preset(
     name: str, overrides: dict[str, Any] | None = None, seed: int = 0, dtype: str | torch.dtype = "float32"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -90,12 +100,7 @@ def build_preset(
     Weights are drawn in float32 and then cast, so a bfloat16 build is the rounded float32 one. The caller's RNG
     state is left untouched.
     """
-    if name not in PRESETS:
-        raise ConfigError(f"model.name={name!r} is not a preset: expected one of {', '.join(PRESETS)}")
-    try:
-        config = PRESETS[name](**(overrides or {}))
-    except ConfigError as exc:
-        raise ConfigError(f"model.preset_overrides of {name}: {exc}") from None
+    config = preset_config(name, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,188 @@
+"""FSDP2 (`fully_shard`): every decoder block is a unit, then [final norm, LM head], then the root.
+
+Parameters are sharded over the mesh's shard dimension; gradients, fp32 masters and Adam moments exist only for the
+always-trained params and the active layers, sharded the same way. A switch flips `requires_grad` on the DTensor
+shards and swaps the optimizer's layer groups; frozen blocks then get no gradient and send no reduce-scatter.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from lisa_dist.config import OptimConfig
+from lisa_dist.dist import DistEnv
+from lisa_dist.loss import lm_loss_sum
+from lisa_dist.methods import layer_named_params
+from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource
+from lisa_dist.models.weights import load_rows_into, real_buffers, restore_buffers
+from lisa_dist.optim import TrainableSet, build_adamw, clip_grad_norm, moment_bytes, set_active_params, set_lr
+
+log = logging.getLogger(__name__)
+
+
+def build_mesh(env: DistEnv, replicate: int) -> DeviceMesh:
+    """1-D (shard) mesh, or 2-D (replicate x shard) for HSDP: nodes replicate, a node's GPUs shard."""
+    if env.world_size % replicate:
+        raise ValueError(f"backend.replicate={replicate} does not divide the world size {env.world_size}")
+    if replicate == 1:
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(env.device.type, (replicate, env.world_size // replicate),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, param_dtype: torch.dtype | None,
+               reshard_after_forward: bool = True) -> None:
+    """Shard each decoder block, then [final norm, LM head] (when untied), then the root (embeddings)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in layout.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    tail = [m for m in (layout.final_norm, layout.head) if m is not None]
+    if layout.head is not None:
+        # The root runs the head last: resharding it right after forward would only re-gather it for backward.
+        fully_shard(tail, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+class FSDPBackend:
+    def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
+                 frozen_dtype: str = "float32", reshard_after_forward: bool = True) -> None:
+        self.env = env
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        self.mesh = build_mesh(env, replicate)
+        self.param_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.frozen_dtype = torch.bfloat16 if frozen_dtype == "bfloat16" else torch.float32
+        self.reshard_after_forward = reshard_after_forward
+        self.optim_cfg = optim
+        self.model: nn.Module | None = None
+        self.layout: ModelLayout | None = None
+        self.trainable: TrainableSet | None = None
+        self.optimizer: torch.optim.AdamW | None = None
+        self.active: tuple[int, ...] = ()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
+        """Shard the meta-device skeleton, allocate only this rank's shards, then load them."""
+        buffers = real_buffers(model)
+        apply_fsdp(model, layout, self.mesh, self.param_dtype, self.reshard_after_forward)
+        model.to_empty(device=self.device)
+        restore_buffers(model, buffers)
+        if isinstance(source, SafetensorsWeights):
+            load_rows_into(model, source)
+            how = "each rank read its own rows"
+        else:
+            full = source.full_state_dict() if self.is_main else {}
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                      broadcast_from_rank0=True, strict=False))
+            del full
+            how = "rank 0 loaded and broadcast"
+        if self.frozen_dtype != torch.float32:
+            for block in layout.layers:
+                block.to(self.frozen_dtype)
+        if self.is_main:
+            log.info("materialized %s over mesh %s (%s)", source.description, tuple(self.mesh.shape), how)
+        self.model, self.layout = model, layout
+        return model
+
+    def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
+        self.model, self.trainable = model, trainable
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, p in trainable.always:
+            p.requires_grad_(True)
+        for module in fsdp_modules(model):
+            # The loss is already scaled by 1 / (global supervised tokens): gradients must be summed, not averaged.
+            # A plain SUM (no PREMUL_SUM, which gloo lacks) with nothing to divide afterwards.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+        self.optimizer = build_adamw(trainable.always, [], self.optim_cfg)
+
+    def activate(self, layers: Sequence[int]) -> None:
+        # First drop the state of leaving layers while the optimizer still knows their params...
+        set_active_params(self.optimizer, self.trainable, layers)
+        if self.frozen_dtype != torch.float32 and self._set_block_dtypes(layers):
+            # ...then hand it the re-created params of blocks whose storage dtype changed.
+            set_active_params(self.optimizer, self.trainable, layers)
+        self.active = tuple(layers)
+        # FSDP2 fixes a group's compute/reduce dtypes at its first forward from its then-trainable params; a block
+        # frozen then fails when unfrozen. unshard() re-runs that lazy init from the new requires_grad flags.
+        for module in fsdp_modules(self.model):
+            module.unshard()
+            module.reshard()
+
+    def _set_block_dtypes(self, layers: Sequence[int]) -> bool:
+        """Frozen blocks stored in bf16, active ones in fp32: the fp32 master copy exists only while a block trains.
+
+        Returns whether any block changed (its params are then new objects, re-read into `trainable`).
+        """
+        changed = False
+        for i, block in enumerate(self.layout.layers):
+            dtype = torch.float32 if i in layers else self.frozen_dtype
+            if next(block.parameters()).dtype != dtype:
+                block.to(dtype)
+                changed = True
+        if changed:
+            self.trainable.layers[:] = layer_named_params(self.layout)
+        return changed
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss_sum = lm_loss_sum(self.model, batch)
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def step(self, lr: float) -> float:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = clip_grad_norm(params, self.optim_cfg.max_grad_norm, self._sum_over_shards)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        # Replicas (HSDP) hold the same shards: add up only the ranks of one shard group.
+        dist.all_reduce(value, group=self.mesh.get_group("shard"))
+        return value
+
+    def optimizer_state_bytes(self) -> int:
+        return moment_bytes(self.optimizer)
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.device)
+        dist.all_reduce(value)
+        return value.cpu()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_model(self, path: str) -> None:
+        state = self.full_state_dict()
+        if self.is_main:
+            # Frozen blocks may be stored in bf16: export everything in the always-trained params' dtype.
+            dtype = self.trainable.always[0][1].dtype
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            self.model.save_pretrained(path, state_dict=state)
+        dist.barrier()
+
+    def close(self) -> None:
+        self.optimizer = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

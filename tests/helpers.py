@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny run configs, the repo's small data, and real ranks through torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+DEMO_DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
+
+
+def write_text_data(path: Path) -> Path:
+    """The demo's responses as `{text}` rows: packed into blocks by the text format, no row is ever skipped."""
+    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
+    path.write_text("".join(json.dumps({"text": row["output"]}) + "\n" for row in rows))
+    return path
+
+
+def tiny_overrides(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
+    """A 4-layer, width-64 Llama on 64-token blocks of `data_file`: 6 steps, one layer switched every 2."""
+    return [
+        f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--model.name=tiny-llama", '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64}',
+        "--train.micro_batch_size=4", "--train.steps=6", f"--train.output_dir={tmp_path / 'run'}",
+        "--optim.lr=3e-3", "--lisa.gamma=1", "--lisa.interval=2", "--logging.progress=false", *extra,
+    ]
+
+
+def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run tests/<script> under `torchrun --standalone` (the OS picks a free port); fail with the ranks' output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(TESTS / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def rank_results(out: Path, nproc: int = 2) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
