@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    # The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment instead.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     # Everything from the first --section.key on is an override (argparse would take a value with a space in it,
     # such as --model.preset_overrides={a: 1}, for the positional config path).
     for i, arg in enumerate(argv):

@@ -132,7 +132,9 @@ class TrainConfig:
 @dataclass
 class BackendConfig:
     name: str = "local"
-    """local (one process) or fsdp (FSDP2 under torchrun)."""
+    """local (one process), fsdp (FSDP2) or deepspeed (ZeRO-1/2/3), the last two under a launcher."""
+    ds_config: str | None = None
+    """deepspeed: the ZeRO JSON (ds_configs/*.json); its "auto" fields are filled from this config."""
     replicate: int = 1
     """fsdp: replicas of the sharded model (HSDP); 1 shards over all ranks, N shards within groups of WORLD/N."""
     frozen_dtype: str = "float32"
@@ -177,7 +179,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-BACKENDS = ("local", "fsdp")
+BACKENDS = ("local", "fsdp", "deepspeed")
 DATA_FORMATS = ("text", "alpaca", "chat")
 STRATEGIES = ("uniform", "weighted", "fixed")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -370,6 +372,14 @@ def _validate_backend(cfg: Config) -> None:
                  "float32 with backend.frozen_dtype=bfloat16 (active layers keep fp32 masters)")
     if cfg.lora.enabled:
         _require(b.name == "local", "backend.name", b.name, "the LoRA baseline runs on backend.name=local")
+    if b.name == "deepspeed":
+        _require(b.ds_config is not None, "backend.ds_config", b.ds_config,
+                 "a DeepSpeed JSON is required with backend.name=deepspeed (see ds_configs/)")
+        from lisa_dist.ds_config import fill_ds_config, read_ds_config
+
+        fill_ds_config(read_ds_config(b.ds_config), micro_batch_size=cfg.train.micro_batch_size,
+                       grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.optim.max_grad_norm,
+                       precision=cfg.train.precision, world_size=None, source=f"backend.ds_config={b.ds_config}")
 
 
 def _validate_lisa(lisa: LisaConfig) -> None:

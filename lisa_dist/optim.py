@@ -1,8 +1,9 @@
 """AdamW whose state exists only for the params that train now, and the learning-rate schedule.
 
-The optimizer has four param groups: always-trained params (embeddings, final norm, head) with and without weight
-decay, then the active layers' params with and without weight decay. A LISA switch replaces the params of the last
-two groups and drops the Adam state of every param that leaves them; the always-trained params keep their moments
+The optimizer has four param groups, each tagged with its `role`: always-trained params (embeddings, final norm,
+head) with and without weight decay, then the active layers' params with and without weight decay. A LISA switch
+replaces the params of the two `layers` groups and drops the Adam state of every param that leaves them; the
+always-trained params keep their moments
 and their own step count, and newly active layers start from fresh state (torch AdamW creates it lazily).
 """
 from __future__ import annotations
@@ -17,8 +18,7 @@ from torch import nn
 from lisa_dist.config import OptimConfig
 
 NamedParams = list[tuple[str, nn.Parameter]]
-ALWAYS_GROUPS = (0, 1)
-LAYER_GROUPS = (2, 3)
+ALWAYS, LAYERS = "always", "layers"
 
 
 @dataclass
@@ -36,24 +36,29 @@ class TrainableSet:
 
 
 def _split_decay(params: NamedParams) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    # Matrices decay; biases, norm scales and other 1-d params do not.
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
+    # Matrices decay; biases, norm scales and other 1-d params do not. A ZeRO-3 partitioned param keeps its real
+    # shape in ds_shape (its data is an empty 1-d tensor).
+    decay = [p for _, p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for _, p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
     return decay, no_decay
 
 
-def param_groups(always: NamedParams, active: NamedParams, weight_decay: float) -> list[dict]:
+def param_groups(always: NamedParams, active: NamedParams, weight_decay: float, drop_empty: bool = False,
+                 ) -> list[dict]:
+    """Always-trained groups first (a fixed order), then the layer groups; `drop_empty` for DeepSpeed, whose
+    partitioning needs at least one param per group."""
     groups = []
-    for params in (always, active):
+    for role, params in ((ALWAYS, always), (LAYERS, active)):
         decay, no_decay = _split_decay(params)
-        groups.append({"params": decay, "weight_decay": weight_decay})
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        groups.append({"params": decay, "weight_decay": weight_decay, "role": role})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "role": role})
+    return [g for g in groups if g["params"]] if drop_empty else groups
 
 
-def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop_empty: bool = False,
+                ) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(always, active, cfg.weight_decay),
+        param_groups(always, active, cfg.weight_decay, drop_empty),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
@@ -61,23 +66,31 @@ def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig) -> t
     )
 
 
+def set_requires_grad(trainable: TrainableSet, indices: Sequence[int]) -> list[nn.Parameter]:
+    """Make the always-trained params and exactly the layers `indices` trainable; returns the params that left
+    (now frozen, their gradients dropped)."""
+    active = trainable.layer_params(indices)
+    keep = {id(p) for _, p in active}
+    left = []
+    for _, p in trainable.layer_params(range(len(trainable.layers))):
+        if id(p) not in keep:
+            p.requires_grad_(False)
+            p.grad = None
+            left.append(p)
+    for _, p in trainable.always + active:
+        p.requires_grad_(True)
+    return left
+
+
 def set_active_params(optimizer: torch.optim.Optimizer, trainable: TrainableSet, indices: Sequence[int]) -> None:
     """Make exactly the layers `indices` trainable: flip requires_grad and swap the optimizer's layer groups.
 
     Params that stay active keep their Adam state; params that leave lose it (and their gradient).
     """
-    active = trainable.layer_params(indices)
-    keep = {id(p) for _, p in active}
-    for _, p in trainable.layer_params(range(len(trainable.layers))):
-        if id(p) not in keep:
-            p.requires_grad_(False)
-            p.grad = None
-            optimizer.state.pop(p, None)
-    for _, p in active:
-        p.requires_grad_(True)
-    decay, no_decay = _split_decay(active)
-    optimizer.param_groups[LAYER_GROUPS[0]]["params"] = decay
-    optimizer.param_groups[LAYER_GROUPS[1]]["params"] = no_decay
+    for p in set_requires_grad(trainable, indices):
+        optimizer.state.pop(p, None)
+    decay_group, no_decay_group = [g for g in optimizer.param_groups if g["role"] == LAYERS]
+    decay_group["params"], no_decay_group["params"] = _split_decay(trainable.layer_params(indices))
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float,

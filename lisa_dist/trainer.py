@@ -50,7 +50,7 @@ class Run:
 def build(cfg: Config) -> Run:
     backend = build_backend(cfg)
     torch.manual_seed(cfg.train.seed)
-    skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed)
+    skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
     validate_for_model(cfg, layout.num_layers)
     if backend.is_main:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,29 @@ def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -
     """Run tests/<script> under `torchrun --standalone` (the OS picks a free port); fail with the ranks' output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(TESTS / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_launcher(cmd, timeout)
+
+
+def launcher_env() -> dict[str, str]:
+    # DeepSpeed's CPU comm op is compiled once into the repo's ignored cache, not in every test.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+
+
+def run_launcher(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a launcher command; fail with the ranks' output when it does not exit 0."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env(), cwd=REPO)
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank_results(out: Path, nproc: int = 2) -> list[dict]:

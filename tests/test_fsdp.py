@@ -38,7 +38,7 @@ def losses(records):
 def fsdp(tmp_path, data_file, *extra):
     out = tmp_path / "fsdp"
     out.mkdir()
-    torchrun("fsdp_driver.py", [str(out), *tiny_overrides(tmp_path / "dist", data_file, "--backend.name=fsdp",
+    torchrun("dist_driver.py", [str(out), *tiny_overrides(tmp_path / "dist", data_file, "--backend.name=fsdp",
                                                           f"--train.micro_batch_size={MICRO}", *extra)])
     return out, rank_results(out)
 

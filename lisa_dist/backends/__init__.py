@@ -16,6 +16,12 @@ def build_backend(cfg: Config) -> Backend:
         b = cfg.backend
         return FSDPBackend(init_distributed(cfg.train.device), cfg.train.precision, cfg.optim, replicate=b.replicate,
                            frozen_dtype=b.frozen_dtype, reshard_after_forward=b.reshard_after_forward)
+    if cfg.backend.name == "deepspeed":
+        from lisa_dist.backends.deepspeed import DeepSpeedBackend
+        from lisa_dist.dist import init_distributed
+
+        return DeepSpeedBackend(init_distributed(cfg.train.device), cfg.backend.ds_config, cfg.train.precision,
+                                cfg.optim, cfg.train.micro_batch_size, cfg.train.grad_accum)
     raise ValueError(f"backend.name={cfg.backend.name!r} is not available")
 
 

@@ -1,6 +1,7 @@
 """The one small interface every backend implements; the trainer loop talks to nothing else."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,9 +22,14 @@ class Backend(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    model: nn.Module | None
+    """The model as this rank holds it (placed, sharded or partitioned), once materialized."""
 
     @property
     def is_main(self) -> bool: ...
+
+    def empty_init(self) -> contextlib.AbstractContextManager:
+        """The context the model skeleton is built under (meta device by default, ZeRO-3: partitioned)."""
 
     def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
         """Turn a meta-device skeleton into the model this rank trains (placed, sharded, weights loaded)."""

@@ -6,11 +6,13 @@ shards and swaps the optimizer's layer groups; frozen blocks then get no gradien
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from accelerate import init_empty_weights
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -73,6 +75,9 @@ class FSDPBackend:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def empty_init(self) -> contextlib.AbstractContextManager:
+        return init_empty_weights(include_buffers=False)
 
     def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
         """Shard the meta-device skeleton, allocate only this rank's shards, then load them."""

@@ -5,6 +5,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from lisa_dist.config import OptimConfig
@@ -36,6 +37,9 @@ class LocalBackend:
     @property
     def is_main(self) -> bool:
         return True
+
+    def empty_init(self) -> contextlib.AbstractContextManager:
+        return init_empty_weights(include_buffers=False)
 
     def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
         return materialize_full(model, source, self.device)

@@ -5,6 +5,8 @@ from, so that a backend can shard before it allocates; `load_model` is the singl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from accelerate import init_empty_weights
 from huggingface_hub.errors import HFValidationError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lisa_dist.config import ConfigError, ModelConfig
 from lisa_dist.models.presets import PRESETS, build_preset, preset_config, torch_dtype
@@ -21,24 +24,27 @@ from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSource, matches_model, materialize_full
 
 
-def open_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase, WeightSource]:
-    """The model `cfg` names as a meta-device skeleton (buffers real), its tokenizer, and its weight source.
+def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractContextManager] | None = None,
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase, WeightSource]:
+    """The model `cfg` names as a skeleton without weights, its tokenizer, and where its weights come from.
 
-    `seed` only matters for presets (their random init). `cfg.tokenizer`, when set, replaces the model's own
-    tokenizer; a tokenizer without a pad token pads with eos.
+    The skeleton is built under `empty_init()` (default: parameters on the meta device, buffers computed; a
+    backend may pass its own, e.g. DeepSpeed's `zero.Init`). `seed` only matters for presets (their random init).
+    `cfg.tokenizer`, when set, replaces the model's own tokenizer; a tokenizer without a pad token pads with eos.
     """
     dtype = torch_dtype(cfg.dtype)
+    build = partial(build_skeleton, dtype=dtype, trust_remote_code=cfg.trust_remote_code, empty_init=empty_init)
     if cfg.name in PRESETS:
         config = preset_config(cfg.name, cfg.preset_overrides)
         tokenizer = byte_tokenizer()
         source: WeightSource = FullWeights(
             f"preset {cfg.name} (seed {seed})", lambda: build_preset(cfg.name, cfg.preset_overrides, seed, dtype)[0]
         )
-        skeleton = build_skeleton(config, dtype)
+        skeleton = build(config)
     elif cfg.preset_overrides:
         raise ConfigError(f"model.preset_overrides only apply to presets ({', '.join(PRESETS)}), not {cfg.name!r}")
     else:
-        skeleton, tokenizer, source = _open_pretrained(cfg, dtype)
+        skeleton, tokenizer, source = _open_pretrained(cfg, dtype, build)
     if cfg.tokenizer is not None:
         tokenizer = _tokenizer(cfg.tokenizer, {"trust_remote_code": cfg.trust_remote_code}, field="model.tokenizer")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -52,13 +58,19 @@ def load_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokeni
     return materialize_full(skeleton, source, torch.device("cpu")), tokenizer
 
 
-def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model of `config` with its parameters on the meta device (no memory) and its buffers computed."""
-    with init_empty_weights(include_buffers=False):
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False,
+                   empty_init: Callable[[], AbstractContextManager] | None = None) -> nn.Module:
+    """The model of `config` without weights: by default its parameters on the meta device (no memory) and its
+    buffers computed."""
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        # Import the modeling module now: importing it inside DeepSpeed's zero.Init fails (its tensor patching).
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with empty_init() if empty_init else init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSource]:
+def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
+                     build: Callable[[PretrainedConfig], nn.Module]) -> tuple[nn.Module, Any, WeightSource]:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     location = cfg.name
     if cfg.name.endswith(".gguf"):
@@ -70,7 +82,7 @@ def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, A
         config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name, exc) from None
-    skeleton = build_skeleton(config, dtype, cfg.trust_remote_code)
+    skeleton = build(config)
     tokenizer = None if cfg.tokenizer else _tokenizer(location, kwargs, field="model.name")
     if "gguf_file" not in kwargs and Path(location).is_dir():
         files = SafetensorsWeights(location)

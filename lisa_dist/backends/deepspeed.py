@@ -1,0 +1,211 @@
+"""DeepSpeed ZeRO-1/2/3: the engine, and with it ZeRO's optimizer partitions, is rebuilt at every LISA switch.
+
+ZeRO flattens each param group of the client optimizer into its own fp32 partition. The client AdamW has the
+always-trained params in its first groups (a fixed order, so their partitions have the same layout at every
+rebuild) and the active layers in the last ones. At a switch the always-trained groups' fp32 partitions and Adam
+state are copied out, the engine is destroyed (with the forward hooks DeepSpeed leaves behind, which would keep
+every old engine alive), `requires_grad` flips, a new engine is built over the new groups, and the copies go back
+in: the embeddings and head keep exact fp32 masters and their moments; the layers that left lose theirs.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lisa_dist.config import OptimConfig
+from lisa_dist.dist import DistEnv
+from lisa_dist.ds_config import fill_ds_config, read_ds_config, zero_stage
+from lisa_dist.loss import lm_loss_sum
+from lisa_dist.models import ModelLayout, WeightSource, materialize_full
+from lisa_dist.optim import ALWAYS, TrainableSet, build_adamw, moment_bytes, set_lr, set_requires_grad
+
+log = logging.getLogger(__name__)
+
+Carried = list[tuple[torch.Tensor, dict[str, Any]]]
+
+
+class DeepSpeedBackend:
+    def __init__(self, env: DistEnv, ds_config: str, precision: str, optim: OptimConfig, micro_batch_size: int,
+                 grad_accum: int) -> None:
+        import deepspeed
+
+        self.deepspeed = deepspeed
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
+        self.config = fill_ds_config(read_ds_config(ds_config), micro_batch_size=micro_batch_size,
+                                     grad_accum=grad_accum, max_grad_norm=optim.max_grad_norm, precision=precision,
+                                     world_size=env.world_size, source=f"backend.ds_config={ds_config}")
+        self.stage = zero_stage(self.config)
+        self.grad_accum = grad_accum
+        self.optim_cfg = optim
+        self.model: nn.Module | None = None
+        self.trainable: TrainableSet | None = None
+        self.engine = None
+        self._micro = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def empty_init(self) -> contextlib.AbstractContextManager:
+        """ZeRO-3 builds the model partitioned from the start; the other stages build a meta-device skeleton."""
+        if self.stage == 3:
+            return self._zero3_init()
+        from accelerate import init_empty_weights
+
+        return init_empty_weights(include_buffers=False)
+
+    @contextlib.contextmanager
+    def _zero3_init(self) -> Iterator[None]:
+        # While this object lives, transformers builds models under zero.Init, skipping its weight init (the
+        # weights are loaded afterwards) and keeping RoPE buffers in fp32. Only the skeleton: rank 0's full copy of
+        # the weights must be built normally.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_config = HfDeepSpeedConfig(self.config)
+        try:
+            yield
+        finally:
+            del hf_config
+
+    def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
+        if self.stage < 3:
+            return materialize_full(model, source, self.device)
+        state = source.full_state_dict() if self.is_main else {}
+        # One parameter at a time is gathered whole, filled by rank 0, and partitioned again on exit.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                with self.deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.is_main:
+                        param.copy_(state[name].to(param.dtype))
+        del state
+        return model
+
+    def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
+        self.model, self.trainable = model, trainable
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def activate(self, layers: Sequence[int]) -> None:
+        carried = self._carry_out() if self.engine is not None else None
+        self._destroy_engine()
+        set_requires_grad(self.trainable, layers)
+        client = build_adamw(self.trainable.always, self.trainable.layer_params(layers), self.optim_cfg,
+                             drop_empty=True)
+        self.engine, *_ = self.deepspeed.initialize(model=self.model, optimizer=client, config=self.config)
+        if carried is not None:
+            self._carry_in(carried)
+
+    # -- always-trained state across a rebuild ------------------------------------------------------------------
+
+    def _always_partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 partitions of the always-trained groups, in a fixed order."""
+        zero = self.engine.optimizer
+        groups = zero.optimizer.param_groups
+        if self.stage == 3:
+            # ZeRO-3 empties the groups between steps; its sub-groups remember their source group.
+            return [flat for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+                    if groups[zero.sub_group_to_group_id[i]]["role"] == ALWAYS]
+        return [g["params"][0] for g in groups if g["role"] == ALWAYS]
+
+    def _carry_out(self) -> Carried:
+        state = self.engine.optimizer.optimizer.state
+        return [(flat.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
+                                         for k, v in state.get(flat, {}).items()})
+                for flat in self._always_partitions()]
+
+    def _carry_in(self, carried: Carried) -> None:
+        state = self.engine.optimizer.optimizer.state
+        partitions = self._always_partitions()
+        if [t.shape for t, _ in carried] != [p.shape for p in partitions]:
+            raise RuntimeError("the always-trained partitions changed layout across a LISA switch: "
+                               f"{[t.shape for t, _ in carried]} -> {[p.shape for p in partitions]}")
+        with torch.no_grad():
+            for flat, (saved, saved_state) in zip(partitions, carried, strict=True):
+                flat.copy_(saved)
+                if saved_state:
+                    state[flat] = saved_state
+
+    def _destroy_engine(self) -> None:
+        if self.engine is None:
+            return
+        engine, self.engine = self.engine, None
+        engine.destroy()
+        # destroy() leaves the engine's two forward hooks on the module: they would keep every old engine (and its
+        # optimizer) alive.
+        for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
+            if hook is not None:
+                hook.remove()
+        del engine
+        gc.collect()
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss_sum = lm_loss_sum(self.engine, batch)
+        # ZeRO averages gradients over ranks; the loss is already a mean over the global batch, so undo that.
+        self.engine.backward(loss_sum * (scale * self.world_size), scale_wrt_gas=False)
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step count
+        return loss_sum.detach().float()
+
+    def step(self, lr: float) -> float:
+        set_lr(self.engine.optimizer, lr)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def optimizer_state_bytes(self) -> int:
+        return moment_bytes(self.engine.optimizer.optimizer)
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.device)
+        dist.all_reduce(value)
+        return value.cpu()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on rank 0 in CPU memory (ZeRO-3 gathers one parameter at a time); empty elsewhere."""
+        if self.stage < 3:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.is_main else {}
+        state = {}
+        for name, param in self.model.named_parameters():
+            with self.deepspeed.zero.GatheredParameters([param]):
+                if self.is_main:
+                    state[name] = param.detach().cpu().clone()
+        if self.is_main:
+            state.update({name: b.detach().cpu() for name, b in self.model.named_buffers()
+                          if name in self.model.state_dict()})
+        return state
+
+    def save_model(self, path: str) -> None:
+        state = self.full_state_dict()
+        if self.is_main:
+            self.model.save_pretrained(path, state_dict=state)
+        dist.barrier()
+
+    def save_checkpoint(self, path: str, client_state: dict[str, Any] | None = None) -> None:
+        """DeepSpeed's own sharded checkpoint of the current engine (model, active optimizer partitions)."""
+        self.engine.save_checkpoint(path, tag="lisa", client_state=client_state or {})
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Load into an engine built for the same active layers; returns the client state."""
+        _, client_state = self.engine.load_checkpoint(path, tag="lisa")
+        return client_state or {}
+
+    def close(self) -> None:
+        self._destroy_engine()
+        if dist.is_initialized():
+            dist.destroy_process_group()
