@@ -23,8 +23,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: venv
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m lisa_dist.cli train configs/demo.yaml \
-		--data.path=$(DEMO_DATA)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --data.path=$(DEMO_DATA)
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -52,7 +52,8 @@ def fill_ds_config(raw: dict[str, Any], *, micro_batch_size: int, grad_accum: in
     ]
     if world_size is not None:
         pairs.append(("train_batch_size", micro_batch_size * grad_accum * world_size,
-                      "train.micro_batch_size x train.grad_accum x world size"))
+                      f"train.micro_batch_size x train.grad_accum x world size "
+                      f"({micro_batch_size} x {grad_accum} x {world_size})"))
     for key, ours, field in pairs:
         _fill(cfg, key, ours, field, source)
     bf16 = cfg.setdefault("bf16", {})

@@ -39,15 +39,17 @@ def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -
 
 
 def launcher_env() -> dict[str, str]:
-    # DeepSpeed's CPU comm op is compiled once into the repo's ignored cache, not in every test.
+    # The venv's launchers first on PATH; DeepSpeed's CPU comm op compiled once into the repo's ignored cache.
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "DS_ACCELERATOR": "cpu",
+            "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
 
 
-def run_launcher(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run_launcher(cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None,
+                 ) -> subprocess.CompletedProcess:
     """Run a launcher command; fail with the ranks' output when it does not exit 0."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env(), cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env() | (env or {}),
+                          cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

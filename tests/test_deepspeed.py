@@ -1,7 +1,5 @@
 """DeepSpeed ZeRO-1/2/3 backend on 2 real ranks (gloo, CPU) against the single-process local backend."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -115,11 +113,14 @@ def test_checkpoint_round_trip_mid_period(tmp_path, data_file):
     assert loaded["losses"] == saved["losses"][3:]
 
 
-def test_deepspeed_launcher_gives_the_torchrun_losses(tmp_path, data_file):
-    args = ["train", *ds_args(tmp_path, data_file, "zero2.json", "--train.steps=4")]
+def test_deepspeed_launcher_gives_the_reference_losses(tmp_path, data_file):
+    """launch/deepspeed.sh (the `deepspeed` launcher, 2 CPU ranks) with the overrides as its arguments."""
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
     cli_out = tmp_path / "ds" / "run"
-    run_launcher([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                  str(free_port()), "--module", "lisa_dist.cli", *args])
+    run_launcher(["bash", str(REPO / "launch" / "deepspeed.sh"), str(config),
+                  *ds_args(tmp_path, data_file, "zero2.json", "--train.steps=4")],
+                 env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
     launched = read_jsonl(cli_out / "metrics.jsonl")
     ref_losses, ref_layers = reference(tmp_path, data_file, "--train.steps=4")
     assert [r["loss"] for r in launched] == pytest.approx(ref_losses, abs=ZERO12_TOL, rel=0)
@@ -141,7 +142,7 @@ def test_ds_config_contradictions_name_both_values(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=8 contradicts train.micro_batch_size=4"):
         load_config(None, ["--data.path=x", "--backend.name=deepspeed", f"--backend.ds_config={path}"])
-    with pytest.raises(ConfigError, match=r"train_batch_size=64 contradicts .* = 32"):
+    with pytest.raises(ConfigError, match=r"train_batch_size=64 contradicts .*\(4 x 2 x 4\)=32"):
         fill_ds_config({**raw, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": 64},
                        micro_batch_size=4, grad_accum=2, max_grad_norm=1.0, precision="fp32", world_size=4)
     for section in ("optimizer", "scheduler"):
