@@ -9,7 +9,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.15"],
     "mpi": ["mpi4py>=3.1"],
     "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9"],
-    "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "psutil>=5.9", "scipy>=1.10"],
+    "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "psutil>=5.9", "scipy>=1.10", "mpich>=4.1"],
 }
 EXTRAS["all"] = sorted({req for name in ("deepspeed", "mpi", "bench") for req in EXTRAS[name]})
 

@@ -10,6 +10,10 @@
 #   MASTER_ADDR     address of node 0, where the rendezvous store lives (multi-node)
 #   MASTER_PORT     rendezvous port (multi-node; default 29400)
 #   RUN_ID          rendezvous id shared by all nodes of the job (default: lisa_dist)
+#   LOCAL_ADDR      this node's address as the others reach it (multi-node; default: torchrun's guess from the
+#                   hostname, which is wrong where the hostname resolves to 127.0.0.1)
+#   RDZV_CONF       extra c10d rendezvous settings, e.g. is_host=1 on the node that serves the rendezvous store
+#   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME  the network interface the ranks talk over (read by torch itself)
 # The config and overrides are passed on to `lisa-dist train` (set --backend.name there, e.g. fsdp).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,7 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
 
 if [ $# -lt 1 ]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,18p' "$0" >&2
   exit 2
 fi
 nproc=${NPROC_PER_NODE:-$(default_nproc)}
@@ -27,6 +31,12 @@ if [ "$nnodes" = 1 ]; then
 fi
 : "${MASTER_ADDR:?MASTER_ADDR (the address of node 0) is required for NNODES=$nnodes}"
 : "${NODE_RANK:?NODE_RANK (0..$((nnodes - 1))) is required for NNODES=$nnodes}"
-exec torchrun --nnodes "$nnodes" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" \
-  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29400}" --rdzv-id "${RUN_ID:-lisa_dist}" \
-  -m lisa_dist.cli train "$@"
+args=(--nnodes "$nnodes" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" --rdzv-backend c10d
+  --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29400}" --rdzv-id "${RUN_ID:-lisa_dist}")
+if [ -n "${LOCAL_ADDR:-}" ]; then
+  args+=(--local-addr "$LOCAL_ADDR")
+fi
+if [ -n "${RDZV_CONF:-}" ]; then
+  args+=(--rdzv-conf "$RDZV_CONF")
+fi
+exec torchrun "${args[@]}" -m lisa_dist.cli train "$@"

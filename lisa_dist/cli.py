@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import yaml
@@ -47,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from lisa_dist.dist import rank_hint
+
     # Under a launcher only rank 0 speaks at the configured level; the other ranks report warnings and errors.
-    level = cfg.logging.level if os.environ.get("RANK", "0") == "0" else "WARNING"
+    level = cfg.logging.level if rank_hint() == 0 else "WARNING"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch.distributed
+
     from lisa_dist.data import DataError
+    from lisa_dist.dist import DistError
     from lisa_dist.trainer import train
 
     try:
@@ -58,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         logging.getLogger("lisa_dist").error("%s", exc)
         return 2
+    except DistError as exc:
+        logging.getLogger("lisa_dist").error("rank %d: %s", rank_hint(), exc)
+        return 3
+    except torch.distributed.DistError as exc:
+        # A peer died or hung: say so plainly instead of only a transport traceback.
+        logging.getLogger("lisa_dist").error("rank %d: a collective failed: another rank died or stopped answering "
+                                             "(the launcher's report names it; the ranks' host:pid were logged at "
+                                             "start): %s", rank_hint(), exc)
+        return 4
     return 0
 
 

@@ -133,6 +133,8 @@ class TrainConfig:
 class BackendConfig:
     name: str = "local"
     """local (one process), fsdp (FSDP2) or deepspeed (ZeRO-1/2/3), the last two under a launcher."""
+    timeout_s: float = 600.0
+    """Seconds any collective may wait (for a dead or stuck rank) before every rank fails."""
     ds_config: str | None = None
     """deepspeed: the ZeRO JSON (ds_configs/*.json); its "auto" fields are filled from this config."""
     replicate: int = 1
@@ -363,6 +365,7 @@ def _validate_backend(cfg: Config) -> None:
     b = cfg.backend
     _choice("backend.name", b.name, BACKENDS)
     _require(b.replicate >= 1, "backend.replicate", b.replicate, "expected >= 1")
+    _require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "expected > 0 seconds")
     _choice("backend.frozen_dtype", b.frozen_dtype, DTYPES)
     if b.frozen_dtype == "bfloat16":
         _require(b.name == "fsdp", "backend.frozen_dtype", b.frozen_dtype, "bfloat16 needs backend.name=fsdp")

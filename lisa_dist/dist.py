@@ -1,14 +1,34 @@
-"""torch.distributed start-up from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT): nccl on GPUs, gloo on CPU."""
+"""torch.distributed start-up from whatever launched us, and the checks that keep ranks in step.
+
+Launchers, in the order they are recognized:
+- torchrun / the deepspeed launcher / any env:// launcher: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (LOCAL_RANK).
+- MPI (mpirun, srun --mpi=pmix|pmi2): rank and size from mpi4py's COMM_WORLD, the local rank from a shared-memory
+  split; rank 0 picks a free port and its address (unless MASTER_PORT / MASTER_ADDR are set) and broadcasts both.
+- SLURM tasks without PMI (plain srun): SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR/PORT when
+  set, else the first host of the job's node list and a port derived from the job id.
+- nothing: one process (a distributed backend then runs as a group of one).
+nccl on GPUs, gloo on CPU.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+class DistError(RuntimeError):
+    """The launch environment is inconsistent, or the ranks disagree."""
 
 
 @dataclass(frozen=True)
@@ -17,36 +37,193 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    launcher: str
 
 
-def _env_int(name: str, default: int | None = None) -> int:
-    value = os.environ.get(name)
-    if value is None:
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits, before any process group exists."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def detect_launcher(env: Mapping[str, str] = os.environ) -> str:
+    """env (torchrun, deepspeed, ...), mpi, slurm or single."""
+    # RANK / WORLD_SIZE are per-process launcher output; MASTER_ADDR / MASTER_PORT alone are often exported by
+    # users or batch scripts for the MPI and SLURM paths, which honour them.
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+    if any(name in env for name in MPI_VARS):
+        return "mpi"
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # a task of an srun step, not the batch shell
+        return "slurm"
+    return "single"
+
+
+RANK_HINTS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def rank_hint(env: Mapping[str, str] = os.environ) -> int:
+    """This process's rank as the launcher announced it, before any process group exists (0 when alone)."""
+    for name in RANK_HINTS:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None or value == "":
         if default is None:
-            raise RuntimeError(f"environment variable {name} is not set (launch with torchrun)")
+            raise DistError(f"environment variable {name} is not set")
         return default
     try:
         return int(value)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+        raise DistError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group the launcher describes (idempotent); device `auto` picks cuda:LOCAL_RANK or cpu."""
-    missing = [name for name in REQUIRED if name not in os.environ]
-    if missing and not dist.is_initialized():
-        raise RuntimeError(f"a distributed backend needs a launcher: {', '.join(missing)} not set "
-                           "(start with torchrun --nproc-per-node N ...)")
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-    local_rank = _env_int("LOCAL_RANK", 0)
+def _check(rank: int, world: int, local_rank: int, names: tuple[str, str, str]) -> None:
+    if world < 1:
+        raise DistError(f"{names[1]}={world} must be >= 1")
     if not 0 <= rank < world:
-        raise RuntimeError(f"RANK={rank} is not in 0..WORLD_SIZE-1={world - 1}")
+        raise DistError(f"{names[0]}={rank} is not in 0..{names[1]}-1={world - 1}")
+    if local_rank < 0:
+        raise DistError(f"{names[2]}={local_rank} must be >= 0")
+
+
+def placement_from_env(env: Mapping[str, str]) -> Placement:
+    """torchrun and friends: every variable must be there and consistent."""
+    missing = [name for name in ENV_VARS if not env.get(name)]
+    if missing:
+        present = [name for name in ENV_VARS if env.get(name)]
+        raise DistError(f"{', '.join(present)} set but {', '.join(missing)} not: the launcher's environment is "
+                        "incomplete (torchrun sets all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+    rank, world, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0)
+    _check(rank, world, local, ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    port = _int(env, "MASTER_PORT")
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+    return Placement(rank, world, local, env["MASTER_ADDR"], port, launcher)
+
+
+def placement_from_slurm(env: Mapping[str, str]) -> Placement:
+    rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS")
+    local = _int(env, "SLURM_LOCALID", 0)
+    _check(rank, world, local, ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
+    addr = env.get("MASTER_ADDR") or first_slurm_host(env)
+    # Every task derives the same port from the job id, without talking to the others.
+    port = _int(env, "MASTER_PORT", 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000)
+    return Placement(rank, world, local, addr, port, "slurm")
+
+
+def first_slurm_host(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise DistError("SLURM_PROCID is set but neither SLURM_JOB_NODELIST nor MASTER_ADDR is")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DistError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({exc}); "
+                        "set MASTER_ADDR") from None
+    return out.split()[0]
+
+
+def placement_from_mpi(env: Mapping[str, str]) -> Placement:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        if comm.Get_rank() == 0:
+            # A port the OS says is free, never a fixed 29500 that a second job on the node would also take.
+            addr = env.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+            chosen = (addr, int(env.get("MASTER_PORT") or _free_port()))
+        else:
+            chosen = None
+        addr, port = comm.bcast(chosen, root=0)
+        return Placement(comm.Get_rank(), comm.Get_size(), local.Get_rank(), addr, port, "mpi")
+    finally:
+        local.Free()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def discover(env: Mapping[str, str] = os.environ) -> Placement:
+    launcher = detect_launcher(env)
+    if launcher in ("torchrun", "env"):
+        return placement_from_env(env)
+    if launcher == "mpi":
+        return placement_from_mpi(env)
+    if launcher == "slurm":
+        return placement_from_slurm(env)
+    return Placement(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Join (or start) the process group the launcher describes; idempotent. `timeout_s` bounds every collective,
+    so a rank waiting on a dead peer fails instead of hanging."""
+    place = discover()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        raise DistError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    dev = torch.device("cuda", place.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return DistEnv(rank, world, local_rank, dev)
+        # Later libraries (DeepSpeed) read the same variables.
+        os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
+                          MASTER_ADDR=place.master_addr, MASTER_PORT=str(place.master_port))
+        # env:// under torchrun joins the store its agent already serves; the others start one on rank 0.
+        init = "env://" if place.launcher in ("torchrun", "env") else f"tcp://{place.master_addr}:{place.master_port}"
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=place.rank, world_size=place.world_size,
+                                init_method=init, timeout=timedelta(seconds=timeout_s))
+    return DistEnv(place.rank, place.world_size, place.local_rank, dev, place.launcher)
+
+
+def rank_table() -> str:
+    """`rank=host:pid` of every rank, so a launcher's report of a dead PID can be traced to its rank."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    if not dist.is_initialized():
+        return f"0={me}"
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, me)
+    return ", ".join(f"{rank}={where}" for rank, where in enumerate(gathered))
+
+
+def broadcast_seed(seed: int) -> int:
+    """Rank 0's seed, on every rank (through mpi4py under MPI, torch.distributed otherwise)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return seed
+    if detect_launcher() == "mpi":
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.bcast(seed, root=0)
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def check_same_on_all_ranks(what: str, value: Sequence[int]) -> None:
+    """All-gather a digest of `value`; if any rank differs, raise on every rank naming the ranks and their values."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    payload = json.dumps(list(value))
+    digest = hashlib.sha256(payload.encode()).hexdigest()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (digest, payload))
+    if len({d for d, _ in gathered}) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, (_, p) in enumerate(gathered):
+            groups.setdefault(p, []).append(rank)
+        detail = "; ".join(f"ranks {ranks}: {p}" for p, ranks in groups.items())
+        raise DistError(f"ranks disagree on {what}: {detail} (different seeds or configs on different ranks?)")

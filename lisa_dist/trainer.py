@@ -17,6 +17,7 @@ from lisa_dist.ac import apply_activation_checkpointing
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
 from lisa_dist.data import ShardedBatches, load_examples
+from lisa_dist.dist import broadcast_seed, check_same_on_all_ranks, rank_table
 from lisa_dist.loss import supervised_tokens
 from lisa_dist.methods import apply_lora, lisa_trainable
 from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger
@@ -49,6 +50,13 @@ class Run:
 
 def build(cfg: Config) -> Run:
     backend = build_backend(cfg)
+    ranks = rank_table()
+    if backend.is_main and backend.world_size > 1:
+        log.info("%d ranks (rank=host:pid): %s", backend.world_size, ranks)
+    # Rank 0's seeds on every rank: model init, data order and the layer schedule must agree.
+    cfg.train.seed = broadcast_seed(cfg.train.seed)
+    if cfg.lisa.seed is not None:
+        cfg.lisa.seed = broadcast_seed(cfg.lisa.seed)
     torch.manual_seed(cfg.train.seed)
     skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
@@ -101,6 +109,8 @@ def maybe_switch(run: Run, step: int) -> bool:
         return False
     run.period = period
     run.active = run.sampler.active_layers(period)
+    # Every rank derives the set on its own; prove they agree before anyone trains on it.
+    check_same_on_all_ranks(f"the active layers of LISA period {period}", run.active)
     run.backend.activate(run.active)
     run.switches += 1
     run.layers_visited.update(run.active)
