@@ -64,3 +64,16 @@ def free_port() -> int:
 
 def rank_results(out: Path, nproc: int = 2) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4, world: int = 2):
+    """The local backend computing exactly the micro-batches `world` ranks of micro batch `micro` compute (micro
+    batch `micro`, `world` accumulation steps): per-step records and the final weights in fp32."""
+    from lisa_dist.config import load_config
+    from lisa_dist.trainer import build, train_step
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}",
+                                           f"--train.grad_accum={world}", *extra))
+    run = build(cfg)
+    records = [train_step(run, s) for s in range(cfg.train.steps)]
+    return records, {k: v.detach().float().clone() for k, v in run.backend.model.state_dict().items()}

@@ -8,9 +8,17 @@ from transformers import AutoModelForCausalLM
 from lisa_dist.config import ConfigError, load_config
 from lisa_dist.ds_config import fill_ds_config, read_ds_config
 from lisa_dist.metrics import read_jsonl
-from lisa_dist.trainer import build, train_step
 
-from .helpers import REPO, free_port, rank_results, run_launcher, tiny_overrides, torchrun, write_text_data
+from .helpers import (
+    REPO,
+    free_port,
+    local_reference,
+    rank_results,
+    run_launcher,
+    tiny_overrides,
+    torchrun,
+    write_text_data,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -29,10 +37,7 @@ def data_file(tmp_path_factory):
 
 
 def reference(tmp_path, data_file, *extra):
-    cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={MICRO}",
-                                           f"--train.grad_accum={WORLD}", *extra))
-    run = build(cfg)
-    records = [train_step(run, s) for s in range(cfg.train.steps)]
+    records, _ = local_reference(tmp_path, data_file, *extra, micro=MICRO, world=WORLD)
     return [r["loss"] for r in records], [r["active_layers"] for r in records]
 
 

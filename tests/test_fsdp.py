@@ -5,10 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lisa_dist.config import load_config
-from lisa_dist.trainer import build, train_step
-
-from .helpers import rank_results, tiny_overrides, torchrun, write_text_data
+from .helpers import local_reference, rank_results, tiny_overrides, torchrun, write_text_data
 
 WORLD = 2
 MICRO = 4
@@ -22,13 +19,7 @@ def data_file(tmp_path_factory):
 
 
 def reference(tmp_path, data_file, *extra):
-    """The local backend on the same global batch, split into the very micro-batches the ranks compute (micro
-    batch M, W accumulation steps): per-step records and final weights."""
-    cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={MICRO}",
-                                           f"--train.grad_accum={WORLD}", *extra))
-    run = build(cfg)
-    records = [train_step(run, s) for s in range(cfg.train.steps)]
-    return records, {k: v.detach().float().clone() for k, v in run.backend.model.state_dict().items()}
+    return local_reference(tmp_path, data_file, *extra, micro=MICRO, world=WORLD)
 
 
 def losses(records):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import DistEnv
 from lisa_dist.ds_config import fill_ds_config, read_ds_config, zero_stage
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 Carried = list[tuple[torch.Tensor, dict[str, Any]]]
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(ProcessGroupBackend):
     def __init__(self, env: DistEnv, ds_config: str, precision: str, optim: OptimConfig, micro_batch_size: int,
                  grad_accum: int) -> None:
         import deepspeed
@@ -49,10 +50,6 @@ class DeepSpeedBackend:
         self.trainable: TrainableSet | None = None
         self.engine = None
         self._micro = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def empty_init(self) -> contextlib.AbstractContextManager:
         """ZeRO-3 builds the model partitioned from the start; the other stages build a meta-device skeleton."""
@@ -168,14 +165,6 @@ class DeepSpeedBackend:
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.engine.optimizer.optimizer)
 
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(self.device)
-        dist.all_reduce(value)
-        return value.cpu()
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on rank 0 in CPU memory (ZeRO-3 gathers one parameter at a time); empty elsewhere."""
         if self.stage < 3:
@@ -190,11 +179,6 @@ class DeepSpeedBackend:
                           if name in self.model.state_dict()})
         return state
 
-    def save_model(self, path: str) -> None:
-        state = self.full_state_dict()
-        if self.is_main:
-            self.model.save_pretrained(path, state_dict=state)
-        dist.barrier()
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any] | None = None) -> None:
         """DeepSpeed's own sharded checkpoint of the current engine (model, active optimizer partitions)."""
@@ -207,5 +191,4 @@ class DeepSpeedBackend:
 
     def close(self) -> None:
         self._destroy_engine()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.close_process_group()

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import DistEnv
 from lisa_dist.loss import lm_loss_sum
@@ -56,7 +57,7 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-class FSDPBackend:
+class FSDPBackend(ProcessGroupBackend):
     def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
                  frozen_dtype: str = "float32", reshard_after_forward: bool = True) -> None:
         self.env = env
@@ -71,10 +72,6 @@ class FSDPBackend:
         self.trainable: TrainableSet | None = None
         self.optimizer: torch.optim.AdamW | None = None
         self.active: tuple[int, ...] = ()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def empty_init(self) -> contextlib.AbstractContextManager:
         return init_empty_weights(include_buffers=False)
@@ -166,28 +163,11 @@ class FSDPBackend:
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.optimizer)
 
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(self.device)
-        dist.all_reduce(value)
-        return value.cpu()
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save_model(self, path: str) -> None:
-        state = self.full_state_dict()
-        if self.is_main:
-            # Frozen blocks may be stored in bf16: export everything in the always-trained params' dtype.
-            dtype = self.trainable.always[0][1].dtype
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            self.model.save_pretrained(path, state_dict=state)
-        dist.barrier()
 
     def close(self) -> None:
         self.optimizer = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.close_process_group()

@@ -1,0 +1,47 @@
+"""What every multi-process backend does the same way: the main rank, sums over ranks, the barrier, the export."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lisa_dist.optim import TrainableSet
+
+
+class ProcessGroupBackend:
+    """Shared verbs of the FSDP and DeepSpeed backends; they set rank, world_size, device, model and trainable."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    model: nn.Module | None
+    trainable: TrainableSet | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.device)
+        dist.all_reduce(value)
+        return value.cpu()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def save_model(self, path: str) -> None:
+        """Gather the full model on rank 0 in CPU memory and write a Hugging Face folder there."""
+        state = self.full_state_dict()
+        if self.is_main:
+            # Frozen blocks may be stored in another dtype: export everything in the always-trained params' dtype.
+            dtype = self.trainable.always[0][1].dtype
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            self.model.save_pretrained(path, state_dict=state)
+        dist.barrier()
+
+    def close_process_group(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
