@@ -16,6 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("train", "run a fine-tune"), ("config", "print the resolved config as YAML")):
         p = sub.add_parser(name, help=text, description=f"{text}; extra --section.key=value arguments override it")
         p.add_argument("config", nargs="?", help="YAML or JSON config file (defaults when omitted)")
+    export = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint of any backend")
+    export.add_argument("checkpoint", help="a step-N checkpoint folder, or a checkpoints folder (its newest good one)")
+    export.add_argument("out_dir", help="the Hugging Face folder to write")
     layers = sub.add_parser("layers", help="print the decoder layers and always-trained modules of a model")
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "layers":
             return _show_layers(args.model, args.layers_path, overrides)
+        if args.command == "export":
+            return _export(args.checkpoint, args.out_dir, overrides)
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"lisa-dist: config error: {exc}", file=sys.stderr)
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lisa_dist.data import DataError
     from lisa_dist.dist import DistError
+    from lisa_dist.preemption import EXIT_PREEMPTED, Preempted
     from lisa_dist.trainer import train
 
     try:
@@ -62,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         logging.getLogger("lisa_dist").error("%s", exc)
         return 2
+    except Preempted as exc:
+        logging.getLogger("lisa_dist").warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     except DistError as exc:
         logging.getLogger("lisa_dist").error("rank %d: %s", rank_hint(), exc)
         return 3
@@ -71,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
                                              "(the launcher's report names it; the ranks' host:pid were logged at "
                                              "start): %s", rank_hint(), exc)
         return 4
+    return 0
+
+
+def _export(source: str, out_dir: str, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+    from pathlib import Path
+
+    from lisa_dist.export import export
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    export(Path(source), Path(out_dir))
     return 0
 
 

@@ -149,6 +149,18 @@ class BackendConfig:
 class CheckpointConfig:
     save_final: bool = False
     """Write the trained model as a Hugging Face folder to <output_dir>/final at the end."""
+    dir: str | None = None
+    """Where step-N checkpoints go; defaults to <output_dir>/checkpoints."""
+    every: int = 0
+    """Steps between checkpoints (0: none, except on a preemption signal)."""
+    keep_last: int = 2
+    """Good checkpoints kept; older ones are removed after a new one is complete."""
+    resume: str = "auto"
+    """auto (the newest good checkpoint in dir, if any), none, or the path of a step-N folder."""
+    override: bool = False
+    """Resume even if the config changed in a way that breaks exactness (the changes are logged)."""
+    on_signal: bool = True
+    """On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved and the run exits with 75."""
 
 
 @dataclass
@@ -356,6 +368,10 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.device", t.device, DEVICES)
     _validate_backend(cfg)
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "expected >= 0 (0: off)")
+    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "expected >= 1")
+    _require(bool(cfg.checkpoint.resume), "checkpoint.resume", cfg.checkpoint.resume,
+             "expected auto, none or the path of a step-N checkpoint folder")
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
     _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
     _choice("logging.level", cfg.logging.level, LOG_LEVELS)

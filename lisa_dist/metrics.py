@@ -61,6 +61,14 @@ class MetricsLogger:
             sink.close()
 
 
+def truncate_jsonl(path: str | Path, last_step: int) -> None:
+    """Drop records after `last_step` (a run resumed from that step writes them again)."""
+    path = Path(path)
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

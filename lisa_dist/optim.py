@@ -149,3 +149,22 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     else:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: TrainableSet) -> dict[str, dict]:
+    """The optimizer's per-param state keyed by parameter name (only params that have state)."""
+    names = {id(p): n for n, p in trainable.always + trainable.layer_params(range(len(trainable.layers)))}
+    return {names[id(p)]: state for p, state in optimizer.state.items() if id(p) in names}
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: TrainableSet,
+                               saved: dict[str, dict]) -> None:
+    """Put state saved by `named_optimizer_state` back on the params of the same names in the optimizer now."""
+    params = {n: p for n, p in trainable.always + trainable.layer_params(range(len(trainable.layers)))}
+    in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, state in saved.items():
+        param = params.get(name)
+        if param is None or id(param) not in in_groups:
+            raise ValueError(f"optimizer state for {name!r} has no trainable parameter to go to")
+        optimizer.state[param] = {k: v.to(param.device) if torch.is_tensor(v) and v.dim() else v
+                                  for k, v in state.items()}

@@ -20,9 +20,12 @@ from lisa_dist.data import ShardedBatches, load_examples
 from lisa_dist.dist import broadcast_seed, check_same_on_all_ranks, rank_table
 from lisa_dist.loss import supervised_tokens
 from lisa_dist.methods import apply_lora, lisa_trainable
-from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger
+from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger, truncate_jsonl
 from lisa_dist.models import ModelLayout, find_layout, open_model
 from lisa_dist.optim import TrainableSet, lr_at
+from lisa_dist.preemption import STOP, Preempted, stop_on_signals
+from lisa_dist.resume import resume
+from lisa_dist.resume import save as save_checkpoint
 from lisa_dist.sampler import LayerSampler
 
 log = logging.getLogger("lisa_dist.trainer")
@@ -42,6 +45,8 @@ class Run:
     tokenizer: Any
     active: tuple[int, ...] = ()
     period: int | None = None
+    start_step: int = 0
+    preempted: bool = False
     tokens_seen: int = 0
     switches: int = 0
     layers_visited: set[int] = field(default_factory=set)
@@ -80,7 +85,10 @@ def build(cfg: Config) -> Run:
     sampler = _build_sampler(cfg, layout.num_layers) if cfg.lisa.enabled and not cfg.lora.enabled else None
     if sampler is None:
         backend.activate(range(len(trainable.layers)))
-    return Run(cfg, backend, layout, trainable, batches, sampler, _build_metrics(cfg, backend.is_main), tokenizer)
+    run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
+    run.start_step = resume(run)
+    run.metrics = _build_metrics(cfg, backend.is_main, run.start_step)
+    return run
 
 
 def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
@@ -91,12 +99,13 @@ def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
     )
 
 
-def _build_metrics(cfg: Config, is_main: bool) -> MetricsLogger:
+def _build_metrics(cfg: Config, is_main: bool, start_step: int) -> MetricsLogger:
     if not is_main:
         return MetricsLogger([])
-    out = Path(cfg.train.output_dir)
-    sinks = [JsonlSink(cfg.logging.jsonl or out / "metrics.jsonl"), ConsoleSink(cfg.logging.console_every)]
-    return MetricsLogger(sinks)
+    path = cfg.logging.jsonl or Path(cfg.train.output_dir) / "metrics.jsonl"
+    if start_step:  # resumed: keep the records up to the checkpoint, the steps after it are run again
+        truncate_jsonl(path, start_step)
+    return MetricsLogger([JsonlSink(path, append=start_step > 0), ConsoleSink(cfg.logging.console_every)])
 
 
 def maybe_switch(run: Run, step: int) -> bool:
@@ -129,10 +138,13 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     start = time.perf_counter()
     micro_batches = run.batches.step_batches(step)
     local_counts = torch.tensor([sum(supervised_tokens(b) for b in micro_batches),
-                                 sum(int(b["attention_mask"].sum()) for b in micro_batches)], dtype=torch.int64)
+                                 sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                                 int(STOP.requested)], dtype=torch.int64)
     # The loss is a mean over the supervised tokens of the whole global batch, whatever its split over ranks and
-    # micro-batches: every rank scales its summed loss by the same global count.
+    # micro-batches: every rank scales its summed loss by the same global count. The same reduction tells every
+    # rank whether any of them was asked to stop.
     counts = backend.all_reduce_sum(local_counts)
+    run.preempted = bool(counts[2])
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         loss_sum += backend.forward_backward(batch, 1.0 / max(1, int(counts[0]))).double().cpu()
@@ -162,22 +174,32 @@ def train(cfg: Config) -> dict[str, Any]:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("data: %d examples, %d steps per epoch", run.batches.num_examples, run.batches.steps_per_epoch)
     start = time.perf_counter()
-    bar = tqdm(total=cfg.train.steps, desc="train", disable=not (run.backend.is_main and cfg.logging.progress))
+    bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc="train",
+               disable=not (run.backend.is_main and cfg.logging.progress))
     try:
-        with logging_redirect_tqdm():
-            for step in range(cfg.train.steps):
+        with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
+            for step in range(run.start_step, cfg.train.steps):
                 record = train_step(run, step)
                 if record is not None:
                     run.metrics.log(record)
                     run.history.append(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"], refresh=False)
                 bar.update(1)
+                _maybe_checkpoint(run, step + 1)
         summary = _finish(run, out, time.perf_counter() - start)
     finally:
         bar.close()
         run.metrics.close()
         run.backend.close()
     return summary
+
+
+def _maybe_checkpoint(run: Run, done: int) -> None:
+    every = run.cfg.checkpoint.every
+    if run.preempted or (every and (done % every == 0 or done == run.cfg.train.steps)):
+        path = save_checkpoint(run, done)
+        if run.preempted:
+            raise Preempted(done, path)
 
 
 def _finish(run: Run, out: Path, wall_s: float) -> dict[str, Any]:

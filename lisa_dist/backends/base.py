@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -53,6 +54,12 @@ class Backend(Protocol):
         """Sum over ranks (identity on one process)."""
 
     def barrier(self) -> None: ...
+
+    def save_state(self, folder: Path) -> None:
+        """Collective: this backend's model and optimizer state (active + always-trained) into `folder`."""
+
+    def load_state(self, folder: Path) -> None:
+        """Collective: restore `save_state`'s folder; the layers active at save time must be active now."""
 
     def save_model(self, path: str) -> None:
         """Write the full model as a Hugging Face folder (from the main rank)."""

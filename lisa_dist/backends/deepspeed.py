@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from lisa_dist.optim import ALWAYS, TrainableSet, build_adamw, moment_bytes, set
 log = logging.getLogger(__name__)
 
 Carried = list[tuple[torch.Tensor, dict[str, Any]]]
+DS_TAG = "lisa"
 
 
 class DeepSpeedBackend(ProcessGroupBackend):
@@ -182,12 +184,18 @@ class DeepSpeedBackend(ProcessGroupBackend):
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any] | None = None) -> None:
         """DeepSpeed's own sharded checkpoint of the current engine (model, active optimizer partitions)."""
-        self.engine.save_checkpoint(path, tag="lisa", client_state=client_state or {})
+        self.engine.save_checkpoint(path, tag=DS_TAG, client_state=client_state or {})
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Load into an engine built for the same active layers; returns the client state."""
-        _, client_state = self.engine.load_checkpoint(path, tag="lisa")
+        _, client_state = self.engine.load_checkpoint(path, tag=DS_TAG)
         return client_state or {}
+
+    def save_state(self, folder: Path) -> None:
+        self.save_checkpoint(str(folder))
+
+    def load_state(self, folder: Path) -> None:
+        self.load_checkpoint(str(folder))
 
     def close(self) -> None:
         self._destroy_engine()

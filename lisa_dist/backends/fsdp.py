@@ -9,12 +9,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import init_empty_weights
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -162,6 +169,22 @@ class FSDPBackend(ProcessGroupBackend):
 
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.optimizer)
+
+    def save_state(self, folder: Path) -> None:
+        """Sharded model and optimizer state through torch.distributed.checkpoint (optimizer state keyed by
+        parameter name, so it reshards onto another world size)."""
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+    def load_state(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""

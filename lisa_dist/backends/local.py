@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
@@ -11,7 +12,16 @@ from torch import nn
 from lisa_dist.config import OptimConfig
 from lisa_dist.loss import lm_loss_sum
 from lisa_dist.models import ModelLayout, WeightSource, materialize_full
-from lisa_dist.optim import TrainableSet, build_adamw, clip_grad_norm, moment_bytes, set_active_params, set_lr
+from lisa_dist.optim import (
+    TrainableSet,
+    build_adamw,
+    clip_grad_norm,
+    load_named_optimizer_state,
+    moment_bytes,
+    named_optimizer_state,
+    set_active_params,
+    set_lr,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,6 +97,18 @@ class LocalBackend:
 
     def barrier(self) -> None:
         pass
+
+    def save_state(self, folder: Path) -> None:
+        """Model and optimizer state (keyed by parameter name) into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), folder / "model.pt")
+        torch.save(named_optimizer_state(self.optimizer, self.trainable), folder / "optim.pt")
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what `save_state` wrote; the same layers must be active."""
+        self.model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device))
+        saved = torch.load(folder / "optim.pt", map_location=self.device)
+        load_named_optimizer_state(self.optimizer, self.trainable, saved)
 
     def save_model(self, path: str) -> None:
         self.model.save_pretrained(path)

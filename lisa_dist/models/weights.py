@@ -107,17 +107,17 @@ def materialize_full(model: nn.Module, source: WeightSource, device: torch.devic
     model.to_empty(device=device)
     restore_buffers(model, buffers)
     result = model.load_state_dict(source.full_state_dict(), strict=False)
-    _require_complete(model, result.missing_keys, source)
+    require_complete(model, result.missing_keys, source.description)
     return model
 
 
-def _require_complete(model: nn.Module, missing: list[str], source: WeightSource) -> None:
+def require_complete(model: nn.Module, missing: list[str], source: str) -> None:
     # A tied weight may be stored once under either name; anything else missing is an error.
     state = model.state_dict(keep_vars=True)
     loaded = {id(t) for name, t in state.items() if name not in missing}
     absent = [name for name in missing if id(state[name]) not in loaded]
     if absent:
-        raise ValueError(f"{source.description} has no weights for {len(absent)} tensors of the model, "
+        raise ValueError(f"{source} has no weights for {len(absent)} tensors of the model, "
                          f"e.g. {', '.join(absent[:5])}")
 
 
