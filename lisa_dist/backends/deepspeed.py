@@ -182,20 +182,13 @@ class DeepSpeedBackend(ProcessGroupBackend):
         return state
 
 
-    def save_checkpoint(self, path: str, client_state: dict[str, Any] | None = None) -> None:
-        """DeepSpeed's own sharded checkpoint of the current engine (model, active optimizer partitions)."""
-        self.engine.save_checkpoint(path, tag=DS_TAG, client_state=client_state or {})
-
-    def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """Load into an engine built for the same active layers; returns the client state."""
-        _, client_state = self.engine.load_checkpoint(path, tag=DS_TAG)
-        return client_state or {}
-
     def save_state(self, folder: Path) -> None:
-        self.save_checkpoint(str(folder))
+        """DeepSpeed's own sharded checkpoint of the current engine (model, active optimizer partitions)."""
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG)
 
     def load_state(self, folder: Path) -> None:
-        self.load_checkpoint(str(folder))
+        """Load into an engine built for the same active layers and world size."""
+        self.engine.load_checkpoint(str(folder), tag=DS_TAG)
 
     def close(self) -> None:
         self._destroy_engine()
