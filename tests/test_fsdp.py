@@ -1,9 +1,12 @@
 """FSDP2 backend on 2 real ranks (torchrun, gloo) against the single-process local backend on the same global batch."""
+import json
 import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from lisa_dist import cli
 
 from .helpers import local_reference, rank_results, tiny_overrides, torchrun, write_text_data
 
@@ -132,3 +135,39 @@ def test_no_rank_holds_the_whole_model_while_loading(tmp_path, data_file):
         # Each rank reads only its rows: it never holds the whole model, imports and all included.
         assert result["peak_rss"] < model_bytes, (result["peak_rss"], model_bytes)
     assert sum(r["local_param_bytes"] for r in ranks) == model_bytes
+
+
+def ckpt_args(tmp_path, data_file, *extra):
+    return tiny_overrides(tmp_path, data_file, "--backend.name=fsdp", *extra)
+
+
+def test_exact_resume_and_export(tmp_path, data_file):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}")
+    torchrun("ckpt_driver.py", [str(out), "save", "3", *args])
+    torchrun("ckpt_driver.py", [str(out), "resume", *args])
+    saved = json.loads((out / "save.json").read_text())
+    resumed = json.loads((out / "resume.json").read_text())
+    ref, _ = reference(tmp_path, data_file)
+    assert resumed["first"] == 3
+    assert saved["losses"] + resumed["losses"] == losses(ref)  # bitwise, mid-period (interval 2)
+    # One process turns the sharded (DCP) checkpoint into a Hugging Face folder.
+    hf = tmp_path / "hf"
+    assert cli.main(["export", str(tmp_path / "run" / "checkpoints"), str(hf)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tmp_path, data_file, before, after):
+    """DCP reshards model and optimizer state; the global batch stays 8 (micro batch 8 / world)."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    micro = lambda world: f"--train.micro_batch_size={8 // world}"  # noqa: E731
+    torchrun("ckpt_driver.py", [str(out), "save", "3", *ckpt_args(tmp_path, data_file, micro(before))], nproc=before)
+    torchrun("ckpt_driver.py", [str(out), "resume", *ckpt_args(tmp_path, data_file, micro(after))], nproc=after)
+    resumed = json.loads((out / "resume.json").read_text())
+    ref, _ = reference(tmp_path, data_file)
+    assert resumed["first"] == 3
+    # Another split of the same global batch: the same numbers up to fp32 summation order.
+    assert resumed["losses"] == pytest.approx(losses(ref)[3:], abs=1e-5, rel=0)
