@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -183,11 +184,41 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         # Later libraries (DeepSpeed) read the same variables.
         os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
                           MASTER_ADDR=place.master_addr, MASTER_PORT=str(place.master_port))
-        # env:// under torchrun joins the store its agent already serves; the others start one on rank 0.
-        init = "env://" if place.launcher in ("torchrun", "env") else f"tcp://{place.master_addr}:{place.master_port}"
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=place.rank, world_size=place.world_size,
-                                init_method=init, timeout=timedelta(seconds=timeout_s))
+        backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout_s)
+        if place.launcher in ("torchrun", "env"):
+            # env:// joins the store the launcher's agent already serves.
+            dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, init_method="env://",
+                                    timeout=timeout)
+        else:
+            # Rank 0 serves the store: kept here so that shutdown() can outlive every other rank's use of it.
+            store = dist.TCPStore(place.master_addr, place.master_port, place.world_size, place.rank == 0,
+                                  timeout=timeout)
+            _OWN_STORE.update(store=store, rank=place.rank, world=place.world_size)
+            dist.init_process_group(backend, store=store, rank=place.rank, world_size=place.world_size,
+                                    timeout=timeout)
     return DistEnv(place.rank, place.world_size, place.local_rank, dev, place.launcher)
+
+
+_OWN_STORE: dict = {}
+CLOSED_KEY = "lisa_dist/closed"
+
+
+def shutdown(wait_s: float = 30.0) -> None:
+    """Leave the process group on every rank. When rank 0 serves the store itself (MPI, SLURM tasks), it waits
+    until every rank has left before it goes: a rank whose store vanished under it aborts at exit."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    own = dict(_OWN_STORE)
+    _OWN_STORE.clear()
+    if not own:
+        return
+    left = own["store"].add(CLOSED_KEY, 1)
+    deadline = time.monotonic() + wait_s
+    while own["rank"] == 0 and left < own["world"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = own["store"].add(CLOSED_KEY, 0)
 
 
 def rank_table() -> str:

@@ -187,10 +187,15 @@ def train(cfg: Config) -> dict[str, Any]:
                 bar.update(1)
                 _maybe_checkpoint(run, step + 1)
         summary = _finish(run, out, time.perf_counter() - start)
+    except Preempted:
+        run.backend.close()  # every rank stopped at the same step: leave together
+        raise
     finally:
         bar.close()
         run.metrics.close()
-        run.backend.close()
+    # Only on success: a rank that failed alone must exit at once (its launcher then stops the others), not wait
+    # in a closing barrier for peers that are still computing.
+    run.backend.close()
     return summary
 
 

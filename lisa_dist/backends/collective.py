@@ -43,5 +43,6 @@ class ProcessGroupBackend:
         dist.barrier()
 
     def close_process_group(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from lisa_dist.dist import shutdown
+
+        shutdown()
