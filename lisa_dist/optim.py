@@ -66,6 +66,14 @@ def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop
     )
 
 
+def freeze_except_always(model: nn.Module, trainable: TrainableSet) -> None:
+    """Before the first activation: only the always-trained params require grad."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in trainable.always:
+        p.requires_grad_(True)
+
+
 def set_requires_grad(trainable: TrainableSet, indices: Sequence[int]) -> list[nn.Parameter]:
     """Make the always-trained params and exactly the layers `indices` trainable; returns the params that left
     (now frozen, their gradients dropped)."""

@@ -26,7 +26,15 @@ from lisa_dist.dist import DistEnv
 from lisa_dist.ds_config import fill_ds_config, read_ds_config, zero_stage
 from lisa_dist.loss import lm_loss_sum
 from lisa_dist.models import ModelLayout, WeightSource, materialize_full
-from lisa_dist.optim import ALWAYS, TrainableSet, build_adamw, moment_bytes, set_lr, set_requires_grad
+from lisa_dist.optim import (
+    ALWAYS,
+    TrainableSet,
+    build_adamw,
+    freeze_except_always,
+    moment_bytes,
+    set_lr,
+    set_requires_grad,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +98,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
     def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
         self.model, self.trainable = model, trainable
         model.train()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_except_always(model, trainable)
 
     def activate(self, layers: Sequence[int]) -> None:
         carried = self._carry_out() if self.engine is not None else None

@@ -32,7 +32,15 @@ from lisa_dist.loss import lm_loss_sum
 from lisa_dist.methods import layer_named_params
 from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource
 from lisa_dist.models.weights import load_rows_into, real_buffers, restore_buffers
-from lisa_dist.optim import TrainableSet, build_adamw, clip_grad_norm, moment_bytes, set_active_params, set_lr
+from lisa_dist.optim import (
+    TrainableSet,
+    build_adamw,
+    clip_grad_norm,
+    freeze_except_always,
+    moment_bytes,
+    set_active_params,
+    set_lr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +117,7 @@ class FSDPBackend(ProcessGroupBackend):
     def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
         self.model, self.trainable = model, trainable
         model.train()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, p in trainable.always:
-            p.requires_grad_(True)
+        freeze_except_always(model, trainable)
         for module in fsdp_modules(model):
             # The loss is already scaled by 1 / (global supervised tokens): gradients must be summed, not averaged.
             # A plain SUM (no PREMUL_SUM, which gloo lacks) with nothing to divide afterwards.

@@ -16,6 +16,7 @@ from lisa_dist.optim import (
     TrainableSet,
     build_adamw,
     clip_grad_norm,
+    freeze_except_always,
     load_named_optimizer_state,
     moment_bytes,
     named_optimizer_state,
@@ -58,10 +59,7 @@ class LocalBackend:
         self.model = model.to(self.device)
         self.model.train()
         self.trainable = trainable
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, p in trainable.always:
-            p.requires_grad_(True)
+        freeze_except_always(model, trainable)
         self.optimizer = build_adamw(trainable.always, [], self.optim_cfg)
 
     def activate(self, layers: Sequence[int]) -> None:
