@@ -16,7 +16,7 @@ from lisa_dist import checkpoint
 from lisa_dist.config import ConfigError, from_dict
 from lisa_dist.methods import apply_lora
 from lisa_dist.models import open_model
-from lisa_dist.models.weights import real_buffers, require_complete, restore_buffers
+from lisa_dist.models.weights import allocate, require_complete
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ def export(source: Path, out: Path) -> Path:
     ckpt = resolve(source)
     cfg = from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()), source=str(ckpt / "config.yaml"))
     model, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
-    buffers = real_buffers(model)
-    model.to_empty(device="cpu")
-    restore_buffers(model, buffers)
+    allocate(model, "cpu")
     if cfg.lora.enabled:
         model, _ = apply_lora(model, cfg.lora)
     state = _state_dict(cfg.backend.name, ckpt / "state", model)

@@ -31,6 +31,10 @@ class TrainableSet:
     def layer_params(self, indices: Sequence[int]) -> NamedParams:
         return [named for i in indices for named in self.layers[i]]
 
+    def all_named(self) -> NamedParams:
+        """The always-trained params, then every layer's."""
+        return self.always + self.layer_params(range(len(self.layers)))
+
     def num_params(self, indices: Sequence[int]) -> int:
         return sum(p.numel() for _, p in self.always + self.layer_params(indices))
 
@@ -161,14 +165,14 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: TrainableSet) -> dict[str, dict]:
     """The optimizer's per-param state keyed by parameter name (only params that have state)."""
-    names = {id(p): n for n, p in trainable.always + trainable.layer_params(range(len(trainable.layers)))}
+    names = {id(p): n for n, p in trainable.all_named()}
     return {names[id(p)]: state for p, state in optimizer.state.items() if id(p) in names}
 
 
 def load_named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: TrainableSet,
                                saved: dict[str, dict]) -> None:
     """Put state saved by `named_optimizer_state` back on the params of the same names in the optimizer now."""
-    params = {n: p for n, p in trainable.always + trainable.layer_params(range(len(trainable.layers)))}
+    params = dict(trainable.all_named())
     in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for name, state in saved.items():
         param = params.get(name)

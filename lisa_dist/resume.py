@@ -39,7 +39,8 @@ def root_of(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.train.output_dir) / "checkpoints")
 
 
-def _shared_token(run: Run) -> str:
+def _shared_token() -> str:
+    """Rank 0's temporary-folder token, on every rank."""
     box = [checkpoint.new_token()]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
@@ -78,7 +79,7 @@ def save(run: Run, steps_done: int) -> Path | None:
     """Collective: write checkpoint `step-<steps_done>`; returns its folder on the main rank."""
     cfg, backend = run.cfg, run.backend
     root = root_of(cfg)
-    tmp = checkpoint.temp_dir(root, steps_done, _shared_token(run))
+    tmp = checkpoint.temp_dir(root, steps_done, _shared_token())
     if backend.is_main:
         (tmp / "rng").mkdir(parents=True)
     backend.barrier()

@@ -31,7 +31,7 @@ from lisa_dist.dist import DistEnv
 from lisa_dist.loss import lm_loss_sum
 from lisa_dist.methods import layer_named_params
 from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource
-from lisa_dist.models.weights import load_rows_into, real_buffers, restore_buffers
+from lisa_dist.models.weights import allocate, load_rows_into
 from lisa_dist.optim import (
     TrainableSet,
     build_adamw,
@@ -93,10 +93,8 @@ class FSDPBackend(ProcessGroupBackend):
 
     def materialize(self, model: nn.Module, layout: ModelLayout, source: WeightSource) -> nn.Module:
         """Shard the meta-device skeleton, allocate only this rank's shards, then load them."""
-        buffers = real_buffers(model)
         apply_fsdp(model, layout, self.mesh, self.param_dtype, self.reshard_after_forward)
-        model.to_empty(device=self.device)
-        restore_buffers(model, buffers)
+        allocate(model, self.device)
         if isinstance(source, SafetensorsWeights):
             load_rows_into(model, source)
             how = "each rank read its own rows"

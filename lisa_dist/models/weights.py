@@ -90,12 +90,11 @@ def matches_model(source: SafetensorsWeights, model: nn.Module) -> bool:
     return bool(seen) and all(seen.values())
 
 
-def real_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the buffers a skeleton was built with (rotary frequencies, ...): `to_empty` wipes them."""
-    return {name: b.detach().clone() for name, b in model.named_buffers()}
-
-
-def restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+def allocate(model: nn.Module, device: torch.device | str) -> None:
+    """Give a skeleton (or sharded skeleton) real, uninitialized parameter storage on `device`, keeping the buffers
+    it was built with (rotary frequencies, ...), which `to_empty` alone would wipe."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             buffer.copy_(saved[name].to(buffer.device, buffer.dtype))
@@ -103,9 +102,7 @@ def restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 def materialize_full(model: nn.Module, source: WeightSource, device: torch.device) -> nn.Module:
     """Allocate a skeleton on `device` and load the whole state dict into it (the single-process path)."""
-    buffers = real_buffers(model)
-    model.to_empty(device=device)
-    restore_buffers(model, buffers)
+    allocate(model, device)
     result = model.load_state_dict(source.full_state_dict(), strict=False)
     require_complete(model, result.missing_keys, source.description)
     return model
