@@ -1,4 +1,5 @@
-"""`lisa-dist`: train, print the resolved config, or show which modules a model's layers are."""
+"""`lisa-dist`: train, print the resolved config, show which modules a model's layers are, export a checkpoint,
+or estimate the per-GPU memory of every method before renting GPUs."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,32 @@ def _parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="print the decoder layers and always-trained modules of a model")
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
+    _estimate_parser(sub)
     return parser
+
+
+def _estimate_parser(sub: argparse._SubParsersAction) -> None:
+    from lisa_dist.memory import BACKENDS, MODEL_PRESETS
+
+    p = sub.add_parser("estimate", help="per-GPU memory of full fine-tuning, LoRA, naive LISA and LISA",
+                       description="Print per-rank params, grads, fp32 masters, Adam moments (exact) and "
+                                   "activations and buffers (estimates) of every method, and which fit the GPU.")
+    p.add_argument("--model", required=True,
+                   help=f"{', '.join(MODEL_PRESETS)}, a tiny-* preset, or a config.json (or its folder)")
+    p.add_argument("--gpus", type=int, default=8, help="world size (all nodes)")
+    p.add_argument("--backend", default="fsdp", choices=BACKENDS)
+    p.add_argument("--gamma", type=int, default=2, help="LISA: decoder layers active at once")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (peft's default target modules)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
+    p.add_argument("--frozen-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="fsdp: storage of the layers not active (backend.frozen_dtype)")
+    p.add_argument("--replicate", type=int, default=1, help="fsdp: HSDP replicas (e.g. the number of nodes)")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON instead of a table")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -44,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show_layers(args.model, args.layers_path, overrides)
         if args.command == "export":
             return _export(args.checkpoint, args.out_dir, overrides)
+        if args.command == "estimate":
+            return _estimate(args, overrides)
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"lisa-dist: config error: {exc}", file=sys.stderr)
@@ -92,6 +120,27 @@ def _export(source: str, out_dir: str, overrides: list[str]) -> int:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     export(Path(source), Path(out_dir))
+    return 0
+
+
+def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+    import json
+
+    from lisa_dist.memory import Setup, model_config, plan, shapes_of, table
+
+    setup = Setup(backend=args.backend, world_size=args.gpus, replicate=args.replicate, precision=args.precision,
+                  param_dtype=args.param_dtype, frozen_dtype=args.frozen_dtype, gamma=args.gamma,
+                  lora_r=args.lora_r, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                  activation_checkpointing=not args.no_activation_checkpointing)
+    shapes = shapes_of(model_config(args.model), args.model, lora_r=args.lora_r)
+    if not 1 <= args.gamma <= len(shapes.layers):
+        raise ConfigError(f"--gamma {args.gamma}: expected in 1..{len(shapes.layers)} (the model's layers)")
+    if args.json:
+        print(json.dumps({m: b.as_dict() for m, b in plan(shapes, setup).items()}, indent=2))
+    else:
+        print(table(shapes, setup, args.gpu_mem))
     return 0
 
 

@@ -9,7 +9,7 @@ and their own step count, and newly active layers start from fresh state (torch 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +146,24 @@ def moment_bytes(optimizer: torch.optim.Optimizer) -> int:
                 local = _local(value)
                 total += local.numel() * local.element_size()
     return total
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind `tensors`: what they really occupy. Views into one flat buffer count
+    it once, padding included; a sharded (DTensor) tensor counts this rank's shard."""
+    storages = {}
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        storage = _local(tensor).untyped_storage()
+        if storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measured_state(params: Iterable[torch.Tensor], grads: int, masters: int, moments: int) -> dict[str, int]:
+    """The four kinds of bytes `lisa_dist.memory` predicts, as one rank holds them (grads: before the update)."""
+    return {"params": storage_bytes(params), "grads": grads, "masters": masters, "moments": moments}
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

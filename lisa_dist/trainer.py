@@ -53,8 +53,9 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build(cfg: Config) -> Run:
-    backend = build_backend(cfg)
+def build(cfg: Config, backend: Backend | None = None) -> Run:
+    """Everything a run needs, on `cfg.backend` (or on `backend`, a baseline's optimizer: `lisa_dist.baselines`)."""
+    backend = backend or build_backend(cfg)
     ranks = rank_table()
     if backend.is_main and backend.world_size > 1:
         log.info("%d ranks (rank=host:pid): %s", backend.world_size, ranks)
@@ -161,7 +162,7 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
         "tokens": run.tokens_seen, "tokens_per_s": int(counts[1]) / (time.perf_counter() - start),
         "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
         "trainable_params": run.trainable.num_params(run.active),
-        "optimizer_state_bytes": backend.optimizer_state_bytes(),
+        "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
     }
 
 

@@ -111,6 +111,7 @@ def test_a_killed_rank_brings_the_job_down_within_a_minute(tmp_path, data_file, 
     assert f":{victim}" in output
 
 
+@pytest.mark.slow  # about 55 s on 2 cores: run by make test-slow
 def test_a_hung_rank_fails_the_job_after_the_configured_timeout(tmp_path, data_file):
     # Rank 1 stops (SIGSTOP) without dying: nothing closes its sockets, only the collective timeout ends the wait.
     proc = launch("torchrun", tmp_path, data_file, "--train.steps=100000", "--backend.timeout_s=10", popen=True)

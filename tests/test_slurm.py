@@ -77,6 +77,7 @@ def test_sbatch_matches_torchrun(cluster, reference, tmp_path, script, env):
     assert_same_run(read_jsonl(tmp_path / "run" / "metrics.jsonl"), reference)
 
 
+@pytest.mark.slow  # about 80 s on 2 cores: run by make test-slow
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     """SLURM's warning signal: the trap forwards it, every rank stops with a checkpoint, the job requeues itself
     and the same command resumes to the numbers of an uninterrupted run."""

@@ -50,6 +50,10 @@ class Backend(Protocol):
     def optimizer_state_bytes(self) -> int:
         """Bytes of Adam moments this rank holds."""
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank held at the last step, by kind: params, grads (just before the update), fp32 masters and
+        Adam moments; what `lisa_dist.memory` predicts."""
+
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one process)."""
 

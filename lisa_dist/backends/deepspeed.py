@@ -31,9 +31,11 @@ from lisa_dist.optim import (
     TrainableSet,
     build_adamw,
     freeze_except_always,
+    measured_state,
     moment_bytes,
     set_lr,
     set_requires_grad,
+    storage_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
         self.trainable: TrainableSet | None = None
         self.engine = None
         self._micro = 0
+        self.last_state: dict[str, int] = {}
 
     def empty_init(self) -> contextlib.AbstractContextManager:
         """ZeRO-3 builds the model partitioned from the start; the other stages build a meta-device skeleton."""
@@ -103,7 +106,14 @@ class DeepSpeedBackend(ProcessGroupBackend):
     def activate(self, layers: Sequence[int]) -> None:
         carried = self._carry_out() if self.engine is not None else None
         self._destroy_engine()
-        set_requires_grad(self.trainable, layers)
+        with torch.no_grad():
+            for param in set_requires_grad(self.trainable, layers):
+                # ZeRO made a leaving param (ZeRO-3: its partition) a view into the old engine's flat group buffer:
+                # that buffer, with the old always-trained params, would stay alive as long as the layer.
+                if self.stage < 3:
+                    param.data = param.data.clone()
+                else:
+                    param.ds_tensor.data = param.ds_tensor.data.clone()
         client = build_adamw(self.trainable.always, self.trainable.layer_params(layers), self.optim_cfg,
                              drop_empty=True)
         self.engine, *_ = self.deepspeed.initialize(model=self.model, optimizer=client, config=self.config)
@@ -167,12 +177,44 @@ class DeepSpeedBackend(ProcessGroupBackend):
 
     def step(self, lr: float) -> float:
         set_lr(self.engine.optimizer, lr)
+        grads = self._grad_bytes()
         self.engine.step()
+        self.last_state = measured_state(self._param_tensors(), grads, self._master_bytes(),
+                                         self.optimizer_state_bytes())
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.engine.optimizer.optimizer)
+
+    def state_bytes(self) -> dict[str, int]:
+        """What ZeRO holds on this rank: params (ZeRO-3: partitions; ZeRO-1/2: whole, the trained ones flattened
+        into padded group buffers), gradients (ZeRO-1: whole; ZeRO-2: the params of this partition; ZeRO-3: a flat
+        partition buffer), fp32 master partitions and the Adam moments of the inner optimizer."""
+        return dict(self.last_state)
+
+    def _param_tensors(self) -> list[torch.Tensor]:
+        params = list(self.model.parameters())
+        return [p.ds_tensor for p in params] if self.stage == 3 else params
+
+    def _grad_bytes(self) -> int:
+        zero = self.engine.optimizer
+        if self.stage == 3:
+            return storage_bytes([zero.grad_partitions_flat_buffer])
+        # After the boundary backward ZeRO-1/2 hold each group's gradient partition as a list of tensors (views into
+        # the gradients of the params that overlap the partition, or into one contiguous buffer).
+        partitions = [t for group in zero.averaged_gradients.values() if group is not None for t in group]
+        return storage_bytes([p.grad for p in self.model.parameters()] + partitions
+                             + [getattr(zero, "grads_in_partition", None)])
+
+    def _master_bytes(self) -> int:
+        zero = self.engine.optimizer
+        if self.stage < 3:
+            return storage_bytes(zero.single_partition_of_fp32_groups)
+        # fp32 training without offload: the fp32 partitions are the params' own partitions, not copies.
+        own = {t.untyped_storage().data_ptr() for t in zero.fp16_partitioned_groups_flat if t is not None}
+        return storage_bytes(t for t in zero.fp32_partitioned_groups_flat
+                             if t.untyped_storage().data_ptr() not in own)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on rank 0 in CPU memory (ZeRO-3 gathers one parameter at a time); empty elsewhere."""

@@ -37,9 +37,11 @@ from lisa_dist.optim import (
     build_adamw,
     clip_grad_norm,
     freeze_except_always,
+    measured_state,
     moment_bytes,
     set_active_params,
     set_lr,
+    storage_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class FSDPBackend(ProcessGroupBackend):
         self.trainable: TrainableSet | None = None
         self.optimizer: torch.optim.AdamW | None = None
         self.active: tuple[int, ...] = ()
+        self.last_state: dict[str, int] = {}
 
     def empty_init(self) -> contextlib.AbstractContextManager:
         return init_empty_weights(include_buffers=False)
@@ -160,8 +163,10 @@ class FSDPBackend(ProcessGroupBackend):
     def step(self, lr: float) -> float:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         norm = clip_grad_norm(params, self.optim_cfg.max_grad_norm, self._sum_over_shards)
+        grads = storage_bytes(p.grad for p in self.model.parameters())
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        self.last_state = measured_state(self.model.parameters(), grads, 0, moment_bytes(self.optimizer))
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -172,6 +177,11 @@ class FSDPBackend(ProcessGroupBackend):
 
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.optimizer)
+
+    def state_bytes(self) -> dict[str, int]:
+        """The sharded params (their padded storage), grads and moments this rank holds; the params are the
+        masters."""
+        return dict(self.last_state)
 
     def save_state(self, folder: Path) -> None:
         """Sharded model and optimizer state through torch.distributed.checkpoint (optimizer state keyed by

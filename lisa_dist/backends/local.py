@@ -18,10 +18,12 @@ from lisa_dist.optim import (
     clip_grad_norm,
     freeze_except_always,
     load_named_optimizer_state,
+    measured_state,
     moment_bytes,
     named_optimizer_state,
     set_active_params,
     set_lr,
+    storage_bytes,
 )
 
 
@@ -44,6 +46,7 @@ class LocalBackend:
         self.model: nn.Module | None = None
         self.trainable: TrainableSet | None = None
         self.optimizer: torch.optim.AdamW | None = None
+        self.last_state: dict[str, int] = {}
 
     @property
     def is_main(self) -> bool:
@@ -82,13 +85,23 @@ class LocalBackend:
 
     def step(self, lr: float) -> float:
         norm = clip_grad_norm(self.trainable_params(), self.optim_cfg.max_grad_norm)
+        grads = storage_bytes(p.grad for p in self.model.parameters())
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        self.last_state = measured_state(self.model.parameters(), grads, self.master_bytes(),
+                                         self.optimizer_state_bytes())
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def master_bytes(self) -> int:
+        """AdamW updates the params themselves: no separate fp32 copy."""
+        return 0
+
     def optimizer_state_bytes(self) -> int:
         return moment_bytes(self.optimizer)
+
+    def state_bytes(self) -> dict[str, int]:
+        return dict(self.last_state)
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return value
