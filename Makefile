@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The demo fine-tunes on ../shared's Alpaca-GPT4 sample when it is there, else on the instruction data the repo ships.
 DEMO_DATA := $(firstword $(wildcard ../shared/data/alpaca_gpt4_en_999.json) lisa_dist/assets/demo_alpaca.jsonl)
 
-.PHONY: venv demo test test-slow test-all lint clean
+.PHONY: venv demo test test-slow test-all lint bench bench-multinode clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,21 @@ test-slow: venv
 
 test-all: venv
 	$(PY) -m pytest -q tests
+
+# Memory and speed of full fine-tuning, LoRA, naive LISA, BAdam and LISA; per-backend switch overhead, state and
+# gradient traffic on 2 ranks (and state on 1); then benchmarks/results/report.md and its PNGs. About 7 minutes.
+bench: venv
+	OMP_NUM_THREADS=2 $(PY) benchmarks/methods.py --steps 24
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
+		benchmarks/switch_overhead.py --steps 20
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(PY) -m torch.distributed.run --standalone --nproc-per-node 1 \
+		benchmarks/switch_overhead.py --steps 8 --backends fsdp zero2 zero3 --name switch_overhead_world1
+	$(PY) benchmarks/report.py
+
+# FSDP against HSDP, LISA against full fine-tuning, on two "nodes" made of network namespaces (needs root).
+bench-multinode: venv
+	$(PY) benchmarks/multinode.py
+	$(PY) benchmarks/report.py
 
 lint: venv
 	$(VENV)/bin/ruff check lisa_dist tests benchmarks

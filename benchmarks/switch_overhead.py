@@ -4,7 +4,9 @@
 
 Per backend, medians over the measured steps: step time without switches (LISA and full, and their ratio), the
 time of a LISA switch (FSDP: flip requires_grad and swap optimizer groups; DeepSpeed: rebuild the engine and its ZeRO
-partitions), and the Adam-moment bytes rank 0 holds. Writes switch_overhead.json and switch_overhead.md.
+partitions), the bytes rank 0 holds (params, grads, fp32 masters, Adam moments) and the bytes it hands to gradient
+reductions per step (reduce-scatter, all-reduce, reduce; counted through torch.distributed by lisa_dist.comm)
+against the fraction of params that trains. Writes <name>.json and <name>.md (--name, default switch_overhead).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lisa_dist.comm import count_collectives
 from lisa_dist.config import load_config
 from lisa_dist.trainer import build, train_step
 
@@ -28,25 +31,32 @@ BACKENDS = {
        for s in (1, 2, 3)},
 }
 INTERVAL = 5
+MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8}  # on the tiny-llama preset
 
 
 def measure(overrides: list[str], steps: int) -> dict:
     cfg = load_config(None, overrides + [f"--train.steps={steps}"])
     run = build(cfg)
-    step_s, switch_s, state = [], [], []
+    step_s, switch_s, state, traffic, gathered = [], [], [], [], []
     for step in range(steps):
         start = time.perf_counter()
-        record = train_step(run, step)
+        with count_collectives() as comm:
+            record = train_step(run, step)
         elapsed = time.perf_counter() - start
         state.append(record["optimizer_state_bytes"])
         if record["switched"] and step > 0:
             switch_s.append(record["switch_s"])
         if step >= 2:  # warm-up
             step_s.append(elapsed - record["switch_s"])
+        if not record["switched"]:  # DeepSpeed's rebuild broadcasts and gathers: not gradient traffic
+            traffic.append(sum(comm.bytes.get(k, 0) for k in ("reduce_scatter", "all_reduce", "reduce")))
+            gathered.append(comm.bytes.get("all_gather", 0))
+    params = run.trainable.num_params(range(len(run.trainable.layers)))
     return {"step_s": statistics.median(step_s), "switch_s": statistics.median(switch_s) if switch_s else None,
-            "max_state_bytes": max(state), "rank": run.backend.rank, "world": run.backend.world_size,
-            "params": sum(p.numel() for _, p in run.trainable.always) + sum(
-                p.numel() for layer in run.trainable.layers for _, p in layer)}
+            "max_state_bytes": max(state), "state": run.backend.state_bytes(), "rank": run.backend.rank,
+            "world": run.backend.world_size, "params": params,
+            "comm_bytes": statistics.median(traffic), "all_gather_bytes": statistics.median(gathered),
+            "active_fraction": run.trainable.num_params(run.active) / params}
 
 
 def row(name: str, lisa: dict, full: dict) -> str:
@@ -61,11 +71,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--name", default="switch_overhead", help="output file stem")
     args = parser.parse_args()
     base = [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
-            "--model.preset_overrides={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 8}",
+            f"--model.preset_overrides={json.dumps(MODEL)}",
             "--train.micro_batch_size=4", "--logging.progress=false", "--logging.level=WARNING",
-            "--train.output_dir=runs/bench_switch", "--lisa.gamma=2", f"--lisa.interval={INTERVAL}"]
+            "--logging.log_every=1", "--checkpoint.save_final=false", "--train.output_dir=runs/bench_switch",
+            "--lisa.gamma=2", f"--lisa.interval={INTERVAL}"]
     results = {}
     for name in args.backends:
         lisa = measure(base + BACKENDS[name], args.steps)
@@ -77,8 +89,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.machine(), "threads_per_rank": torch.get_num_threads(),
-            "steps": args.steps, "world": first["world"], "params": first["params"]}
-    (out / "switch_overhead.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            "steps": args.steps, "world": first["world"], "params": first["params"], "interval": INTERVAL,
+            "model": MODEL}
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = [
         f"# LISA vs full fine-tuning per backend ({first['world']} ranks, {first['params'] / 1e6:.1f}M params)",
         "",
@@ -91,7 +104,7 @@ def main() -> None:
         *(row(name, r["lisa"], r["full"]) for name, r in results.items()),
         "",
     ]
-    (out / "switch_overhead.md").write_text("\n".join(lines))
+    (out / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

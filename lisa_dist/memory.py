@@ -37,7 +37,7 @@ BACKENDS = ("local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 METHODS = ("full", "lora", "naive_lisa", "lisa")
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "naive_lisa": "naive LISA (all layers visited)",
                 "lisa": "lisa_dist LISA"}
-# The reference LISA callbacks toggle requires_grad only: under FSDP and ZeRO-3 they fail (see the README).
+# The reference LISA callbacks toggle requires_grad only; LMFlow and axolotl do not run them under FSDP or ZeRO-3.
 NAIVE_UNSUPPORTED = ("fsdp", "zero3", "zero3_offload")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
@@ -198,13 +198,8 @@ def shapes_of(config, name: str = "model", lora_r: int | None = None,
     model = build_skeleton(config, torch.float32)
     layout = find_layout(model, layers_path)
     trainable = lisa_trainable(layout)
-    shapes = ModelShapes(
-        name=name, always=_params(trainable.always), layers=[_params(layer) for layer in trainable.layers],
-        hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
-        heads=config.num_attention_heads, vocab=config.vocab_size,
-        kv_dim=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-    )
-    shapes.kv_dim *= getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = ModelShapes(name=name, always=_params(trainable.always),
+                         layers=[_params(layer) for layer in trainable.layers], **_dims(config))
     if lora_r:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers method
@@ -226,11 +221,17 @@ def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[
     def base(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
         return _params([(n, p) for n, p in named if id(p) not in adapters])
 
-    config = model.config
     return ModelShapes(name=name, always=base(trainable.always), layers=[base(layer) for layer in trainable.layers],
-                       lora=_params(lora), hidden=config.hidden_size,
-                       intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
-                       heads=config.num_attention_heads, vocab=config.vocab_size, kv_dim=config.hidden_size)
+                       lora=_params(lora), **_dims(model.config))
+
+
+def _dims(config) -> dict[str, int]:
+    """The sizes the activation estimate needs."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"hidden": config.hidden_size, "heads": heads, "vocab": config.vocab_size,
+            "intermediate": getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+            "kv_dim": (getattr(config, "num_key_value_heads", None) or heads) * head_dim}
 
 
 def _params(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
@@ -303,7 +304,7 @@ def _roles(shapes: ModelShapes, method: str, active: Sequence[int]
 def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[int] | None = None) -> Breakdown:
     """Bytes one rank holds for `method` under `setup`. `active`: the LISA layers (default: the gamma largest)."""
     if method == "naive_lisa" and setup.backend in NAIVE_UNSUPPORTED:
-        return Breakdown(supported=False, note="requires_grad toggling alone fails under FSDP and ZeRO-3")
+        return Breakdown(supported=False, note="the reference callbacks do not run under FSDP or ZeRO-3")
     if method == "lora" and not shapes.lora:
         raise ConfigError("LoRA needs shapes built with a LoRA rank (shapes_of(..., lora_r=r))")
     if active is None:  # the gamma largest layers (all layers of a Llama are the same size)

@@ -36,7 +36,9 @@ class TrainableSet:
         return self.always + self.layer_params(range(len(self.layers)))
 
     def num_params(self, indices: Sequence[int]) -> int:
-        return sum(p.numel() for _, p in self.always + self.layer_params(indices))
+        """Elements of the always-trained params and of layers `indices` (a ZeRO-3 partitioned param: its ds_numel,
+        the whole param's)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for _, p in self.always + self.layer_params(indices))
 
 
 def _split_decay(params: NamedParams) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -1,0 +1,162 @@
+"""Full fine-tuning, LoRA (peft), naive LISA, BAdam and lisa_dist LISA on the same model, data and steps.
+
+    python benchmarks/methods.py [--steps 24] [--device cpu|cuda] [--preset bench|<size>] [--out benchmarks/results]
+
+Each method runs in a fresh process (so that its peak memory is its own) through the one trainer loop. Per step it
+records the bytes the method holds (params, grads before the update, fp32 masters, Adam moments), the step time
+and tokens. Writes methods.json: medians of tokens/s, the state series (naive LISA's grows with every switch), peak
+memory (CPU: peak RSS minus the RSS before the model was built; CUDA: torch.cuda.max_memory_allocated) and, next to
+it, lisa_dist.memory's prediction for the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
+METHODS = ("full", "lora", "naive_lisa", "badam", "lisa")
+# Llama-shaped models by name: the CPU default, and larger ones for one GPU (benchmarks/gpu.sh).
+SIZES = {
+    "bench": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "head_dim": 64},
+    "1b": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16,
+           "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128},
+    "3b": {"vocab_size": 32000, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 24,
+           "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
+    "7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128},
+}
+GAMMA, INTERVAL = 2, 2
+
+
+def overrides(method: str, args: argparse.Namespace) -> list[str]:
+    size = json.dumps(SIZES[args.size])
+    # The demo data's responses packed into blocks of seq_len tokens: every step the same number of tokens.
+    base = [f"--data.path={DATA}", "--data.format=text", "--data.text_field=output",
+            f"--data.max_length={args.seq_len}", "--model.name=tiny-llama", f"--model.preset_overrides={size}",
+            f"--train.micro_batch_size={args.micro_batch}", f"--train.steps={args.steps}",
+            f"--train.device={args.device}", f"--train.precision={args.precision}",
+            f"--train.output_dir={REPO / 'runs' / 'bench_methods' / method}", "--checkpoint.save_final=false",
+            "--logging.progress=false", "--logging.level=WARNING", "--logging.log_every=1", f"--lisa.gamma={GAMMA}",
+            f"--lisa.interval={INTERVAL}", "--optim.warmup_steps=0",
+            f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+    if method in ("full", "badam"):
+        base.append("--lisa.enabled=false")
+    if method == "lora":
+        base += ["--lisa.enabled=false", "--lora.enabled=true", "--lora.r=8"]
+    return base
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def run_one(method: str, args: argparse.Namespace) -> dict:
+    """Train `method` in this process and return what it measured."""
+    import badam  # noqa: F401  every library a method may load, imported before the baseline RSS is taken
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+
+    from lisa_dist.baselines import build_baseline
+    from lisa_dist.config import load_config
+    from lisa_dist.memory import Setup, estimate, shapes_of_model
+    from lisa_dist.trainer import build, train_step
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, overrides(method, args))
+    cuda = cfg.train.device == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    backend = build_baseline(method, cfg, "model.layers", SIZES[args.size]["num_hidden_layers"]) \
+        if method in ("naive_lisa", "badam") else None
+    run = build(cfg, backend)
+    steps, seen = [], 0
+    for step in range(cfg.train.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        record = train_step(run, step)
+        if cuda:
+            torch.cuda.synchronize()
+        steps.append({"step": step + 1, "s": time.perf_counter() - start, "tokens": record["tokens"] - seen,
+                      "switched": record["switched"], "state": record["state_bytes"],
+                      "active": getattr(run.backend, "active_block", None) or record["active_layers"]})
+        seen = record["tokens"]
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    measured = steps[2:]  # warm-up
+    result = {
+        "method": method, "steps": steps, "peak_bytes": peak - before, "peak_kind": "cuda" if cuda else "rss",
+        "median_step_s": statistics.median(s["s"] for s in measured),
+        "tokens_per_s": statistics.median(s["tokens"] / s["s"] for s in measured),
+        "mean_tokens_per_s": sum(s["tokens"] for s in measured) / sum(s["s"] for s in measured),
+        "params": sum(p.numel() for p in run.layout.model.parameters()),
+        "trained_now": sum(p.numel() for p in run.layout.model.parameters() if p.requires_grad),
+    }
+    if method != "badam":  # the memory model covers the four methods of lisa_dist.memory.METHODS
+        lora = run.trainable.always if method == "lora" else ()
+        setup = Setup(backend="local", world_size=1, precision=cfg.train.precision, param_dtype=cfg.model.dtype,
+                      micro_batch=cfg.train.micro_batch_size, seq_len=args.seq_len,
+                      activation_checkpointing=cfg.train.activation_checkpointing)
+        shapes = shapes_of_model(run.layout.model, lora=lora)
+        result["predicted_last"] = estimate(shapes, method, setup, active=steps[-1]["active"]).as_dict()
+        # naive LISA's worst case: every layer visited
+        result["predicted"] = estimate(shapes, method, setup).as_dict()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--size", default="bench", choices=list(SIZES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--name", default="methods", help="output file stem")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args)))
+        return
+    results = {}
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--one", method, f"--steps={args.steps}", f"--size={args.size}",
+               f"--device={args.device}", f"--precision={args.precision}", f"--seq-len={args.seq_len}",
+               f"--micro-batch={args.micro_batch}", f"--threads={args.threads}"]
+        cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode and "out of memory" in done.stderr.lower():
+            results[method] = {"method": method, "oom": True}  # does not fit this device: a result too
+            print(f"{method:10s} out of memory", flush=True)
+            continue
+        if done.returncode or not lines:
+            sys.exit(f"{method} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        results[method] = json.loads(lines[-1][len("RESULT "):])
+        r = results[method]
+        print(f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  state {sum(r['steps'][-1]['state'].values()):>12,} B"
+              f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})", flush=True)
+    meta = {"torch": torch.__version__, "device": args.device, "size": args.size, "model": SIZES[args.size],
+            "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gamma": GAMMA,
+            "interval": INTERVAL, "precision": args.precision, "threads": args.threads,
+            "activation_checkpointing": args.activation_checkpointing}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
