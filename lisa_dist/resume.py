@@ -31,6 +31,7 @@ EXACTNESS_FIELDS = (
     "model.name", "model.preset_overrides", "model.layers_path", "model.dtype",
     "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
     "lisa.enabled", "lisa.gamma", "lisa.interval", "lisa.strategy", "lisa.weights", "lisa.fixed_layers", "lisa.seed",
+    "lisa.importance_floor", "lisa.importance_decay",
     "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules", "train.seed", "train.steps", "backend.name",
 )
 
@@ -89,7 +90,8 @@ def save(run: Run, steps_done: int) -> Path | None:
         trainer = {"step": steps_done, "period": run.period, "active_layers": list(run.active),
                    "tokens_seen": run.tokens_seen, "switches": run.switches,
                    "layers_visited": sorted(run.layers_visited), "world_size": backend.world_size,
-                   "epoch": run.batches.epoch_of(steps_done), "history": run.history[-1:]}
+                   "epoch": run.batches.epoch_of(steps_done), "history": run.history[-1:],
+                   "importance": run.importance.state_dict() if run.importance else None}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (tmp / "versions.json").write_text(json.dumps(versions(), indent=1))
@@ -164,6 +166,8 @@ def resume(run: Run) -> int:
         # The layers active when the checkpoint was written, then their state; the schedule goes on from there.
         run.period, run.active = trainer["period"], tuple(trainer["active_layers"])
         run.backend.activate(run.active)
+        if run.importance is not None and trainer.get("importance"):
+            run.importance.load_state_dict(trainer["importance"])
     run.backend.load_state(path / "state")
     rng = path / "rng" / f"rank{run.backend.rank}.pt"
     if rng.is_file() and trainer["world_size"] == run.backend.world_size:

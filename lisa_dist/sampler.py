@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from lisa_dist.config import STRATEGIES
 
-STRATEGIES = ("uniform", "weighted", "fixed")
+log = logging.getLogger(__name__)
 
 
 class LayerSampler:
@@ -21,6 +21,8 @@ class LayerSampler:
     uniform: gamma layers without replacement, each set equally likely (the paper's Algorithm 1).
     weighted: successive draws without replacement with probabilities proportional to `weights`.
     fixed: always `fixed_layers`.
+    grad_norm: like weighted, with the weights of each period passed to `active_layers` (from
+    `importance.GradNormImportance`, the same on every rank).
     """
 
     def __init__(
@@ -60,10 +62,11 @@ class LayerSampler:
     def period_of(self, step: int) -> int:
         return step // self.interval
 
-    def active_layers(self, period: int) -> tuple[int, ...]:
-        """Sorted indices of the layers trained during `period`."""
+    def active_layers(self, period: int, weights: Sequence[float] | None = None) -> tuple[int, ...]:
+        """Sorted indices of the layers trained during `period` (grad_norm: drawn with `weights`)."""
         if self.fixed is not None:
             return self.fixed
+        probs = self._normalized(weights) if self.strategy == "grad_norm" else self.probs
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, period]))
-        picked = rng.choice(self.num_layers, size=self.gamma, replace=False, p=self.probs)
+        picked = rng.choice(self.num_layers, size=self.gamma, replace=False, p=probs)
         return tuple(sorted(int(i) for i in picked))

@@ -18,6 +18,7 @@ from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
 from lisa_dist.data import ShardedBatches, load_examples
 from lisa_dist.dist import broadcast_seed, check_same_on_all_ranks, rank_table
+from lisa_dist.importance import GradNormImportance
 from lisa_dist.loss import supervised_tokens
 from lisa_dist.methods import apply_lora, lisa_trainable
 from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger, truncate_jsonl
@@ -43,6 +44,8 @@ class Run:
     sampler: LayerSampler | None
     metrics: MetricsLogger
     tokenizer: Any
+    importance: GradNormImportance | None = None
+    """lisa.strategy=grad_norm: the per-layer gradient norms the sampler draws with."""
     active: tuple[int, ...] = ()
     period: int | None = None
     start_step: int = 0
@@ -87,6 +90,8 @@ def build(cfg: Config, backend: Backend | None = None) -> Run:
     if sampler is None:
         backend.activate(range(len(trainable.layers)))
     run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
+    if sampler is not None and cfg.lisa.strategy == "grad_norm":
+        run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
     run.start_step = resume(run)
     run.metrics = _build_metrics(cfg, backend.is_main, run.start_step)
     return run
@@ -118,7 +123,7 @@ def maybe_switch(run: Run, step: int) -> bool:
     if period == run.period:
         return False
     run.period = period
-    run.active = run.sampler.active_layers(period)
+    run.active = run.sampler.active_layers(period, run.importance.weights() if run.importance else None)
     # Every rank derives the set on its own; prove they agree before anyone trains on it.
     check_same_on_all_ranks(f"the active layers of LISA period {period}", run.active)
     run.backend.activate(run.active)
@@ -149,6 +154,8 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         loss_sum += backend.forward_backward(batch, 1.0 / max(1, int(counts[0]))).double().cpu()
+    if run.importance is not None:
+        run.importance.observe(run.active, backend.layer_grad_norms(run.active))
     lr = lr_at(step, cfg.optim, cfg.train.steps)
     grad_norm = backend.step(lr)
     run.tokens_seen += int(counts[1])

@@ -45,11 +45,13 @@ def resumed(tmp_path, data_file, *extra):
     return run.start_step, [train_step(run, s)["loss"] for s in range(run.start_step, STEPS)], run
 
 
-@pytest.mark.parametrize("stop", [3, 4], ids=["mid-period", "period-boundary"])
-def test_exact_resume(tmp_path, data_file, stop):
-    expected, reference = straight(tmp_path, data_file)
-    first = stop_after(tmp_path, data_file, stop)
-    start, rest, run = resumed(tmp_path, data_file)
+@pytest.mark.parametrize("stop, extra", [(3, ()), (4, ()), (3, ("--lisa.strategy=grad_norm",))],
+                         ids=["mid-period", "period-boundary", "grad_norm"])
+def test_exact_resume(tmp_path, data_file, stop, extra):
+    """grad_norm: the layer-importance estimates are part of the checkpoint, so the schedule goes on unchanged."""
+    expected, reference = straight(tmp_path, data_file, *extra)
+    first = stop_after(tmp_path, data_file, stop, *extra)
+    start, rest, run = resumed(tmp_path, data_file, *extra)
     assert start == stop
     assert first + rest == expected  # bitwise, fp32
     for name, value in reference.backend.model.state_dict().items():

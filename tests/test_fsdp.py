@@ -171,3 +171,15 @@ def test_resume_on_another_world_size(tmp_path, data_file, before, after):
     assert resumed["first"] == 3
     # Another split of the same global batch: the same numbers up to fp32 summation order.
     assert resumed["losses"] == pytest.approx(losses(ref)[3:], abs=1e-5, rel=0)
+
+
+def test_grad_norm_sampling_agrees_across_ranks_and_with_one_process(tmp_path, data_file):
+    """lisa.strategy=grad_norm: each rank squares its gradient shards per layer, the sums are all-reduced, so both
+    ranks (checked at every switch) and the single process draw the same layers from the same weights."""
+    extra = ("--train.steps=8", "--lisa.strategy=grad_norm", "--lisa.interval=1")
+    ref, _ = reference(tmp_path, data_file, *extra)
+    _, ranks = fsdp(tmp_path, data_file, *extra)
+    assert len({tuple(r["active_layers"]) for r in ref}) > 1
+    for result in ranks:
+        assert [s["active_layers"] for s in result["steps"]] == [r["active_layers"] for r in ref]
+        assert losses(result["steps"]) == losses(ref)

@@ -92,3 +92,55 @@ def test_bad_arguments(kwargs, match):
     args = {"num_layers": 6, "gamma": 2, "interval": 1, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=match):
         LayerSampler(**args)
+
+
+def test_grad_norm_importance_weights():
+    from lisa_dist.importance import GradNormImportance
+
+    imp = GradNormImportance(4, floor=0.2, decay=0.5)
+    assert imp.weights() == [0.25] * 4  # nothing seen: uniform
+    imp.observe([0, 1], [1.0, 3.0])
+    weights = imp.weights()
+    # unseen layers count as the largest seen (3.0): scores 1, 3, 3, 3 out of 10, plus the floor 0.2 / 4
+    assert weights == pytest.approx([0.05 + 0.8 * 0.1, 0.05 + 0.8 * 0.3, 0.05 + 0.8 * 0.3, 0.05 + 0.8 * 0.3])
+    assert sum(weights) == pytest.approx(1.0)
+    imp.observe([0], [3.0])  # running mean: 0.5 * 1 + 0.5 * 3
+    assert imp.norms[0] == 2.0
+    imp.observe([1], [float("nan")])  # an overflowing step is ignored
+    assert imp.norms[1] == 3.0
+    saved = imp.state_dict()
+    other = GradNormImportance(4, floor=0.2, decay=0.5)
+    other.load_state_dict(saved)
+    assert other.weights() == imp.weights()
+    with pytest.raises(ValueError, match="has 4 layers, the model 5"):
+        GradNormImportance(5, 0.2, 0.5).load_state_dict(saved)
+
+
+def test_grad_norm_sampling_follows_the_weights_and_keeps_a_floor():
+    sampler = LayerSampler(4, 1, 1, seed=0, strategy="grad_norm")
+    weights = [0.7, 0.1, 0.1, 0.1]
+    counts = Counter(sampler.active_layers(p, weights)[0] for p in range(4000))
+    assert chisquare([counts[i] for i in range(4)], [4000 * w for w in weights]).pvalue > 1e-3
+    assert sampler.active_layers(7, weights) == sampler.active_layers(7, weights)  # pure in (seed, period, weights)
+    with pytest.raises(ValueError, match="lisa.weights"):
+        sampler.active_layers(0, None)
+
+
+def test_grad_norm_training_visits_every_layer_and_prefers_larger_gradients(tmp_path):
+    from lisa_dist.config import load_config
+    from lisa_dist.trainer import build, train_step
+
+    from .helpers import tiny_overrides, write_text_data
+
+    data = write_text_data(tmp_path / "text.jsonl")
+    cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.strategy=grad_norm", "--lisa.interval=1",
+                                           "--train.steps=12"))
+    run = build(cfg)
+    for step in range(12):
+        train_step(run, step)
+    assert run.layers_visited == {0, 1, 2, 3}
+    assert all(n is not None and n > 0 for n in run.importance.norms)
+    weights = run.importance.weights()
+    order = sorted(range(4), key=lambda i: run.importance.norms[i])
+    assert [weights[i] for i in order] == sorted(weights)  # more probability for a larger gradient norm
+    assert min(weights) >= cfg.lisa.importance_floor / 4

@@ -44,6 +44,10 @@ class Backend(Protocol):
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Backward of `scale` x the summed token loss of one micro-batch; returns the detached loss sum."""
 
+    def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
+        """After the backward passes of a step: the L2 norm of each layer's whole gradient (all ranks' shards),
+        the same on every rank (lisa.strategy=grad_norm)."""
+
     def step(self, lr: float) -> float:
         """Clip the global grad norm, take one optimizer step at `lr`, clear grads; returns the pre-clip norm."""
 

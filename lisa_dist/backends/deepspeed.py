@@ -175,6 +175,10 @@ class DeepSpeedBackend(ProcessGroupBackend):
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step count
         return loss_sum.detach().float()
 
+    def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
+        raise NotImplementedError("lisa.strategy=grad_norm runs on backend.name=local or fsdp (ZeRO keeps gradients "
+                                  "in flat partitions, not per layer)")
+
     def step(self, lr: float) -> float:
         set_lr(self.engine.optimizer, lr)
         grads = self._grad_bytes()

@@ -37,6 +37,7 @@ from lisa_dist.optim import (
     build_adamw,
     clip_grad_norm,
     freeze_except_always,
+    layer_sq_norms,
     measured_state,
     moment_bytes,
     set_active_params,
@@ -169,6 +170,9 @@ class FSDPBackend(ProcessGroupBackend):
         self.last_state = measured_state(self.model.parameters(), grads, 0, moment_bytes(self.optimizer))
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
+        return self._sum_over_shards(layer_sq_norms(self.trainable, layers).to(self.device)).cpu().sqrt().tolist()
 
     def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         # Replicas (HSDP) hold the same shards: add up only the ranks of one shard group.

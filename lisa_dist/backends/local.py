@@ -17,6 +17,7 @@ from lisa_dist.optim import (
     build_adamw,
     clip_grad_norm,
     freeze_except_always,
+    layer_sq_norms,
     load_named_optimizer_state,
     measured_state,
     moment_bytes,
@@ -79,6 +80,9 @@ class LocalBackend:
             loss_sum = lm_loss_sum(self.model, batch)
         (loss_sum * scale).backward()
         return loss_sum.detach()
+
+    def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
+        return layer_sq_norms(self.trainable, layers).sqrt().tolist()
 
     def trainable_params(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
