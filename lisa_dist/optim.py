@@ -116,9 +116,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
     fp32 clip factor, and the trained weights, do not depend on how the params are sharded.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
-    for grad in grads:
-        squares += torch.linalg.vector_norm(_local(grad), dtype=torch.float64) ** 2
+    squares = _sum_of_squares(grads)
     if sum_over_shards is not None:
         squares = sum_over_shards(squares)
     total = math.sqrt(float(squares))
@@ -131,12 +129,16 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
 
 def layer_sq_norms(trainable: TrainableSet, layers: Sequence[int]) -> torch.Tensor:
     """Per layer of `layers`, the squared L2 norm of the gradient this rank holds (its shards), in fp64."""
-    out = torch.zeros(len(layers), dtype=torch.float64)
-    for i, layer in enumerate(layers):
-        for _, p in trainable.layers[layer]:
-            if p.grad is not None:
-                out[i] += float(torch.linalg.vector_norm(_local(p.grad), dtype=torch.float64) ** 2)
-    return out
+    sums = [_sum_of_squares([p.grad for _, p in trainable.layers[layer] if p.grad is not None]) for layer in layers]
+    return torch.stack([s.cpu() for s in sums]) if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the squared fp64 norms of this rank's shards of `grads`, on their device (no host sync)."""
+    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for grad in grads:
+        squares += torch.linalg.vector_norm(_local(grad), dtype=torch.float64) ** 2
+    return squares
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
