@@ -26,7 +26,7 @@ demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --data.path=$(DEMO_DATA)
 
 test: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests
@@ -50,7 +50,7 @@ bench-multinode: venv
 	$(PY) benchmarks/report.py
 
 lint: venv
-	$(VENV)/bin/ruff check lisa_dist tests benchmarks
+	$(VENV)/bin/ruff check lisa_dist tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lisa_dist.backends.deepspeed import always_partitions
 from lisa_dist.config import load_config
 from lisa_dist.optim import param_groups
 from lisa_dist.trainer import build, maybe_switch, train_step
@@ -66,7 +67,7 @@ def step_checks(run, before: dict[str, torch.Tensor]) -> dict:
 def always_state(run) -> tuple[list[torch.Tensor], list[int]]:
     """DeepSpeed: this rank's fp32 master partitions of the always-trained groups and their Adam step counts."""
     backend = run.backend
-    partitions = backend._always_partitions()
+    partitions = always_partitions(backend.engine)
     state = backend.engine.optimizer.optimizer.state
     return [p.detach().clone() for p in partitions], [int(state[p]["step"]) if p in state else 0 for p in partitions]
 

@@ -104,64 +104,14 @@ class DeepSpeedBackend(ProcessGroupBackend):
         freeze_except_always(model, trainable)
 
     def activate(self, layers: Sequence[int]) -> None:
-        carried = self._carry_out() if self.engine is not None else None
-        self._destroy_engine()
-        with torch.no_grad():
-            for param in set_requires_grad(self.trainable, layers):
-                # ZeRO made a leaving param (ZeRO-3: its partition) a view into the old engine's flat group buffer:
-                # that buffer, with the old always-trained params, would stay alive as long as the layer.
-                if self.stage < 3:
-                    param.data = param.data.clone()
-                else:
-                    param.ds_tensor.data = param.ds_tensor.data.clone()
+        carried = carry_out(self.engine) if self.engine is not None else None
+        self._drop_engine()
+        own_storage(set_requires_grad(self.trainable, layers), self.stage)
         client = build_adamw(self.trainable.always, self.trainable.layer_params(layers), self.optim_cfg,
                              drop_empty=True)
         self.engine, *_ = self.deepspeed.initialize(model=self.model, optimizer=client, config=self.config)
         if carried is not None:
-            self._carry_in(carried)
-
-    # -- always-trained state across a rebuild ------------------------------------------------------------------
-
-    def _always_partitions(self) -> list[torch.Tensor]:
-        """This rank's flat fp32 partitions of the always-trained groups, in a fixed order."""
-        zero = self.engine.optimizer
-        groups = zero.optimizer.param_groups
-        if self.stage == 3:
-            # ZeRO-3 empties the groups between steps; its sub-groups remember their source group.
-            return [flat for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
-                    if groups[zero.sub_group_to_group_id[i]]["role"] == ALWAYS]
-        return [g["params"][0] for g in groups if g["role"] == ALWAYS]
-
-    def _carry_out(self) -> Carried:
-        state = self.engine.optimizer.optimizer.state
-        return [(flat.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
-                                         for k, v in state.get(flat, {}).items()})
-                for flat in self._always_partitions()]
-
-    def _carry_in(self, carried: Carried) -> None:
-        state = self.engine.optimizer.optimizer.state
-        partitions = self._always_partitions()
-        if [t.shape for t, _ in carried] != [p.shape for p in partitions]:
-            raise RuntimeError("the always-trained partitions changed layout across a LISA switch: "
-                               f"{[t.shape for t, _ in carried]} -> {[p.shape for p in partitions]}")
-        with torch.no_grad():
-            for flat, (saved, saved_state) in zip(partitions, carried, strict=True):
-                flat.copy_(saved)
-                if saved_state:
-                    state[flat] = saved_state
-
-    def _destroy_engine(self) -> None:
-        if self.engine is None:
-            return
-        engine, self.engine = self.engine, None
-        engine.destroy()
-        # destroy() leaves the engine's two forward hooks on the module: they would keep every old engine (and its
-        # optimizer) alive.
-        for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
-            if hook is not None:
-                hook.remove()
-        del engine
-        gc.collect()
+            carry_in(self.engine, carried)
 
     # -- the step ------------------------------------------------------------------------------------------------
 
@@ -243,6 +193,72 @@ class DeepSpeedBackend(ProcessGroupBackend):
         """Load into an engine built for the same active layers and world size."""
         self.engine.load_checkpoint(str(folder), tag=DS_TAG)
 
+    def _drop_engine(self) -> None:
+        if self.engine is not None:
+            destroy_engine(self.engine)
+            self.engine = None
+            gc.collect()
+
     def close(self) -> None:
-        self._destroy_engine()
+        self._drop_engine()
         self.close_process_group()
+
+
+# -- rebuilding an engine at a LISA switch (also used by lisa_dist.integrations.hf) -------------------------------
+
+
+def own_storage(leaving: list[nn.Parameter], stage: int) -> None:
+    """Give the params that leave training their own storage.
+
+    ZeRO made each trained param (ZeRO-3: its partition) a view into the engine's flat group buffer: that buffer,
+    with the old always-trained params, would stay alive as long as the layer.
+    """
+    with torch.no_grad():
+        for param in leaving:
+            if stage < 3:
+                param.data = param.data.clone()
+            else:
+                param.ds_tensor.data = param.ds_tensor.data.clone()
+
+
+def always_partitions(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions of the always-trained groups, in a fixed order."""
+    zero = engine.optimizer
+    groups = zero.optimizer.param_groups
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3 empties the groups between steps; its sub-groups remember their source group.
+        return [flat for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+                if groups[zero.sub_group_to_group_id[i]]["role"] == ALWAYS]
+    return [g["params"][0] for g in groups if g["role"] == ALWAYS]
+
+
+def carry_out(engine) -> Carried:
+    """Copies of the always-trained fp32 partitions and their Adam state, to outlive `engine`."""
+    state = engine.optimizer.optimizer.state
+    return [(flat.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
+                                     for k, v in state.get(flat, {}).items()})
+            for flat in always_partitions(engine)]
+
+
+def carry_in(engine, carried: Carried) -> None:
+    """Put `carry_out`'s copies into a new engine built with the same always-trained groups."""
+    state = engine.optimizer.optimizer.state
+    partitions = always_partitions(engine)
+    if [t.shape for t, _ in carried] != [p.shape for p in partitions]:
+        raise RuntimeError("the always-trained partitions changed layout across a LISA switch: "
+                           f"{[t.shape for t, _ in carried]} -> {[p.shape for p in partitions]}")
+    with torch.no_grad():
+        for flat, (saved, saved_state) in zip(partitions, carried, strict=True):
+            flat.copy_(saved)
+            if saved_state:
+                state[flat] = saved_state
+
+
+def destroy_engine(engine) -> None:
+    """Destroy `engine` and remove what would keep it, and its optimizer, alive once the caller drops it."""
+    engine.destroy()
+    # destroy() leaves the engine's two forward hooks on the module: they would keep every old engine (and its
+    # optimizer) alive.
+    for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
+        if hook is not None:
+            hook.remove()

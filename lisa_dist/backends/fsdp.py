@@ -75,6 +75,14 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def rerun_lazy_init(model: nn.Module) -> None:
+    """After `requires_grad` flipped: FSDP2 fixes a group's compute/reduce dtypes at its first forward from its
+    then-trainable params, so a block frozen then fails when unfrozen. unshard() re-runs that lazy init."""
+    for module in fsdp_modules(model):
+        module.unshard()
+        module.reshard()
+
+
 class FSDPBackend(ProcessGroupBackend):
     def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
                  frozen_dtype: str = "float32", reshard_after_forward: bool = True) -> None:
@@ -134,11 +142,7 @@ class FSDPBackend(ProcessGroupBackend):
             # ...then hand it the re-created params of blocks whose storage dtype changed.
             set_active_params(self.optimizer, self.trainable, layers)
         self.active = tuple(layers)
-        # FSDP2 fixes a group's compute/reduce dtypes at its first forward from its then-trainable params; a block
-        # frozen then fails when unfrozen. unshard() re-runs that lazy init from the new requires_grad flags.
-        for module in fsdp_modules(self.model):
-            module.unshard()
-            module.reshard()
+        rerun_lazy_init(self.model)
 
     def _set_block_dtypes(self, layers: Sequence[int]) -> bool:
         """Frozen blocks stored in bf16, active ones in fp32: the fp32 master copy exists only while a block trains.

@@ -1,0 +1,1 @@
+"""lisa_dist inside other training loops: `hf` for transformers.Trainer."""
