@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from lisa_dist.config import load_config
 from lisa_dist.data import ShardedBatches, load_examples
@@ -111,8 +112,14 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     cfg = load_config(None, [o for o in overrides if o != "--"])
     extra, memory_backend = backend_args(args.backend)
-    # lisa_dist's seeded preset, built whole before TrainingArguments (ZeRO-3 partitions it in deepspeed.initialize).
+    # lisa_dist's seeded preset. ZeRO-3 loads it as a user would: saved, then from_pretrained after TrainingArguments,
+    # so transformers builds it partitioned under zero.Init.
     model, tokenizer = load_model(cfg.model, cfg.train.seed)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.backend == "zero3":
+        folder = args.out / f"init_rank{rank}"
+        model.save_pretrained(folder)
+        del model
     training_args = TrainingArguments(
         output_dir=str(args.out / "trainer"), per_device_train_batch_size=1,
         gradient_accumulation_steps=cfg.train.grad_accum, max_steps=cfg.train.steps,
@@ -123,9 +130,15 @@ def main() -> None:
         disable_tqdm=True, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         save_only_model=False, **extra)
     world = training_args.world_size
+    if args.backend == "zero3":
+        import deepspeed
+
+        # On CPU accelerate is MULTI_CPU and leaves deepspeed.comm to the Trainer; zero.Init needs it already.
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert all(hasattr(p, "ds_id") for p in model.parameters()), "not built under zero.Init"
     dataset = load_examples(cfg.data, tokenizer)
     items = ordered_micro_batches(cfg, dataset, tokenizer.pad_token_id, world)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     setup = Setup(backend=memory_backend, world_size=world, rank=rank, precision="fp32")
     shapes = shapes_of_model(model)
     lisa = None if args.full else LisaCallback(gamma=cfg.lisa.gamma, interval=cfg.lisa.interval)
