@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lisa_dist.config import STRATEGIES
+from lisa_dist.dist import check_same_on_all_ranks
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,10 @@ class LayerSampler:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, period]))
         picked = rng.choice(self.num_layers, size=self.gamma, replace=False, p=probs)
         return tuple(sorted(int(i) for i in picked))
+
+    def agreed_layers(self, period: int, weights: Sequence[float] | None = None) -> tuple[int, ...]:
+        """`active_layers`, which every rank derives on its own: proven the same on all ranks before anyone trains
+        on it (DistError naming the ranks and their sets otherwise)."""
+        layers = self.active_layers(period, weights)
+        check_same_on_all_ranks(f"the active layers of LISA period {period}", layers)
+        return layers

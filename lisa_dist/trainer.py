@@ -17,7 +17,7 @@ from lisa_dist.ac import apply_activation_checkpointing
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
 from lisa_dist.data import ShardedBatches, load_examples
-from lisa_dist.dist import broadcast_seed, check_same_on_all_ranks, rank_table
+from lisa_dist.dist import broadcast_seed, rank_table
 from lisa_dist.importance import GradNormImportance
 from lisa_dist.loss import supervised_tokens
 from lisa_dist.methods import apply_lora, lisa_trainable
@@ -123,9 +123,7 @@ def maybe_switch(run: Run, step: int) -> bool:
     if period == run.period:
         return False
     run.period = period
-    run.active = run.sampler.active_layers(period, run.importance.weights() if run.importance else None)
-    # Every rank derives the set on its own; prove they agree before anyone trains on it.
-    check_same_on_all_ranks(f"the active layers of LISA period {period}", run.active)
+    run.active = run.sampler.agreed_layers(period, run.importance.weights() if run.importance else None)
     run.backend.activate(run.active)
     run.switches += 1
     run.layers_visited.update(run.active)

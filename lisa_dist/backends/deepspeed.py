@@ -106,12 +106,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
     def activate(self, layers: Sequence[int]) -> None:
         carried = carry_out(self.engine) if self.engine is not None else None
         self._drop_engine()
-        own_storage(set_requires_grad(self.trainable, layers), self.stage)
-        client = build_adamw(self.trainable.always, self.trainable.layer_params(layers), self.optim_cfg,
-                             drop_empty=True)
-        self.engine, *_ = self.deepspeed.initialize(model=self.model, optimizer=client, config=self.config)
-        if carried is not None:
-            carry_in(self.engine, carried)
+        self.engine = build_engine(self.model, self.trainable, layers, self.optim_cfg, self.config, carried)
 
     # -- the step ------------------------------------------------------------------------------------------------
 
@@ -205,6 +200,20 @@ class DeepSpeedBackend(ProcessGroupBackend):
 
 
 # -- rebuilding an engine at a LISA switch (also used by lisa_dist.integrations.hf) -------------------------------
+
+
+def build_engine(model: nn.Module, trainable: TrainableSet, layers: Sequence[int], optim_cfg: OptimConfig,
+                 config: dict[str, Any], carried: Carried | None = None):
+    """A new engine over the always-trained params and `layers` (the others frozen); `carried`, from the previous
+    engine's `carry_out` (destroyed and dropped by the caller first, so two never coexist), goes back in."""
+    import deepspeed
+
+    own_storage(set_requires_grad(trainable, layers), zero_stage(config))
+    client = build_adamw(trainable.always, trainable.layer_params(layers), optim_cfg, drop_empty=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    if carried is not None:
+        carry_in(engine, carried)
+    return engine
 
 
 def own_storage(leaving: list[nn.Parameter], stage: int) -> None:

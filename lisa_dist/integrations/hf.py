@@ -33,10 +33,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
-from lisa_dist.backends.deepspeed import carry_in, carry_out, destroy_engine, own_storage
+from lisa_dist.backends.deepspeed import build_engine, carry_out, destroy_engine
 from lisa_dist.backends.fsdp import rerun_lazy_init
 from lisa_dist.config import OptimConfig
-from lisa_dist.dist import check_same_on_all_ranks
 from lisa_dist.methods import lisa_trainable
 from lisa_dist.models import find_layout
 from lisa_dist.optim import TrainableSet, build_adamw, set_active_params, set_requires_grad
@@ -83,8 +82,7 @@ class LisaCallback(TrainerCallback):
     def layers_at(self, step: int) -> tuple[int, ...]:
         """Make the period of optimizer step `step` (0-based) current; returns its layers, the same on every rank."""
         self.period = self.sampler.period_of(step)
-        self.active = self.sampler.active_layers(self.period)
-        check_same_on_all_ranks(f"the active layers of LISA period {self.period}", self.active)
+        self.active = self.sampler.agreed_layers(self.period)
         self.schedule.append((step, self.active))
         return self.active
 
@@ -183,10 +181,7 @@ class LisaTrainer(Trainer):
         return model, train_dataloader
 
     def _rebuild_engine(self, trainable: TrainableSet, layers: Sequence[int]) -> None:
-        import deepspeed
-
         old = self.model_wrapped
-        stage = old.zero_optimization_stage()
         lrs = [group["lr"] for group in old.optimizer.param_groups]  # set by the LR scheduler for this step
         counters = {name: getattr(old, name) for name in ("global_steps", "global_samples", "micro_steps")}
         carried = carry_out(old)
@@ -196,15 +191,13 @@ class LisaTrainer(Trainer):
         self.model_wrapped = self.deepspeed = self.accelerator.deepspeed_engine_wrapped.engine = None
         del old
         gc.collect()
-        own_storage(set_requires_grad(trainable, layers), stage)
-        client = build_adamw(trainable.always, trainable.layer_params(layers), self._optim_config(), drop_empty=True)
-        if len(client.param_groups) != len(lrs):
-            raise RuntimeError(f"LISA switch changed the number of optimizer groups: {len(lrs)} -> "
-                               f"{len(client.param_groups)}")
-        for group, lr in zip(client.param_groups, lrs, strict=True):
+        engine = build_engine(self.model, trainable, layers, self._optim_config(), self.accelerator.deepspeed_config,
+                              carried)
+        groups = engine.optimizer.param_groups  # ZeRO steps with its client optimizer's groups
+        if len(groups) != len(lrs):
+            raise RuntimeError(f"LISA switch changed the number of optimizer groups: {len(lrs)} -> {len(groups)}")
+        for group, lr in zip(groups, lrs, strict=True):
             group["lr"] = lr
-        engine, *_ = deepspeed.initialize(model=self.model, optimizer=client, config=self.accelerator.deepspeed_config)
-        carry_in(engine, carried)
         for name, value in counters.items():
             setattr(engine, name, value)
         # Trainer's scheduler and the loop reach ZeRO through these (DeepSpeedOptimizerWrapper, the engine wrapper).
