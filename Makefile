@@ -23,7 +23,8 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --data.path=$(DEMO_DATA)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --data.path=$(DEMO_DATA) \
+		--train.overwrite=true
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests

@@ -151,7 +151,7 @@ class Study:
                 f"--train.micro_batch_size={a.micro_batch}", f"--train.steps={a.steps}", "--train.seed=0",
                 f"--train.output_dir={self.work / name}", f"--optim.warmup_steps={max(1, a.steps // 10)}",
                 "--optim.schedule=cosine", "--logging.progress=false", "--logging.level=WARNING",
-                "--logging.log_every=1", "--checkpoint.save_final=false"]
+                "--logging.log_every=1", "--checkpoint.save_final=false", "--train.overwrite=true"]
 
     def run(self, name: str, method: str, extra: list[str], generate: bool = True) -> dict:
         """Train and evaluate configuration `name` once; `generate`: also answer the held-out prompts (the runs that

@@ -12,15 +12,13 @@
 #   DS_LAUNCHER     how DeepSpeed reaches the other nodes: pdsh (default), openmpi, mvapich, slurm
 # On a CPU-only machine set DS_ACCELERATOR=cpu. The config and overrides are passed on to `lisa-dist train`;
 # overrides given here win over the backend settings this script adds.
+# Checkpoint and stop: SIGTERM or SIGUSR1 to this script; it exits 75 once the ranks saved (relaunch to resume).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=launch/common.sh
 source "$here/common.sh"
+usage_unless_config "$0" "$@"
 
-if [ $# -lt 1 ]; then
-  sed -n '2,16p' "$0" >&2
-  exit 2
-fi
 config=$1
 shift
 nproc=${NPROC_PER_NODE:-$(default_nproc)}
@@ -29,5 +27,7 @@ if [ -n "${HOSTFILE:-}" ]; then
   args+=(--hostfile "$HOSTFILE" --launcher "${DS_LAUNCHER:-pdsh}")
   args+=(--master_addr "${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}")
 fi
-exec deepspeed "${args[@]}" --module lisa_dist.cli train "$config" \
-  --backend.name=deepspeed --backend.ds_config="${DS_CONFIG:-$here/../ds_configs/zero2.json}" "$@"
+status=0
+run_ranks deepspeed "${args[@]}" --module lisa_dist.cli train "$config" \
+  --backend.name=deepspeed --backend.ds_config="${DS_CONFIG:-$here/../ds_configs/zero2.json}" "$@" || status=$?
+exit "$status"

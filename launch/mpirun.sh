@@ -12,19 +12,19 @@
 #   PYTHON          the interpreter every rank runs (default: python)
 # Rank 0 picks a free port and broadcasts it, so jobs sharing a node never clash. OMP_NUM_THREADS defaults to 1
 # (mpirun, unlike torchrun, does not set it). The config and overrides are passed on to `lisa-dist train`.
+# Checkpoint and stop: SIGTERM or SIGUSR1 to this script; it exits 75 once the ranks saved (relaunch to resume).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=launch/common.sh
 source "$here/common.sh"
+usage_unless_config "$0" "$@"
 
-if [ $# -lt 1 ]; then
-  sed -n '2,16p' "$0" >&2
-  exit 2
-fi
 args=(-n "${NPROC:-$(default_nproc)}")
 if [ -n "${HOSTFILE:-}" ]; then
   args+=(-hostfile "$HOSTFILE")
 fi
 read -r -a extra <<< "${MPIRUN_ARGS:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${MPIRUN:-mpirun}" "${args[@]}" "${extra[@]}" "${PYTHON:-python}" -m lisa_dist.cli train "$@"
+status=0
+run_ranks "${MPIRUN:-mpirun}" "${args[@]}" "${extra[@]}" "${PYTHON:-python}" -m lisa_dist.cli train "$@" || status=$?
+exit "$status"

@@ -14,29 +14,32 @@
 #                   hostname, which is wrong where the hostname resolves to 127.0.0.1)
 #   RDZV_CONF       extra c10d rendezvous settings, e.g. is_host=1 on the node that serves the rendezvous store
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME  the network interface the ranks talk over (read by torch itself)
+#   PYTHON          the interpreter that has lisa_dist installed (default: python)
 # The config and overrides are passed on to `lisa-dist train` (set --backend.name there, e.g. fsdp).
+# Checkpoint and stop: SIGTERM or SIGUSR1 to this script; it exits 75 once the ranks saved (relaunch to resume).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=launch/common.sh
 source "$here/common.sh"
+usage_unless_config "$0" "$@"
 
-if [ $# -lt 1 ]; then
-  sed -n '2,18p' "$0" >&2
-  exit 2
-fi
 nproc=${NPROC_PER_NODE:-$(default_nproc)}
 nnodes=${NNODES:-1}
+args=(--nproc-per-node "$nproc")
 if [ "$nnodes" = 1 ]; then
-  exec torchrun --standalone --nproc-per-node "$nproc" -m lisa_dist.cli train "$@"
+  args+=(--standalone)
+else
+  : "${MASTER_ADDR:?MASTER_ADDR (the address of node 0) is required for NNODES=$nnodes}"
+  : "${NODE_RANK:?NODE_RANK (0..$((nnodes - 1))) is required for NNODES=$nnodes}"
+  args+=(--nnodes "$nnodes" --node-rank "$NODE_RANK" --rdzv-backend c10d
+    --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29400}" --rdzv-id "${RUN_ID:-lisa_dist}")
+  if [ -n "${LOCAL_ADDR:-}" ]; then
+    args+=(--local-addr "$LOCAL_ADDR")
+  fi
+  if [ -n "${RDZV_CONF:-}" ]; then
+    args+=(--rdzv-conf "$RDZV_CONF")
+  fi
 fi
-: "${MASTER_ADDR:?MASTER_ADDR (the address of node 0) is required for NNODES=$nnodes}"
-: "${NODE_RANK:?NODE_RANK (0..$((nnodes - 1))) is required for NNODES=$nnodes}"
-args=(--nnodes "$nnodes" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" --rdzv-backend c10d
-  --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29400}" --rdzv-id "${RUN_ID:-lisa_dist}")
-if [ -n "${LOCAL_ADDR:-}" ]; then
-  args+=(--local-addr "$LOCAL_ADDR")
-fi
-if [ -n "${RDZV_CONF:-}" ]; then
-  args+=(--rdzv-conf "$RDZV_CONF")
-fi
-exec torchrun "${args[@]}" -m lisa_dist.cli train "$@"
+status=0
+run_ranks "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" -m lisa_dist.cli train "$@" || status=$?
+exit "$status"

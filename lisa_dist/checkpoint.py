@@ -1,10 +1,11 @@
 """Checkpoints that are never half-written: `step-N/` folders with a manifest, a `latest` pointer, keep-last-k.
 
 A checkpoint is written into `step-N.tmp-<id>/` by every rank (the backend's own state under `state/`, each rank's
-RNG under `rng/`), then the main rank lists every file with its size (and the SHA-256 of files up to 1 MiB) in
+RNG under `rng/`), then every file is hashed (SHA-256, streamed; the files are shared out among the ranks by size,
+so each rank reads about 1/W of the bytes), the main rank lists every file with its size and digest in
 `manifest.json`, renames the folder to `step-N`, points `latest` at it (write, then rename), and only then removes
-checkpoints beyond the newest `keep_last`. At resume each candidate is checked against its manifest, newest first;
-a truncated or corrupted one is reported and the previous good one is used.
+checkpoints beyond the newest `keep_last`. At resume and at export each candidate is checked against its manifest,
+newest first, every byte hashed; a truncated or corrupted one is reported and the previous good one is used.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-HASHED_MAX_BYTES = 1 << 20
 PREFIX = "step-"
+CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -44,35 +46,74 @@ def new_token() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path) -> dict[str, Any]:
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        entry: dict[str, Any] = {"bytes": path.stat().st_size}
-        if entry["bytes"] <= HASHED_MAX_BYTES:
-            entry["sha256"] = _sha256(path)
-        files[str(path.relative_to(folder))] = entry
-    manifest = {"files": files}
+def files_of(folder: Path) -> dict[str, int]:
+    """Every file under `folder` but the manifest: relative name -> bytes."""
+    return {str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
+    """The names `rank` hashes: the files dealt out largest first to the least loaded rank (the same split on every
+    rank, as every rank lists the same folder)."""
+    loads = [0] * world
+    mine = []
+    for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        owner = loads.index(min(loads))
+        loads[owner] += size
+        if owner == rank:
+            mine.append(name)
+    return mine
+
+
+def digests(folder: Path, names: Sequence[str]) -> dict[str, str]:
+    return {name: sha256(folder / name) for name in names}
+
+
+def write_manifest(folder: Path, hashed: dict[str, str]) -> dict[str, Any]:
+    """`manifest.json` listing every file of `folder` with its size and its digest from `hashed`."""
+    sizes = files_of(folder)
+    missing = sorted(set(sizes) - set(hashed))
+    if missing:
+        raise RuntimeError(f"no digest for {', '.join(missing[:3])} of {folder}")
+    manifest = {"files": {name: {"bytes": size, "sha256": hashed[name]} for name, size in sizes.items()}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def verify(folder: Path) -> str | None:
-    """None when `folder` matches its manifest, else what is wrong with it."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest.json (the save did not finish)"
+def read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest's file table, or why there is none."""
+    if not folder.exists():
+        return None, "the folder does not exist"
+    if not folder.is_dir():
+        return None, "it is a file, not a checkpoint folder"
+    path = folder / MANIFEST
+    if not path.is_file():
+        if any(folder.glob(f"{PREFIX}*")):
+            return None, ("it is a folder of checkpoints, not one checkpoint: name one of its step-N folders, or "
+                          "use checkpoint.resume=auto")
+        return None, "no manifest.json (the save did not finish, or this is not a lisa_dist checkpoint)"
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        return f"manifest.json is unreadable ({exc})"
+        return json.loads(path.read_text())["files"], None
+    except (json.JSONDecodeError, KeyError, OSError) as exc:
+        return None, f"manifest.json is unreadable ({exc})"
+
+
+def verify(folder: Path, names: Sequence[str] | None = None, deep: bool = True) -> str | None:
+    """None when `folder` matches its manifest, else what is wrong with it.
+
+    Every listed file must exist with its size; with `deep` the files `names` (default: all) are hashed too.
+    """
+    files, problem = read_manifest(folder)
+    if problem:
+        return problem
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
@@ -80,14 +121,28 @@ def verify(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != entry["bytes"]:
             return f"{name} has {size} bytes, the manifest says {entry['bytes']}"
-        if "sha256" in entry and _sha256(path) != entry["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
+    if not deep:
+        return None
+    for name in files if names is None else names:
+        entry = files.get(name)
+        if entry is None:
+            continue
+        if "sha256" not in entry:
+            return f"{name} has no digest in the manifest (written by an older lisa_dist): it cannot be verified"
+        if sha256(folder / name) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (the file is corrupted)"
     return None
 
 
-def finalize(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
-    """Main rank, after every rank wrote into `tmp`: manifest, rename, `latest`, then prune."""
-    write_manifest(tmp)
+def manifest_files(folder: Path) -> dict[str, int]:
+    """name -> bytes from the manifest (empty when unreadable)."""
+    files, _ = read_manifest(folder)
+    return {name: entry["bytes"] for name, entry in (files or {}).items()}
+
+
+def finalize(tmp: Path, root: Path, step: int, keep_last: int, hashed: dict[str, str]) -> Path:
+    """Main rank, after every rank wrote into `tmp` and the files were hashed: manifest, rename, `latest`, prune."""
+    write_manifest(tmp, hashed)
     final = step_dir(root, step)
     if final.exists():  # a previous attempt at the same step: replaced only by a complete one
         shutil.rmtree(final)
@@ -110,11 +165,11 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` good checkpoints; broken ones and stale temporary folders go too. The newest good
-    checkpoint is never removed."""
+    """Keep the newest `keep_last` complete checkpoints (sizes checked, not hashes: the newest was just hashed);
+    broken ones and stale temporary folders go too. The newest complete checkpoint is never removed."""
     good = 0
     for _, path in checkpoints(root):
-        problem = verify(path)
+        problem = verify(path, deep=False)
         if problem is None and good < keep_last:
             good += 1
             continue
@@ -125,7 +180,8 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def find_resumable(root: Path, explicit: Path | None = None) -> tuple[Path | None, list[Problem]]:
-    """The newest checkpoint that matches its manifest (or `explicit`, which must), and the broken ones skipped."""
+    """The newest checkpoint that matches its manifest, every byte hashed (or `explicit`, which must), and the
+    broken ones skipped. One process: export and tools."""
     if explicit is not None:
         problem = verify(explicit)
         return (None, [Problem(explicit, problem)]) if problem else (explicit, [])

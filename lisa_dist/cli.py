@@ -8,18 +8,59 @@ import sys
 
 import yaml
 
-from lisa_dist.config import ConfigError, load_config
+from lisa_dist.config import Config, ConfigError, load_config
+
+# Exit statuses, one per kind of stop: a launcher or workflow engine can tell them apart.
+EXIT_BAD_INPUT = 2
+EXIT_LAUNCH = 3
+EXIT_COLLECTIVE = 4
+EXIT_CHECKPOINT = 5
+
+TRAIN_EPILOG = """\
+sections (each field is documented in `lisa-dist config --doc` and lisa_dist/config.py):
+  {sections}
+
+example:
+  lisa-dist train configs/demo.yaml --backend.name=local --lisa.gamma=4 --train.steps=200
+  NPROC_PER_NODE=8 launch/torchrun.sh my.yaml --backend.name=fsdp
+
+exit status: 0 done (or already completed), 2 bad input (config, data, model), 3 launch environment,
+4 a collective failed (a rank died or hung), 5 a checkpoint could not be written, 75 stopped on a signal with a
+checkpoint (relaunch the same command to resume).
+"""
+
+
+def positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a value > 0")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+
     parser = argparse.ArgumentParser(prog="lisa-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "run a fine-tune"), ("config", "print the resolved config as YAML")):
-        p = sub.add_parser(name, help=text, description=f"{text}; extra --section.key=value arguments override it")
+    sections = ", ".join(f.name for f in fields(Config))
+    train = sub.add_parser("train", help="run a fine-tune", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="run a fine-tune; extra --section.key=value arguments override the config",
+                           epilog=TRAIN_EPILOG.format(sections=sections))
+    config = sub.add_parser("config", help="print the resolved config as YAML",
+                            description="print the resolved config; extra --section.key=value arguments override it")
+    for p in (train, config):
         p.add_argument("config", nargs="?", help="YAML or JSON config file (defaults when omitted)")
+    config.add_argument("--doc", action="store_true", help="print every field with its default and documentation")
     export = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint of any backend")
     export.add_argument("checkpoint", help="a step-N checkpoint folder, or a checkpoints folder (its newest good one)")
     export.add_argument("out_dir", help="the Hugging Face folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace out_dir if it is not empty")
     layers = sub.add_parser("layers", help="print the decoder layers and always-trained modules of a model")
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
@@ -40,18 +81,18 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
                                    "activations and buffers (estimates) of every method, and which fit the GPU.")
     p.add_argument("--model", required=True,
                    help=f"{', '.join(MODEL_PRESETS)}, a tiny-* preset, or a config.json (or its folder)")
-    p.add_argument("--gpus", type=int, default=8, help="world size (all nodes)")
+    p.add_argument("--gpus", type=positive(int), default=8, help="world size (all nodes)")
     p.add_argument("--backend", default="fsdp", choices=BACKENDS)
-    p.add_argument("--gamma", type=int, default=2, help="LISA: decoder layers active at once")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (peft's default target modules)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--gamma", type=positive(int), default=2, help="LISA: decoder layers active at once")
+    p.add_argument("--lora-r", type=positive(int), default=8, help="LoRA rank (peft's default target modules)")
+    p.add_argument("--gpu-mem", type=positive(float), default=80.0, help="GiB per GPU")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
     p.add_argument("--frozen-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="fsdp: storage of the layers not active (backend.frozen_dtype)")
-    p.add_argument("--replicate", type=int, default=1, help="fsdp: HSDP replicas (e.g. the number of nodes)")
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--replicate", type=positive(int), default=1, help="fsdp: HSDP replicas (e.g. the number of nodes)")
+    p.add_argument("--micro-batch", type=positive(int), default=1)
+    p.add_argument("--seq-len", type=positive(int), default=2048)
     p.add_argument("--no-activation-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON instead of a table")
 
@@ -67,72 +108,105 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _setup_logging(level: str = "INFO") -> None:
+    from lisa_dist.dist import rank_hint
+
+    # Under a launcher only rank 0 speaks at the configured level; the other ranks report warnings and errors.
+    logging.basicConfig(level=level if rank_hint() == 0 else "WARNING",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _no_overrides(overrides: list[str]) -> None:
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     own, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(own)
     try:
-        if args.command == "layers":
-            return _show_layers(args.model, args.layers_path, overrides)
-        if args.command == "export":
-            return _export(args.checkpoint, args.out_dir, overrides)
-        if args.command == "estimate":
-            return _estimate(args, overrides)
-        if args.command == "prepare-model":
-            return _prepare_model(args.model, args.cache, overrides)
-        cfg = load_config(args.config, overrides)
+        if args.command == "train":
+            return _train(load_config(args.config, overrides))
+        if args.command == "config":
+            return _config(args, overrides)
+        _no_overrides(overrides)
+        _setup_logging()
+        commands = {"layers": lambda: _show_layers(args.model, args.layers_path),
+                    "export": lambda: _export(args.checkpoint, args.out_dir, args.overwrite),
+                    "estimate": lambda: _estimate(args),
+                    "prepare-model": lambda: _prepare_model(args.model, args.cache)}
+        return commands[args.command]()
     except ConfigError as exc:
         print(f"lisa-dist: config error: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return EXIT_BAD_INPUT
+
+
+def _config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lisa_dist.config import describe_fields
+
+    if args.doc:
+        print(describe_fields())
         return 0
-    from lisa_dist.dist import rank_hint
-
-    # Under a launcher only rank 0 speaks at the configured level; the other ranks report warnings and errors.
-    level = cfg.logging.level if rank_hint() == 0 else "WARNING"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch.distributed
-
-    from lisa_dist.data import DataError
-    from lisa_dist.dist import DistError
-    from lisa_dist.preemption import EXIT_PREEMPTED, Preempted
-    from lisa_dist.trainer import train
-
-    try:
-        train(cfg)
-    except (ConfigError, DataError) as exc:
-        logging.getLogger("lisa_dist").error("%s", exc)
-        return 2
-    except Preempted as exc:
-        logging.getLogger("lisa_dist").warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
-    except DistError as exc:
-        logging.getLogger("lisa_dist").error("rank %d: %s", rank_hint(), exc)
-        return 3
-    except torch.distributed.DistError as exc:
-        # A peer died or hung: say so plainly instead of only a transport traceback.
-        logging.getLogger("lisa_dist").error("rank %d: a collective failed: another rank died or stopped answering "
-                                             "(the launcher's report names it; the ranks' host:pid were logged at "
-                                             "start): %s", rank_hint(), exc)
-        return 4
+    print(yaml.safe_dump(load_config(args.config, overrides).to_dict(), sort_keys=False), end="")
     return 0
 
 
-def _export(source: str, out_dir: str, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+def _train(cfg: Config) -> int:
+    """Train, and turn every way a run can stop into one line and an exit status."""
+    _setup_logging(cfg.logging.level)
+    from lisa_dist.data import DataError
+    from lisa_dist.dist import CollectiveFailure, DistError, detect_launcher, is_collective_failure, rank_hint
+    from lisa_dist.preemption import EXIT_PREEMPTED, LauncherWatch, Preempted, mark_preempted
+    from lisa_dist.resume import CheckpointError
+    from lisa_dist.trainer import train
+
+    log = logging.getLogger("lisa_dist")
+    rank = rank_hint()
+    watch = LauncherWatch() if detect_launcher() != "single" else None
+    try:
+        if watch is not None:
+            watch.__enter__()
+        train(cfg)
+    except (ConfigError, DataError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except Preempted as exc:
+        mark_preempted()
+        log.warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+    except CheckpointError as exc:
+        log.error("rank %d: %s", rank, exc)
+        return EXIT_CHECKPOINT
+    except CollectiveFailure as exc:
+        log.error("rank %d: %s", rank, exc)
+        return EXIT_COLLECTIVE
+    except DistError as exc:
+        log.error("rank %d: %s", rank, exc)
+        return EXIT_LAUNCH
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
+        # A peer died or hung outside the training loop: say so plainly instead of a transport traceback.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("rank %d: a collective failed: another rank died or stopped answering (the launcher's report "
+                  "names it; the ranks' host:pid were logged at start): %s", rank, first)
+        return EXIT_COLLECTIVE
+    finally:
+        if watch is not None:
+            watch.__exit__(None, None, None)
+    return 0
+
+
+def _export(source: str, out_dir: str, overwrite: bool) -> int:
     from pathlib import Path
 
     from lisa_dist.export import export
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    export(Path(source), Path(out_dir))
+    export(Path(source), Path(out_dir), overwrite=overwrite)
     return 0
 
 
-def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+def _estimate(args: argparse.Namespace) -> int:
     import json
 
     from lisa_dist.memory import Setup, model_config, plan, shapes_of, table
@@ -151,21 +225,16 @@ def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _prepare_model(name: str, cache: str | None, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+def _prepare_model(name: str, cache: str | None) -> int:
     from pathlib import Path
 
     from lisa_dist.prepare import prepare_model
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(prepare_model(name, Path(cache) if cache else None))
     return 0
 
 
-def _show_layers(model_name: str, layers_path: str | None, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+def _show_layers(model_name: str, layers_path: str | None) -> int:
     from lisa_dist.config import ModelConfig
     from lisa_dist.models import find_layout, load_model
 

@@ -132,14 +132,21 @@ class TrainConfig:
     """auto, cpu or cuda."""
     output_dir: str = "runs/default"
     """Metrics, summary and exported models go here."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds another run's metrics, summary or checkpoints: they are deleted
+    first. Without it such a start is refused, so that nothing already saved is lost."""
 
 
 @dataclass
 class BackendConfig:
     name: str = "local"
     """local (one process), fsdp (FSDP2) or deepspeed (ZeRO-1/2/3), the last two under a launcher."""
-    timeout_s: float = 600.0
-    """Seconds any collective may wait (for a dead or stuck rank) before every rank fails."""
+    timeout_s: float = 300.0
+    """Seconds a collective of a training step may wait (for a dead or stuck rank) before every rank fails. The
+    slowest legitimate one is the LISA switch (a ZeRO-3 engine rebuild), all ranks busy alike: see README."""
+    io_timeout_s: float = 3600.0
+    """Seconds a rank may wait for another's I/O: the main rank tokenizing the data, a checkpoint being written,
+    hashed or pruned, the final model being exported."""
     ds_config: str | None = None
     """deepspeed: the ZeRO JSON (ds_configs/*.json); its "auto" fields are filled from this config."""
     replicate: int = 1
@@ -387,6 +394,7 @@ def _validate_backend(cfg: Config) -> None:
     _choice("backend.name", b.name, BACKENDS)
     _require(b.replicate >= 1, "backend.replicate", b.replicate, "expected >= 1")
     _require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "expected > 0 seconds")
+    _require(b.io_timeout_s > 0, "backend.io_timeout_s", b.io_timeout_s, "expected > 0 seconds")
     _choice("backend.frozen_dtype", b.frozen_dtype, DTYPES)
     if b.frozen_dtype == "bfloat16":
         _require(b.name == "fsdp", "backend.frozen_dtype", b.frozen_dtype, "bfloat16 needs backend.name=fsdp")
@@ -456,3 +464,38 @@ def validate_for_model(cfg: Config, num_layers: int) -> None:
     if lisa.strategy == "fixed":
         _require(all(0 <= i < num_layers for i in lisa.fixed_layers), "lisa.fixed_layers", lisa.fixed_layers,
                  f"expected indices in 0..{num_layers - 1}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documentation
+
+
+def field_docs() -> dict[str, list[tuple[str, str, str]]]:
+    """Section -> (key, default, documentation) of every field, read from the docstrings under each field above."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    docs: dict[str, list[tuple[str, str, str]]] = {}
+    for section in dataclasses.fields(Config):
+        node = classes[type(getattr(Config(), section.name)).__name__]
+        defaults = dataclasses.asdict(getattr(Config(), section.name))
+        entries = []
+        for stmt, after in zip(node.body, node.body[1:] + [None], strict=True):
+            if not isinstance(stmt, ast.AnnAssign):
+                continue
+            key = stmt.target.id
+            text = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+            entries.append((key, json.dumps(defaults[key]), " ".join(str(text).split())))
+        docs[section.name] = entries
+    return docs
+
+
+def describe_fields() -> str:
+    """Every field with its default and documentation, section by section (`lisa-dist config --doc`)."""
+    lines = []
+    for section, entries in field_docs().items():
+        lines.append(f"{section}:")
+        lines += [f"  {section}.{key} = {default}\n      {doc}" for key, default, doc in entries]
+    return "\n".join(lines)

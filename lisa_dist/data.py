@@ -29,7 +29,7 @@ from lisa_dist.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when tokenization changes, so that old caches are not reused."""
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 ROLES = ("system", "user", "assistant")
@@ -70,6 +70,8 @@ class DataStats:
     rows: int = 0
     examples: int = 0
     skipped_rows: int = 0
+    truncated_rows: int = 0
+    """Examples cut to data.max_length (their tail is not trained on)."""
     tokens: int = 0
     supervised_tokens: int = 0
     cache_hit: bool = False
@@ -120,20 +122,29 @@ def _looks_local(path: str) -> bool:
             or path.count("/") > 1)
 
 
-def _read_source(source: Source, split: str, scratch: Path) -> datasets.Dataset:
+def _read_source(source: Source, split: str, scratch: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of `source`, `where` as the user finds it in the file (1-based line or record);
+    a row that cannot even be read (not UTF-8, malformed JSON) comes as a `_BadRow` in its place."""
+    if source.kind == "json":
+        yield from _json_rows(Path(source.name))
+        return
+    if source.kind == "text":
+        yield from _text_rows(Path(source.name))
+        return
     if source.kind == "hub":
         try:
-            return datasets.load_dataset(source.name, split=split)
+            rows = datasets.load_dataset(source.name, split=split)
         except Exception as exc:
             raise DataError(f"data.path {source.name!r} is neither a local file or folder nor a dataset reachable "
                             f"on the hub (split {split!r}): {_root_cause(exc)}") from exc
-    options = {"sample_by": "paragraph"} if source.kind == "text" else {}
-    try:
-        # The builder's own cache goes to scratch: our tokenized cache is the only one kept.
-        return datasets.load_dataset(source.kind, data_files=source.name, split="train",
-                                     cache_dir=str(scratch), **options)
-    except Exception as exc:
-        raise DataError(f"{source.name} could not be read as {source.kind}: {_root_cause(exc)}") from exc
+    else:
+        try:
+            # The builder's own cache goes to scratch: our tokenized cache is the only one kept.
+            rows = datasets.load_dataset(source.kind, data_files=source.name, split="train", cache_dir=str(scratch))
+        except Exception as exc:
+            raise DataError(f"{source.name} could not be read as {source.kind}: {_root_cause(exc)}") from exc
+    for index, row in enumerate(rows):
+        yield f"row {index + 1}", row
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -142,17 +153,87 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _row_label(source: Source, index: int) -> str:
-    """1-based position of dataset row `index` as the user sees it in the file."""
-    if source.kind != "json":
-        return f"row {index + 1}"
-    with open(source.name, "rb") as f:
-        if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            return f"record {index + 1}"
-        f.seek(0)
-        # The reader skips blank lines, so the line number counts them back in.
-        nonblank = (number for number, line in enumerate(f, start=1) if line.strip())
-        return f"line {next(itertools.islice(nonblank, index, None), index + 1)}"
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A JSON list of objects, or JSON lines (one object per line; blank lines allowed)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head:
+        raise DataError(f"{path} is empty (or holds only whitespace): expected JSON lines or a JSON list")
+    if head.startswith(b"["):
+        yield from _json_list(path)
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            yield f"line {number}", _json_object(raw)
+
+
+def _json_object(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _BadRow(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _BadRow(f"malformed JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(row, dict):
+        return _BadRow(f"a JSON {type(row).__name__}, not an object with the fields of a row")
+    return row
+
+
+def _json_list(path: Path) -> Iterator[tuple[str, Any]]:
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}, line {_line_of(data, exc.start)}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                        "a JSON list cannot skip a bad record: fix or remove it") from None
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    try:
+        rows, end = decoder.raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    rest = text[end:]
+    if rest.strip():
+        line = text.count("\n", 0, end + len(rest) - len(rest.lstrip())) + 1
+        raise DataError(f"{path}, line {line}: more JSON after the list: a file holds one JSON list or JSON lines, "
+                        "not both")
+    for number, row in enumerate(rows, start=1):
+        yield f"record {number}", row if isinstance(row, dict) else _BadRow(
+            f"a JSON {type(row).__name__}, not an object with the fields of a row")
+
+
+def _text_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Paragraphs (separated by blank lines) of a UTF-8 text file; `where` is a paragraph's first line."""
+    if not path.read_bytes().strip():
+        raise DataError(f"{path} is empty (or holds only whitespace)")
+    lines: list[str] = []
+    first = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+            except UnicodeDecodeError as exc:
+                yield f"line {number}", _BadRow(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                f"{exc.start + 1})")
+                continue
+            if line.strip():
+                first = first or number
+                lines.append(line)
+            elif lines:
+                yield f"line {first}", {"text": "".join(lines).rstrip("\n")}
+                lines, first = [], 0
+    if lines:
+        yield f"line {first}", {"text": "".join(lines).rstrip("\n")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +258,7 @@ def _str_field(row: Mapping[str, Any], name: str, required: bool = True, blank_o
 
 
 def _truncated(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """An encoded example cut to max_length tokens (`_encoded_rows` counts the cut ones)."""
     if not ids:
         raise _BadRow("empty after tokenization")
     ids, labels = ids[:max_length], labels[:max_length]
@@ -194,7 +276,7 @@ def encode_text(row: Mapping[str, Any], field: str, tokenizer: Any) -> list[int]
 
 
 def encode_alpaca(row: Mapping[str, Any], tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
-    """bos + Alpaca prompt (unsupervised) + output + eos (supervised), truncated to max_length."""
+    """bos + Alpaca prompt (unsupervised) + output + eos (supervised), truncated to max_length (untruncated: 0)."""
     instruction = _str_field(row, "instruction")
     context = _str_field(row, "input", required=False, blank_ok=True)
     output = _str_field(row, "output")
@@ -203,7 +285,8 @@ def encode_alpaca(row: Mapping[str, Any], tokenizer: Any, max_length: int) -> tu
     prompt = bos + _tokenize(tokenizer, template.format(instruction=instruction, input=context))
     # Tokenized apart so that the mask falls exactly on the response, whatever the tokenizer merges.
     response = _tokenize(tokenizer, output) + [tokenizer.eos_token_id]
-    return _truncated(prompt + response, [IGNORE_INDEX] * len(prompt) + response, max_length)
+    ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    return _truncated(ids, labels, max_length) if max_length else (ids, labels)
 
 
 def _messages(row: Mapping[str, Any], field: str) -> list[dict[str, str]]:
@@ -237,7 +320,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 
 
 def encode_chat(row: Mapping[str, Any], field: str, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
-    """The conversation through the chat template, supervised only on assistant turns, truncated to max_length."""
+    """The conversation through the chat template, supervised only on assistant turns, truncated to max_length
+    (untruncated: 0)."""
     messages = _messages(row, field)
     ids = _render(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
@@ -252,7 +336,7 @@ def encode_chat(row: Mapping[str, Any], field: str, tokenizer: Any, max_length: 
                           f"messages[:{i + 1}] and the whole conversation, so assistant turns cannot be masked",
                           skippable=False)
         labels[len(before): len(through)] = ids[len(before): len(through)]
-    return _truncated(ids, labels, max_length)
+    return _truncated(ids, labels, max_length) if max_length else (ids, labels)
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
@@ -278,8 +362,8 @@ def _encoder(cfg: DataConfig, tokenizer: Any, source: Source) -> Callable[[Mappi
         field = "text" if source.kind == "text" else cfg.text_field
         return functools.partial(encode_text, field=field, tokenizer=tokenizer)
     if cfg.format == "alpaca":
-        return functools.partial(encode_alpaca, tokenizer=tokenizer, max_length=cfg.max_length)
-    return functools.partial(encode_chat, field=cfg.messages_field, tokenizer=tokenizer, max_length=cfg.max_length)
+        return functools.partial(encode_alpaca, tokenizer=tokenizer, max_length=0)
+    return functools.partial(encode_chat, field=cfg.messages_field, tokenizer=tokenizer, max_length=0)
 
 
 def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: Path,
@@ -287,12 +371,18 @@ def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratc
     for source in sources:
         encode = _encoder(cfg, tokenizer, source)
         skipped = 0
-        for index, row in enumerate(_read_source(source, cfg.split, scratch)):
+        for label, row in _read_source(source, cfg.split, scratch):
             stats.rows += 1
             try:
+                if isinstance(row, _BadRow):
+                    raise row
                 encoded = encode(row)
+                if cfg.format != "text":
+                    cut = len(encoded[0]) > cfg.max_length
+                    encoded = _truncated(*encoded, cfg.max_length)
+                    stats.truncated_rows += cut
             except _BadRow as bad:
-                where = f"{source.name}, {_row_label(source, index)}"
+                where = f"{source.name}, {label}"
                 if not (cfg.skip_bad_rows and bad.skippable):
                     raise DataError(f"{where}: {bad}") from None
                 if skipped == 0:
@@ -407,8 +497,9 @@ def _write_cache(cfg: DataConfig, tokenizer: Any, sources: list[Source], target:
         _to_dataset(examples, tmp / "scratch", target.name, empty).save_to_disk(str(tmp / "dataset"))
         (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
         shutil.rmtree(tmp / "scratch")
-        log.info("tokenized %s: %d examples (%d tokens, %d supervised) from %d rows, %d skipped",
-                 cfg.path, stats.examples, stats.tokens, stats.supervised_tokens, stats.rows, stats.skipped_rows)
+        log.info("tokenized %s: %d examples (%d tokens, %d supervised) from %d rows, %d skipped, %d truncated to "
+                 "data.max_length=%d", cfg.path, stats.examples, stats.tokens, stats.supervised_tokens, stats.rows,
+                 stats.skipped_rows, stats.truncated_rows, cfg.max_length)
         try:
             tmp.rename(target)
         except OSError:
@@ -456,7 +547,8 @@ def load_examples_with_stats(cfg: DataConfig, tokenizer: Any, *, is_main: bool =
     dataset, stats = _load_cache(target)
     stats.cache_hit = not built
     if stats.cache_hit and is_main:
-        log.info("loaded %d tokenized examples of %s from the cache %s", stats.examples, cfg.path, target)
+        log.info("loaded %d tokenized examples of %s from the cache %s (%d rows skipped, %d truncated to "
+                 "data.max_length)", stats.examples, cfg.path, target, stats.skipped_rows, stats.truncated_rows)
     return dataset, stats
 
 

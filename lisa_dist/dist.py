@@ -170,14 +170,25 @@ def discover(env: Mapping[str, str] = os.environ) -> Placement:
     return Placement(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
-    """Join (or start) the process group the launcher describes; idempotent. `timeout_s` bounds every collective,
-    so a rank waiting on a dead peer fails instead of hanging."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`train.device` (auto, cpu, cuda) as this rank's device; ConfigError for cuda without a GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        from lisa_dist.config import ConfigError
+
+        raise ConfigError("train.device='cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU on "
+                          "this node): use train.device=auto or cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_s: float = 3600.0) -> DistEnv:
+    """Join (or start) the process group the launcher describes; idempotent. `timeout_s` bounds every collective
+    of the training steps, so a rank waiting on a dead peer fails instead of hanging; `io_timeout_s` bounds the
+    waits on one rank's I/O (`io_group`)."""
     place = discover()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DistError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    dev = torch.device("cuda", place.local_rank) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, place.local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -196,7 +207,25 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
             _OWN_STORE.update(store=store, rank=place.rank, world=place.world_size)
             dist.init_process_group(backend, store=store, rank=place.rank, world_size=place.world_size,
                                     timeout=timeout)
+    if place.world_size > 1 and "group" not in _IO:
+        # Waits on I/O (data preparation, checkpoints, exports) can outlast any step: their own CPU group, with
+        # their own timeout. gloo, as torchtitan's checkpointer uses: no GPU memory, any tensor device.
+        _IO["group"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))
     return DistEnv(place.rank, place.world_size, place.local_rank, dev, place.launcher)
+
+
+_IO: dict = {}
+
+
+def io_group() -> dist.ProcessGroup | None:
+    """The group for waits on one rank's I/O and for object collectives (None: the default group)."""
+    return _IO.get("group")
+
+
+def io_barrier() -> None:
+    """A barrier that waits up to the I/O timeout (for a rank still writing a checkpoint or a cache)."""
+    if dist.is_initialized():
+        dist.barrier(group=io_group())
 
 
 _OWN_STORE: dict = {}
@@ -208,8 +237,9 @@ def shutdown(wait_s: float = 30.0) -> None:
     until every rank has left before it goes: a rank whose store vanished under it aborts at exit."""
     if not dist.is_initialized():
         return
-    dist.barrier()
+    io_barrier()
     dist.destroy_process_group()
+    _IO.clear()
     own = dict(_OWN_STORE)
     _OWN_STORE.clear()
     if not own:
@@ -227,7 +257,7 @@ def rank_table() -> str:
     if not dist.is_initialized():
         return f"0={me}"
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, me)
+    dist.all_gather_object(gathered, me, group=io_group())
     return ", ".join(f"{rank}={where}" for rank, where in enumerate(gathered))
 
 
@@ -240,7 +270,7 @@ def broadcast_seed(seed: int) -> int:
 
         return MPI.COMM_WORLD.bcast(seed, root=0)
     box = [seed]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=io_group())
     return int(box[0])
 
 
@@ -251,10 +281,133 @@ def check_same_on_all_ranks(what: str, value: Sequence[int]) -> None:
     payload = json.dumps(list(value))
     digest = hashlib.sha256(payload.encode()).hexdigest()
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (digest, payload))
+    dist.all_gather_object(gathered, (digest, payload), group=io_group())
     if len({d for d, _ in gathered}) > 1:
         groups: dict[str, list[int]] = {}
         for rank, (_, p) in enumerate(gathered):
             groups.setdefault(p, []).append(rank)
         detail = "; ".join(f"ranks {ranks}: {p}" for p, ranks in groups.items())
         raise DistError(f"ranks disagree on {what}: {detail} (different seeds or configs on different ranks?)")
+
+
+def all_gather_objects(value: object) -> list:
+    """`value` of every rank, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value, group=io_group())
+    return gathered
+
+
+def from_main(value: object) -> object:
+    """The main rank's `value`, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=io_group())
+    return box[0]
+
+
+def raise_together(error: BaseException | None) -> None:
+    """Collective: when any rank failed, every rank raises the lowest failing rank's error (its own when it failed
+    itself), so that no rank goes on into a collective that the failed one will never join."""
+    try:
+        errors = all_gather_objects(error)
+    except (TypeError, AttributeError, ValueError):  # an error that does not pickle travels as its text
+        errors = all_gather_objects(None if error is None else RuntimeError(f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    first = next((found for found in errors if found is not None), None)
+    if first is not None:
+        raise first
+
+
+class CollectiveFailure(DistError):
+    """A collective failed or timed out: another rank died, hung, or stopped answering."""
+
+
+PEER_PREFIX = "lisa_dist/peers"
+
+
+class PeerReport:
+    """Which ranks stopped answering, when a collective fails.
+
+    Every rank records the step it starts in the job's store (one small write per step); a rank whose collective
+    failed marks itself failed there and waits a little for the others to do the same. The ranks that neither
+    failed nor finished are the ones that stopped answering: hung, stopped, or stuck in something else.
+    """
+
+    def __init__(self) -> None:
+        self.store = _job_store()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def started(self, step: int) -> None:
+        if self.store is None or self.world == 1:
+            return
+        try:
+            self.store.set(f"{PEER_PREFIX}/step/{self.rank}", str(step))
+        except (RuntimeError, dist.DistError):
+            # The store's host is gone (torchrun's agent killed, say): training can go on without the report.
+            self.store = None
+
+    def silent_ranks(self, wait_s: float) -> dict[int, str] | None:
+        """Ranks that did not also report a failure within `wait_s`, with the last step each started; None when
+        the store cannot be reached (its host is gone)."""
+        if self.store is None or self.world == 1:
+            return None
+        try:
+            self.store.set_timeout(timedelta(seconds=max(1.0, wait_s)))
+            self.store.set(f"{PEER_PREFIX}/failed/{self.rank}", "1")
+            deadline = time.monotonic() + wait_s
+            others = [r for r in range(self.world) if r != self.rank]
+            silent = others
+            while silent and time.monotonic() < deadline:
+                silent = [r for r in silent if not self.store.check([f"{PEER_PREFIX}/failed/{r}"])]
+                time.sleep(0.2)
+            steps = {}
+            for r in silent:
+                key = f"{PEER_PREFIX}/step/{r}"
+                steps[r] = self.store.get(key).decode() if self.store.check([key]) else "none"
+            return steps
+        except (RuntimeError, dist.DistError):
+            return None
+
+
+def _job_store() -> dist.Store | None:
+    """The store this job's process group was built on (the launcher's, or rank 0's under MPI and SLURM)."""
+    if _OWN_STORE:
+        return _OWN_STORE["store"]
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()  # private; see docs/internals.md
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+COMM_FAILURE_MARKS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "Broken pipe",
+                      "NCCL", "gloo", "Gloo")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """An error raised by a collective of the transport (gloo and NCCL raise plain RuntimeErrors)."""
+    if isinstance(exc, dist.DistError) and not isinstance(exc, DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in COMM_FAILURE_MARKS)
+
+
+def collective_failure(exc: BaseException, doing: str, timeout_s: float, peers: PeerReport | None) -> DistError:
+    """One line for a failed collective: what this rank was doing, the timeout, the ranks that did not answer."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first.split("] ", 1)[-1]  # gloo prefixes its source location
+    silent = peers.silent_ranks(min(30.0, max(5.0, timeout_s / 10))) if peers else None
+    if silent:
+        who = ", ".join(f"rank {r} (last started step {s})" for r, s in sorted(silent.items()))
+        answer = f"ranks that did not answer: {who}"
+    elif silent is None:
+        answer = "the job's store is unreachable too (its host, rank 0 or the launcher, is gone)"
+    else:
+        answer = "every other rank failed in the same way"
+    return CollectiveFailure(f"a collective failed during {doing} (backend.timeout_s={timeout_s:g}): {answer}. "
+                             f"The transport said: {first}")

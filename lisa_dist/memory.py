@@ -321,8 +321,10 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
            frozen: list[Param]) -> Breakdown:
     storage = DTYPE_BYTES[s.param_dtype]
     b = s.backend
+    # The adapters exist only in a LoRA run (the shapes may carry them for the LoRA row of the same table).
+    adapters = shapes.lora if method == "lora" else []
     if b in ("local", "ddp"):
-        every = shapes.always + [p for layer in shapes.layers for p in layer] + shapes.lora
+        every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
         return Breakdown(params=sum(p.numel for p in every) * storage,
                          grads=sum(p.numel for p in trainable) * storage,
                          moments=2 * sum(p.numel for p in with_state) * storage)
@@ -331,16 +333,16 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
         frozen_bytes = DTYPE_BYTES[s.frozen_dtype] if method != "lora" else storage
         frozen_ids = {id(p) for p in frozen}
         params = 0
-        for p in shapes.always + [q for layer in shapes.layers for q in layer] + shapes.lora:
+        for p in shapes.always + [q for layer in shapes.layers for q in layer] + adapters:
             params += _fsdp_rows(p, shards, s.rank, padded=True) * (frozen_bytes if id(p) in frozen_ids else storage)
         return Breakdown(params=params,
                          grads=sum(_fsdp_rows(p, shards, s.rank, padded=True) for p in trainable) * storage,
                          moments=2 * sum(_fsdp_rows(p, shards, s.rank, padded=False) for p in with_state) * storage)
     # DeepSpeed: in bf16 mode the engine stores every param in bf16; masters and moments are fp32 partitions.
     ds_storage = 2 if s.precision == "bf16" else storage
-    every = shapes.always + [p for layer in shapes.layers for p in layer] + shapes.lora
+    every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
     if b in ("zero1", "zero2"):
-        always_names = {p.name for p in shapes.always + shapes.lora}
+        always_names = {p.name for p in shapes.always + adapters}
         always = [p for p in with_state if p.name in always_names]
         layers = [p for p in with_state if p.name not in always_names]
         partitions = sum(_zero12_partition(g, s.world_size) for g in _groups(always, layers))

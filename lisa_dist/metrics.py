@@ -62,13 +62,31 @@ class MetricsLogger:
 
 
 def truncate_jsonl(path: str | Path, last_step: int) -> None:
-    """Drop records after `last_step` (a run resumed from that step writes them again)."""
+    """Drop records after `last_step` (a run resumed from that step writes them again), and a last line torn by a
+    crash."""
     path = Path(path)
-    if path.is_file():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if not path.is_file():
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= last_step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if text != path.read_text(encoding="utf-8"):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics file; a last line torn by a crash (cut short while written) is left out."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s: dropping its last line, torn by an interrupted write (%s)", path, exc)
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({exc})") from None
+    return records

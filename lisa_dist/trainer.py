@@ -13,19 +13,27 @@ import yaml
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lisa_dist import outputs
 from lisa_dist.ac import apply_activation_checkpointing
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
 from lisa_dist.data import ShardedBatches, load_examples
-from lisa_dist.dist import broadcast_seed, rank_table
+from lisa_dist.dist import (
+    PeerReport,
+    broadcast_seed,
+    collective_failure,
+    is_collective_failure,
+    raise_together,
+    rank_table,
+)
 from lisa_dist.importance import GradNormImportance
 from lisa_dist.loss import supervised_tokens
 from lisa_dist.methods import apply_lora, lisa_trainable
-from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger, truncate_jsonl
+from lisa_dist.metrics import ConsoleSink, JsonlSink, MetricsLogger, read_jsonl, truncate_jsonl
 from lisa_dist.models import ModelLayout, find_layout, open_model
 from lisa_dist.optim import TrainableSet, lr_at
 from lisa_dist.preemption import STOP, Preempted, stop_on_signals
-from lisa_dist.resume import resume
+from lisa_dist.resume import Start, plan, restore
 from lisa_dist.resume import save as save_checkpoint
 from lisa_dist.sampler import LayerSampler
 
@@ -54,11 +62,24 @@ class Run:
     switches: int = 0
     layers_visited: set[int] = field(default_factory=set)
     history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_before: float = 0.0
+    """Training seconds of the launches before this one (from the checkpoint resumed)."""
+    segment_start: float | None = None
+    doing: str = "start-up"
+    """What the run is doing now, for the message when a collective fails."""
+    peers: PeerReport | None = None
+
+    def elapsed_s(self) -> float:
+        """Training seconds of the whole run so far, earlier launches included."""
+        now = time.perf_counter() - self.segment_start if self.segment_start is not None else 0.0
+        return self.elapsed_before + now
 
 
-def build(cfg: Config, backend: Backend | None = None) -> Run:
-    """Everything a run needs, on `cfg.backend` (or on `backend`, a baseline's optimizer: `lisa_dist.baselines`)."""
+def build(cfg: Config, backend: Backend | None = None, start: Start | None = None) -> Run:
+    """Everything a run needs, on `cfg.backend` (or on `backend`, a baseline's optimizer: `lisa_dist.baselines`),
+    resumed from `start` (default: where `resume.plan` says this run starts)."""
     backend = backend or build_backend(cfg)
+    start = start or plan(cfg, backend)
     ranks = rank_table()
     if backend.is_main and backend.world_size > 1:
         log.info("%d ranks (rank=host:pid): %s", backend.world_size, ranks)
@@ -90,10 +111,11 @@ def build(cfg: Config, backend: Backend | None = None) -> Run:
     if sampler is None:
         backend.activate(range(len(trainable.layers)))
     run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
+    run.peers = PeerReport() if backend.world_size > 1 else None
     if sampler is not None and cfg.lisa.strategy == "grad_norm":
         run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
-    run.start_step = resume(run)
-    run.metrics = _build_metrics(cfg, backend.is_main, run.start_step)
+    run.start_step = restore(run, start) if not (start.completed and start.path is None) else start.step
+    run.metrics = _build_metrics(cfg, backend.is_main, run.start_step, done=run.start_step >= cfg.train.steps)
     return run
 
 
@@ -105,10 +127,10 @@ def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
     )
 
 
-def _build_metrics(cfg: Config, is_main: bool, start_step: int) -> MetricsLogger:
-    if not is_main:
+def _build_metrics(cfg: Config, is_main: bool, start_step: int, done: bool = False) -> MetricsLogger:
+    if not is_main or done:  # a completed run's metrics stay as they are
         return MetricsLogger([])
-    path = cfg.logging.jsonl or Path(cfg.train.output_dir) / "metrics.jsonl"
+    path = outputs.metrics_path(cfg)
     if start_step:  # resumed: keep the records up to the checkpoint, the steps after it are run again
         truncate_jsonl(path, start_step)
     return MetricsLogger([JsonlSink(path, append=start_step > 0), ConsoleSink(cfg.logging.console_every)])
@@ -134,12 +156,15 @@ def maybe_switch(run: Run, step: int) -> bool:
 
 
 def train_step(run: Run, step: int) -> dict[str, Any] | None:
-    """One optimizer step over the global batch; returns the metrics record on logging steps."""
+    """One optimizer step over the global batch; returns the metrics record on logging steps.
+
+    If any rank was asked to stop (a signal), no rank runs this step: `run.preempted` is set and the step before
+    is the last one, the one to checkpoint."""
     backend, cfg = run.backend, run.cfg
     start = time.perf_counter()
-    switched = maybe_switch(run, step)
-    switch_s = time.perf_counter() - start
-    start = time.perf_counter()
+    if run.peers is not None:
+        run.peers.started(step + 1)
+    run.doing = f"step {step + 1}: the token-count reduction"
     micro_batches = run.batches.step_batches(step)
     local_counts = torch.tensor([sum(supervised_tokens(b) for b in micro_batches),
                                  sum(int(b["attention_mask"].sum()) for b in micro_batches),
@@ -148,12 +173,21 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     # micro-batches: every rank scales its summed loss by the same global count. The same reduction tells every
     # rank whether any of them was asked to stop.
     counts = backend.all_reduce_sum(local_counts)
-    run.preempted = bool(counts[2])
+    if counts[2]:
+        run.preempted = True
+        return None
+    run.doing = f"step {step + 1}: the LISA switch"
+    switch_start = time.perf_counter()
+    switched = maybe_switch(run, step)
+    switch_end = time.perf_counter()
+    switch_s = switch_end - switch_start
+    run.doing = f"step {step + 1}: forward and backward"
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         loss_sum += backend.forward_backward(batch, 1.0 / max(1, int(counts[0]))).double().cpu()
     if run.importance is not None:
         run.importance.observe(run.active, backend.layer_grad_norms(run.active))
+    run.doing = f"step {step + 1}: the optimizer step"
     lr = lr_at(step, cfg.optim, cfg.train.steps)
     grad_norm = backend.step(lr)
     run.tokens_seen += int(counts[1])
@@ -161,10 +195,13 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     if done % cfg.logging.log_every and done != cfg.train.steps:
         return None
     # Cross-rank reduction of the loss only on logging steps.
+    run.doing = f"step {step + 1}: the loss reduction"
     loss = float(backend.all_reduce_sum(loss_sum)) / max(1, int(counts[0]))
     return {
         "step": done, "epoch": run.batches.epoch_of(step), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-        "tokens": run.tokens_seen, "tokens_per_s": int(counts[1]) / (time.perf_counter() - start),
+        "tokens": run.tokens_seen,
+        "tokens_per_s": int(counts[1]) / (switch_start - start + time.perf_counter() - switch_end),
+        "elapsed_s": run.elapsed_s(),
         "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
         "trainable_params": run.trainable.num_params(run.active),
         "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
@@ -172,29 +209,85 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Run `cfg.train.steps` optimizer steps; returns the summary (also written to <output_dir>/summary.json)."""
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run = build(cfg)
+    """Run `cfg.train.steps` optimizer steps; returns the summary (also written to <output_dir>/summary.json).
+
+    The output folders are checked before anything runs and locked for the run's life; a run that already
+    completed returns its summary and leaves its outputs as they are."""
+    backend = build_backend(cfg)
+    lock = None
+    try:
+        error = None
+        try:
+            outputs.check_outputs(cfg)
+            if backend.is_main:
+                lock = _lock_outputs(cfg)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank
+            error = exc
+        raise_together(error)
+        start = plan(cfg, backend)
+        if start.completed:
+            summary = _completed(cfg, backend, start)
+            backend.close()
+            return summary
+        return _train(build(cfg, backend, start))
+    finally:
+        for held in lock or ():
+            held.release()
+
+
+def _lock_outputs(cfg: Config) -> list[outputs.OutputLock]:
+    out, root = Path(cfg.train.output_dir).resolve(), outputs.checkpoint_root(cfg).resolve()
+    locks = [outputs.OutputLock(out, "train.output_dir")]
+    if out not in root.parents:
+        locks.append(outputs.OutputLock(root, "checkpoint.dir"))
+    taken = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            taken.append(lock)
+    except Exception:
+        for lock in taken:
+            lock.release()
+        raise
+    return taken
+
+
+def _completed(cfg: Config, backend: Backend, start: Start) -> dict[str, Any]:
+    path = Path(cfg.train.output_dir) / outputs.SUMMARY
+    summary = json.loads(path.read_text()) if path.is_file() else {"steps": start.step}
+    if backend.is_main:
+        log.info("this run already completed its %d steps (%s): its outputs are left as they are; raise "
+                 "train.steps to continue it", cfg.train.steps, path if path.is_file() else start.path)
+    return summary
+
+
+def _train(run: Run) -> dict[str, Any]:
+    cfg, out = run.cfg, Path(run.cfg.train.output_dir)
     if run.backend.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("data: %d examples, %d steps per epoch", run.batches.num_examples, run.batches.steps_per_epoch)
-    start = time.perf_counter()
     bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc="train",
                disable=not (run.backend.is_main and cfg.logging.progress))
+    run.segment_start = time.perf_counter()
     try:
         with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
             for step in range(run.start_step, cfg.train.steps):
                 record = train_step(run, step)
+                if run.preempted:  # the step before this one was the last: checkpoint it and stop
+                    raise Preempted(step, _checkpoint(run, step) if step > run.start_step else None)
                 if record is not None:
                     run.metrics.log(record)
                     run.history.append(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"], refresh=False)
                 bar.update(1)
                 _maybe_checkpoint(run, step + 1)
-        summary = _finish(run, out, time.perf_counter() - start)
+        summary = _finish(run, out)
     except Preempted:
         run.backend.close()  # every rank stopped at the same step: leave together
+        raise
+    except RuntimeError as exc:
+        if run.backend.world_size > 1 and is_collective_failure(exc):
+            raise collective_failure(exc, run.doing, cfg.backend.timeout_s, run.peers) from exc
         raise
     finally:
         bar.close()
@@ -207,32 +300,38 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _maybe_checkpoint(run: Run, done: int) -> None:
     every = run.cfg.checkpoint.every
-    if run.preempted or (every and (done % every == 0 or done == run.cfg.train.steps)):
-        path = save_checkpoint(run, done)
-        if run.preempted:
-            raise Preempted(done, path)
+    if every and (done % every == 0 or done == run.cfg.train.steps):
+        _checkpoint(run, done)
 
 
-def _finish(run: Run, out: Path, wall_s: float) -> dict[str, Any]:
+def _checkpoint(run: Run, done: int) -> Path | None:
+    run.doing = f"the checkpoint save after step {done}"
+    return save_checkpoint(run, done)
+
+
+def _finish(run: Run, out: Path) -> dict[str, Any]:
     cfg = run.cfg
     if cfg.checkpoint.save_final:
         run.backend.save_model(str(out / "final"))
         if run.backend.is_main:
             run.tokenizer.save_pretrained(str(out / "final"))
-    history = run.history
+    # The whole run, earlier launches included: their records are in the metrics file.
+    path = outputs.metrics_path(cfg)
+    history = read_jsonl(path) if run.backend.is_main and path.is_file() else run.history
+    wall_s = run.elapsed_s()
     summary = {
         "method": "lora" if cfg.lora.enabled else ("lisa" if run.sampler else "full"),
         "backend": cfg.backend.name, "world_size": run.backend.world_size, "steps": cfg.train.steps,
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
         "tokens": run.tokens_seen, "wall_s": wall_s, "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
         "switches": run.switches, "layers_visited": sorted(run.layers_visited),
+        "resumed_at_step": run.start_step or None,
         "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in history), default=0),
     }
-    if run.backend.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info(
-            "done: %d steps in %.1f s | loss %.4f -> %.4f | %.0f tok/s | %d switches, layers visited %s",
-            summary["steps"], wall_s, summary["first_loss"], summary["last_loss"], summary["tokens_per_s"],
-            summary["switches"], summary["layers_visited"],
-        )
+    if not run.backend.is_main:
+        return summary
+    (out / outputs.SUMMARY).write_text(json.dumps(summary, indent=2))
+    log.info("done: %d steps in %.1f s | loss %.4f -> %.4f | %.0f tok/s | %d switches, layers visited %s",
+             summary["steps"], wall_s, summary["first_loss"], summary["last_loss"], summary["tokens_per_s"],
+             summary["switches"], summary["layers_visited"])
     return summary

@@ -77,3 +77,43 @@ def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4
     run = build(cfg)
     records = [train_step(run, s) for s in range(cfg.train.steps)]
     return records, {k: v.detach().float().clone() for k, v in run.backend.model.state_dict().items()}
+
+
+# The tiny Llama with its LM head tied to the input embedding (as SmolLM2, Gemma and small Qwen2 models are).
+TIED = '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'
+
+
+def tied_param_count() -> int:
+    """What transformers itself builds for the TIED model: the tied weight counted once."""
+    from transformers import AutoModelForCausalLM
+
+    from lisa_dist.models.presets import preset_config
+
+    config = preset_config("tiny-llama", {"num_hidden_layers": 4, "hidden_size": 64, "tie_word_embeddings": True})
+    return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def load_tied_export(folder: Path):
+    """A Hugging Face export of a tied model, loaded as a user would; fails unless the folder holds the tied weight
+    once, loads without a warning, and comes back tied."""
+    import logging
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names, sorted(names)[:5]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from lisa_dist.config import load_config
-from lisa_dist.memory import Setup, estimate, shapes_of_model
+from lisa_dist.memory import Setup, estimate, shapes_of
+from lisa_dist.models.presets import preset_config
 from lisa_dist.trainer import build, train_step
 
 REPO = Path(__file__).resolve().parents[1]
+TIED = '--model.preset_overrides={"num_hidden_layers":4,"intermediate_size":130,"tie_word_embeddings":true}'
 DS = {stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}"
       for stage in ("zero1", "zero2", "zero3", "zero3_offload")}
 # name -> (memory-model backend, extra overrides)
@@ -31,6 +33,10 @@ SETUPS = {
     "zero3-bf16": ("zero3", ["--backend.name=deepspeed", DS["zero3"], "--train.precision=bf16"]),
     "zero3-offload-bf16": ("zero3_offload", ["--backend.name=deepspeed", DS["zero3_offload"],
                                              "--train.precision=bf16"]),
+    # The LM head tied to the embedding: one parameter, counted once, on every backend (ZeRO-3: under zero.Init).
+    "fsdp-fp32-tied": ("fsdp", ["--backend.name=fsdp", TIED]),
+    "zero2-tied": ("zero2", ["--backend.name=deepspeed", DS["zero2"], TIED]),
+    "zero3-tied": ("zero3", ["--backend.name=deepspeed", DS["zero3"], TIED]),
 }
 
 
@@ -55,7 +61,9 @@ def main() -> None:
         setup = Setup(backend=backend, world_size=run.backend.world_size, replicate=cfg.backend.replicate,
                       precision=cfg.train.precision, param_dtype=cfg.model.dtype,
                       frozen_dtype=cfg.backend.frozen_dtype, rank=run.backend.rank)
-        predicted = estimate(shapes_of_model(run.layout.model), method, setup, active=run.active)
+        # The shapes from the config alone, as `lisa-dist estimate` sees them, not from the model that trained.
+        shapes = shapes_of(preset_config(cfg.model.name, cfg.model.preset_overrides), cfg.model.name)
+        predicted = estimate(shapes, method, setup, active=run.active)
         results[name] = {"measured": run.backend.state_bytes(), "predicted": predicted.as_dict(),
                          "active": list(run.active)}
     (out / f"rank{run.backend.rank}.json").write_text(json.dumps(results, indent=1))

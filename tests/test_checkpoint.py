@@ -13,14 +13,9 @@ from lisa_dist.metrics import read_jsonl
 from lisa_dist.resume import save
 from lisa_dist.trainer import build, train, train_step
 
-from .helpers import tiny_overrides, write_text_data
+from .helpers import tiny_overrides
 
 STEPS = 8
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    return write_text_data(tmp_path / "data.jsonl")
 
 
 def cfg_for(tmp_path, data_file, *extra):
@@ -126,9 +121,16 @@ def test_changed_config_is_refused_unless_override(tmp_path, data_file, caplog):
 
 def test_resume_none_and_an_explicit_checkpoint(tmp_path, data_file):
     stop_after(tmp_path, data_file, 3)
-    assert build(cfg_for(tmp_path, data_file, "--checkpoint.resume=none")).start_step == 0
-    with pytest.raises(ConfigError, match="is not a usable checkpoint"):
+    # A fresh start beside another run's checkpoints would prune them (or be resumed from them later): refused.
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=none, but .*checkpoints holds the checkpoints step-3 "
+                                          r"of an earlier run.*checkpoint.resume=auto.*train.overwrite=true"):
+        build(cfg_for(tmp_path, data_file, "--checkpoint.resume=none"))
+    assert build(cfg_for(tmp_path, data_file, "--checkpoint.resume=none",
+                         f"--checkpoint.dir={tmp_path / 'own'}")).start_step == 0
+    with pytest.raises(ConfigError, match="is not a usable checkpoint: the folder does not exist"):
         build(cfg_for(tmp_path, data_file, f"--checkpoint.resume={tmp_path / 'nope'}"))
+    with pytest.raises(ConfigError, match="a folder of checkpoints, not one checkpoint"):
+        build(cfg_for(tmp_path, data_file, f"--checkpoint.resume={tmp_path / 'run' / 'checkpoints'}"))
     step3 = tmp_path / "run" / "checkpoints" / "step-3"
     assert build(cfg_for(tmp_path, data_file, f"--checkpoint.resume={step3}")).start_step == 3
 
@@ -140,9 +142,10 @@ def test_train_checkpoints_periodically_and_resumes_its_metrics(tmp_path, data_f
     assert [p.name for _, p in checkpoint.checkpoints(root)] == ["step-8", "step-6"]
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    # Resuming a finished run trains nothing more and keeps the metrics whole.
+    # Resuming a finished run trains nothing more and keeps the metrics whole; it returns the run's summary.
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
     summary = train(cfg_for(tmp_path, data_file, "--checkpoint.every=3"))
-    assert summary["first_loss"] is None
+    assert summary == written and summary["first_loss"] == records[0]["loss"]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
 

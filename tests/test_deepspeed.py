@@ -12,10 +12,13 @@ from lisa_dist.metrics import read_jsonl
 
 from .helpers import (
     REPO,
+    TIED,
     free_port,
+    load_tied_export,
     local_reference,
     rank_results,
     run_launcher,
+    tied_param_count,
     tiny_overrides,
     torchrun,
     write_text_data,
@@ -82,6 +85,18 @@ def test_fp32_matches_local_across_switches(tmp_path, data_file, stage, tol):
         with torch.no_grad():
             logits = exported(input_ids=probe).logits
         assert torch.allclose(logits, torch.load(out / "logits.pt"), atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_under_zero3_init(tmp_path, data_file):
+    """zero.Init builds the skeleton partitioned: the tie must hold there too, and in the export."""
+    ref, _ = local_reference(tmp_path, data_file, TIED, "--train.steps=4", micro=MICRO, world=WORLD)
+    out, ranks = run_ds(tmp_path, data_file, "zero3.json", TIED, "--train.steps=4")
+    check_state(ranks)
+    for result in ranks:
+        assert [s["loss"] for s in result["steps"]] == pytest.approx([r["loss"] for r in ref], abs=ZERO3_TOL, rel=0)
+        assert [s["trainable_params"] for s in result["steps"]] == [r["trainable_params"] for r in ref]
+    exported = load_tied_export(out / "hf")
+    assert sum(p.numel() for p in exported.parameters()) == tied_param_count()
 
 
 @pytest.mark.parametrize("stage", ["zero2.json", "zero3.json", "zero3_offload.json"])

@@ -8,7 +8,16 @@ from transformers import AutoModelForCausalLM
 
 from lisa_dist import cli
 
-from .helpers import local_reference, rank_results, tiny_overrides, torchrun, write_text_data
+from .helpers import (
+    TIED,
+    load_tied_export,
+    local_reference,
+    rank_results,
+    tied_param_count,
+    tiny_overrides,
+    torchrun,
+    write_text_data,
+)
 
 WORLD = 2
 MICRO = 4
@@ -65,6 +74,23 @@ def test_fp32_matches_local_across_switches_and_exports(tmp_path, data_file):
     with torch.no_grad():
         logits = exported(input_ids=probe).logits
     assert torch.allclose(logits, torch.load(out / "logits.pt"), atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_stay_one_sharded_parameter_and_export_once(tmp_path, data_file):
+    ref, ref_weights = reference(tmp_path, data_file, TIED, "--train.steps=4")
+    out, ranks = fsdp(tmp_path, data_file, TIED, "--train.steps=4")
+    for result in ranks:
+        assert losses(result["steps"]) == losses(ref)
+        assert [s["trainable_params"] for s in result["steps"]] == [r["trainable_params"] for r in ref]
+    check_per_rank_state(ranks)
+    weights = torch.load(out / "weights.pt")
+    for name, value in ref_weights.items():
+        assert torch.equal(weights[name], value), name
+    exported = load_tied_export(out / "hf")
+    assert sum(p.numel() for p in exported.parameters()) == tied_param_count()
+    probe = torch.arange(24, dtype=torch.long).reshape(2, 12) % 200 + 5
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=probe).logits, torch.load(out / "logits.pt"), atol=1e-5, rtol=0)
 
 
 def test_bf16_with_blocks_frozen_at_first_forward(tmp_path, data_file):

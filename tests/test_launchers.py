@@ -1,6 +1,7 @@
 """The real launchers, 2 CPU ranks each: same losses and layers under torchrun, deepspeed and mpirun; ranks that
 disagree on the layer schedule stop with an error; a killed rank brings the job down within a minute."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,10 @@ def test_a_hung_rank_fails_the_job_after_the_configured_timeout(tmp_path, data_f
     output, delay, _ = hit_rank_1(proc, tmp_path / "run" / "metrics.jsonl", signal.SIGSTOP)
     assert proc.returncode != 0
     assert 10 <= delay < 60, output[-3000:]
+    # One line names what rank 0 was doing, the timeout and the rank that did not answer; no transport traceback.
+    assert re.search(r"rank 0: a collective failed during step \d+: .* \(backend.timeout_s=10\): ranks that did not "
+                     r"answer: rank 1 \(last started step \d+\)", output), output[-3000:]
+    assert 'lisa_dist/trainer.py", line' not in output  # no rank printed a traceback through the trainer
 
 
 def test_launcher_detection_and_environment_errors():

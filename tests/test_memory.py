@@ -72,11 +72,12 @@ def test_naive_lisa_state_grows_to_full_fine_tuning(tmp_path, data):
 
 def test_distributed_state_bytes_are_predicted_exactly(tmp_path, data):
     """FSDP (fp32, bf16 compute, bf16 frozen storage, full), DDP (FSDP with one shard per replica), ZeRO-1/2/3 and
-    ZeRO-3 with optimizer offload: every rank's measured bytes equal the model's for that rank."""
+    ZeRO-3 with optimizer offload, and a tied head on FSDP, ZeRO-2 and ZeRO-3: every rank's measured bytes equal
+    the model's for that rank, the model built from the config alone (the tie counted once)."""
     torchrun("memory_driver.py", [str(tmp_path), str(data)], timeout=400)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(results) == 11
+        assert len(results) == 14
         for name, result in results.items():
             measured, predicted = result["measured"], result["predicted"]
             if "offload" in name:  # grads, masters and moments in CPU memory
@@ -119,3 +120,14 @@ def test_bad_estimate_input_names_the_field():
         Setup(backend="tpu")
     with pytest.raises(ConfigError, match="not a preset"):
         model_config("llama-9-1t")
+
+
+def test_adapters_count_only_in_the_lora_row():
+    """The planner builds one set of shapes for the whole table: LoRA's adapters must not add to the other rows."""
+    plain = shapes_of(model_config("tiny-llama"), "tiny")
+    with_lora = shapes_of(model_config("tiny-llama"), "tiny", lora_r=8)
+    for backend, world in (("local", 1), ("fsdp", 2), ("zero2", 2), ("zero3", 2)):
+        setup = Setup(backend=backend, world_size=world, precision="fp32")
+        for method in ("full", "lisa"):
+            assert estimate(with_lora, method, setup).as_dict() == estimate(plain, method, setup).as_dict()
+        assert estimate(with_lora, "lora", setup).params > estimate(plain, "full", setup).params

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from lisa_dist import cli
 from lisa_dist.config import ConfigError, ModelConfig
 from lisa_dist.models import PRESETS, build_preset, byte_tokenizer, find_layout, load_model
 from lisa_dist.models.layout import FAMILIES, resolve_path
@@ -127,7 +128,9 @@ def test_generic_fallback_picks_the_longest_block_list():
     assert {n for n, _ in layout.always_trained_params()} == {
         "embed.weight", "heads.0.proj.weight", "heads.0.proj.bias", "heads.1.proj.weight", "heads.1.proj.bias",
     }
-    assert layout.always == {}  # neither a Hugging Face model nor a registered family
+    # Neither a Hugging Face model nor a registered family: every module outside the blocks that holds parameters.
+    assert layout.always == {"embed": model.embed, "heads.0.proj": model.heads[0].proj,
+                             "heads.1.proj": model.heads[1].proj}
 
 
 def test_generic_fallback_ignores_lists_inside_blocks():
@@ -309,3 +312,48 @@ def test_load_gguf(tmp_path):
     loaded, loaded_tok = load_model(ModelConfig(name=str(tmp_path / "tiny.gguf")), seed=0)
     assert type(loaded) is type(model) and _same_weights(model, loaded)
     assert loaded_tok("héllo <|im_end|>").input_ids == tokenizer("héllo <|im_end|>").input_ids
+
+
+TIED_PRESETS = [name for name in sorted(PRESETS) if PRESETS[name]().tie_word_embeddings]
+
+
+@pytest.mark.parametrize("name", TIED_PRESETS)
+def test_tied_presets_hold_transformers_own_parameter_count(name):
+    from lisa_dist.memory import model_config, shapes_of
+    from lisa_dist.models import open_model
+
+    expected = _numel(AutoModelForCausalLM.from_config(PRESETS[name]()).parameters())
+    skeleton, _, _ = open_model(ModelConfig(name=name), seed=0)
+    assert _numel(skeleton.parameters()) == expected
+    model, _ = load_model(ModelConfig(name=name), seed=0)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert _numel(model.parameters()) == expected
+    assert shapes_of(model_config(name), name).num_params == expected  # the planner counts the tie once
+
+
+def test_tied_local_folder_and_lisa_dist_layers(tmp_path, capsys):
+    from lisa_dist.models import open_model
+
+    config = tiny_config("llama", num_layers=3, tie_word_embeddings=True)
+    reference = AutoModelForCausalLM.from_config(config)
+    reference.save_pretrained(tmp_path / "tied")
+    byte_tokenizer().save_pretrained(tmp_path / "tied")
+    expected = _numel(reference.parameters())
+    skeleton, _, _ = open_model(ModelConfig(name=str(tmp_path / "tied")), seed=0)
+    assert _numel(skeleton.parameters()) == expected
+    model, _ = load_model(ModelConfig(name=str(tmp_path / "tied")), seed=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    assert cli.main(["layers", "tiny-gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{_numel(AutoModelForCausalLM.from_config(PRESETS['tiny-gpt2']()).parameters()):,} params" in out
+
+
+def test_generic_fallback_lists_the_final_norm_as_always_trained():
+    # A family lisa_dist does not know: the generic fallback finds the blocks, and the final norm trains always.
+    model = AutoModelForCausalLM.from_config(tiny_config("gptj", num_layers=3))
+    assert model.config.model_type not in FAMILIES
+    layout = find_layout(model)
+    assert layout.layers_path == "transformer.h"
+    assert layout.always["transformer.ln_f"] is model.transformer.ln_f
+    assert {"transformer.wte", "lm_head"} <= set(layout.always)

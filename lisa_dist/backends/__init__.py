@@ -1,18 +1,26 @@
 """Backends behind one Protocol; `build_backend` picks one by `backend.name`."""
 from __future__ import annotations
 
+import logging
+
 from lisa_dist.backends.base import Backend
 from lisa_dist.backends.local import LocalBackend
 from lisa_dist.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def build_backend(cfg: Config) -> Backend:
     b, t = cfg.backend, cfg.train
     if b.name == "local":
         return LocalBackend(t.device, t.precision, cfg.optim)
-    from lisa_dist.dist import init_distributed
+    from lisa_dist.dist import detect_launcher, init_distributed
 
-    env = init_distributed(t.device, b.timeout_s)
+    if detect_launcher() == "single":
+        log.warning("backend.name=%s without a launcher: running as one rank. For more, start it with "
+                    "launch/torchrun.sh (NPROC_PER_NODE=N), torchrun --nproc-per-node N -m lisa_dist.cli train ..., "
+                    "launch/deepspeed.sh, launch/mpirun.sh or srun (README: Launching)", b.name)
+    env = init_distributed(t.device, b.timeout_s, b.io_timeout_s)
     if b.name == "fsdp":
         from lisa_dist.backends.fsdp import FSDPBackend
 

@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist.dist import io_barrier
+from lisa_dist.models.weights import share_tied
 from lisa_dist.optim import TrainableSet
 
 
@@ -27,7 +29,8 @@ class ProcessGroupBackend:
         return value.cpu()
 
     def barrier(self) -> None:
-        dist.barrier()
+        """Around one rank's I/O (a cache being built, a checkpoint finalized): waits up to the I/O timeout."""
+        io_barrier()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -39,8 +42,8 @@ class ProcessGroupBackend:
             # Frozen blocks may be stored in another dtype: export everything in the always-trained params' dtype.
             dtype = self.trainable.always[0][1].dtype
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            self.model.save_pretrained(path, state_dict=state)
-        dist.barrier()
+            self.model.save_pretrained(path, state_dict=share_tied(self.model, state))
+        io_barrier()
 
     def close_process_group(self) -> None:
         from lisa_dist.dist import shutdown

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
-from lisa_dist.dist import DistEnv
+from lisa_dist.dist import DistEnv, io_group
 from lisa_dist.loss import lm_loss_sum
 from lisa_dist.methods import layer_named_params
 from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource
@@ -197,14 +197,14 @@ class FSDPBackend(ProcessGroupBackend):
         import torch.distributed.checkpoint as dcp
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), process_group=io_group())
 
     def load_state(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, checkpoint_id=str(folder), process_group=io_group())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from lisa_dist.config import OptimConfig
+from lisa_dist.dist import resolve_device
 from lisa_dist.loss import lm_loss_sum
 from lisa_dist.models import ModelLayout, WeightSource, materialize_full
 from lisa_dist.optim import (
@@ -26,14 +27,6 @@ from lisa_dist.optim import (
     set_lr,
     storage_bytes,
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
 
 
 class LocalBackend:
@@ -123,6 +116,7 @@ class LocalBackend:
         """Restore what `save_state` wrote; the same layers must be active."""
         self.model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device))
         saved = torch.load(folder / "optim.pt", map_location=self.device)
+        self.optimizer.state.clear()  # nothing of an earlier, failed load stays
         load_named_optimizer_state(self.optimizer, self.trainable, saved)
 
     def save_model(self, path: str) -> None:

@@ -93,7 +93,7 @@ class ModelLayout:
         block = type(self.layers[0]).__name__ if self.num_layers else "-"
         return (
             f"{type(self.model).__name__} ({self.family}): L={self.num_layers} x {block} at {self.layers_path}, "
-            f"{_millions(total)} params ({_millions(always)} always trained, {_millions(total - always)} in layers)"
+            f"{total:,} params ({always:,} always trained, {total - always:,} in layers; tied weights once)"
         )
 
 
@@ -118,8 +118,9 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
     names = {id(module): name for name, module in model.named_modules()}
     embed, head = _embeddings(base)
     norm = _optional(base, family.norm) if family else None
-    extra = [_optional(base, path) for path in family.extra] if family else []
-    always = [m for m in (embed, *extra, norm, head) if m is not None and id(m) in names]
+    # An unknown family: every module outside the blocks that holds parameters itself (the final norm among them).
+    extra = [_optional(base, path) for path in family.extra] if family else _owners_outside(base, layers)
+    always = list({id(m): m for m in (embed, *extra, norm, head) if m is not None and id(m) in names}.values())
     return ModelLayout(
         model=model,
         layers_path=names[id(layers)],
@@ -180,6 +181,20 @@ def _homogeneous(ml: nn.ModuleList) -> bool:
     return len({type(m) for m in ml}) == 1
 
 
+def _owners_outside(base: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """Modules outside `layers` that hold parameters themselves, each parameter counted at its first owner (a tied
+    head is not listed again)."""
+    inside = {id(m) for m in layers.modules()}
+    seen: set[int] = set()
+    owners = []
+    for module in base.modules():
+        own = {id(p) for p in module._parameters.values() if p is not None} - seen
+        if own and id(module) not in inside:
+            owners.append(module)
+        seen |= own
+    return owners
+
+
 def _candidates_hint(base: nn.Module) -> str:
     lists = _module_lists(base)
     if not lists:
@@ -222,6 +237,3 @@ def _optional(base: nn.Module, path: str) -> nn.Module | None:
         return None
     return found if isinstance(found, nn.Module) else None
 
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f}M"

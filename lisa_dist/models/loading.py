@@ -66,7 +66,11 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_co
         # Import the modeling module now: importing it inside DeepSpeed's zero.Init fails (its tensor patching).
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with empty_init() if empty_init else init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    # Tie again outside the context: meta-device building (accelerate re-creates a parameter at every assignment)
+    # leaves a tied head and embedding as two parameters, which would train, count and save twice.
+    model.tie_weights()
+    return model
 
 
 def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
@@ -78,6 +82,9 @@ def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
         if not path.is_file():
             raise ConfigError(f"model.name={cfg.name!r}: no such .gguf file")
         location, kwargs["gguf_file"] = str(path.parent), path.name
+    if Path(location).is_dir() and "gguf_file" not in kwargs and not (Path(location) / "config.json").is_file():
+        raise ConfigError(f"model.name={cfg.name!r}: cannot load a causal language model from it: the folder has no "
+                          "config.json (a Hugging Face model folder holds config.json, the weights and the tokenizer)")
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:

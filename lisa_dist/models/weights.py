@@ -46,14 +46,14 @@ class SafetensorsWeights:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for file in sorted(set(self.files.values())):
-            with safe_open(str(self.folder / file), framework="pt") as f:
+            with open_safetensors(self.folder / file) as f:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         return shapes
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) along dim 0 of tensor `name`, read without loading the rest of the file."""
-        with safe_open(str(self.folder / self.files[name]), framework="pt") as f:
+        with open_safetensors(self.folder / self.files[name]) as f:
             sliced = f.get_slice(name)
             if not sliced.get_shape():
                 return f.get_tensor(name)
@@ -62,7 +62,7 @@ class SafetensorsWeights:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         for file in sorted(set(self.files.values())):
-            with safe_open(str(self.folder / file), framework="pt") as f:
+            with open_safetensors(self.folder / file) as f:
                 state.update({name: f.get_tensor(name) for name in f.keys()})
         return state
 
@@ -75,8 +75,19 @@ def safetensors_index(folder: Path) -> dict[str, str]:
     single = folder / "model.safetensors"
     if not single.is_file():
         return {}
-    with safe_open(str(single), framework="pt") as f:
+    with open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), single.name)
+
+
+def open_safetensors(path: Path):
+    """`safe_open` of `path`, with a ConfigError naming the file when it is truncated or not safetensors."""
+    from lisa_dist.config import ConfigError
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise ConfigError(f"{path} is not a readable safetensors file (truncated, still being copied, or corrupted: "
+                          f"{exc})") from None
 
 
 def matches_model(source: SafetensorsWeights, model: nn.Module) -> bool:
@@ -92,12 +103,31 @@ def matches_model(source: SafetensorsWeights, model: nn.Module) -> bool:
 
 def allocate(model: nn.Module, device: torch.device | str) -> None:
     """Give a skeleton (or sharded skeleton) real, uninitialized parameter storage on `device`, keeping the buffers
-    it was built with (rotary frequencies, ...), which `to_empty` alone would wipe."""
+    it was built with (rotary frequencies, ...) and its tied parameters, which `to_empty` alone would wipe and
+    untie."""
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    shared = shared_parameters(model)
     model.to_empty(device=device)
+    # to_empty gives each module its own new parameter: hand the first owner's to the others again (FSDP2 keeps
+    # the first owner's, so the shard it manages stays the one every name refers to).
+    for owners in shared:
+        first_module, first_name = owners[0]
+        for module, name in owners[1:]:
+            module._parameters[name] = first_module._parameters[first_name]
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             buffer.copy_(saved[name].to(buffer.device, buffer.dtype))
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The (module, attribute) owners of each parameter that more than one module holds (tied weights), the first
+    owner in `named_modules` order first."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, name))
+    return [found for found in owners.values() if len(found) > 1]
 
 
 def materialize_full(model: nn.Module, source: WeightSource, device: torch.device) -> nn.Module:
@@ -143,3 +173,17 @@ def load_rows_into(model: nn.Module, source: SafetensorsWeights) -> None:
                 full = source.read_rows(name, 0, tensor.shape[0] if tensor.dim() else 0)
                 tensor.copy_(full.to(tensor.dtype))
             loaded.add(id(tensor))
+
+
+def share_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the names of one tied parameter pointing at one tensor again (a gathered or copied state dict
+    holds a copy per name), so that `save_pretrained` writes the tied weight once."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    shared = dict(state)
+    for group in names.values():
+        present = [n for n in group if n in shared]
+        for name in present[1:]:
+            shared[name] = shared[present[0]]
+    return shared
