@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lisa_dist.teardown import guard_exit, wait_for_idle_gloo_workers
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -188,6 +190,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_
     waits on one rank's I/O (`io_group`)."""
     place = discover()
     dev = resolve_device(device, place.local_rank)
+    guard_exit()
     use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -240,6 +243,7 @@ def shutdown(wait_s: float = 30.0) -> None:
     io_barrier()
     dist.destroy_process_group()
     _IO.clear()
+    wait_for_idle_gloo_workers()
     own = dict(_OWN_STORE)
     _OWN_STORE.clear()
     if not own:

@@ -32,7 +32,7 @@ def main(out: Path, overrides: list[str]) -> None:
             result["groups"].update(comm.by_group())
     result["groups"] = sorted(result["groups"])
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    run.backend.close()  # leave the process group together: an exit with gloo's threads alive can abort
+    run.backend.close()
 
 
 if __name__ == "__main__":

@@ -45,12 +45,16 @@ def launcher_env() -> dict[str, str]:
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
 
 
+ABORT_MARK = "terminate called"
+
+
 def run_launcher(cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None,
                  ) -> subprocess.CompletedProcess:
-    """Run a launcher command; fail with the ranks' output when it does not exit 0."""
+    """Run a launcher command; fail with the ranks' output when it does not exit 0, or when a rank aborted at exit
+    ("terminate called": a launcher may still report success when a rank's abort came late)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env() | (env or {}),
                           cwd=REPO)
-    if proc.returncode != 0:
+    if proc.returncode != 0 or ABORT_MARK in proc.stdout + proc.stderr:
         raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from lisa_dist.config import load_config
 from lisa_dist.data import ShardedBatches, load_examples
+from lisa_dist.dist import shutdown
 from lisa_dist.integrations.hf import LisaCallback, LisaTrainer
 from lisa_dist.memory import Setup, estimate, shapes_of_model
 from lisa_dist.models import load_model
@@ -161,9 +161,7 @@ def main() -> None:
               "schedule": [[s, list(layers)] for s, layers in lisa.schedule] if lisa else []}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from lisa_dist.metrics import read_jsonl
 
-from .helpers import REPO, launcher_env, run_launcher, tiny_overrides, write_text_data
+from .helpers import ABORT_MARK, REPO, launcher_env, run_launcher, tiny_overrides, write_text_data
 from .slurm_cluster import Cluster, local_slurm
 
 SLURM = REPO / "launch" / "slurm"
@@ -73,7 +73,9 @@ def assert_same_run(got: list[dict], want: list[dict]) -> None:
 def test_sbatch_matches_torchrun(cluster, reference, tmp_path, script, env):
     job = submit(cluster, script, tmp_path, **env)
     state = cluster.wait(job, timeout=120)
-    assert state == "COMPLETED", f"job {job} {state}:\n{cluster.output(job)[-4000:]}"
+    output = cluster.output(job)
+    assert state == "COMPLETED", f"job {job} {state}:\n{output[-4000:]}"
+    assert ABORT_MARK not in output, f"a rank of job {job} aborted at exit:\n{output[-4000:]}"
     assert_same_run(read_jsonl(tmp_path / "run" / "metrics.jsonl"), reference)
 
 

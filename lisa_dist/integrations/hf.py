@@ -40,6 +40,7 @@ from lisa_dist.methods import lisa_trainable
 from lisa_dist.models import find_layout
 from lisa_dist.optim import TrainableSet, build_adamw, set_active_params, set_requires_grad
 from lisa_dist.sampler import LayerSampler
+from lisa_dist.teardown import guard_exit
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class LisaTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        guard_exit()  # accelerate started the process group: the same wait at exit as lisa_dist's own runs
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LisaCallback)]
         if len(found) != 1:
             raise ValueError(f"LisaTrainer needs exactly one LisaCallback in callbacks=[...], got {len(found)}")
