@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lisa_dist import checkpoint
 from lisa_dist.config import load_config
-from lisa_dist.resume import save
-from lisa_dist.trainer import build, train_step
+from lisa_dist.run import build, checkpoint, save, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"

@@ -1,13 +1,15 @@
-"""The abort at exit, made frequent: the gloo collectives a run ends with, then exit while the group is still held.
+"""The abort at exit, made frequent: a run that ends right after gloo collectives of tensors Python created.
 
     RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python benchmarks/exit_race.py [--lisa-dist] &
     RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python benchmarks/exit_race.py [--lisa-dist]
 
-Each rank runs a few all-reduces of tensors Python created (as the loss reductions and object gathers do), keeps a
-reference to the default group (as FSDP's mesh, DeepSpeed's groups and accelerate do) and destroys the process
-group, then exits. Plain torch (the default) aborts now and then: a gloo worker releasing the last tensor after the
-interpreter began to finalize. With `--lisa-dist` the group is started and left through lisa_dist.dist
-(`init_distributed` and `shutdown`), which wait for idle gloo workers first (lisa_dist/teardown.py).
+Each rank all-reduces a few tensors that only the collectives hold (as a loss reduction or an object gather leaves
+them), waits for them and exits, as a Trainer script does, without destroying the process group. A gloo worker
+then drops the last reference to a tensor, which needs the GIL; the long switch interval set here keeps the main
+thread from handing the GIL over before the interpreter finalizes, which on a loaded machine happens by chance. The
+worker then takes the GIL during finalization, CPython ends the thread inside a C++ destructor and the rank aborts
+("terminate called without an active exception"). With `--lisa-dist` the group is started by
+lisa_dist.dist.init_distributed, whose exit guard (lisa_dist/teardown.py) waits for idle gloo workers first.
 `benchmarks/exit_stress.py --paths gloo-race gloo-race-lisa-dist` counts the aborts of each.
 """
 from __future__ import annotations
@@ -19,24 +21,18 @@ import torch.distributed as dist
 
 
 def main() -> None:
-    through_lisa_dist = "--lisa-dist" in sys.argv[1:]
-    if through_lisa_dist:
-        from lisa_dist.dist import init_distributed, shutdown
+    if "--lisa-dist" in sys.argv[1:]:
+        from lisa_dist.dist import init_distributed
 
         init_distributed("cpu")
     else:
         dist.init_process_group("gloo")
-    for _ in range(20):
+    for _ in range(4):
         dist.all_reduce(torch.ones(4096))
-    works = [dist.all_reduce(torch.ones(1024), async_op=True) for _ in range(8)]
+    sys.setswitchinterval(30.0)
+    works = [dist.all_reduce(torch.ones(1024), async_op=True) for _ in range(64)]
     for work in works:
         work.wait()
-    del works
-    held = dist.group.WORLD  # noqa: F841 - kept alive to the end, as the libraries do
-    if through_lisa_dist:
-        shutdown()
-    else:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

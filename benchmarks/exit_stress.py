@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import free_port, launcher_env, tiny_overrides, write_text_data  # noqa: E402
+from tests.helpers import DRIVERS, free_port, launcher_env, tiny_overrides, write_text_data  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 DS = {stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}" for stage in ("zero2", "zero3")}
@@ -54,10 +54,10 @@ def command(path: str, work: Path, data: Path) -> list[str]:
         return ["mpirun", "-n", "2", sys.executable, *train, *over, "--backend.name=fsdp"]
     if path.startswith("trainer-"):
         backend = path.split("-", 1)[1]
-        return [*TORCHRUN, str(REPO / "tests" / "hf_driver.py"), str(work / "out"), "--backend", backend, "--",
+        return [*TORCHRUN, str(DRIVERS / "hf_driver.py"), str(work / "out"), "--backend", backend, "--",
                 *tiny_overrides(work, data, "--train.steps=2", "--lisa.interval=1")]
     if path == "checkpoint-driver":
-        return [*TORCHRUN, str(REPO / "tests" / "ckpt_driver.py"), str(work), "save", "2", *over,
+        return [*TORCHRUN, str(DRIVERS / "ckpt_driver.py"), str(work), "save", "2", *over,
                 "--backend.name=fsdp", "--train.steps=4"]
     if path.startswith("gloo-race"):
         # Two ranks started side by side as plain SLURM tasks are, with torch's default OpenMP threads (torchrun
@@ -67,7 +67,7 @@ def command(path: str, work: Path, data: Path) -> list[str]:
                 f"{' --lisa-dist' if path.endswith('lisa-dist') else ''}")
         return ["bash", "-c", f"{rank.format(r=0)} & {rank.format(r=1)}; one=$?; wait $!; exit $(( $? | one ))"]
     if path == "comm":
-        return [*TORCHRUN, str(REPO / "tests" / "comm_driver.py"), str(work), *over, "--backend.name=fsdp"]
+        return [*TORCHRUN, str(DRIVERS / "comm_driver.py"), str(work), *over, "--backend.name=fsdp"]
     raise SystemExit(f"unknown path {path!r}")
 
 

@@ -6,7 +6,7 @@ Each method runs in a fresh process (so that its peak memory is its own) through
 records the bytes the method holds (params, grads before the update, fp32 masters, Adam moments), the step time
 and tokens. Writes methods.json: medians of tokens/s, the state series (naive LISA's grows with every switch), peak
 memory (CPU: peak RSS minus the RSS before the model was built; CUDA: torch.cuda.max_memory_allocated) and, next to
-it, lisa_dist.memory's prediction for the same run.
+it, lisa_dist.tools.memory's prediction for the same run.
 """
 from __future__ import annotations
 
@@ -67,10 +67,9 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     import datasets  # noqa: F401
     import peft  # noqa: F401
 
-    from lisa_dist.baselines import build_baseline
     from lisa_dist.config import load_config
-    from lisa_dist.memory import Setup, estimate, shapes_of_model
-    from lisa_dist.trainer import build, train_step
+    from lisa_dist.run import build, train_step
+    from lisa_dist.tools import Setup, build_baseline, estimate, shapes_of_model
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, overrides(method, args))
@@ -101,7 +100,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "params": sum(p.numel() for p in run.layout.model.parameters()),
         "trained_now": sum(p.numel() for p in run.layout.model.parameters() if p.requires_grad),
     }
-    if method != "badam":  # the memory model covers the four methods of lisa_dist.memory.METHODS
+    if method != "badam":  # the memory model covers the four methods of lisa_dist.tools.memory.METHODS
         lora = run.trainable.always if method == "lora" else ()
         setup = Setup(backend="local", world_size=1, precision=cfg.train.precision, param_dtype=cfg.model.dtype,
                       micro_batch=cfg.train.micro_batch_size, seq_len=args.seq_len,

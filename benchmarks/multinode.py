@@ -10,7 +10,7 @@ plus GLOO_SOCKET_IFNAME=<its veth>, runs this file's `measure` role:
 
     torchrun ... benchmarks/multinode.py measure OUT.json WARMUP_STEPS [--section.key=value ...]
 
-which trains with lisa_dist's FSDP backend, counts every step's collectives with lisa_dist.comm, and has rank 0
+which trains with lisa_dist's FSDP backend, counts every step's collectives with lisa_dist.tools.comm, and has rank 0
 write the raw per-rank, per-step figures and the link counters of the two nodes (veth: inter-node, lo: intra-node).
 The driver summarizes them into multinode.json and multinode.md under --out, and deletes the namespaces at the end.
 """
@@ -64,9 +64,9 @@ def measure(out: Path, args: list[str], warmup: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from lisa_dist.comm import count_collectives
     from lisa_dist.config import load_config
-    from lisa_dist.trainer import build, train_step
+    from lisa_dist.run import build, train_step
+    from lisa_dist.tools import count_collectives
 
     run = build(load_config(None, args))
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -217,9 +217,9 @@ def write_results(out: Path, results: dict, meta: dict) -> None:
         "| --- | --- | --- | --- |",
         *(f"| {n} | {r['tokens_per_s_median']:.0f} | {r['tokens_per_s_overall']:.0f} | {r['step_s_median']:.3f} |"
           for n, r in results.items()),
-        "", "MB per step per rank. Counted: message bytes of the collectives lisa_dist.comm saw (all-gathers count "
-        "their output), and the bytes a ring would send for them, split by whether the process group stays within "
-        "a node; median over steps without a LISA switch. Wire: bytes the veth (inter-node) and loopback "
+        "", "MB per step per rank. Counted: message bytes of the collectives lisa_dist.tools.comm saw (all-gathers "
+        "count their output), and the bytes a ring would send for them, split by whether the process group stays "
+        "within a node; median over steps without a LISA switch. Wire: bytes the veth (inter-node) and loopback "
         "(intra-node) devices sent, per rank and measured step, switches included, next to the counted ring bytes "
         "averaged the same way.", "",
         "| config | intra msg | inter msg | intra ring | inter ring | inter ring (mean) | inter wire | "

@@ -57,7 +57,7 @@ def heldout_loss(run, heldout: Path, batch: int = 16) -> float:
     from dataclasses import replace
 
     from lisa_dist.data import collate, load_examples
-    from lisa_dist.loss import lm_loss_sum, supervised_tokens
+    from lisa_dist.models import lm_loss_sum, supervised_tokens
 
     cfg = replace(run.cfg.data, path=str(heldout), skip_bad_rows=True)
     dataset = load_examples(cfg, run.tokenizer)
@@ -96,9 +96,9 @@ def answers(run, heldout: Path, max_new_tokens: int) -> list[dict]:
 
 def run_one(spec: dict) -> dict:
     """Train one configuration (spec: name, method, overrides, generate) and evaluate it."""
-    from lisa_dist.baselines import build_baseline
     from lisa_dist.config import load_config
-    from lisa_dist.trainer import build, train_step
+    from lisa_dist.run import build, train_step
+    from lisa_dist.tools import build_baseline
 
     torch.manual_seed(0)
     cfg = load_config(None, spec["overrides"])
@@ -138,7 +138,7 @@ class Study:
                           '--model.preset_overrides={"num_hidden_layers": 4, "hidden_size": 64}']
             self.layers = 4
         else:
-            from lisa_dist.prepare import prepare_model
+            from lisa_dist.tools import prepare_model
 
             self.model = [f"--model.name={prepare_model('smollm2-135m-instruct')}"]
             self.layers = 30

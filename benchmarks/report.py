@@ -4,7 +4,7 @@
 
 Reads methods*.json (benchmarks/methods.py), switch_overhead.json and switch_overhead_world1.json
 (benchmarks/switch_overhead.py on 2 ranks and on 1) and, when
-present, multinode.json (benchmarks/multinode.py); adds lisa_dist.memory's predictions for larger worlds and for
+present, multinode.json (benchmarks/multinode.py); adds lisa_dist.tools.memory's predictions for larger worlds and for
 70B models, and the versions and machine facts.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def methods_section(data: dict, out: Path, stem: str) -> list[str]:
         f"{meta['steps']} steps of {meta['micro_batch']} x {meta['seq_len']} tokens, {meta['precision']}, "
         f"{meta['device']}, {meta['threads']} threads; LISA gamma {meta['gamma']}, K {meta['interval']}; BAdam "
         f"one block, switched every {meta['interval']} steps. Tokens/s: median over steps 3..{meta['steps']}. "
-        "State: bytes held at the last step (grads just before the update). Model's total: lisa_dist.memory's "
+        "State: bytes held at the last step (grads just before the update). Model's total: lisa_dist.tools.memory's "
         "state plus its activation (and buffer) estimate. Peak: peak RSS minus the RSS before the model was built "
         "(CUDA: max_memory_allocated); on CPU it also holds the allocator's cached blocks, the data and the "
         "tokenizer.",
@@ -130,15 +130,15 @@ def switch_section(data: dict) -> list[str]:
 
 
 def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list[str]:
-    from lisa_dist.memory import Setup, estimate, model_config, shapes_of
-    from lisa_dist.models.presets import preset_config
+    from lisa_dist.models import preset_config
+    from lisa_dist.tools import Setup, estimate, model_config, shapes_of
 
     worlds = (1, 2, 8, 64, 512)
     lines = ["## Scaling: state bytes per rank", ""]
     if switch and world1:
         shapes = shapes_of(preset_config("tiny-llama", switch["meta"]["model"]), "switch model")
         lines += [f"The per-backend model ({switch['meta']['params'] / 1e6:.1f}M params, fp32): measured on world "
-                  "size 1 and 2 (rank 0, params + grads + masters + moments) and lisa_dist.memory's figure for "
+                  "size 1 and 2 (rank 0, params + grads + masters + moments) and lisa_dist.tools.memory's figure for "
                   "each world size, MB:", "",
                   "| backend | method | measured W=1 | measured W=2 | " + " | ".join(f"model W={w}" for w in worlds)
                   + " |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
@@ -153,8 +153,8 @@ def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list
                 lines.append(f"| {backend} | {LABELS[method]} | {measured[0]:.2f} | {measured[1]:.2f} | "
                              + " | ".join(f"{v:.3f}" for v in model) + " |")
         lines.append("")
-    lines += ["lisa_dist.memory for Llama-2-70B and Llama-3-70B, bf16 compute, FSDP with fp32 params and bf16 frozen "
-              "layers, LISA gamma 2, GiB of params + grads + masters + moments per rank:", "",
+    lines += ["lisa_dist.tools.memory for Llama-2-70B and Llama-3-70B, bf16 compute, FSDP with fp32 params and bf16 "
+              "frozen layers, LISA gamma 2, GiB of params + grads + masters + moments per rank:", "",
               "| model | method | " + " | ".join(f"W={w}" for w in worlds) + " |",
               "| --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -171,7 +171,7 @@ def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list
     ax.axhline(80 * 0.9, color="gray", linestyle="--", label="90% of 80 GiB")
     ax.set_xlabel("ranks")
     ax.set_ylabel("GiB per rank (state)")
-    ax.set_title("Llama-3-70B state per rank (lisa_dist.memory)")
+    ax.set_title("Llama-3-70B state per rank (lisa_dist.tools.memory)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=120)
@@ -180,10 +180,10 @@ def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list
 
 
 def estimate_section() -> list[str]:
-    from lisa_dist.memory import Setup, model_config, shapes_of, table
+    from lisa_dist.tools import Setup, model_config, shapes_of, table
 
     shapes = shapes_of(model_config("llama-2-70b"), "llama-2-70b", lora_r=8)
-    lines = ["## 70B on one 8 x 80 GB node (lisa_dist.memory)", "",
+    lines = ["## 70B on one 8 x 80 GB node (lisa_dist.tools.memory)", "",
              "`lisa-dist estimate --model llama-2-70b --gpus 8 --backend fsdp --gamma 2 --frozen-dtype bfloat16`:",
              ""]
     lines.append(table(shapes, Setup(backend="fsdp", world_size=8, frozen_dtype="bfloat16"), 80))

@@ -5,7 +5,7 @@
 Per backend, medians over the measured steps: step time without switches (LISA and full, and their ratio), the
 time of a LISA switch (FSDP: flip requires_grad and swap optimizer groups; DeepSpeed: rebuild the engine and its ZeRO
 partitions), the bytes rank 0 holds (params, grads, fp32 masters, Adam moments) and the bytes it hands to gradient
-reductions per step (reduce-scatter, all-reduce, reduce; counted through torch.distributed by lisa_dist.comm)
+reductions per step (reduce-scatter, all-reduce, reduce; counted through torch.distributed by lisa_dist.tools.comm)
 against the fraction of params that trains. Writes <name>.json and <name>.md (--name, default switch_overhead).
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lisa_dist.comm import count_collectives
 from lisa_dist.config import load_config
-from lisa_dist.trainer import build, train_step
+from lisa_dist.run import build, train_step
+from lisa_dist.tools import count_collectives
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
-from lisa_dist.config import Config, ConfigError, load_config
+from lisa_dist.config import Config, load_config
+from lisa_dist.errors import ConfigError
 
 # Exit statuses, one per kind of stop: a launcher or workflow engine can tell them apart.
 EXIT_BAD_INPUT = 2
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _estimate_parser(sub: argparse._SubParsersAction) -> None:
-    from lisa_dist.memory import BACKENDS, MODEL_PRESETS
+    from lisa_dist.tools import BACKENDS, MODEL_PRESETS
 
     p = sub.add_parser("estimate", help="per-GPU memory of full fine-tuning, LoRA, naive LISA and LISA",
                        description="Print per-rank params, grads, fp32 masters, Adam moments (exact) and "
@@ -154,14 +156,14 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> int:
 def _train(cfg: Config) -> int:
     """Train, and turn every way a run can stop into one line and an exit status."""
     _setup_logging(cfg.logging.level)
-    from lisa_dist.data import DataError
-    from lisa_dist.dist import CollectiveFailure, DistError, detect_launcher, is_collective_failure, rank_hint
-    from lisa_dist.preemption import EXIT_PREEMPTED, LauncherWatch, Preempted, mark_preempted
-    from lisa_dist.resume import CheckpointError
-    from lisa_dist.trainer import train
+    from lisa_dist.dist import detect_launcher, is_collective_failure, rank_hint
+    from lisa_dist.errors import CheckpointError, CollectiveFailure, DataError, DistError, Preempted
+    from lisa_dist.run import EXIT_PREEMPTED, LauncherWatch, mark_preempted, train
 
     log = logging.getLogger("lisa_dist")
     rank = rank_hint()
+    # The way a run stopped -> its exit status; the order matters (CollectiveFailure is a DistError).
+    stops = ((CheckpointError, EXIT_CHECKPOINT), (CollectiveFailure, EXIT_COLLECTIVE), (DistError, EXIT_LAUNCH))
     watch = LauncherWatch() if detect_launcher() != "single" else None
     try:
         if watch is not None:
@@ -174,15 +176,9 @@ def _train(cfg: Config) -> int:
         mark_preempted()
         log.warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
-    except CheckpointError as exc:
+    except (CheckpointError, DistError) as exc:
         log.error("rank %d: %s", rank, exc)
-        return EXIT_CHECKPOINT
-    except CollectiveFailure as exc:
-        log.error("rank %d: %s", rank, exc)
-        return EXIT_COLLECTIVE
-    except DistError as exc:
-        log.error("rank %d: %s", rank, exc)
-        return EXIT_LAUNCH
+        return next(status for kind, status in stops if isinstance(exc, kind))
     except RuntimeError as exc:
         if not is_collective_failure(exc):
             raise
@@ -198,9 +194,7 @@ def _train(cfg: Config) -> int:
 
 
 def _export(source: str, out_dir: str, overwrite: bool) -> int:
-    from pathlib import Path
-
-    from lisa_dist.export import export
+    from lisa_dist.tools import export
 
     export(Path(source), Path(out_dir), overwrite=overwrite)
     return 0
@@ -209,7 +203,7 @@ def _export(source: str, out_dir: str, overwrite: bool) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     import json
 
-    from lisa_dist.memory import Setup, model_config, plan, shapes_of, table
+    from lisa_dist.tools import Setup, model_config, plan, shapes_of, table
 
     setup = Setup(backend=args.backend, world_size=args.gpus, replicate=args.replicate, precision=args.precision,
                   param_dtype=args.param_dtype, frozen_dtype=args.frozen_dtype, gamma=args.gamma,
@@ -226,9 +220,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _prepare_model(name: str, cache: str | None) -> int:
-    from pathlib import Path
-
-    from lisa_dist.prepare import prepare_model
+    from lisa_dist.tools import prepare_model
 
     print(prepare_model(name, Path(cache) if cache else None))
     return 0

@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or key that lisa_dist cannot run with."""
+from lisa_dist.errors import ConfigError
 
 
 @dataclass
@@ -451,9 +449,14 @@ def _validate_optim(o: OptimConfig) -> None:
 
 def validate_for_model(cfg: Config, num_layers: int) -> None:
     """Checks that need the number of decoder layers L."""
-    lisa = cfg.lisa
-    if not lisa.enabled:
-        return
+    if cfg.lisa.enabled:
+        validate_lisa_layers(cfg.lisa, num_layers)
+
+
+def validate_lisa_layers(lisa: LisaConfig, num_layers: int) -> None:
+    """The LISA settings against a model of `num_layers` decoder layers (also what LayerSampler checks, for
+    LisaCallback users who pass them without a config)."""
+    _validate_lisa(lisa)
     _require(1 <= lisa.gamma <= num_layers, "lisa.gamma", lisa.gamma, f"expected in 1..{num_layers} (the model's L)")
     if lisa.strategy == "weighted":
         _require(len(lisa.weights) == num_layers, "lisa.weights", lisa.weights,

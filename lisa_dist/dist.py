@@ -24,14 +24,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lisa_dist.errors import CollectiveFailure, DistError
 from lisa_dist.teardown import guard_exit, wait_for_idle_gloo_workers
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-
-
-class DistError(RuntimeError):
-    """The launch environment is inconsistent, or the ranks disagree."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +172,7 @@ def discover(env: Mapping[str, str] = os.environ) -> Placement:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`train.device` (auto, cpu, cuda) as this rank's device; ConfigError for cuda without a GPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        from lisa_dist.config import ConfigError
+        from lisa_dist.errors import ConfigError
 
         raise ConfigError("train.device='cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU on "
                           "this node): use train.device=auto or cpu")
@@ -326,10 +323,6 @@ def raise_together(error: BaseException | None) -> None:
         raise first
 
 
-class CollectiveFailure(DistError):
-    """A collective failed or timed out: another rank died, hung, or stopped answering."""
-
-
 PEER_PREFIX = "lisa_dist/peers"
 
 
@@ -385,7 +378,7 @@ def _job_store() -> dist.Store | None:
     if not dist.is_initialized():
         return None
     try:
-        return dist.distributed_c10d._get_default_store()  # private; see docs/internals.md
+        return dist.distributed_c10d._get_default_store()  # private: docs/internals.md
     except (AttributeError, RuntimeError, ValueError):
         return None
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lisa_dist.config import ConfigError
+from lisa_dist.errors import ConfigError
 
 STAGES = (1, 2, 3)
 

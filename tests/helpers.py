@@ -10,6 +10,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+DRIVERS = TESTS / "distributed" / "drivers"  # the scripts the distributed and end-to-end tests start on 2 ranks
 DEMO_DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
 
 
@@ -32,9 +33,10 @@ def tiny_overrides(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
 
 
 def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run tests/<script> under `torchrun --standalone` (the OS picks a free port); fail with the ranks' output."""
+    """Run tests/distributed/drivers/<script> under `torchrun --standalone` (the OS picks a free port); fail with
+    the ranks' output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(TESTS / script), *args]
+           str(DRIVERS / script), *args]
     return run_launcher(cmd, timeout)
 
 
@@ -74,7 +76,7 @@ def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4
     """The local backend computing exactly the micro-batches `world` ranks of micro batch `micro` compute (micro
     batch `micro`, `world` accumulation steps): per-step records and the final weights in fp32."""
     from lisa_dist.config import load_config
-    from lisa_dist.trainer import build, train_step
+    from lisa_dist.run import build, train_step
 
     cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}",
                                            f"--train.grad_accum={world}", *extra))
@@ -91,7 +93,7 @@ def tied_param_count() -> int:
     """What transformers itself builds for the TIED model: the tied weight counted once."""
     from transformers import AutoModelForCausalLM
 
-    from lisa_dist.models.presets import preset_config
+    from lisa_dist.models import preset_config
 
     config = preset_config("tiny-llama", {"num_hidden_layers": 4, "hidden_size": 64, "tie_word_embeddings": True})
     return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())

@@ -4,8 +4,18 @@ from __future__ import annotations
 import logging
 
 from lisa_dist.backends.base import Backend
+from lisa_dist.backends.deepspeed import (
+    DS_TAG,
+    DeepSpeedBackend,
+    always_partitions,
+    build_engine,
+    carry_out,
+    destroy_engine,
+)
+from lisa_dist.backends.fsdp import FSDPBackend, rerun_lazy_init
 from lisa_dist.backends.local import LocalBackend
 from lisa_dist.config import Config
+from lisa_dist.dist import detect_launcher, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -14,23 +24,20 @@ def build_backend(cfg: Config) -> Backend:
     b, t = cfg.backend, cfg.train
     if b.name == "local":
         return LocalBackend(t.device, t.precision, cfg.optim)
-    from lisa_dist.dist import detect_launcher, init_distributed
-
     if detect_launcher() == "single":
         log.warning("backend.name=%s without a launcher: running as one rank. For more, start it with "
                     "launch/torchrun.sh (NPROC_PER_NODE=N), torchrun --nproc-per-node N -m lisa_dist.cli train ..., "
                     "launch/deepspeed.sh, launch/mpirun.sh or srun (README: Launching)", b.name)
     env = init_distributed(t.device, b.timeout_s, b.io_timeout_s)
     if b.name == "fsdp":
-        from lisa_dist.backends.fsdp import FSDPBackend
-
         return FSDPBackend(env, t.precision, cfg.optim, replicate=b.replicate, frozen_dtype=b.frozen_dtype,
                            reshard_after_forward=b.reshard_after_forward)
     if b.name == "deepspeed":
-        from lisa_dist.backends.deepspeed import DeepSpeedBackend
-
         return DeepSpeedBackend(env, b.ds_config, t.precision, cfg.optim, t.micro_batch_size, t.grad_accum)
     raise ValueError(f"backend.name={b.name!r} is not available")
 
 
-__all__ = ["Backend", "LocalBackend", "build_backend"]
+__all__ = [
+    "DS_TAG", "Backend", "DeepSpeedBackend", "FSDPBackend", "LocalBackend", "always_partitions", "build_backend",
+    "build_engine", "carry_out", "destroy_engine", "rerun_lazy_init",
+]

@@ -9,12 +9,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lisa_dist.method import TrainableSet
 from lisa_dist.models import ModelLayout, WeightSource
-from lisa_dist.optim import TrainableSet
 
 
 class Backend(Protocol):
-    """Local, DDP, FSDP2 and DeepSpeed all provide these verbs.
+    """The local, FSDP2 and DeepSpeed (ZeRO-1/2/3) backends all provide these verbs (DDP exists only inside the
+    transformers.Trainer integration, which drives its own loop).
 
     The trainer calls `materialize` and `prepare` once, `activate` at each LISA switch (and once at the start),
     then per step `forward_backward` for each micro-batch and `step`.
@@ -56,7 +57,7 @@ class Backend(Protocol):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank held at the last step, by kind: params, grads (just before the update), fp32 masters and
-        Adam moments; what `lisa_dist.memory` predicts."""
+        Adam moments; what `lisa_dist.tools.memory` predicts."""
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one process)."""

@@ -6,8 +6,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lisa_dist.dist import io_barrier
-from lisa_dist.models.weights import share_tied
-from lisa_dist.optim import TrainableSet
+from lisa_dist.method import TrainableSet
+from lisa_dist.models import share_tied
 
 
 class ProcessGroupBackend:

@@ -24,9 +24,7 @@ from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import DistEnv
 from lisa_dist.ds_config import fill_ds_config, read_ds_config, zero_stage
-from lisa_dist.loss import lm_loss_sum
-from lisa_dist.models import ModelLayout, WeightSource, materialize_full
-from lisa_dist.optim import (
+from lisa_dist.method import (
     ALWAYS,
     TrainableSet,
     build_adamw,
@@ -37,6 +35,7 @@ from lisa_dist.optim import (
     set_requires_grad,
     storage_bytes,
 )
+from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full
 
 log = logging.getLogger(__name__)
 

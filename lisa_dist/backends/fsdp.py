@@ -28,15 +28,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import DistEnv, io_group
-from lisa_dist.loss import lm_loss_sum
-from lisa_dist.methods import layer_named_params
-from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource
-from lisa_dist.models.weights import allocate, load_rows_into
-from lisa_dist.optim import (
+from lisa_dist.method import (
     TrainableSet,
     build_adamw,
     clip_grad_norm,
     freeze_except_always,
+    layer_named_params,
     layer_sq_norms,
     measured_state,
     moment_bytes,
@@ -44,6 +41,7 @@ from lisa_dist.optim import (
     set_lr,
     storage_bytes,
 )
+from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource, allocate, lm_loss_sum, load_rows_into
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,7 @@ from torch import nn
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import resolve_device
-from lisa_dist.loss import lm_loss_sum
-from lisa_dist.models import ModelLayout, WeightSource, materialize_full
-from lisa_dist.optim import (
+from lisa_dist.method import (
     TrainableSet,
     build_adamw,
     clip_grad_norm,
@@ -27,6 +25,7 @@ from lisa_dist.optim import (
     set_lr,
     storage_bytes,
 )
+from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full
 
 
 class LocalBackend:

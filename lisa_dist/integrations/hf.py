@@ -33,13 +33,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
-from lisa_dist.backends.deepspeed import build_engine, carry_out, destroy_engine
-from lisa_dist.backends.fsdp import rerun_lazy_init
+from lisa_dist.backends import build_engine, carry_out, destroy_engine, rerun_lazy_init
 from lisa_dist.config import OptimConfig
-from lisa_dist.methods import lisa_trainable
+from lisa_dist.method import (
+    LayerSampler,
+    TrainableSet,
+    build_adamw,
+    lisa_trainable,
+    set_active_params,
+    set_requires_grad,
+)
 from lisa_dist.models import find_layout
-from lisa_dist.optim import TrainableSet, build_adamw, set_active_params, set_requires_grad
-from lisa_dist.sampler import LayerSampler
 from lisa_dist.teardown import guard_exit
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,43 @@
-"""Models: loading by name, tiny presets, weight sources, and the layout (decoder layers vs always-trained)."""
-from lisa_dist.models.layout import ModelLayout, find_layout
+"""Models: loading by name, tiny presets, weight sources, the layout (which modules are the decoder layers and
+which are always trained), activation checkpointing and the loss."""
+from lisa_dist.models.ac import apply_activation_checkpointing
+from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, resolve_path
 from lisa_dist.models.loading import build_skeleton, load_model, open_model
-from lisa_dist.models.presets import PRESETS, build_preset
+from lisa_dist.models.loss import IGNORE_INDEX, lm_loss_sum, supervised_tokens
+from lisa_dist.models.presets import PRESETS, build_preset, preset_config, tiny_config
 from lisa_dist.models.tokenizer import byte_tokenizer
-from lisa_dist.models.weights import SafetensorsWeights, WeightSource, materialize_full
+from lisa_dist.models.weights import (
+    SafetensorsWeights,
+    WeightSource,
+    allocate,
+    load_rows_into,
+    materialize_full,
+    require_complete,
+    share_tied,
+)
 
 __all__ = [
-    "PRESETS", "ModelLayout", "SafetensorsWeights", "WeightSource", "build_preset", "build_skeleton",
-    "byte_tokenizer", "find_layout", "load_model", "materialize_full", "open_model",
+    "FAMILIES",
+    "IGNORE_INDEX",
+    "ModelLayout",
+    "PRESETS",
+    "SafetensorsWeights",
+    "WeightSource",
+    "allocate",
+    "apply_activation_checkpointing",
+    "build_preset",
+    "build_skeleton",
+    "byte_tokenizer",
+    "find_layout",
+    "lm_loss_sum",
+    "load_model",
+    "load_rows_into",
+    "materialize_full",
+    "open_model",
+    "preset_config",
+    "require_complete",
+    "resolve_path",
+    "share_tied",
+    "supervised_tokens",
+    "tiny_config",
 ]

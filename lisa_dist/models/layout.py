@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lisa_dist.config import ConfigError
+from lisa_dist.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from lisa_dist.config import ConfigError, ModelConfig
+from lisa_dist.config import ModelConfig
+from lisa_dist.errors import ConfigError
 from lisa_dist.models.presets import PRESETS, build_preset, preset_config, torch_dtype
 from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSource, matches_model, materialize_full

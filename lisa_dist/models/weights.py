@@ -81,7 +81,7 @@ def safetensors_index(folder: Path) -> dict[str, str]:
 
 def open_safetensors(path: Path):
     """`safe_open` of `path`, with a ConfigError naming the file when it is truncated or not safetensors."""
-    from lisa_dist.config import ConfigError
+    from lisa_dist.errors import ConfigError
 
     try:
         return safe_open(str(path), framework="pt")

@@ -1,0 +1,88 @@
+"""The order of the examples and each rank's micro-batches: a pure function of (seed, epoch, step), so every
+rank and a resumed run agree without communicating."""
+from __future__ import annotations
+
+import datasets
+import torch
+
+from lisa_dist.errors import DataError
+from lisa_dist.models import IGNORE_INDEX
+
+
+def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: pad_id in input_ids, -100 in labels, 0 in attention_mask."""
+    width = max(len(ids) for ids in input_ids)
+    batch = {
+        "input_ids": torch.full((len(input_ids), width), pad_id, dtype=torch.long),
+        "labels": torch.full((len(input_ids), width), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(input_ids), width), dtype=torch.long),
+    }
+    for i, (ids, target) in enumerate(zip(input_ids, labels, strict=True)):
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        batch["labels"][i, : len(target)] = torch.tensor(target, dtype=torch.long)
+        batch["attention_mask"][i, : len(ids)] = 1
+    return batch
+
+
+class ShardedBatches:
+    """One rank's micro-batches for any global optimizer step, as a pure function of the step.
+
+    Epoch e visits the examples in the order of a permutation drawn from `seed + e`. Global step s of an epoch
+    covers positions [s*G, (s+1)*G) with G = W*M*A; its k-th micro-batch round covers the next M*W positions, of
+    which rank r takes the contiguous M at offset r*M. So a 1-rank run with micro batch M*W sees the same examples
+    per step and per micro-batch round as W ranks with M, and a 1-rank run with micro batch M and W*A accumulation
+    steps computes exactly the micro-batches the W ranks compute (the bitwise reference of a distributed run).
+    """
+
+    def __init__(self, dataset: datasets.Dataset, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
+                 grad_accum: int, pad_id: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if micro_batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} and grad_accum={grad_accum} must be >= 1")
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.pad_id = pad_id
+        self.num_examples = len(dataset)
+        self.global_batch = world_size * micro_batch_size * grad_accum
+        self.steps_per_epoch = self.num_examples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the dataset has {self.num_examples} examples but one global batch needs "
+                            f"world_size*micro_batch_size*grad_accum = {world_size}*{micro_batch_size}*{grad_accum}"
+                            f" = {self.global_batch}")
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of all examples in `epoch`, identical on every rank."""
+        if self._cached is None or self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._cached = (epoch, torch.randperm(self.num_examples, generator=generator))
+        return self._cached[1]
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        """Dataset indices of this rank's `grad_accum` micro-batches for global optimizer step `step`."""
+        if step < 0:
+            raise ValueError(f"step {step} is negative")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.permutation(epoch)
+        m = self.micro_batch_size
+        micro = []
+        for k in range(self.grad_accum):
+            first = within * self.global_batch + (k * self.world_size + self.rank) * m
+            micro.append(order[first: first + m].tolist())
+        return micro
+
+    def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's `grad_accum` collated micro-batches (input_ids, labels, attention_mask) for `step`."""
+        batches = []
+        for indices in self.step_indices(step):
+            rows = self.dataset[indices]
+            batches.append(collate(rows["input_ids"], rows["labels"], self.pad_id))
+        return batches

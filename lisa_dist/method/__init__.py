@@ -1,0 +1,49 @@
+"""The method: which layers train when (the LISA sampler, grad-norm importance), what each method trains (the
+trainable set, LoRA) and AdamW over it."""
+from lisa_dist.method.importance import GradNormImportance
+from lisa_dist.method.optim import (
+    ALWAYS,
+    NamedParams,
+    TrainableSet,
+    build_adamw,
+    clip_grad_norm,
+    freeze_except_always,
+    layer_sq_norms,
+    load_named_optimizer_state,
+    lr_at,
+    measured_state,
+    moment_bytes,
+    named_optimizer_state,
+    param_groups,
+    set_active_params,
+    set_lr,
+    set_requires_grad,
+    storage_bytes,
+)
+from lisa_dist.method.sampler import LayerSampler
+from lisa_dist.method.trainable import apply_lora, layer_named_params, lisa_trainable
+
+__all__ = [
+    "ALWAYS",
+    "GradNormImportance",
+    "LayerSampler",
+    "NamedParams",
+    "TrainableSet",
+    "apply_lora",
+    "build_adamw",
+    "clip_grad_norm",
+    "freeze_except_always",
+    "layer_named_params",
+    "layer_sq_norms",
+    "lisa_trainable",
+    "load_named_optimizer_state",
+    "lr_at",
+    "measured_state",
+    "moment_bytes",
+    "named_optimizer_state",
+    "param_groups",
+    "set_active_params",
+    "set_lr",
+    "set_requires_grad",
+    "storage_bytes",
+]

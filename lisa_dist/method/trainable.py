@@ -1,0 +1,33 @@
+"""What each fine-tuning method trains: LISA and full fine-tuning share the layer split, LoRA trains adapters."""
+from __future__ import annotations
+
+from torch import nn
+
+from lisa_dist.config import LoraConfig
+from lisa_dist.method.optim import NamedParams, TrainableSet
+from lisa_dist.models import ModelLayout
+
+
+def layer_named_params(layout: ModelLayout) -> list[NamedParams]:
+    return [
+        [(f"{layout.layers_path}.{i}.{name}", p) for name, p in block.named_parameters()]
+        for i, block in enumerate(layout.layers)
+    ]
+
+
+def lisa_trainable(layout: ModelLayout) -> TrainableSet:
+    """Always-trained modules, plus every decoder layer as a unit that can be switched on and off."""
+    return TrainableSet(always=layout.always_trained_params(), layers=layer_named_params(layout))
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableSet]:
+    """Wrap `model` with peft LoRA adapters; only the adapters train, at every step."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_cfg)
+    return model, TrainableSet(always=[(n, p) for n, p in model.named_parameters() if p.requires_grad])

@@ -1,0 +1,26 @@
+"""A training run: the loop (`trainer`), what it holds and saves (`state`), resume and checkpoint files,
+preemption, metrics and output folders."""
+from lisa_dist.run import checkpoint, outputs
+from lisa_dist.run.metrics import read_jsonl
+from lisa_dist.run.preemption import EXIT_PREEMPTED, STOP, LauncherWatch, mark_preempted
+from lisa_dist.run.resume import plan, restore, save
+from lisa_dist.run.state import Run
+from lisa_dist.run.trainer import build, maybe_switch, train, train_step
+
+__all__ = [
+    "EXIT_PREEMPTED",
+    "LauncherWatch",
+    "Run",
+    "STOP",
+    "build",
+    "checkpoint",
+    "mark_preempted",
+    "maybe_switch",
+    "outputs",
+    "plan",
+    "read_jsonl",
+    "restore",
+    "save",
+    "train",
+    "train_step",
+]

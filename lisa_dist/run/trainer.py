@@ -1,0 +1,299 @@
+"""The one training loop: build -> train -> train_step (`lisa-dist train` calls `train`). It never asks which
+backend runs it."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lisa_dist.backends import Backend, build_backend
+from lisa_dist.config import Config, validate_for_model
+from lisa_dist.data import ShardedBatches, load_examples
+from lisa_dist.dist import (
+    PeerReport,
+    broadcast_seed,
+    collective_failure,
+    is_collective_failure,
+    raise_together,
+    rank_table,
+)
+from lisa_dist.errors import Preempted
+from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
+from lisa_dist.models import apply_activation_checkpointing, find_layout, open_model, supervised_tokens
+from lisa_dist.run import outputs
+from lisa_dist.run.metrics import ConsoleSink, JsonlSink, MetricsLogger, read_jsonl, truncate_jsonl
+from lisa_dist.run.preemption import STOP, stop_on_signals
+from lisa_dist.run.resume import Start, plan, restore
+from lisa_dist.run.resume import save as save_checkpoint
+from lisa_dist.run.state import Run
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: Config, backend: Backend | None = None, start: Start | None = None) -> Run:
+    """Everything a run needs, on `cfg.backend` (or on `backend`, a baseline's optimizer: `lisa_dist.tools.baselines`),
+    resumed from `start` (default: where `resume.plan` says this run starts)."""
+    backend = backend or build_backend(cfg)
+    start = start or plan(cfg, backend)
+    ranks = rank_table()
+    if backend.is_main and backend.world_size > 1:
+        log.info("%d ranks (rank=host:pid): %s", backend.world_size, ranks)
+    # Rank 0's seeds on every rank: model init, data order and the layer schedule must agree.
+    cfg.train.seed = broadcast_seed(cfg.train.seed)
+    if cfg.lisa.seed is not None:
+        cfg.lisa.seed = broadcast_seed(cfg.lisa.seed)
+    torch.manual_seed(cfg.train.seed)
+    skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
+    layout = find_layout(skeleton, cfg.model.layers_path)
+    validate_for_model(cfg, layout.num_layers)
+    if backend.is_main:
+        log.info("model: %s", layout.describe())
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(skeleton)  # before sharding: FSDP then wraps the checkpointed blocks
+    model = backend.materialize(skeleton, layout, weights)
+    if cfg.lora.enabled:
+        model, trainable = apply_lora(model, cfg.lora)
+    else:
+        trainable = lisa_trainable(layout)
+    dataset = load_examples(cfg.data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
+    batches = ShardedBatches(
+        dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+        pad_id=tokenizer.pad_token_id,
+    )
+    backend.prepare(model, trainable)
+    sampler = _build_sampler(cfg, layout.num_layers) if cfg.lisa.enabled and not cfg.lora.enabled else None
+    if sampler is None:
+        backend.activate(range(len(trainable.layers)))
+    run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
+    run.peers = PeerReport() if backend.world_size > 1 else None
+    if sampler is not None and cfg.lisa.strategy == "grad_norm":
+        run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
+    run.start_step = restore(run, start) if not (start.completed and start.path is None) else start.step
+    run.metrics = _build_metrics(cfg, backend.is_main, run.start_step, done=run.start_step >= cfg.train.steps)
+    return run
+
+
+def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
+    lisa = cfg.lisa
+    return LayerSampler(
+        num_layers, lisa.gamma, lisa.interval, seed=cfg.train.seed if lisa.seed is None else lisa.seed,
+        strategy=lisa.strategy, weights=lisa.weights, fixed_layers=lisa.fixed_layers,
+    )
+
+
+def _build_metrics(cfg: Config, is_main: bool, start_step: int, done: bool = False) -> MetricsLogger:
+    if not is_main or done:  # a completed run's metrics stay as they are
+        return MetricsLogger([])
+    path = outputs.metrics_path(cfg)
+    if start_step:  # resumed: keep the records up to the checkpoint, the steps after it are run again
+        truncate_jsonl(path, start_step)
+    return MetricsLogger([JsonlSink(path, append=start_step > 0), ConsoleSink(cfg.logging.console_every)])
+
+
+def maybe_switch(run: Run, step: int) -> bool:
+    """At the first step of a new period, activate that period's layers on every rank."""
+    if run.sampler is None:
+        run.active = tuple(range(len(run.trainable.layers)))
+        return False
+    period = run.sampler.period_of(step)
+    if period == run.period:
+        return False
+    run.period = period
+    run.active = run.sampler.agreed_layers(period, run.importance.weights() if run.importance else None)
+    run.backend.activate(run.active)
+    run.switches += 1
+    run.layers_visited.update(run.active)
+    if run.backend.is_main:
+        log.info("step %d: LISA period %d trains layers %s (%d of %d)", step + 1, period, list(run.active),
+                 len(run.active), run.layout.num_layers)
+    return True
+
+
+def train_step(run: Run, step: int) -> dict[str, Any] | None:
+    """One optimizer step over the global batch; returns the metrics record on logging steps.
+
+    If any rank was asked to stop (a signal), no rank runs this step: `run.preempted` is set and the step before
+    is the last one, the one to checkpoint."""
+    backend, cfg = run.backend, run.cfg
+    start = time.perf_counter()
+    if run.peers is not None:
+        run.peers.started(step + 1)
+    run.doing = f"step {step + 1}: the token-count reduction"
+    micro_batches = run.batches.step_batches(step)
+    local_counts = torch.tensor([sum(supervised_tokens(b) for b in micro_batches),
+                                 sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                                 int(STOP.requested)], dtype=torch.int64)
+    # The loss is a mean over the supervised tokens of the whole global batch, whatever its split over ranks and
+    # micro-batches: every rank scales its summed loss by the same global count. The same reduction tells every
+    # rank whether any of them was asked to stop.
+    counts = backend.all_reduce_sum(local_counts)
+    if counts[2]:
+        run.preempted = True
+        return None
+    run.doing = f"step {step + 1}: the LISA switch"
+    switch_start = time.perf_counter()
+    switched = maybe_switch(run, step)
+    switch_end = time.perf_counter()
+    switch_s = switch_end - switch_start
+    run.doing = f"step {step + 1}: forward and backward"
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in micro_batches:
+        loss_sum += backend.forward_backward(batch, 1.0 / max(1, int(counts[0]))).double().cpu()
+    if run.importance is not None:
+        run.importance.observe(run.active, backend.layer_grad_norms(run.active))
+    run.doing = f"step {step + 1}: the optimizer step"
+    lr = lr_at(step, cfg.optim, cfg.train.steps)
+    grad_norm = backend.step(lr)
+    run.tokens_seen += int(counts[1])
+    done = step + 1
+    if done % cfg.logging.log_every and done != cfg.train.steps:
+        return None
+    # Cross-rank reduction of the loss only on logging steps.
+    run.doing = f"step {step + 1}: the loss reduction"
+    loss = float(backend.all_reduce_sum(loss_sum)) / max(1, int(counts[0]))
+    return {
+        "step": done, "epoch": run.batches.epoch_of(step), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        "tokens": run.tokens_seen,
+        "tokens_per_s": int(counts[1]) / (switch_start - start + time.perf_counter() - switch_end),
+        "elapsed_s": run.elapsed_s(),
+        "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
+        "trainable_params": run.trainable.num_params(run.active),
+        "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
+    }
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run `cfg.train.steps` optimizer steps; returns the summary (also written to <output_dir>/summary.json).
+
+    The output folders are checked before anything runs and locked for the run's life; a run that already
+    completed returns its summary and leaves its outputs as they are."""
+    backend = build_backend(cfg)
+    lock = None
+    try:
+        error = None
+        try:
+            outputs.check_outputs(cfg)
+            if backend.is_main:
+                lock = _lock_outputs(cfg)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank
+            error = exc
+        raise_together(error)
+        start = plan(cfg, backend)
+        if start.completed:
+            summary = _completed(cfg, backend, start)
+            backend.close()
+            return summary
+        return _train(build(cfg, backend, start))
+    finally:
+        for held in lock or ():
+            held.release()
+
+
+def _lock_outputs(cfg: Config) -> list[outputs.OutputLock]:
+    out, root = Path(cfg.train.output_dir).resolve(), outputs.checkpoint_root(cfg).resolve()
+    locks = [outputs.OutputLock(out, "train.output_dir")]
+    if out not in root.parents:
+        locks.append(outputs.OutputLock(root, "checkpoint.dir"))
+    taken = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            taken.append(lock)
+    except Exception:
+        for lock in taken:
+            lock.release()
+        raise
+    return taken
+
+
+def _completed(cfg: Config, backend: Backend, start: Start) -> dict[str, Any]:
+    path = Path(cfg.train.output_dir) / outputs.SUMMARY
+    summary = json.loads(path.read_text()) if path.is_file() else {"steps": start.step}
+    if backend.is_main:
+        log.info("this run already completed its %d steps (%s): its outputs are left as they are; raise "
+                 "train.steps to continue it", cfg.train.steps, path if path.is_file() else start.path)
+    return summary
+
+
+def _train(run: Run) -> dict[str, Any]:
+    cfg, out = run.cfg, Path(run.cfg.train.output_dir)
+    if run.backend.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.info("data: %d examples, %d steps per epoch", run.batches.num_examples, run.batches.steps_per_epoch)
+    bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc="train",
+               disable=not (run.backend.is_main and cfg.logging.progress))
+    run.segment_start = time.perf_counter()
+    try:
+        with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
+            for step in range(run.start_step, cfg.train.steps):
+                record = train_step(run, step)
+                if run.preempted:  # the step before this one was the last: checkpoint it and stop
+                    raise Preempted(step, _checkpoint(run, step) if step > run.start_step else None)
+                if record is not None:
+                    run.metrics.log(record)
+                    run.history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"], refresh=False)
+                bar.update(1)
+                _maybe_checkpoint(run, step + 1)
+        summary = _finish(run, out)
+    except Preempted:
+        run.backend.close()  # every rank stopped at the same step: leave together
+        raise
+    except RuntimeError as exc:
+        if run.backend.world_size > 1 and is_collective_failure(exc):
+            raise collective_failure(exc, run.doing, cfg.backend.timeout_s, run.peers) from exc
+        raise
+    finally:
+        bar.close()
+        run.metrics.close()
+    # Only on success: a rank that failed alone must exit at once (its launcher then stops the others), not wait
+    # in a closing barrier for peers that are still computing.
+    run.backend.close()
+    return summary
+
+
+def _maybe_checkpoint(run: Run, done: int) -> None:
+    every = run.cfg.checkpoint.every
+    if every and (done % every == 0 or done == run.cfg.train.steps):
+        _checkpoint(run, done)
+
+
+def _checkpoint(run: Run, done: int) -> Path | None:
+    run.doing = f"the checkpoint save after step {done}"
+    return save_checkpoint(run, done)
+
+
+def _finish(run: Run, out: Path) -> dict[str, Any]:
+    cfg = run.cfg
+    if cfg.checkpoint.save_final:
+        run.backend.save_model(str(out / "final"))
+        if run.backend.is_main:
+            run.tokenizer.save_pretrained(str(out / "final"))
+    # The whole run, earlier launches included: their records are in the metrics file.
+    path = outputs.metrics_path(cfg)
+    history = read_jsonl(path) if run.backend.is_main and path.is_file() else run.history
+    wall_s = run.elapsed_s()
+    summary = {
+        "method": "lora" if cfg.lora.enabled else ("lisa" if run.sampler else "full"),
+        "backend": cfg.backend.name, "world_size": run.backend.world_size, "steps": cfg.train.steps,
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "tokens": run.tokens_seen, "wall_s": wall_s, "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
+        "switches": run.switches, "layers_visited": sorted(run.layers_visited),
+        "resumed_at_step": run.start_step or None,
+        "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in history), default=0),
+    }
+    if not run.backend.is_main:
+        return summary
+    (out / outputs.SUMMARY).write_text(json.dumps(summary, indent=2))
+    log.info("done: %d steps in %.1f s | loss %.4f -> %.4f | %.0f tok/s | %d switches, layers visited %s",
+             summary["steps"], wall_s, summary["first_loss"], summary["last_loss"], summary["tokens_per_s"],
+             summary["switches"], summary["layers_visited"])
+    return summary

@@ -1,0 +1,35 @@
+"""Tools around runs: the memory planner, export, prepare-model, the baselines and collective byte counting."""
+from lisa_dist.tools.baselines import NaiveLisaBackend, build_baseline
+from lisa_dist.tools.comm import count_collectives
+from lisa_dist.tools.exporter import export
+from lisa_dist.tools.memory import (
+    BACKENDS,
+    METHODS,
+    MODEL_PRESETS,
+    Setup,
+    estimate,
+    model_config,
+    plan,
+    shapes_of,
+    shapes_of_model,
+    table,
+)
+from lisa_dist.tools.prepare import prepare_model
+
+__all__ = [
+    "BACKENDS",
+    "METHODS",
+    "MODEL_PRESETS",
+    "NaiveLisaBackend",
+    "Setup",
+    "build_baseline",
+    "count_collectives",
+    "estimate",
+    "export",
+    "model_config",
+    "plan",
+    "prepare_model",
+    "shapes_of",
+    "shapes_of_model",
+    "table",
+]

@@ -1,0 +1,448 @@
+"""Per-rank memory of a fine-tuning run, on paper, before anyone rents GPUs.
+
+The model is built on the meta device (no memory), the method picks its trainable params exactly as the engine
+does (`methods.lisa_trainable`, `methods.apply_lora`), and each backend's sharding rule turns their shapes into the
+bytes one rank holds:
+
+- params: every weight as stored (local, DDP, ZeRO-1/2: whole; FSDP2: a dim-0 shard padded to ceil(rows / S) rows;
+  ZeRO-3: ceil(numel / W) per param);
+- grads: the gradients of trainable params just before the optimizer step (FSDP2: padded shards; ZeRO-1/2: the
+  params that overlap this rank's partition; ZeRO-3: one flat partition buffer);
+- masters: fp32 copies of trainable params that exist besides the params (DeepSpeed keeps them, in fp32 training
+  too; torch AdamW on local, DDP and FSDP updates the params themselves);
+- moments: Adam's exp_avg and exp_avg_sq (torch AdamW: in the param's dtype; DeepSpeed: fp32 partitions, each
+  group padded to a multiple of 2 x W for ZeRO-1/2).
+
+These four are exact: `tests/test_memory.py` compares them with what every backend measures on small models. Two
+further figures are labelled estimates: activations per micro-batch (the tensors autograd saves in a Llama-style
+block with SDPA attention, with and without activation checkpointing) and working buffers (FSDP's unsharded units,
+DeepSpeed's buckets, DDP's gradient buckets).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lisa_dist.errors import ConfigError
+
+GIB = 1024**3
+BACKENDS = ("local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+METHODS = ("full", "lora", "naive_lisa", "lisa")
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "naive_lisa": "naive LISA (all layers visited)",
+                "lisa": "lisa_dist LISA"}
+# The reference LISA callbacks toggle requires_grad only; LMFlow and axolotl do not run them under FSDP or ZeRO-3.
+NAIVE_UNSUPPORTED = ("fsdp", "zero3", "zero3_offload")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+NCCL_ALIGNMENT = 2  # ZeRO-1/2 pad each group to a multiple of this x W
+
+# Hugging Face configs of the models people fine-tune at 7B-70B, as published with each checkpoint.
+MODEL_PRESETS: dict[str, tuple[str, dict]] = {
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+    "llama-2-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                  num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)),
+    "llama-2-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "llama-3-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModelShapes:
+    """What the memory model needs of a model: its params by role, and the sizes activations depend on."""
+
+    name: str
+    always: list[Param]
+    """Trained at every step by LISA and full fine-tuning: embeddings, final norm, head (tied weights once)."""
+    layers: list[list[Param]]
+    """Each decoder layer's params."""
+    lora: list[Param] = field(default_factory=list)
+    """LoRA adapters (only when built with a rank)."""
+    hidden: int = 0
+    intermediate: int = 0
+    heads: int = 0
+    kv_dim: int = 0
+    vocab: int = 0
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel for p in self.always) + sum(p.numel for layer in self.layers for p in layer)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the run is configured, in the names of `lisa-dist estimate`'s flags (each mirrors a config field:
+    backend.name, model.dtype, backend.frozen_dtype, lisa.gamma, lora.r, train.micro_batch_size, ...)."""
+
+    backend: str = "fsdp"
+    world_size: int = 8
+    replicate: int = 1
+    """FSDP only: HSDP replicas (nodes); the other ranks of a replica shard."""
+    precision: str = "bf16"
+    """Compute: fp32 or bf16 (autocast on local, MixedPrecisionPolicy on FSDP, DeepSpeed's bf16 mode)."""
+    param_dtype: str = "float32"
+    """model.dtype: storage of the weights (local, DDP, FSDP; DeepSpeed in bf16 stores bf16 and keeps fp32 masters)."""
+    frozen_dtype: str = "float32"
+    """FSDP: bfloat16 stores the layers that are not active in bf16."""
+    gamma: int = 2
+    lora_r: int = 8
+    micro_batch: int = 1
+    seq_len: int = 2048
+    activation_checkpointing: bool = True
+    rank: int = 0
+    """Which rank (FSDP shards are uneven: rank 0 holds the most)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r}: allowed values are {', '.join(BACKENDS)}")
+        for name, value, allowed in (("precision", self.precision, ("fp32", "bf16")),
+                                     ("param_dtype", self.param_dtype, tuple(DTYPE_BYTES)),
+                                     ("frozen_dtype", self.frozen_dtype, tuple(DTYPE_BYTES))):
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
+        if self.world_size < 1 or self.world_size % self.replicate:
+            raise ConfigError(f"replicate={self.replicate} must divide world_size={self.world_size}")
+        if self.backend == "local" and self.world_size != 1:
+            raise ConfigError(f"backend=local runs one rank, not world_size={self.world_size}")
+
+
+@dataclass
+class Breakdown:
+    """Bytes one rank holds. `host` is what ZeRO-3 offload keeps in CPU memory instead of on the GPU."""
+
+    params: int = 0
+    grads: int = 0
+    masters: int = 0
+    moments: int = 0
+    host: int = 0
+    activations: int = 0
+    buffers: int = 0
+    supported: bool = True
+    note: str = ""
+
+    @property
+    def state(self) -> int:
+        """params + grads + masters + moments on the device (the exact part)."""
+        return self.params + self.grads + self.masters + self.moments
+
+    @property
+    def device_total(self) -> int:
+        return self.state + self.activations + self.buffers
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "grads": self.grads, "masters": self.masters, "moments": self.moments,
+                "host": self.host, "activations": self.activations, "buffers": self.buffers,
+                "state": self.state, "device_total": self.device_total, "supported": self.supported,
+                "note": self.note}
+
+
+# -- shapes -----------------------------------------------------------------------------------------------------
+
+
+def model_config(model: str):
+    """A preset name of MODEL_PRESETS, a lisa_dist tiny preset, a config.json or a folder holding one."""
+    from transformers import AutoConfig
+
+    from lisa_dist.models import PRESETS, preset_config
+
+    if model in MODEL_PRESETS:
+        model_type, fields = MODEL_PRESETS[model]
+        return AutoConfig.for_model(model_type, tie_word_embeddings=False, **fields)
+    if model in PRESETS:
+        return preset_config(model)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--model {model!r}: not a preset ({', '.join(MODEL_PRESETS)}, {', '.join(PRESETS)}) "
+                          "and no such config.json")
+    try:
+        fields = json.loads(path.read_text())
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a Hugging Face config.json ({exc})") from None
+
+
+def shapes_of(config, name: str = "model", lora_r: int | None = None,
+              lora_targets: Sequence[str] | None = None, layers_path: str | None = None) -> ModelShapes:
+    """Build `config`'s model on the meta device and read its param shapes by role (and LoRA's, given a rank)."""
+    from lisa_dist.config import LoraConfig
+    from lisa_dist.method import apply_lora, lisa_trainable
+    from lisa_dist.models import build_skeleton, find_layout
+
+    model = build_skeleton(config, torch.float32)
+    layout = find_layout(model, layers_path)
+    trainable = lisa_trainable(layout)
+    shapes = ModelShapes(name=name, always=_params(trainable.always),
+                         layers=[_params(layer) for layer in trainable.layers], **_dims(config))
+    if lora_r:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers method
+            _, adapters = apply_lora(model, LoraConfig(enabled=True, r=lora_r, target_modules=lora_targets))
+        shapes.lora = _params(adapters.always)
+    return shapes
+
+
+def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[str, nn.Parameter]] = (),
+                    layers_path: str | None = None) -> ModelShapes:
+    """The shapes of a model already built and placed (tests and benchmarks: the one they train); `lora` are its
+    adapters when it is peft-wrapped."""
+    from lisa_dist.method import lisa_trainable
+    from lisa_dist.models import find_layout
+
+    trainable = lisa_trainable(find_layout(model, layers_path))
+    adapters = {id(p) for _, p in lora}
+
+    def base(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
+        return _params([(n, p) for n, p in named if id(p) not in adapters])
+
+    return ModelShapes(name=name, always=base(trainable.always), layers=[base(layer) for layer in trainable.layers],
+                       lora=_params(lora), **_dims(model.config))
+
+
+def _dims(config) -> dict[str, int]:
+    """The sizes the activation estimate needs."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"hidden": config.hidden_size, "heads": heads, "vocab": config.vocab_size,
+            "intermediate": getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+            "kv_dim": (getattr(config, "num_key_value_heads", None) or heads) * head_dim}
+
+
+def _params(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
+    # A ZeRO-3 partitioned param keeps its real shape in ds_shape.
+    return [Param(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named]
+
+
+# -- sharding rules ---------------------------------------------------------------------------------------------
+
+
+def _fsdp_rows(p: Param, shards: int, rank: int, padded: bool) -> int:
+    """Elements of `p` on `rank` under FSDP2's dim-0 chunking (padded: the storage every rank allocates)."""
+    rows = p.shape[0] if p.shape else 1
+    per = -(-rows // shards)
+    mine = per if padded else max(0, min(per, rows - rank * per))
+    return mine * (p.numel // rows if rows else 0)
+
+
+def _zero3_numel(p: Param, world: int) -> int:
+    return -(-p.numel // world)
+
+
+def _groups(always: list[Param], active: list[Param]) -> list[list[Param]]:
+    """The optimizer's groups in order (optim.param_groups with drop_empty): per role, decay (>= 2-d) then not."""
+    groups = []
+    for params in (always, active):
+        groups.append([p for p in params if len(p.shape) >= 2])
+        groups.append([p for p in params if len(p.shape) < 2])
+    return [g for g in groups if g]
+
+
+def _zero12_partition(group: list[Param], world: int) -> int:
+    numel = sum(p.numel for p in group)
+    align = NCCL_ALIGNMENT * world
+    return -(-numel // align) * align // world
+
+
+def _zero2_grad_numel(group: list[Param], world: int, rank: int) -> int:
+    """Numel of the params of `group` that overlap `rank`'s partition (their whole size: DeepSpeed copies each)."""
+    part = _zero12_partition(group, world)
+    start, end, offset, total = rank * part, (rank + 1) * part, 0, 0
+    for p in group:
+        if offset < end and offset + p.numel > start:
+            total += p.numel
+        offset += p.numel
+    return total
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+
+
+def _roles(shapes: ModelShapes, method: str, active: Sequence[int]
+           ) -> tuple[list[Param], list[Param], list[Param]]:
+    """(trainable params, params with optimizer state, params stored as frozen) of `method`."""
+    every = [p for layer in shapes.layers for p in layer]
+    if method == "full":
+        return shapes.always + every, shapes.always + every, []
+    if method == "lora":
+        return shapes.lora, shapes.lora, shapes.always + every
+    chosen = set(active)
+    on = [p for i in active for p in shapes.layers[i]]  # the optimizer's order
+    off = [p for i, layer in enumerate(shapes.layers) if i not in chosen for p in layer]
+    if method == "lisa":
+        return shapes.always + on, shapes.always + on, off
+    if method == "naive_lisa":  # one AdamW over everything: after enough switches every layer has moments
+        return shapes.always + on, shapes.always + every, off
+    raise ConfigError(f"method={method!r}: allowed values are {', '.join(METHODS)}")
+
+
+def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[int] | None = None) -> Breakdown:
+    """Bytes one rank holds for `method` under `setup`. `active`: the LISA layers (default: the gamma largest)."""
+    if method == "naive_lisa" and setup.backend in NAIVE_UNSUPPORTED:
+        return Breakdown(supported=False, note="the reference callbacks do not run under FSDP or ZeRO-3")
+    if method == "lora" and not shapes.lora:
+        raise ConfigError("LoRA needs shapes built with a LoRA rank (shapes_of(..., lora_r=r))")
+    if active is None:  # the gamma largest layers (all layers of a Llama are the same size)
+        sizes = [sum(p.numel for p in layer) for layer in shapes.layers]
+        active = sorted(range(len(sizes)), key=lambda i: -sizes[i])[:setup.gamma]
+    trainable, with_state, frozen = _roles(shapes, method, active)
+    out = _state(shapes, method, setup, trainable, with_state, frozen)
+    out.activations = activation_bytes(shapes, setup)
+    out.buffers = _buffers(shapes, setup, trainable)
+    return out
+
+
+def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], with_state: list[Param],
+           frozen: list[Param]) -> Breakdown:
+    storage = DTYPE_BYTES[s.param_dtype]
+    b = s.backend
+    # The adapters exist only in a LoRA run (the shapes may carry them for the LoRA row of the same table).
+    adapters = shapes.lora if method == "lora" else []
+    if b in ("local", "ddp"):
+        every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
+        return Breakdown(params=sum(p.numel for p in every) * storage,
+                         grads=sum(p.numel for p in trainable) * storage,
+                         moments=2 * sum(p.numel for p in with_state) * storage)
+    if b == "fsdp":
+        shards = s.world_size // s.replicate
+        frozen_bytes = DTYPE_BYTES[s.frozen_dtype] if method != "lora" else storage
+        frozen_ids = {id(p) for p in frozen}
+        params = 0
+        for p in shapes.always + [q for layer in shapes.layers for q in layer] + adapters:
+            params += _fsdp_rows(p, shards, s.rank, padded=True) * (frozen_bytes if id(p) in frozen_ids else storage)
+        return Breakdown(params=params,
+                         grads=sum(_fsdp_rows(p, shards, s.rank, padded=True) for p in trainable) * storage,
+                         moments=2 * sum(_fsdp_rows(p, shards, s.rank, padded=False) for p in with_state) * storage)
+    # DeepSpeed: in bf16 mode the engine stores every param in bf16; masters and moments are fp32 partitions.
+    ds_storage = 2 if s.precision == "bf16" else storage
+    every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
+    if b in ("zero1", "zero2"):
+        always_names = {p.name for p in shapes.always + adapters}
+        always = [p for p in with_state if p.name in always_names]
+        layers = [p for p in with_state if p.name not in always_names]
+        partitions = sum(_zero12_partition(g, s.world_size) for g in _groups(always, layers))
+        # After the boundary backward both stages keep only the gradients of the params that overlap this rank's
+        # partitions (whole params; ZeRO-1 too clears param.grad), sized for every param with optimizer state.
+        grads = sum(_zero2_grad_numel(g, s.world_size, s.rank) for g in _groups(always, layers))
+        # The params with optimizer state become views into one flat buffer per group, padded like the partitions.
+        stated = {p.name for p in with_state}
+        params = sum(p.numel for p in every if p.name not in stated) + partitions * s.world_size
+        return Breakdown(params=params * ds_storage, grads=grads * ds_storage, masters=partitions * 4,
+                         moments=2 * partitions * 4)
+    part = sum(_zero3_numel(p, s.world_size) for p in with_state)
+    # ZeRO-3 means to reuse fp32 param partitions as masters, but compares a tensor's device with a device name
+    # (never equal; DeepSpeed 0.19): the fp32 copy is made in fp32 training too.
+    out = Breakdown(params=sum(_zero3_numel(p, s.world_size) for p in every) * ds_storage,
+                    grads=part * ds_storage, masters=part * 4, moments=2 * part * 4)
+    if b == "zero3_offload":  # masters, moments and the gradient partitions live in (pinned) CPU memory
+        out.host, out.masters, out.moments, out.grads = out.masters + out.moments + out.grads, 0, 0, 0
+    return out
+
+
+def activation_bytes(shapes: ModelShapes, s: Setup) -> int:
+    """ESTIMATE of the tensors autograd saves for one micro-batch of a Llama-style model with SDPA attention.
+
+    Per token and layer: 2 RMSNorms (input and output each, 4h), q after RoPE and the attention output (2h), k and
+    v (2 kv_dim), the MLP's gate, up, SiLU and product (4 intermediate), in the compute dtype, plus SDPA's fp32
+    log-sum-exp per head. With activation checkpointing only each block's input stays (h per layer), plus one
+    block's full set while it is recomputed. The head adds the logits (compute dtype) and their fp32 copy and
+    log-softmax (8 bytes per vocabulary entry). Frozen layers under LISA save a little less (no inputs of frozen
+    matmuls); the estimate does not count that.
+    """
+    tokens = s.micro_batch * s.seq_len
+    compute = 2 if s.precision == "bf16" else DTYPE_BYTES[s.param_dtype]
+    h, kv, inter, heads = shapes.hidden, shapes.kv_dim, shapes.intermediate, shapes.heads
+    per_layer = tokens * ((6 * h + 2 * kv + 4 * inter) * compute + 4 * heads)
+    layers = len(shapes.layers)
+    if s.activation_checkpointing:
+        body = layers * tokens * h * compute + per_layer
+    else:
+        body = layers * per_layer
+    return body + tokens * shapes.vocab * (compute + 8)
+
+
+def _buffers(shapes: ModelShapes, s: Setup, trainable: list[Param]) -> int:
+    """ESTIMATE of working buffers: FSDP's unsharded units (the current and the prefetched block in the compute
+    dtype, the head unit kept unsharded through backward, one unsharded block gradient); DeepSpeed's reduce
+    bucket (its default 5e8 elements, capped by the trainable params) and, for ZeRO-3, two gathered blocks;
+    DDP's gradient buckets (one more copy of the gradients)."""
+    compute = 2 if s.precision == "bf16" else DTYPE_BYTES[s.param_dtype]
+    block = max((sum(p.numel for p in layer) for layer in shapes.layers), default=0)
+    trainable_numel = sum(p.numel for p in trainable)
+    if s.backend == "ddp":
+        return trainable_numel * DTYPE_BYTES[s.param_dtype]
+    if s.backend == "fsdp":
+        head = max((p.numel for p in shapes.always), default=0)
+        return (2 * block + head) * compute + block * 4
+    if s.backend.startswith("zero"):
+        bucket = min(DS_BUCKET, trainable_numel) * (2 if s.precision == "bf16" else 4)
+        return bucket + (2 * block * compute if s.backend.startswith("zero3") else 0)
+    return 0
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+
+
+def plan(shapes: ModelShapes, setup: Setup, methods: Sequence[str] = METHODS) -> dict[str, Breakdown]:
+    return {m: estimate(shapes, m, setup) for m in methods}
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def table(shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0.9,
+          methods: Sequence[str] = METHODS) -> str:
+    """A markdown table of every method for `setup`, and which fit `gpu_gib` (using `headroom` of it)."""
+    rows = plan(shapes, setup, methods)
+    budget = gpu_gib * GIB * headroom
+    hsdp = f" (HSDP, {setup.replicate} replicas)" if setup.replicate > 1 else ""
+    lines = [
+        f"{shapes.name}: {shapes.num_params / 1e9:.2f}B params ({len(shapes.layers)} layers), backend "
+        f"{setup.backend}, {setup.world_size} GPU(s){hsdp}"
+        f", {setup.precision}, weights {setup.param_dtype}"
+        f"{f', frozen layers {setup.frozen_dtype}' if setup.backend == 'fsdp' else ''}; LISA gamma {setup.gamma}, "
+        f"LoRA r {setup.lora_r}; micro-batch {setup.micro_batch} x {setup.seq_len} tokens, activation "
+        f"checkpointing {'on' if setup.activation_checkpointing else 'off'}. GiB per rank.",
+        "",
+        "| method | params | grads | fp32 masters | Adam moments | state | activations (est.) | buffers (est.) "
+        f"| total | CPU (offload) | fits {gpu_gib:g} GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, b in rows.items():
+        if not b.supported:
+            lines.append(f"| {METHOD_NAMES[method]} | - | - | - | - | - | - | - | - | - | fails: {b.note} |")
+            continue
+        fits = "yes" if b.device_total <= budget else "no"
+        lines.append(f"| {METHOD_NAMES[method]} | {gib(b.params)} | {gib(b.grads)} | {gib(b.masters)} | "
+                     f"{gib(b.moments)} | {gib(b.state)} | {gib(b.activations)} | {gib(b.buffers)} | "
+                     f"{gib(b.device_total)} | {gib(b.host)} | {fits} |")
+    lines += ["", f"Fits: total <= {headroom:.0%} of the GPU's memory (the rest for the CUDA context and "
+                  "fragmentation). params, grads, masters and moments are exact; activations and buffers are "
+                  "estimates."]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The memory model against measurement: its params, grads, masters and moments equal, byte for byte, what each
+backend holds on small models; its presets have the published sizes; `lisa-dist estimate` prints the plan."""
+import json
+
+import pytest
+
+from lisa_dist.cli import main as cli_main
+from lisa_dist.config import load_config
+from lisa_dist.errors import ConfigError
+from lisa_dist.run import build, train_step
+from lisa_dist.tools import METHODS, Setup, estimate, model_config, shapes_of, shapes_of_model
+
+from ..helpers import tiny_overrides, torchrun, write_text_data
+
+EXACT = ("params", "grads", "masters", "moments")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_text_data(tmp_path_factory.mktemp("memory") / "text.jsonl")
+
+
+@pytest.mark.parametrize("name, billions", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
+                                            ("mistral-7b", 7_241_732_096), ("qwen2.5-7b", 7_615_616_512)])
+def test_presets_have_the_published_sizes(name, billions):
+    assert shapes_of(model_config(name), name).num_params == billions
+
+
+def trained(tmp_path, data, *extra, steps=5):
+    # Odd sizes (vocabulary 261, intermediate 130) so that any padding would show.
+    cfg = load_config(None, tiny_overrides(tmp_path, data, '--model.preset_overrides={"num_hidden_layers":4,'
+                                           '"intermediate_size":130}', f"--train.steps={steps}", *extra))
+    run = build(cfg)
+    for step in range(steps):
+        train_step(run, step)
+    return run
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("lisa", []), ("full", ["--lisa.enabled=false"]), ("lora", ["--lisa.enabled=false", "--lora.enabled=true"]),
+    ("lisa", ["--train.precision=bf16"]), ("full", ["--model.dtype=bfloat16", "--lisa.enabled=false"]),
+])
+def test_local_state_bytes_are_predicted_exactly(tmp_path, data, method, extra):
+    run = trained(tmp_path, data, *extra)
+    lora = run.trainable.always if method == "lora" else ()
+    setup = Setup(backend="local", world_size=1, precision=run.cfg.train.precision, param_dtype=run.cfg.model.dtype)
+    predicted = estimate(shapes_of_model(run.layout.model, lora=lora), method, setup, active=run.active).as_dict()
+    measured = run.backend.state_bytes()
+    assert {k: measured[k] for k in EXACT} == {k: predicted[k] for k in EXACT}
+    assert measured["moments"] > 0
+
+
+def test_naive_lisa_state_grows_to_full_fine_tuning(tmp_path, data):
+    """The reference implementations' LISA keeps the moments of every layer it visited: after the switches that
+    visited all 4 layers it holds what full fine-tuning holds; lisa_dist holds the active layers' only."""
+    from lisa_dist.tools import NaiveLisaBackend
+
+    cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.gamma=1", "--lisa.interval=1",
+                                           "--lisa.strategy=fixed", "--lisa.fixed_layers=[0]", "--train.steps=4"))
+    run = build(cfg, NaiveLisaBackend(cfg.train.device, cfg.train.precision, cfg.optim))
+    setup = Setup(backend="local", world_size=1, precision="fp32", param_dtype="float32")
+    shapes = shapes_of_model(run.layout.model)
+    grown = []
+    for step in range(4):
+        run.sampler.fixed = (step,)  # visit layers 0, 1, 2, 3 in turn
+        train_step(run, step)
+        grown.append(run.backend.state_bytes()["moments"])
+    assert grown == sorted(grown) and grown[0] < grown[-1]
+    assert grown[-1] == estimate(shapes, "full", setup).moments
+    assert run.backend.state_bytes() == {k: v for k, v in estimate(shapes, "naive_lisa", setup, active=run.active)
+                                         .as_dict().items() if k in EXACT}
+
+
+def test_distributed_state_bytes_are_predicted_exactly(tmp_path, data):
+    """FSDP (fp32, bf16 compute, bf16 frozen storage, full), DDP (FSDP with one shard per replica), ZeRO-1/2/3 and
+    ZeRO-3 with optimizer offload, and a tied head on FSDP, ZeRO-2 and ZeRO-3: every rank's measured bytes equal
+    the model's for that rank, the model built from the config alone (the tie counted once)."""
+    torchrun("memory_driver.py", [str(tmp_path), str(data)], timeout=400)
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(results) == 14
+        for name, result in results.items():
+            measured, predicted = result["measured"], result["predicted"]
+            if "offload" in name:  # grads, masters and moments in CPU memory
+                assert sum(measured[k] for k in ("grads", "masters", "moments")) == predicted["host"], name
+                assert measured["params"] == predicted["params"], name
+                continue
+            assert {k: measured[k] for k in EXACT} == {k: predicted[k] for k in EXACT}, name
+
+
+def test_fsdp_shards_are_uneven_and_the_model_knows(tmp_path):
+    """A 261-row embedding on 2 ranks: rank 0 stores 131 rows, rank 1 130 (both pad storage to 131)."""
+    shapes = shapes_of(model_config("tiny-llama"), "tiny")
+    rank0 = estimate(shapes, "full", Setup(backend="fsdp", world_size=2, precision="fp32", rank=0))
+    rank1 = estimate(shapes, "full", Setup(backend="fsdp", world_size=2, precision="fp32", rank=1))
+    assert rank0.params == rank1.params and rank0.moments > rank1.moments
+
+
+def test_lisa_fits_70b_on_one_node_where_full_fine_tuning_does_not():
+    shapes = shapes_of(model_config("llama-2-70b"), "llama-2-70b", lora_r=16)
+    setup = Setup(backend="fsdp", world_size=8, precision="bf16", frozen_dtype="bfloat16", gamma=2, lora_r=16)
+    plan = {m: estimate(shapes, m, setup) for m in METHODS}
+    budget = 0.9 * 80 * 1024**3
+    assert plan["lisa"].device_total < budget < plan["full"].device_total
+    assert not plan["naive_lisa"].supported
+    # Adam moments: 2 x fp32 x (2 of 80 layers + embeddings and head) / 8 ranks
+    per_layer = sum(p.numel for p in shapes.layers[0])
+    always = sum(p.numel for p in shapes.always)
+    assert plan["lisa"].moments == pytest.approx(8 * (2 * per_layer + always) / 8, rel=1e-6)
+
+
+def test_estimate_cli_prints_every_method(capsys):
+    assert cli_main(["estimate", "--model", "llama-2-7b", "--gpus", "8", "--backend", "zero3", "--gamma", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("full fine-tuning", "LoRA", "naive LISA", "lisa_dist LISA", "fits 80 GiB"):
+        assert name in out
+
+
+def test_bad_estimate_input_names_the_field():
+    with pytest.raises(ConfigError, match="backend='tpu'"):
+        Setup(backend="tpu")
+    with pytest.raises(ConfigError, match="not a preset"):
+        model_config("llama-9-1t")
+
+
+def test_adapters_count_only_in_the_lora_row():
+    """The planner builds one set of shapes for the whole table: LoRA's adapters must not add to the other rows."""
+    plain = shapes_of(model_config("tiny-llama"), "tiny")
+    with_lora = shapes_of(model_config("tiny-llama"), "tiny", lora_r=8)
+    for backend, world in (("local", 1), ("fsdp", 2), ("zero2", 2), ("zero3", 2)):
+        setup = Setup(backend=backend, world_size=world, precision="fp32")
+        for method in ("full", "lisa"):
+            assert estimate(with_lora, method, setup).as_dict() == estimate(plain, method, setup).as_dict()
+        assert estimate(with_lora, "lora", setup).params > estimate(plain, "full", setup).params

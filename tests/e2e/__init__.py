@@ -1,0 +1,1 @@
+"""End-to-end tests: the real launchers, SLURM, two nodes, preemption, the quality study and the examples."""
