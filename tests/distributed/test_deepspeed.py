@@ -111,6 +111,7 @@ def test_bf16_keeps_always_trained_fp32_masters_across_switches(tmp_path, data_f
         assert [s["loss"] for s in result["steps"]] == pytest.approx(ref_losses, abs=BF16_TOL, rel=0)
 
 
+@pytest.mark.slow  # 50-95 s on 2 cores: run by make test-slow (make test's switch tests bound the state per switch)
 def test_no_leak_over_50_switches(tmp_path, data_file):
     out = tmp_path / "leak"
     out.mkdir()
