@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import DRIVERS, free_port, launcher_env, tiny_overrides, write_text_data  # noqa: E402
+from tests.helpers import DRIVERS, exit_race_command, free_port, launcher_env, tiny_overrides, write_text_data  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 DS = {stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}" for stage in ("zero2", "zero3")}
@@ -60,12 +60,7 @@ def command(path: str, work: Path, data: Path) -> list[str]:
         return [*TORCHRUN, str(DRIVERS / "ckpt_driver.py"), str(work), "save", "2", *over,
                 "--backend.name=fsdp", "--train.steps=4"]
     if path.startswith("gloo-race"):
-        # Two ranks started side by side as plain SLURM tasks are, with torch's default OpenMP threads (torchrun
-        # would set OMP_NUM_THREADS=1: fewer threads contend with gloo's workers and the race is rarer).
-        rank = (f"env -u OMP_NUM_THREADS RANK={{r}} WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT={free_port()} "
-                f"{sys.executable} {REPO / 'benchmarks' / 'exit_race.py'}"
-                f"{' --lisa-dist' if path.endswith('lisa-dist') else ''}")
-        return ["bash", "-c", f"{rank.format(r=0)} & {rank.format(r=1)}; one=$?; wait $!; exit $(( $? | one ))"]
+        return exit_race_command(*(["--lisa-dist"] if path.endswith("lisa-dist") else []))
     if path == "comm":
         return [*TORCHRUN, str(DRIVERS / "comm_driver.py"), str(work), *over, "--backend.name=fsdp"]
     raise SystemExit(f"unknown path {path!r}")

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lisa_dist.errors import CollectiveFailure, DistError
+from lisa_dist.errors import CollectiveFailure, ConfigError, DistError
 from lisa_dist.teardown import guard_exit, wait_for_idle_gloo_workers
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -172,8 +172,6 @@ def discover(env: Mapping[str, str] = os.environ) -> Placement:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`train.device` (auto, cpu, cuda) as this rank's device; ConfigError for cuda without a GPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        from lisa_dist.errors import ConfigError
-
         raise ConfigError("train.device='cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU on "
                           "this node): use train.device=auto or cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):

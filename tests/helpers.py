@@ -50,6 +50,15 @@ def launcher_env() -> dict[str, str]:
 ABORT_MARK = "terminate called"
 
 
+def exit_race_command(*args: str) -> list[str]:
+    """benchmarks/exit_race.py on two ranks started side by side as plain SLURM tasks are, with torch's default
+    OpenMP threads (torchrun would set OMP_NUM_THREADS=1: fewer threads contend with gloo's workers and the race
+    is rarer); the command fails when either rank does."""
+    rank = (f"env -u OMP_NUM_THREADS RANK={{r}} WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT={free_port()} "
+            f"{sys.executable} {REPO / 'benchmarks' / 'exit_race.py'} {' '.join(args)}")
+    return ["bash", "-c", f"{rank.format(r=0)} & {rank.format(r=1)}; one=$?; wait $!; exit $(( $? | one ))"]
+
+
 def run_launcher(cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None,
                  ) -> subprocess.CompletedProcess:
     """Run a launcher command; fail with the ranks' output when it does not exit 0, or when a rank aborted at exit

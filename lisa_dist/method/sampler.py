@@ -67,7 +67,7 @@ class LayerSampler:
         """Check the schedule a checkpoint was drawn on: a change is logged (resume refuses it earlier, unless
         checkpoint.override allowed it); the layers of later periods follow this sampler's settings."""
         mine = self.state_dict()
-        for key in (k for k in mine if k in state and not _same(state[k], mine[k])):
+        for key in (k for k in mine if k in state and state[k] != mine[k]):
             log.warning("resuming on another LISA schedule: %s was %s, is %s", key, state[key], mine[key])
 
     def period_of(self, step: int) -> int:
@@ -89,10 +89,3 @@ class LayerSampler:
         check_same_on_all_ranks(f"the active layers of LISA period {period}", layers)
         return layers
 
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
-    return a == b

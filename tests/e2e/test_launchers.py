@@ -15,7 +15,16 @@ from lisa_dist.dist import detect_launcher, placement_from_env, placement_from_s
 from lisa_dist.errors import DistError
 from lisa_dist.run import read_jsonl
 
-from ..helpers import REPO, free_port, launcher_env, run_launcher, tiny_overrides, torchrun, write_text_data
+from ..helpers import (
+    REPO,
+    exit_race_command,
+    free_port,
+    launcher_env,
+    run_launcher,
+    tiny_overrides,
+    torchrun,
+    write_text_data,
+)
 
 LAUNCHERS = {
     "torchrun": ("launch/torchrun.sh", []),
@@ -152,8 +161,4 @@ def test_runs_ending_in_gloo_collectives_exit_0():
     # lisa_dist's exit guard off in about half): each run must exit 0 without "terminate called" (run_launcher
     # checks both). benchmarks/exit_stress.py counts more runs of every path.
     for _ in range(3):
-        port = free_port()
-        rank = (f"env -u OMP_NUM_THREADS RANK={{r}} WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT={port} "
-                f"{sys.executable} {REPO / 'benchmarks' / 'exit_race.py'} --lisa-dist")
-        run_launcher(["bash", "-c", f"{rank.format(r=0)} & {rank.format(r=1)}; one=$?; wait $!; exit $(( $? | one ))"],
-                     timeout=120)
+        run_launcher(exit_race_command("--lisa-dist"), timeout=120)
