@@ -8,10 +8,15 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.15"],
     "mpi": ["mpi4py>=3.1"],
-    "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9"],
+    # torchao: int8/NF4 frozen layers and 8-bit Adam (its wheel depends on no torch build).
+    "quant": ["torchao>=0.12"],
+    # Liger's fused linear cross-entropy for train.loss=chunked on CUDA.
+    "liger": ["liger-kernel>=0.5"],
+    # bitsandbytes: the QLoRA row of make bench (peft on a 4-bit base).
+    "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9", "bitsandbytes>=0.45"],
     "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "psutil>=5.9", "scipy>=1.10", "mpich>=4.1"],
 }
-EXTRAS["all"] = sorted({req for name in ("deepspeed", "mpi", "bench") for req in EXTRAS[name]})
+EXTRAS["all"] = sorted({req for name in ("deepspeed", "mpi", "quant", "bench") for req in EXTRAS[name]})
 
 setup(
     name="lisa_dist",

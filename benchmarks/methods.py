@@ -1,4 +1,5 @@
-"""Full fine-tuning, LoRA (peft), naive LISA, BAdam and lisa_dist LISA on the same model, data and steps.
+"""Full fine-tuning, LoRA (peft), QLoRA, naive LISA, BAdam and lisa_dist LISA (with each frozen storage and the lean
+options) on the same model, data and steps.
 
     python benchmarks/methods.py [--steps 24] [--device cpu|cuda] [--preset bench|<size>] [--out benchmarks/results]
 
@@ -23,7 +24,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
-METHODS = ("full", "lora", "naive_lisa", "badam", "lisa")
+METHODS = ("full", "lora", "qlora", "naive_lisa", "badam", "lisa", "lisa_int8", "lisa_nf4", "lisa_lean")
+# lisa_dist LISA's memory options, by benchmark name (lisa_lean: everything that saves memory at once).
+LISA_OPTIONS = {
+    "lisa": [],
+    "lisa_int8": ["--lisa.frozen_storage=int8"],
+    "lisa_nf4": ["--lisa.frozen_storage=nf4"],
+    "lisa_lean": ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", "--optim.adam_8bit=all",
+                  "--train.loss=chunked", "--train.loss_chunk_tokens=128"],
+}
+# The memory model's name for each benchmark method (BAdam has none).
+PLANNED = {"full": "full", "lora": "lora", "qlora": "qlora", "naive_lisa": "naive_lisa",
+           **{name: "lisa" for name in LISA_OPTIONS}}
 # Llama-shaped models by name: the CPU default, and larger ones for one GPU (benchmarks/gpu.sh).
 SIZES = {
     "bench": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -51,9 +63,34 @@ def overrides(method: str, args: argparse.Namespace) -> list[str]:
             f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
     if method in ("full", "badam"):
         base.append("--lisa.enabled=false")
-    if method == "lora":
+    if method in ("lora", "qlora"):
         base += ["--lisa.enabled=false", "--lora.enabled=true", "--lora.r=8"]
-    return base
+    return base + LISA_OPTIONS.get(method, [])
+
+
+def quantize_lora_base(layers: torch.nn.ModuleList) -> int:
+    """QLoRA: every linear of the decoder layers becomes a bitsandbytes NF4 Linear4bit (inside peft's LoRA layers,
+    their frozen base; the adapters stay fp32), as `load_in_4bit` does; returns how many were replaced."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    def nf4(base: torch.nn.Linear) -> torch.nn.Module:
+        quantized = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
+                                      compute_dtype=base.weight.dtype, quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(base.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+        if base.bias is not None:
+            quantized.bias = torch.nn.Parameter(base.bias.detach(), requires_grad=False)
+        return quantized.to(base.weight.device)
+
+    replaced = 0
+    for path, parent in list(layers.named_modules()):
+        if "lora_" in path:  # the adapters themselves
+            continue
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and (name == "base_layer" or not isinstance(parent, LoraLayer)):
+                setattr(parent, name, nf4(child))
+                replaced += 1
+    return replaced
 
 
 def rss_bytes() -> int:
@@ -64,8 +101,10 @@ def rss_bytes() -> int:
 def run_one(method: str, args: argparse.Namespace) -> dict:
     """Train `method` in this process and return what it measured."""
     import badam  # noqa: F401  every library a method may load, imported before the baseline RSS is taken
+    import bitsandbytes  # noqa: F401
     import datasets  # noqa: F401
     import peft  # noqa: F401
+    import torchao.optim  # noqa: F401
 
     from lisa_dist.config import load_config
     from lisa_dist.run import build, train_step
@@ -78,6 +117,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     backend = build_baseline(method, cfg, "model.layers", SIZES[args.size]["num_hidden_layers"]) \
         if method in ("naive_lisa", "badam") else None
     run = build(cfg, backend)
+    if method == "qlora" and not quantize_lora_base(run.layout.layers):
+        raise RuntimeError("QLoRA: peft wrapped no nn.Linear to quantize")
     steps, seen = [], 0
     for step in range(cfg.train.steps):
         if cuda:
@@ -100,15 +141,19 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "params": sum(p.numel() for p in run.layout.model.parameters()),
         "trained_now": sum(p.numel() for p in run.layout.model.parameters() if p.requires_grad),
     }
-    if method != "badam":  # the memory model covers the four methods of lisa_dist.tools.memory.METHODS
-        lora = run.trainable.always if method == "lora" else ()
+    if method in PLANNED:  # the methods of lisa_dist.tools.memory.METHODS
+        lora = run.trainable.always if method in ("lora", "qlora") else ()
         setup = Setup(backend="local", world_size=1, precision=cfg.train.precision, param_dtype=cfg.model.dtype,
+                      frozen_storage=cfg.lisa.frozen_storage, train_embeddings=cfg.lisa.train_embeddings,
+                      adam_8bit=cfg.optim.adam_8bit,
+                      loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
                       micro_batch=cfg.train.micro_batch_size, seq_len=args.seq_len,
                       activation_checkpointing=cfg.train.activation_checkpointing)
         shapes = shapes_of_model(run.layout.model, lora=lora)
-        result["predicted_last"] = estimate(shapes, method, setup, active=steps[-1]["active"]).as_dict()
+        planned = PLANNED[method]
+        result["predicted_last"] = estimate(shapes, planned, setup, active=steps[-1]["active"]).as_dict()
         # naive LISA's worst case: every layer visited
-        result["predicted"] = estimate(shapes, method, setup).as_dict()
+        result["predicted"] = estimate(shapes, planned, setup).as_dict()
     return result
 
 
@@ -146,7 +191,8 @@ def main() -> None:
             sys.exit(f"{method} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         results[method] = json.loads(lines[-1][len("RESULT "):])
         r = results[method]
-        print(f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  state {sum(r['steps'][-1]['state'].values()):>12,} B"
+        print(f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  device state "
+              f"{sum(v for k, v in r['steps'][-1]['state'].items() if k != 'host'):>12,} B"
               f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})", flush=True)
     meta = {"torch": torch.__version__, "device": args.device, "size": args.size, "model": SIZES[args.size],
             "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gamma": GAMMA,

@@ -23,8 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("params", "grads", "masters", "moments")
-LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft, r 8)", "naive_lisa": "naive LISA",
-          "badam": "BAdam", "lisa": "lisa_dist LISA"}
+LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft, r 8)", "qlora": "QLoRA (peft r 8, bitsandbytes NF4 base)",
+          "naive_lisa": "naive LISA", "badam": "BAdam", "lisa": "lisa_dist LISA",
+          "lisa_int8": "lisa_dist LISA, int8 frozen layers", "lisa_nf4": "lisa_dist LISA, NF4 frozen layers",
+          "lisa_lean": "lisa_dist LISA, NF4 + frozen embeddings + 8-bit Adam + chunked loss"}
 MB = 1e6
 
 
@@ -69,12 +71,12 @@ def methods_section(data: dict, out: Path, stem: str) -> list[str]:
         "tokenizer.",
         "",
         "| method | params | grads | fp32 masters | Adam moments | state (MB) | state / full | model's state (MB) "
-        "| model's total (MB) | peak (MB) | tokens/s | tokens/s / full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model's total (MB) | host copies (MB) | peak (MB) | tokens/s | tokens/s / full |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         if r.get("oom"):
-            lines.append(f"| {LABELS[name]} | out of memory |" + " |" * 11)
+            lines.append(f"| {LABELS[name]} | out of memory |" + " |" * 12)
             continue
         last = r["steps"][-1]
         model = r.get("predicted_last")
@@ -86,7 +88,8 @@ def methods_section(data: dict, out: Path, stem: str) -> list[str]:
             f"| {LABELS[name]} | " + " | ".join(f"{last['state'][k] / MB:.1f}" for k in KINDS)
             + f" | {state(last) / MB:.1f} | {ratio:.2f} | "
             + (f"{predicted / MB:.1f}" if predicted is not None else "n/a")
-            + f" | {total} | {r['peak_bytes'] / MB:.1f} | {r['tokens_per_s']:.0f} | {speed:.2f} |")
+            + f" | {total} | {last['state'].get('host', 0) / MB:.1f} | {r['peak_bytes'] / MB:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {speed:.2f} |")
     lines += ["", f"![state bytes per step]({stem}_state.png)", ""]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in fits.items():
@@ -162,7 +165,7 @@ def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list
         shapes = shapes_of(model_config(name), name, lora_r=8)
         for method in ("full", "lora", "lisa"):
             values = [estimate(shapes, method, Setup(backend="fsdp", world_size=w, precision="bf16",
-                                                     frozen_dtype="bfloat16")).state / 2**30 for w in worlds]
+                                                     frozen_storage="bfloat16")).state / 2**30 for w in worlds]
             lines.append(f"| {name} | {LABELS[method]} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
             if name == "llama-3-70b":
                 ax.plot(worlds, values, marker="o", label=LABELS[method])
@@ -186,7 +189,7 @@ def estimate_section() -> list[str]:
     lines = ["## 70B on one 8 x 80 GB node (lisa_dist.tools.memory)", "",
              "`lisa-dist estimate --model llama-2-70b --gpus 8 --backend fsdp --gamma 2 --frozen-dtype bfloat16`:",
              ""]
-    lines.append(table(shapes, Setup(backend="fsdp", world_size=8, frozen_dtype="bfloat16"), 80))
+    lines.append(table(shapes, Setup(backend="fsdp", world_size=8, frozen_storage="bfloat16"), 80))
     lines += ["", "`--backend zero3`:", "", table(shapes, Setup(backend="zero3", world_size=8), 80), ""]
     return lines
 

@@ -90,12 +90,20 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-mem", type=positive(float), default=80.0, help="GiB per GPU")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
-    p.add_argument("--frozen-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="fsdp: storage of the layers not active (backend.frozen_dtype)")
+    p.add_argument("--frozen-storage", default="float32", choices=("float32", "bfloat16", "int8", "nf4"),
+                   help="storage of the layers not active (lisa.frozen_storage; int8/nf4: backend local)")
+    p.add_argument("--host-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="int8/nf4: the exact host copies (lisa.host_dtype)")
+    p.add_argument("--frozen-embeddings", action="store_true", help="lisa.train_embeddings=false")
+    p.add_argument("--adam-8bit", default="none", choices=("none", "always", "all"), help="optim.adam_8bit")
+    p.add_argument("--loss-chunk", type=positive(int), default=None, metavar="TOKENS",
+                   help="train.loss=chunked with train.loss_chunk_tokens=TOKENS (default: the plain loss)")
     p.add_argument("--replicate", type=positive(int), default=1, help="fsdp: HSDP replicas (e.g. the number of nodes)")
     p.add_argument("--micro-batch", type=positive(int), default=1)
     p.add_argument("--seq-len", type=positive(int), default=2048)
     p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--longest-seq", action="store_true",
+                   help="instead: the longest sequence per GPU (multiples of 256 tokens) each method fits in --gpu-mem")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON instead of a table")
 
 
@@ -203,16 +211,38 @@ def _export(source: str, out_dir: str, overwrite: bool) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     import json
 
-    from lisa_dist.tools import Setup, model_config, plan, shapes_of, table
+    from lisa_dist.tools import (
+        METHOD_NAMES,
+        METHODS,
+        Setup,
+        estimate,
+        longest_seq_len,
+        model_config,
+        plan,
+        shapes_of,
+        table,
+    )
 
     setup = Setup(backend=args.backend, world_size=args.gpus, replicate=args.replicate, precision=args.precision,
-                  param_dtype=args.param_dtype, frozen_dtype=args.frozen_dtype, gamma=args.gamma,
+                  param_dtype=args.param_dtype, frozen_storage=args.frozen_storage, host_dtype=args.host_dtype,
+                  train_embeddings=not args.frozen_embeddings, adam_8bit=args.adam_8bit,
+                  loss_chunk_tokens=args.loss_chunk or 0, gamma=args.gamma,
                   lora_r=args.lora_r, micro_batch=args.micro_batch, seq_len=args.seq_len,
                   activation_checkpointing=not args.no_activation_checkpointing)
     shapes = shapes_of(model_config(args.model), args.model, lora_r=args.lora_r)
     if not 1 <= args.gamma <= len(shapes.layers):
         raise ConfigError(f"--gamma {args.gamma}: expected in 1..{len(shapes.layers)} (the model's layers)")
-    if args.json:
+    if args.longest_seq:
+        longest = {m: longest_seq_len(shapes, setup, m, args.gpu_mem) if estimate(shapes, m, setup).supported
+                   else None for m in METHODS}
+        if args.json:
+            print(json.dumps(longest, indent=2))
+            return 0
+        print(f"{shapes.name} on {args.gpus} x {args.gpu_mem:g} GiB ({args.backend}), micro-batch {args.micro_batch}: "
+              "the longest sequence per GPU that fits (90% of its memory)\n\n| method | tokens |\n| --- | --- |")
+        for method, tokens in longest.items():
+            print(f"| {METHOD_NAMES[method]} | {tokens or ('does not fit' if tokens == 0 else 'not supported')} |")
+    elif args.json:
         print(json.dumps({m: b.as_dict() for m, b in plan(shapes, setup).items()}, indent=2))
     else:
         print(table(shapes, setup, args.gpu_mem))

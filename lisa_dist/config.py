@@ -76,6 +76,16 @@ class LisaConfig:
     """grad_norm: share of the probability spread evenly over all layers, so that every layer is still visited."""
     importance_decay: float = 0.5
     """grad_norm: weight of a layer's previous norm estimate when a step observes it again."""
+    frozen_storage: str = "float32"
+    """How decoder layers that are not active are stored: float32, bfloat16 (cast; needs train.precision=bf16), int8
+    or nf4 (torchao-quantized on the device, the exact weights kept in host memory in lisa.host_dtype). A layer
+    trains in fp32 from its exact weights; local and fsdp (fsdp: float32 or bfloat16)."""
+    host_dtype: str = "float32"
+    """int8/nf4: dtype of the exact host copies of the frozen weights, float32 or bfloat16 (bfloat16 rounds a
+    layer's trained weights when it leaves)."""
+    train_embeddings: bool = True
+    """Train the input embedding at every step (the paper's LISA). false freezes it, stored like the frozen layers
+    (bfloat16 when they are quantized); the final norm and the head still train, a tied embedding as the head."""
 
 
 @dataclass
@@ -110,6 +120,9 @@ class OptimConfig:
     """Final learning rate as a fraction of lr, in [0, 1]."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clipping over trainable params; 0 disables."""
+    adam_8bit: str = "none"
+    """Adam moments in 8 bits (torchao's AdamW8bit, blockwise; params under 4,096 elements keep fp32 moments):
+    none, always (the always-trained params: embeddings, final norm, head) or all (the active layers too)."""
 
 
 @dataclass
@@ -128,6 +141,12 @@ class TrainConfig:
     """Recompute each decoder block's activations in backward."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    loss: str = "plain"
+    """plain (the head's logits for every token, then cross-entropy) or chunked (head and cross-entropy over
+    train.loss_chunk_tokens supervised tokens at a time, recomputed in backward: the full logits never exist; Liger's
+    fused kernel on CUDA when liger-kernel is installed)."""
+    loss_chunk_tokens: int = 1024
+    """train.loss=chunked: supervised tokens per chunk."""
     output_dir: str = "runs/default"
     """Metrics, summary and exported models go here."""
     overwrite: bool = False
@@ -149,8 +168,6 @@ class BackendConfig:
     """deepspeed: the ZeRO JSON (ds_configs/*.json); its "auto" fields are filled from this config."""
     replicate: int = 1
     """fsdp: replicas of the sharded model (HSDP); 1 shards over all ranks, N shards within groups of WORLD/N."""
-    frozen_dtype: str = "float32"
-    """fsdp: storage dtype of frozen decoder layers; bfloat16 keeps fp32 masters only for active layers."""
     reshard_after_forward: bool = True
     """fsdp: free a block's gathered params after its forward (re-gathered in backward)."""
 
@@ -209,6 +226,12 @@ STRATEGIES = ("uniform", "weighted", "fixed", "grad_norm")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = ("float32", "bfloat16")
+FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
+QUANTIZED = ("int8", "nf4")
+ADAM_8BIT = ("none", "always", "all")
+LOSSES = ("plain", "chunked")
+# Fields that moved: the old name's error says where to.
+MOVED = {"backend.frozen_dtype": "lisa.frozen_storage"}
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -290,6 +313,8 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
         raise ConfigError(f"'{dotted}' must be section.key")
     section_name, key = dotted.split(".")
     _check_known(section_name, {f.name for f in dataclasses.fields(Config)}, "unknown section")
+    if dotted in MOVED:
+        raise ConfigError(f"'{dotted}' is now '{MOVED[dotted]}' (same values, plus int8 and nf4): rename it")
     section = getattr(cfg, section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     _check_known(key, fields, f"unknown key in section '{section_name}':", prefix=f"{section_name}.")
@@ -377,7 +402,10 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "expected >= 1")
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.device", t.device, DEVICES)
+    _choice("train.loss", t.loss, LOSSES)
+    _require(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", t.loss_chunk_tokens, "expected >= 1")
     _validate_backend(cfg)
+    _validate_storage(cfg)
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "expected >= 0 (0: off)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "expected >= 1")
     _require(bool(cfg.checkpoint.resume), "checkpoint.resume", cfg.checkpoint.resume,
@@ -393,13 +421,6 @@ def _validate_backend(cfg: Config) -> None:
     _require(b.replicate >= 1, "backend.replicate", b.replicate, "expected >= 1")
     _require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "expected > 0 seconds")
     _require(b.io_timeout_s > 0, "backend.io_timeout_s", b.io_timeout_s, "expected > 0 seconds")
-    _choice("backend.frozen_dtype", b.frozen_dtype, DTYPES)
-    if b.frozen_dtype == "bfloat16":
-        _require(b.name == "fsdp", "backend.frozen_dtype", b.frozen_dtype, "bfloat16 needs backend.name=fsdp")
-        _require(cfg.train.precision == "bf16", "backend.frozen_dtype", b.frozen_dtype,
-                 "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
-        _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
-                 "float32 with backend.frozen_dtype=bfloat16 (active layers keep fp32 masters)")
     if cfg.lisa.enabled and cfg.lisa.strategy == "grad_norm":
         _require(b.name in ("local", "fsdp"), "lisa.strategy", cfg.lisa.strategy,
                  f"grad_norm needs per-layer gradient norms: backend.name=local or fsdp, not {b.name}")
@@ -413,6 +434,33 @@ def _validate_backend(cfg: Config) -> None:
         fill_ds_config(read_ds_config(b.ds_config), micro_batch_size=cfg.train.micro_batch_size,
                        grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.optim.max_grad_norm,
                        precision=cfg.train.precision, world_size=None, source=f"backend.ds_config={b.ds_config}")
+
+
+def _validate_storage(cfg: Config) -> None:
+    """Frozen storage, frozen embeddings and 8-bit moments against the backend and method."""
+    lisa, name = cfg.lisa, cfg.backend.name
+    _choice("lisa.frozen_storage", lisa.frozen_storage, FROZEN_STORAGE)
+    _choice("lisa.host_dtype", lisa.host_dtype, DTYPES)
+    _choice("optim.adam_8bit", cfg.optim.adam_8bit, ADAM_8BIT)
+    if lisa.frozen_storage != "float32" or not lisa.train_embeddings:
+        field = "lisa.frozen_storage" if lisa.frozen_storage != "float32" else "lisa.train_embeddings"
+        value = getattr(lisa, field.split(".")[1])
+        _require(name in ("local", "fsdp"), field, value,
+                 f"needs backend.name=local or fsdp: DeepSpeed ZeRO rebuilds its partitions of every param it "
+                 f"trains in the engine's own dtype (backend.name={name})")
+        _require(not cfg.lora.enabled, field, value, "the LoRA baseline trains adapters over its own base model")
+        _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
+                 f"float32 with {field}={value!r} (active layers train in fp32)")
+    if lisa.frozen_storage == "bfloat16":
+        _require(cfg.train.precision == "bf16", "lisa.frozen_storage", lisa.frozen_storage,
+                 "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
+    if lisa.frozen_storage in QUANTIZED:
+        _require(name == "local", "lisa.frozen_storage", lisa.frozen_storage,
+                 f"int8 and nf4 storage run on backend.name=local; fsdp stores frozen layers in float32 or "
+                 f"bfloat16 (backend.name={name})")
+    if cfg.optim.adam_8bit != "none":
+        _require(name in ("local", "fsdp"), "optim.adam_8bit", cfg.optim.adam_8bit,
+                 f"needs backend.name=local or fsdp: DeepSpeed builds its own optimizer (backend.name={name})")
 
 
 def _validate_lisa(lisa: LisaConfig) -> None:

@@ -21,19 +21,22 @@ log = logging.getLogger(__name__)
 
 
 def build_backend(cfg: Config) -> Backend:
-    b, t = cfg.backend, cfg.train
+    b, t, lisa = cfg.backend, cfg.train, cfg.lisa
+    chunk = t.loss_chunk_tokens if t.loss == "chunked" else 0
     if b.name == "local":
-        return LocalBackend(t.device, t.precision, cfg.optim)
+        return LocalBackend(t.device, t.precision, cfg.optim, frozen_storage=lisa.frozen_storage,
+                            host_dtype=lisa.host_dtype, loss_chunk_tokens=chunk)
     if detect_launcher() == "single":
         log.warning("backend.name=%s without a launcher: running as one rank. For more, start it with "
                     "launch/torchrun.sh (NPROC_PER_NODE=N), torchrun --nproc-per-node N -m lisa_dist.cli train ..., "
                     "launch/deepspeed.sh, launch/mpirun.sh or srun (README: Launching)", b.name)
     env = init_distributed(t.device, b.timeout_s, b.io_timeout_s)
     if b.name == "fsdp":
-        return FSDPBackend(env, t.precision, cfg.optim, replicate=b.replicate, frozen_dtype=b.frozen_dtype,
-                           reshard_after_forward=b.reshard_after_forward)
+        return FSDPBackend(env, t.precision, cfg.optim, replicate=b.replicate, frozen_storage=lisa.frozen_storage,
+                           reshard_after_forward=b.reshard_after_forward, loss_chunk_tokens=chunk)
     if b.name == "deepspeed":
-        return DeepSpeedBackend(env, b.ds_config, t.precision, cfg.optim, t.micro_batch_size, t.grad_accum)
+        return DeepSpeedBackend(env, b.ds_config, t.precision, cfg.optim, t.micro_batch_size, t.grad_accum,
+                                loss_chunk_tokens=chunk)
     raise ValueError(f"backend.name={b.name!r} is not available")
 
 

@@ -45,7 +45,7 @@ DS_TAG = "lisa"
 
 class DeepSpeedBackend(ProcessGroupBackend):
     def __init__(self, env: DistEnv, ds_config: str, precision: str, optim: OptimConfig, micro_batch_size: int,
-                 grad_accum: int) -> None:
+                 grad_accum: int, loss_chunk_tokens: int = 0) -> None:
         import deepspeed
 
         self.deepspeed = deepspeed
@@ -56,6 +56,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
                                      world_size=env.world_size, source=f"backend.ds_config={ds_config}")
         self.stage = zero_stage(self.config)
         self.grad_accum = grad_accum
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.optim_cfg = optim
         self.model: nn.Module | None = None
         self.trainable: TrainableSet | None = None
@@ -111,7 +112,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum = lm_loss_sum(self.engine, batch)
+        loss_sum = lm_loss_sum(self.engine, batch, self.loss_chunk_tokens)
         # ZeRO averages gradients over ranks; the loss is already a mean over the global batch, so undo that.
         self.engine.backward(loss_sum * (scale * self.world_size), scale_wrt_gas=False)
         self._micro += 1

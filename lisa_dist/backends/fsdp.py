@@ -33,6 +33,7 @@ from lisa_dist.method import (
     build_adamw,
     clip_grad_norm,
     freeze_except_always,
+    freeze_outside,
     layer_named_params,
     layer_sq_norms,
     measured_state,
@@ -83,13 +84,17 @@ def rerun_lazy_init(model: nn.Module) -> None:
 
 class FSDPBackend(ProcessGroupBackend):
     def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
-                 frozen_dtype: str = "float32", reshard_after_forward: bool = True) -> None:
+                 frozen_storage: str = "float32", reshard_after_forward: bool = True, loss_chunk_tokens: int = 0,
+                 ) -> None:
         self.env = env
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
         self.mesh = build_mesh(env, replicate)
         self.param_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.frozen_dtype = torch.bfloat16 if frozen_dtype == "bfloat16" else torch.float32
+        self.frozen_storage = frozen_storage
+        self.frozen_dtype = torch.bfloat16 if frozen_storage == "bfloat16" else torch.float32
         self.reshard_after_forward = reshard_after_forward
+        self.precision = precision
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.optim_cfg = optim
         self.model: nn.Module | None = None
         self.layout: ModelLayout | None = None
@@ -126,6 +131,8 @@ class FSDPBackend(ProcessGroupBackend):
         self.model, self.trainable = model, trainable
         model.train()
         freeze_except_always(model, trainable)
+        if trainable.layers:  # a frozen embedding is stored like the frozen layers
+            freeze_outside(model, trainable, self.frozen_storage, self.precision)
         for module in fsdp_modules(model):
             # The loss is already scaled by 1 / (global supervised tokens): gradients must be summed, not averaged.
             # A plain SUM (no PREMUL_SUM, which gloo lacks) with nothing to divide afterwards.
@@ -159,7 +166,7 @@ class FSDPBackend(ProcessGroupBackend):
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum = lm_loss_sum(self.model, batch)
+        loss_sum = lm_loss_sum(self.model, batch, self.loss_chunk_tokens)
         (loss_sum * scale).backward()
         return loss_sum.detach()
 

@@ -1,5 +1,16 @@
 """The method: which layers train when (the LISA sampler, grad-norm importance), what each method trains (the
-trainable set, LoRA) and AdamW over it."""
+trainable set, LoRA), how the frozen layers are stored (cast or quantized, with exact host copies) and AdamW (or
+8-bit AdamW) over it."""
+from lisa_dist.method.frozen import (
+    QUANTIZED,
+    FrozenStore,
+    freeze_outside,
+    frozen_embedding_dtype,
+    nf4_scaler_block,
+    quantizable,
+    quantize,
+    quantized_bytes,
+)
 from lisa_dist.method.importance import GradNormImportance
 from lisa_dist.method.optim import (
     ALWAYS,
@@ -25,6 +36,14 @@ from lisa_dist.method.trainable import apply_lora, layer_named_params, lisa_trai
 
 __all__ = [
     "ALWAYS",
+    "QUANTIZED",
+    "FrozenStore",
+    "freeze_outside",
+    "frozen_embedding_dtype",
+    "nf4_scaler_block",
+    "quantizable",
+    "quantize",
+    "quantized_bytes",
     "GradNormImportance",
     "LayerSampler",
     "NamedParams",

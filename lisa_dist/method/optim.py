@@ -9,11 +9,12 @@ and their own step count, and newly active layers start from fresh state (torch 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lisa_dist.config import OptimConfig
 
@@ -62,14 +63,15 @@ def param_groups(always: NamedParams, active: NamedParams, weight_decay: float, 
 
 
 def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop_empty: bool = False,
-                ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(always, active, cfg.weight_decay, drop_empty),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-    )
+                ) -> torch.optim.Optimizer:
+    """torch's AdamW, or with `cfg.adam_8bit` torchao's AdamW8bit (`lisa_dist.method.adam8bit`)."""
+    groups = param_groups(always, active, cfg.weight_decay, drop_empty)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.adam_8bit == "none":
+        return torch.optim.AdamW(groups, **kwargs)
+    from lisa_dist.method.adam8bit import adamw_8bit
+
+    return adamw_8bit(groups, layers_too=cfg.adam_8bit == "all", layer_role=LAYERS, **kwargs)
 
 
 def freeze_except_always(model: nn.Module, trainable: TrainableSet) -> None:
@@ -148,7 +150,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):  # torchao's optimizers keep it a tensor (no recompile per value)
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def moment_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -157,8 +162,7 @@ def moment_bytes(optimizer: torch.optim.Optimizer) -> int:
     for param, state in optimizer.state.items():
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                local = _local(value)
-                total += local.numel() * local.element_size()
+                total += storage_bytes([value])
     return total
 
 
@@ -169,15 +173,26 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     for tensor in tensors:
         if tensor is None:
             continue
-        storage = _local(tensor).untyped_storage()
-        if storage.nbytes():
-            storages[storage.data_ptr()] = storage.nbytes()
+        for storage in _storages(_local(tensor)):
+            if storage.nbytes():
+                storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
 
-def measured_state(params: Iterable[torch.Tensor], grads: int, masters: int, moments: int) -> dict[str, int]:
-    """The four kinds of bytes `lisa_dist.tools.memory` predicts, as one rank holds them (grads: before the update)."""
-    return {"params": storage_bytes(params), "grads": grads, "masters": masters, "moments": moments}
+def _storages(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+    # A tensor subclass (torchao's quantized weights, 8-bit optimizer state) occupies its inner tensors' storage.
+    if is_traceable_wrapper_subclass(tensor):
+        for name in tensor.__tensor_flatten__()[0]:
+            yield from _storages(_local(getattr(tensor, name)))
+    else:
+        yield tensor.untyped_storage()
+
+
+def measured_state(params: Iterable[torch.Tensor], grads: int, masters: int, moments: int, host: int = 0,
+                   ) -> dict[str, int]:
+    """The kinds of bytes `lisa_dist.tools.memory` predicts, as one rank holds them (grads: before the update);
+    host: the exact copies of quantized frozen weights in host memory."""
+    return {"params": storage_bytes(params), "grads": grads, "masters": masters, "moments": moments, "host": host}
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -15,9 +15,10 @@ def layer_named_params(layout: ModelLayout) -> list[NamedParams]:
     ]
 
 
-def lisa_trainable(layout: ModelLayout) -> TrainableSet:
-    """Always-trained modules, plus every decoder layer as a unit that can be switched on and off."""
-    return TrainableSet(always=layout.always_trained_params(), layers=layer_named_params(layout))
+def lisa_trainable(layout: ModelLayout, train_embeddings: bool = True) -> TrainableSet:
+    """Always-trained modules (less the input embedding without `train_embeddings`), plus every decoder layer as a
+    unit that can be switched on and off."""
+    return TrainableSet(always=layout.always_trained_params(train_embeddings), layers=layer_named_params(layout))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableSet]:

@@ -74,6 +74,8 @@ class ModelLayout:
     """The norm after the last block (None when the family is unknown)."""
     head: nn.Module | None = None
     """The LM head, None when it is tied to the input embedding."""
+    embedding: nn.Module | None = None
+    """The input embedding (when tied, its weight is also the head's)."""
 
     @property
     def num_layers(self) -> int:
@@ -82,10 +84,19 @@ class ModelLayout:
     def layer_params(self, i: int) -> list[nn.Parameter]:
         return list(self.layers[i].parameters())
 
-    def always_trained_params(self) -> list[tuple[str, nn.Parameter]]:
-        """Every parameter of the model outside the decoder layers, each once (tied weights appear once)."""
-        in_layers = {id(p) for p in self.layers.parameters()}
-        return [(name, p) for name, p in self.model.named_parameters() if id(p) not in in_layers]
+    def always_trained_params(self, train_embeddings: bool = True) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter of the model outside the decoder layers, each once (tied weights appear once); without
+        `train_embeddings`, less the input embedding's (a tied embedding stays: it trains as the head)."""
+        out = {id(p) for p in self.layers.parameters()}
+        out |= {id(p) for _, p in self.frozen_embedding_params(train_embeddings)}
+        return [(name, p) for name, p in self.model.named_parameters() if id(p) not in out]
+
+    def frozen_embedding_params(self, train_embeddings: bool) -> list[tuple[str, nn.Parameter]]:
+        """The input embedding's params when `train_embeddings` is off and it is not tied to the head."""
+        if train_embeddings or self.embedding is None or self.head is None:
+            return []
+        mine = {id(p) for p in self.embedding.parameters()}
+        return [(name, p) for name, p in self.model.named_parameters() if id(p) in mine]
 
     def describe(self) -> str:
         total = sum(p.numel() for p in self.model.parameters())
@@ -129,6 +140,7 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
         family=family_name or type(base).__name__,
         final_norm=norm,
         head=head,
+        embedding=embed,
     )
 
 

@@ -1,9 +1,19 @@
-"""Causal-LM loss as a sum over supervised tokens, so that any split of a global batch gives the same mean."""
+"""Causal-LM loss as a sum over supervised tokens, so that any split of a global batch gives the same mean.
+
+The plain loss materializes the head's logits for every token (micro-batch x sequence x vocabulary, plus their fp32
+copy); `chunk_tokens` computes the head and the cross-entropy over that many supervised tokens at a time, each
+chunk recomputed in backward (activation checkpointing of the head), so at most one chunk's logits exist. On CUDA,
+Liger's fused linear cross-entropy does the same in one kernel when `liger-kernel` is installed.
+"""
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -13,11 +23,62 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the supervised tokens of `batch`, computed in fp32."""
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 0) -> torch.Tensor:
+    """Summed next-token cross-entropy over the supervised tokens of `batch`, computed in fp32; `chunk_tokens` > 0:
+    chunked (see the module's docstring), equal to the plain loss up to the order of the sum."""
+    labels = batch["labels"]
+    if chunk_tokens:
+        with _head_computes_loss(model, labels, chunk_tokens):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logits = logits[:, :-1, :].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@contextlib.contextmanager
+def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
+    """For one forward, the LM head returns the summed loss instead of the logits (the model hands it on as
+    `.logits`). The head is still called as a module, so FSDP's hooks gather and reduce its weight as usual."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):  # FSDP2's wrapped class is a subclass
+        raise ValueError(f"train.loss=chunked needs a plain nn.Linear LM head, not {type(head).__name__}")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """sum over supervised tokens of cross_entropy(hidden @ weight.T + bias, labels), `chunk_tokens` rows at a time
+    (Liger's fused kernel on CUDA when installed)."""
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    rows, targets = hidden.reshape(-1, hidden.size(-1))[keep], labels.reshape(-1)[keep]
+    if rows.is_cuda and _liger() is not None:
+        return _liger()(rows, weight, targets, bias, reduction="sum")
+    # No supervised token: still a (zero) loss through the head, so that its weight gets a gradient on every rank.
+    total = _chunk_loss(rows[:0], weight, bias, targets[:0])
+    for start in range(0, rows.size(0), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(_chunk_loss, rows[start:end], weight, bias, targets[start:end],
+                                   use_reentrant=False)
+    return total
+
+
+def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(rows, weight, bias).float(), targets, reduction="sum")
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy

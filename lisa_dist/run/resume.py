@@ -39,11 +39,11 @@ EXACTNESS_FIELDS = (
     "model.name", "model.preset_overrides", "model.layers_path", "model.dtype",
     "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
     "lisa.enabled", "lisa.gamma", "lisa.interval", "lisa.strategy", "lisa.weights", "lisa.fixed_layers", "lisa.seed",
-    "lisa.importance_floor", "lisa.importance_decay",
+    "lisa.importance_floor", "lisa.importance_decay", "lisa.frozen_storage", "lisa.host_dtype", "lisa.train_embeddings",
     "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
     "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.schedule", "optim.warmup_steps",
-    "optim.min_lr_ratio", "optim.max_grad_norm",
-    "train.seed", "train.steps", "train.precision", "backend.name", "backend.frozen_dtype",
+    "optim.min_lr_ratio", "optim.max_grad_norm", "optim.adam_8bit",
+    "train.seed", "train.steps", "train.precision", "backend.name",
 )
 
 

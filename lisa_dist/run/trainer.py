@@ -61,7 +61,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     if cfg.lora.enabled:
         model, trainable = apply_lora(model, cfg.lora)
     else:
-        trainable = lisa_trainable(layout)
+        trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
     dataset = load_examples(cfg.data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
     batches = ShardedBatches(
         dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,

@@ -4,10 +4,12 @@ from lisa_dist.tools.comm import count_collectives
 from lisa_dist.tools.exporter import export
 from lisa_dist.tools.memory import (
     BACKENDS,
+    METHOD_NAMES,
     METHODS,
     MODEL_PRESETS,
     Setup,
     estimate,
+    longest_seq_len,
     model_config,
     plan,
     shapes_of,
@@ -18,6 +20,7 @@ from lisa_dist.tools.prepare import prepare_model
 
 __all__ = [
     "BACKENDS",
+    "METHOD_NAMES",
     "METHODS",
     "MODEL_PRESETS",
     "NaiveLisaBackend",
@@ -26,6 +29,7 @@ __all__ = [
     "count_collectives",
     "estimate",
     "export",
+    "longest_seq_len",
     "model_config",
     "plan",
     "prepare_model",

@@ -5,21 +5,25 @@ does (`methods.lisa_trainable`, `methods.apply_lora`), and each backend's shardi
 bytes one rank holds:
 
 - params: every weight as stored (local, DDP, ZeRO-1/2: whole; FSDP2: a dim-0 shard padded to ceil(rows / S) rows;
-  ZeRO-3: ceil(numel / W) per param);
+  ZeRO-3: ceil(numel / W) per param), LISA's frozen layers per lisa.frozen_storage (bf16, or torchao's int8/NF4
+  formats byte for byte), a frozen embedding like them, LoRA's base in the same exact dtype, QLoRA's in NF4;
 - grads: the gradients of trainable params just before the optimizer step (FSDP2: padded shards; ZeRO-1/2: the
   params that overlap this rank's partition; ZeRO-3: one flat partition buffer);
 - masters: fp32 copies of trainable params that exist besides the params (DeepSpeed keeps them, in fp32 training
   too; torch AdamW on local, DDP and FSDP updates the params themselves);
-- moments: Adam's exp_avg and exp_avg_sq (torch AdamW: in the param's dtype; DeepSpeed: fp32 partitions, each
-  group padded to a multiple of 2 x W for ZeRO-1/2).
+- moments: Adam's exp_avg and exp_avg_sq (torch AdamW: in the param's dtype; torchao's AdamW8bit: codes, block
+  scales and lookup table; DeepSpeed: fp32 partitions, each group padded to a multiple of 2 x W for ZeRO-1/2);
+- host: what lives in CPU memory instead of the device: the exact copies of int8/NF4 frozen weights, ZeRO-3
+  offload's masters, moments and gradient partitions.
 
-These four are exact: `tests/test_memory.py` compares them with what every backend measures on small models. Two
+These five are exact: `tests/test_memory.py` compares them with what every backend measures on small models. Two
 further figures are labelled estimates: activations per micro-batch (the tensors autograd saves in a Llama-style
 block with SDPA attention, with and without activation checkpointing) and working buffers (FSDP's unsharded units,
 DeepSpeed's buckets, DDP's gradient buckets).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -34,12 +38,15 @@ from lisa_dist.errors import ConfigError
 
 GIB = 1024**3
 BACKENDS = ("local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
-METHODS = ("full", "lora", "naive_lisa", "lisa")
-METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "naive_lisa": "naive LISA (all layers visited)",
-                "lisa": "lisa_dist LISA"}
+METHODS = ("full", "lora", "qlora", "naive_lisa", "lisa")
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (NF4 base)",
+                "naive_lisa": "naive LISA (all layers visited)", "lisa": "lisa_dist LISA"}
 # The reference LISA callbacks toggle requires_grad only; LMFlow and axolotl do not run them under FSDP or ZeRO-3.
 NAIVE_UNSUPPORTED = ("fsdp", "zero3", "zero3_offload")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
+QUANTIZED = ("int8", "nf4")
+ADAM8_MIN, ADAM8_BLOCK, ADAM8_QMAP = 4096, 256, 256  # torchao AdamW8bit: smallest param, block, lookup entries
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 NCCL_ALIGNMENT = 2  # ZeRO-1/2 pad each group to a multiple of this x W
 
@@ -81,6 +88,8 @@ class ModelShapes:
     """Trained at every step by LISA and full fine-tuning: embeddings, final norm, head (tied weights once)."""
     layers: list[list[Param]]
     """Each decoder layer's params."""
+    embedding: list[Param] = field(default_factory=list)
+    """Of `always`, the input embedding's params when untied (frozen by lisa.train_embeddings=false)."""
     lora: list[Param] = field(default_factory=list)
     """LoRA adapters (only when built with a rank)."""
     hidden: int = 0
@@ -97,7 +106,7 @@ class ModelShapes:
 @dataclass(frozen=True)
 class Setup:
     """How the run is configured, in the names of `lisa-dist estimate`'s flags (each mirrors a config field:
-    backend.name, model.dtype, backend.frozen_dtype, lisa.gamma, lora.r, train.micro_batch_size, ...)."""
+    backend.name, model.dtype, lisa.frozen_storage, lisa.gamma, lora.r, train.micro_batch_size, ...)."""
 
     backend: str = "fsdp"
     world_size: int = 8
@@ -107,8 +116,17 @@ class Setup:
     """Compute: fp32 or bf16 (autocast on local, MixedPrecisionPolicy on FSDP, DeepSpeed's bf16 mode)."""
     param_dtype: str = "float32"
     """model.dtype: storage of the weights (local, DDP, FSDP; DeepSpeed in bf16 stores bf16 and keeps fp32 masters)."""
-    frozen_dtype: str = "float32"
-    """FSDP: bfloat16 stores the layers that are not active in bf16."""
+    frozen_storage: str = "float32"
+    """lisa.frozen_storage: the layers not active in float32 (model.dtype), bfloat16, int8 or nf4 (torchao; local
+    only, with exact host copies). LoRA's base is shown in the same dtype (bfloat16 when LISA's is quantized)."""
+    host_dtype: str = "float32"
+    """lisa.host_dtype: the exact host copies of int8/nf4 frozen weights."""
+    train_embeddings: bool = True
+    """lisa.train_embeddings: false freezes the untied input embedding (stored like the frozen layers)."""
+    adam_8bit: str = "none"
+    """optim.adam_8bit: none, always (8-bit moments for the always-trained params) or all (active layers too)."""
+    loss_chunk_tokens: int = 0
+    """train.loss=chunked with train.loss_chunk_tokens (0: the plain loss, full logits)."""
     gamma: int = 2
     lora_r: int = 8
     micro_batch: int = 1
@@ -122,9 +140,18 @@ class Setup:
             raise ConfigError(f"backend={self.backend!r}: allowed values are {', '.join(BACKENDS)}")
         for name, value, allowed in (("precision", self.precision, ("fp32", "bf16")),
                                      ("param_dtype", self.param_dtype, tuple(DTYPE_BYTES)),
-                                     ("frozen_dtype", self.frozen_dtype, tuple(DTYPE_BYTES))):
+                                     ("frozen_storage", self.frozen_storage, FROZEN_STORAGE),
+                                     ("host_dtype", self.host_dtype, ("float32", "bfloat16")),
+                                     ("adam_8bit", self.adam_8bit, ("none", "always", "all"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
+        lean = self.frozen_storage != "float32" or not self.train_embeddings or self.adam_8bit != "none"
+        if lean and self.backend not in ("local", "ddp", "fsdp"):
+            raise ConfigError(f"backend={self.backend}: frozen storage, frozen embeddings and 8-bit moments run on "
+                              "local and fsdp only (DeepSpeed partitions in its own dtype)")
+        if self.frozen_storage in QUANTIZED and self.backend != "local":
+            raise ConfigError(f"frozen_storage={self.frozen_storage}: quantized frozen layers run on backend=local "
+                              "(one GPU); fsdp stores them in float32 or bfloat16")
         if self.world_size < 1 or self.world_size % self.replicate:
             raise ConfigError(f"replicate={self.replicate} must divide world_size={self.world_size}")
         if self.backend == "local" and self.world_size != 1:
@@ -133,7 +160,8 @@ class Setup:
 
 @dataclass
 class Breakdown:
-    """Bytes one rank holds. `host` is what ZeRO-3 offload keeps in CPU memory instead of on the GPU."""
+    """Bytes one rank holds. `host` is what stays in CPU memory instead of on the GPU (exact copies of quantized
+    frozen weights, ZeRO-3 offload's optimizer partitions)."""
 
     params: int = 0
     grads: int = 0
@@ -199,6 +227,7 @@ def shapes_of(config, name: str = "model", lora_r: int | None = None,
     layout = find_layout(model, layers_path)
     trainable = lisa_trainable(layout)
     shapes = ModelShapes(name=name, always=_params(trainable.always),
+                         embedding=_params(layout.frozen_embedding_params(False)),
                          layers=[_params(layer) for layer in trainable.layers], **_dims(config))
     if lora_r:
         with torch.device("meta"), warnings.catch_warnings():
@@ -215,14 +244,15 @@ def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[
     from lisa_dist.method import lisa_trainable
     from lisa_dist.models import find_layout
 
-    trainable = lisa_trainable(find_layout(model, layers_path))
+    layout = find_layout(model, layers_path)
+    trainable = lisa_trainable(layout)
     adapters = {id(p) for _, p in lora}
 
     def base(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
         return _params([(n, p) for n, p in named if id(p) not in adapters])
 
-    return ModelShapes(name=name, always=base(trainable.always), layers=[base(layer) for layer in trainable.layers],
-                       lora=_params(lora), **_dims(model.config))
+    return ModelShapes(name=name, always=base(trainable.always), embedding=base(layout.frozen_embedding_params(False)),
+                       layers=[base(layer) for layer in trainable.layers], lora=_params(lora), **_dims(model.config))
 
 
 def _dims(config) -> dict[str, int]:
@@ -237,6 +267,18 @@ def _dims(config) -> dict[str, int]:
 def _params(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
     # A ZeRO-3 partitioned param keeps its real shape in ds_shape.
     return [Param(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named]
+
+
+def quantized_bytes(shape: Sequence[int], storage: str) -> int:
+    from lisa_dist.method import quantized_bytes as measured_format
+
+    return measured_format(shape, storage)
+
+
+def _quantizable(p: Param, storage: str) -> bool:
+    from lisa_dist.method import nf4_scaler_block
+
+    return len(p.shape) == 2 and (storage == "int8" or nf4_scaler_block(p.numel) is not None)
 
 
 # -- sharding rules ---------------------------------------------------------------------------------------------
@@ -283,21 +325,23 @@ def _zero2_grad_numel(group: list[Param], world: int, rank: int) -> int:
 # -- the model --------------------------------------------------------------------------------------------------
 
 
-def _roles(shapes: ModelShapes, method: str, active: Sequence[int]
+def _roles(shapes: ModelShapes, method: str, active: Sequence[int], train_embeddings: bool = True
            ) -> tuple[list[Param], list[Param], list[Param]]:
     """(trainable params, params with optimizer state, params stored as frozen) of `method`."""
     every = [p for layer in shapes.layers for p in layer]
-    if method == "full":
-        return shapes.always + every, shapes.always + every, []
-    if method == "lora":
+    if method in ("lora", "qlora"):
         return shapes.lora, shapes.lora, shapes.always + every
+    frozen_embedding = [] if train_embeddings else shapes.embedding
+    always = [p for p in shapes.always if p not in frozen_embedding]
+    if method == "full":
+        return always + every, always + every, frozen_embedding
     chosen = set(active)
     on = [p for i in active for p in shapes.layers[i]]  # the optimizer's order
     off = [p for i, layer in enumerate(shapes.layers) if i not in chosen for p in layer]
     if method == "lisa":
-        return shapes.always + on, shapes.always + on, off
+        return always + on, always + on, frozen_embedding + off
     if method == "naive_lisa":  # one AdamW over everything: after enough switches every layer has moments
-        return shapes.always + on, shapes.always + every, off
+        return always + on, always + every, frozen_embedding + off
     raise ConfigError(f"method={method!r}: allowed values are {', '.join(METHODS)}")
 
 
@@ -305,12 +349,14 @@ def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[in
     """Bytes one rank holds for `method` under `setup`. `active`: the LISA layers (default: the gamma largest)."""
     if method == "naive_lisa" and setup.backend in NAIVE_UNSUPPORTED:
         return Breakdown(supported=False, note="the reference callbacks do not run under FSDP or ZeRO-3")
-    if method == "lora" and not shapes.lora:
+    if method in ("lora", "qlora") and not shapes.lora:
         raise ConfigError("LoRA needs shapes built with a LoRA rank (shapes_of(..., lora_r=r))")
     if active is None:  # the gamma largest layers (all layers of a Llama are the same size)
         sizes = [sum(p.numel for p in layer) for layer in shapes.layers]
         active = sorted(range(len(sizes)), key=lambda i: -sizes[i])[:setup.gamma]
-    trainable, with_state, frozen = _roles(shapes, method, active)
+    if method == "qlora" and setup.backend.startswith("zero"):
+        return Breakdown(supported=False, note="QLoRA's NF4 base is not partitioned by DeepSpeed ZeRO here")
+    trainable, with_state, frozen = _roles(shapes, method, active, setup.train_embeddings)
     out = _state(shapes, method, setup, trainable, with_state, frozen)
     out.activations = activation_bytes(shapes, setup)
     out.buffers = _buffers(shapes, setup, trainable)
@@ -322,22 +368,18 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
     storage = DTYPE_BYTES[s.param_dtype]
     b = s.backend
     # The adapters exist only in a LoRA run (the shapes may carry them for the LoRA row of the same table).
-    adapters = shapes.lora if method == "lora" else []
-    if b in ("local", "ddp"):
+    adapters = shapes.lora if method in ("lora", "qlora") else []
+    if b in ("local", "ddp", "fsdp"):
+        shards = s.world_size // s.replicate if b == "fsdp" else 1
+        stored = _stored_bytes(shapes, method, s, frozen)
         every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
-        return Breakdown(params=sum(p.numel for p in every) * storage,
-                         grads=sum(p.numel for p in trainable) * storage,
-                         moments=2 * sum(p.numel for p in with_state) * storage)
-    if b == "fsdp":
-        shards = s.world_size // s.replicate
-        frozen_bytes = DTYPE_BYTES[s.frozen_dtype] if method != "lora" else storage
-        frozen_ids = {id(p) for p in frozen}
-        params = 0
-        for p in shapes.always + [q for layer in shapes.layers for q in layer] + adapters:
-            params += _fsdp_rows(p, shards, s.rank, padded=True) * (frozen_bytes if id(p) in frozen_ids else storage)
-        return Breakdown(params=params,
-                         grads=sum(_fsdp_rows(p, shards, s.rank, padded=True) for p in trainable) * storage,
-                         moments=2 * sum(_fsdp_rows(p, shards, s.rank, padded=False) for p in with_state) * storage)
+        eight_bit = _eight_bit(shapes, s)
+        return Breakdown(
+            params=sum(stored(p, _local_shape(p, shards, s.rank, padded=True)) for p in every),
+            grads=sum(math.prod(_local_shape(p, shards, s.rank, padded=True)) for p in trainable) * storage,
+            moments=sum(_moment_bytes(math.prod(_local_shape(p, shards, s.rank, padded=False)), eight_bit(p),
+                                      storage) for p in with_state),
+            host=_host_bytes(shapes, method, s))
     # DeepSpeed: in bf16 mode the engine stores every param in bf16; masters and moments are fp32 partitions.
     ds_storage = 2 if s.precision == "bf16" else storage
     every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
@@ -364,6 +406,68 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
     return out
 
 
+def _local_shape(p: Param, shards: int, rank: int, padded: bool) -> tuple[int, ...]:
+    """`p`'s shape on `rank` under FSDP2's dim-0 chunking over `shards` (1: the whole param)."""
+    if shards == 1 or not p.shape:
+        return p.shape if shards == 1 else (_fsdp_rows(p, shards, rank, padded),)
+    rows = _fsdp_rows(p, shards, rank, padded) // max(1, p.numel // p.shape[0])
+    return (rows, *p.shape[1:])
+
+
+def _stored_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param]):
+    """Bytes of a param (or of its `shape` shard) as this method stores it: trainable ones in model.dtype; LISA's
+    frozen layers per lisa.frozen_storage (int8/nf4: torchao's format for matrices, the rest in model.dtype) and a
+    frozen embedding like them (`method.frozen_embedding_dtype`); LoRA's base in the same exact dtype; QLoRA's
+    layer matrices in NF4, the rest of its base in bf16."""
+    storage = DTYPE_BYTES[s.param_dtype]
+    layer_names = {p.name for layer in shapes.layers for p in layer}
+    embedding = {p.name for p in shapes.embedding}
+    frozen_names = {p.name for p in frozen}
+    exact = s.frozen_storage if s.frozen_storage not in QUANTIZED else "bfloat16"
+    base = min(storage, DTYPE_BYTES[exact])
+    lora = {p.name for p in shapes.lora}
+
+    def stored(p: Param, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
+        if method in ("lora", "qlora") and p.name not in lora:
+            if method == "qlora":
+                quantized = p.name in layer_names and _quantizable(p, "nf4")
+                return quantized_bytes(shape, "nf4") if quantized else 2 * numel
+            return base * numel
+        if p.name not in frozen_names or s.frozen_storage == "float32":
+            return storage * numel
+        if p.name in embedding:
+            return (2 if s.precision == "bf16" else storage) * numel
+        if s.frozen_storage == "bfloat16":
+            return 2 * numel
+        return quantized_bytes(shape, s.frozen_storage) if _quantizable(p, s.frozen_storage) else storage * numel
+
+    return stored
+
+
+def _host_bytes(shapes: ModelShapes, method: str, s: Setup) -> int:
+    """int8/nf4: the exact host copies of every layer's quantized matrices (lisa.host_dtype)."""
+    if method in ("lora", "qlora") or s.frozen_storage not in QUANTIZED:
+        return 0
+    quantized = [p for layer in shapes.layers for p in layer if _quantizable(p, s.frozen_storage)]
+    return sum(p.numel for p in quantized) * DTYPE_BYTES[s.host_dtype]
+
+
+def _eight_bit(shapes: ModelShapes, s: Setup):
+    """Whether optim.adam_8bit gives a param 8-bit moments (its role; the size rule is `_moment_bytes`')."""
+    always = {p.name for p in shapes.always + shapes.lora}
+    return lambda p: s.adam_8bit == "all" or (s.adam_8bit == "always" and p.name in always)
+
+
+def _moment_bytes(numel: int, eight_bit: bool, dtype_bytes: int) -> int:
+    """exp_avg and exp_avg_sq of a param (this rank's `numel` elements): torchao's 8-bit state (codes, an fp32
+    scale per 256-element block, a 256-entry fp32 lookup table) for params of at least 4,096 elements in whole
+    blocks, else two tensors in the param's dtype."""
+    if eight_bit and numel >= ADAM8_MIN and numel % ADAM8_BLOCK == 0:
+        return 2 * (numel + 4 * (numel // ADAM8_BLOCK) + 4 * ADAM8_QMAP)
+    return 2 * numel * dtype_bytes
+
+
 def activation_bytes(shapes: ModelShapes, s: Setup) -> int:
     """ESTIMATE of the tensors autograd saves for one micro-batch of a Llama-style model with SDPA attention.
 
@@ -383,7 +487,9 @@ def activation_bytes(shapes: ModelShapes, s: Setup) -> int:
         body = layers * tokens * h * compute + per_layer
     else:
         body = layers * per_layer
-    return body + tokens * shapes.vocab * (compute + 8)
+    # The chunked loss holds the logits of one chunk of tokens at a time (recomputed in backward).
+    logit_tokens = min(tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else tokens
+    return body + logit_tokens * shapes.vocab * (compute + 8)
 
 
 def _buffers(shapes: ModelShapes, s: Setup, trainable: list[Param]) -> int:
@@ -412,8 +518,38 @@ def plan(shapes: ModelShapes, setup: Setup, methods: Sequence[str] = METHODS) ->
     return {m: estimate(shapes, m, setup) for m in methods}
 
 
+def longest_seq_len(shapes: ModelShapes, setup: Setup, method: str, gpu_gib: float, headroom: float = 0.9,
+                    step: int = 256, limit: int = 1 << 20) -> int:
+    """The longest sequence (a multiple of `step` tokens, micro-batch as in `setup`) at which `method`'s total fits
+    `headroom` of `gpu_gib`; 0 when not even `step` tokens fit. Activations grow linearly with the sequence."""
+    budget = gpu_gib * GIB * headroom
+
+    def fits(blocks: int) -> bool:
+        b = estimate(shapes, method, dataclasses.replace(setup, seq_len=blocks * step))
+        return b.supported and b.device_total <= budget
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high * step <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step
+
+
 def gib(n: int) -> str:
     return f"{n / GIB:.2f}"
+
+
+def _lean(s: Setup) -> str:
+    """The memory options of `s`, in words, for the table's heading."""
+    host = f" (exact host copies {s.host_dtype})" if s.frozen_storage in QUANTIZED else ""
+    base = s.frozen_storage if s.frozen_storage not in QUANTIZED else "bfloat16"
+    return (f"frozen layers {s.frozen_storage}{host}, LoRA base {base}, embeddings "
+            f"{'trained' if s.train_embeddings else 'frozen'}, 8-bit Adam {s.adam_8bit}, "
+            f"loss {f'chunked by {s.loss_chunk_tokens} tokens' if s.loss_chunk_tokens else 'plain'}")
 
 
 def table(shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0.9,
@@ -425,13 +561,12 @@ def table(shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0
     lines = [
         f"{shapes.name}: {shapes.num_params / 1e9:.2f}B params ({len(shapes.layers)} layers), backend "
         f"{setup.backend}, {setup.world_size} GPU(s){hsdp}"
-        f", {setup.precision}, weights {setup.param_dtype}"
-        f"{f', frozen layers {setup.frozen_dtype}' if setup.backend == 'fsdp' else ''}; LISA gamma {setup.gamma}, "
+        f", {setup.precision}, weights {setup.param_dtype}, {_lean(setup)}; LISA gamma {setup.gamma}, "
         f"LoRA r {setup.lora_r}; micro-batch {setup.micro_batch} x {setup.seq_len} tokens, activation "
         f"checkpointing {'on' if setup.activation_checkpointing else 'off'}. GiB per rank.",
         "",
         "| method | params | grads | fp32 masters | Adam moments | state | activations (est.) | buffers (est.) "
-        f"| total | CPU (offload) | fits {gpu_gib:g} GiB |",
+        f"| total | host (CPU) | fits {gpu_gib:g} GiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, b in rows.items():

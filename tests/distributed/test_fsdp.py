@@ -104,7 +104,7 @@ def test_bf16_with_blocks_frozen_at_first_forward(tmp_path, data_file):
 
 def test_frozen_blocks_stored_in_bf16(tmp_path, data_file):
     ref, _ = reference(tmp_path, data_file, "--train.precision=bf16")
-    _, ranks = fsdp(tmp_path, data_file, "--train.precision=bf16", "--backend.frozen_dtype=bfloat16",
+    _, ranks = fsdp(tmp_path, data_file, "--train.precision=bf16", "--lisa.frozen_storage=bfloat16",
                     "--train.activation_checkpointing=true")
     check_per_rank_state(ranks)
     for result in ranks:
@@ -112,6 +112,36 @@ def test_frozen_blocks_stored_in_bf16(tmp_path, data_file):
             assert step["frozen_dtypes"] == ["torch.bfloat16"] and step["active_dtypes"] == ["torch.float32"]
         # Frozen layers lose their low mantissa bits once: close to, not equal to, the fp32-stored run.
         assert losses(result["steps"]) == pytest.approx(losses(ref), abs=5e-2, rel=0)
+
+
+def test_frozen_embeddings_and_the_chunked_loss_match_local(tmp_path, data_file):
+    """lisa.train_embeddings=false (the root unit holds a frozen embedding) with train.loss=chunked (the head unit
+    called once, computing the loss over chunks): the same losses and weights as the local backend, bitwise."""
+    lean = ("--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
+            "--train.steps=4")
+    ref, ref_weights = reference(tmp_path, data_file, *lean)
+    out, ranks = fsdp(tmp_path, data_file, *lean)
+    for result in ranks:
+        assert losses(result["steps"]) == losses(ref)
+        assert [s["trainable_params"] for s in result["steps"]] == [r["trainable_params"] for r in ref]
+    check_per_rank_state(ranks)
+    weights = torch.load(out / "weights.pt")
+    for name, value in ref_weights.items():
+        assert torch.equal(weights[name], value), name
+    _, untouched = reference(tmp_path / "untrained", data_file, "--train.steps=1", "--optim.lr=1e-30")
+    assert torch.equal(weights["model.embed_tokens.weight"], untouched["model.embed_tokens.weight"])
+
+
+def test_8bit_adam_on_sharded_params(tmp_path, data_file):
+    """torchao's AdamW8bit on FSDP2's DTensor shards: its blocks are cut from each rank's shard, so the losses
+    follow the local 8-bit run closely rather than bitwise (the per-rank bytes: test_memory)."""
+    eight = ("--optim.adam_8bit=all", "--train.steps=4",
+             '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+    ref, _ = reference(tmp_path, data_file, *eight)
+    _, ranks = fsdp(tmp_path, data_file, *eight)
+    for result in ranks:
+        assert losses(result["steps"]) == pytest.approx(losses(ref), rel=1e-3)
+        assert all(s["optimizer_state_bytes"] < s["expected_bytes"] for s in result["steps"])
 
 
 def test_hsdp_two_replicates(tmp_path, data_file):

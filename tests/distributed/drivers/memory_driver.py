@@ -24,7 +24,12 @@ SETUPS = {
     "fsdp-fp32-full": ("fsdp", ["--backend.name=fsdp", "--lisa.enabled=false"]),
     "fsdp-bf16": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16"]),
     "fsdp-bf16-frozen-bf16": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16",
-                                       "--backend.frozen_dtype=bfloat16"]),
+                                       "--lisa.frozen_storage=bfloat16"]),
+    "fsdp-bf16-frozen-bf16-embeddings": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16",
+                                                  "--lisa.frozen_storage=bfloat16", "--lisa.train_embeddings=false"]),
+    "fsdp-adam8": ("fsdp", ["--backend.name=fsdp", "--optim.adam_8bit=all", "--train.loss=chunked",
+                            '--model.preset_overrides={"num_hidden_layers":4,"intermediate_size":130,'
+                            '"vocab_size":1031}']),
     "ddp": ("ddp", ["--backend.name=fsdp", "--backend.replicate=2"]),
     "zero1": ("zero1", ["--backend.name=deepspeed", DS["zero1"]]),
     "zero2": ("zero2", ["--backend.name=deepspeed", DS["zero2"]]),
@@ -60,7 +65,8 @@ def main() -> None:
         method = "lisa" if run.sampler else "full"
         setup = Setup(backend=backend, world_size=run.backend.world_size, replicate=cfg.backend.replicate,
                       precision=cfg.train.precision, param_dtype=cfg.model.dtype,
-                      frozen_dtype=cfg.backend.frozen_dtype, rank=run.backend.rank)
+                      frozen_storage=cfg.lisa.frozen_storage, train_embeddings=cfg.lisa.train_embeddings,
+                      adam_8bit=cfg.optim.adam_8bit, rank=run.backend.rank)
         # The shapes from the config alone, as `lisa-dist estimate` sees them, not from the model that trained.
         shapes = shapes_of(preset_config(cfg.model.name, cfg.model.preset_overrides), cfg.model.name)
         predicted = estimate(shapes, method, setup, active=run.active)
