@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark set on one CUDA GPU in about 10 minutes: full fine-tuning, LoRA, naive LISA, BAdam and lisa_dist
-# LISA on Llama-shaped models of 1B and 3B params (SIZES="1b 3b 7b" for more), bf16 compute, activation
+# The benchmark set on one CUDA GPU in about 10 minutes: full fine-tuning, LoRA, QLoRA, naive LISA, BAdam and
+# lisa_dist LISA (fp32, int8 and NF4 frozen layers, and lean: NF4 + frozen embeddings + 8-bit Adam + chunked loss,
+# each next to the planner's figure) on Llama-shaped models of 1B and 3B params (SIZES="1b 3b 7b" for more), bf16 compute, activation
 # checkpointing; peak memory from torch.cuda.max_memory_allocated and tokens/s; a method that does not fit is
 # reported as out of memory. Then the per-backend switch overhead on one rank, and the report.
 #
@@ -24,10 +25,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>/dev/null || true
 for size in $SIZES; do
     # Each method runs in its own process; 4 minutes at most per size.
-    timeout 240 "$PYTHON" benchmarks/methods.py --device cuda --precision bf16 --size "$size" --steps "$STEPS" \
+    timeout 230 "$PYTHON" benchmarks/methods.py --device cuda --precision bf16 --size "$size" --steps "$STEPS" \
         --seq-len 1024 --micro-batch 2 --activation-checkpointing --out "$OUT" --name "methods_$size" \
         || echo "size $size: did not finish (exit $?)"
 done
-timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/switch_overhead.py \
+timeout 60 "$PYTHON" benchmarks/requant_cost.py --out "$OUT" || echo "requant cost: did not finish (exit $?)"
+timeout 90 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/switch_overhead.py \
     --steps 15 --out "$OUT" || echo "switch overhead: did not finish (exit $?)"
 "$PYTHON" benchmarks/report.py --results "$OUT"

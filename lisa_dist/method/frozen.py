@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -107,8 +106,6 @@ class FrozenStore:
         self.slots: list[list[tuple[str, nn.Module, str]]] = []
         """Per block: (parameter name, owning module, attribute) of each weight stored quantized when frozen."""
         self.active: set[int] = set()
-        self.switch_s: list[float] = []
-        """Seconds each block move took (write back and re-quantize, or load), for the switch-cost benchmark."""
 
     @property
     def quantized(self) -> bool:
@@ -125,8 +122,10 @@ class FrozenStore:
                 weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
                 if self.quantized and weight is not None and quantizable(weight, self.storage):
                     name = f"{prefix}.{i}.{mod_name}.weight"
+                    # The loaded weight itself becomes the host copy (the module's param is replaced when the block
+                    # is frozen below), so the host never holds the matrices twice.
                     host = weight.detach().to(self.host_dtype)
-                    self.host[name] = host.pin_memory() if self.device.type == "cuda" else host.clone()
+                    self.host[name] = host.pin_memory() if self.device.type == "cuda" else host
                     slots.append((name, module, "weight"))
             self.slots.append(slots)
         kept = {id(getattr(module, attr)) for slots in self.slots for _, module, attr in slots}
@@ -145,13 +144,9 @@ class FrozenStore:
         wanted = set(layers)
         leaving, entering = sorted(self.active - wanted), sorted(wanted - self.active)
         for i in leaving:
-            start = time.perf_counter()
             self._freeze(i, write_back=True)
-            self.switch_s.append(time.perf_counter() - start)
         for i in entering:
-            start = time.perf_counter()
             self._thaw(i)
-            self.switch_s.append(time.perf_counter() - start)
         self.active = wanted
         return bool(leaving or entering)
 

@@ -214,6 +214,24 @@ def test_exact_resume_and_export(tmp_path, data_file):
     assert AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
 
 
+def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_path, data_file):
+    """8-bit moments (DTensor-wrapped torchao state) go through DCP: the resumed run repeats the straight one."""
+    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--optim.adam_8bit=all",
+                     "--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
+                     '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+    straight, out = tmp_path / "straight", tmp_path / "ckpt"
+    straight.mkdir()
+    out.mkdir()
+    torchrun("ckpt_driver.py", [str(straight), "save", "6", *[a.replace(str(tmp_path / "run"), str(straight / "run"))
+                                                            for a in args]])
+    torchrun("ckpt_driver.py", [str(out), "save", "3", *args])
+    torchrun("ckpt_driver.py", [str(out), "resume", *args])
+    saved = json.loads((out / "save.json").read_text())
+    resumed = json.loads((out / "resume.json").read_text())
+    assert resumed["first"] == 3
+    assert saved["losses"] + resumed["losses"] == json.loads((straight / "save.json").read_text())["losses"]
+
+
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(tmp_path, data_file, before, after):
     """DCP reshards model and optimizer state; the global batch stays 8 (micro batch 8 / world)."""

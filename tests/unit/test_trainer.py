@@ -153,7 +153,7 @@ def test_warmup_then_cosine_schedule():
     assert {lr_at(s, cfg.optim, 24) for s in range(4, 24)} == {1.0}
 
 
-@pytest.mark.parametrize("name", ["full_finetune.yaml", "lora.yaml", "pretrain_text.yaml"])
+@pytest.mark.parametrize("name", ["full_finetune.yaml", "lora.yaml", "pretrain_text.yaml", "lean_memory.yaml"])
 def test_shipped_example_configs_train(tmp_path, name):
     """Each shipped method config runs two steps on a shrunk model (its data swapped for the repo's)."""
     text = name == "pretrain_text.yaml"
