@@ -117,6 +117,9 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     backend = build_baseline(method, cfg, "model.layers", SIZES[args.size]["num_hidden_layers"]) \
         if method in ("naive_lisa", "badam") else None
     run = build(cfg, backend)
+    # The planner's shapes are those of the model as built (QLoRA's bitsandbytes params are packed).
+    lora = run.trainable.always if method in ("lora", "qlora") else ()
+    shapes = shapes_of_model(run.layout.model, lora=lora)
     if method == "qlora" and not quantize_lora_base(run.layout.layers):
         raise RuntimeError("QLoRA: peft wrapped no nn.Linear to quantize")
     steps, seen = [], 0
@@ -142,14 +145,12 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "trained_now": sum(p.numel() for p in run.layout.model.parameters() if p.requires_grad),
     }
     if method in PLANNED:  # the methods of lisa_dist.tools.memory.METHODS
-        lora = run.trainable.always if method in ("lora", "qlora") else ()
         setup = Setup(backend="local", world_size=1, precision=cfg.train.precision, param_dtype=cfg.model.dtype,
                       frozen_storage=cfg.lisa.frozen_storage, train_embeddings=cfg.lisa.train_embeddings,
                       adam_8bit=cfg.optim.adam_8bit,
                       loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
                       micro_batch=cfg.train.micro_batch_size, seq_len=args.seq_len,
                       activation_checkpointing=cfg.train.activation_checkpointing)
-        shapes = shapes_of_model(run.layout.model, lora=lora)
         planned = PLANNED[method]
         result["predicted_last"] = estimate(shapes, planned, setup, active=steps[-1]["active"]).as_dict()
         # naive LISA's worst case: every layer visited

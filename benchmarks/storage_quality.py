@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1.5e-4)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--resume", action="store_true", help="keep the arms already in storage_quality.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
     args = parser.parse_args()
     if args.one:
@@ -77,8 +78,13 @@ def main() -> None:
     work = REPO / "runs" / "storage_quality"
     train, heldout = split(ALPACA, work / "data")
     model = prepare_model("smollm2-135m-instruct")
-    results, start = {}, time.perf_counter()
+    out = Path(args.out)
+    saved = out / "storage_quality.json"
+    results = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
+    start = time.perf_counter() - sum(r["wall_s"] for r in results.values())
     for name, extra in ARMS.items():
+        if name in results:
+            continue
         slug = "".join(c if c.isalnum() else "_" for c in name)
         overrides = [f"--model.name={model}", f"--data.path={train}", "--data.format=alpaca", "--data.max_length=192",
                      "--data.skip_bad_rows=true", f"--data.cache_dir={work / 'cache'}", "--train.micro_batch_size=4",
@@ -91,9 +97,10 @@ def main() -> None:
                               capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
-            sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         result = json.loads(lines[-1][len("RESULT "):])
         results[name] = result
+        saved.write_text(json.dumps(results, indent=1))
         print(f"{name:30s} held-out {result['heldout_loss']:.4f} (as trained {result['heldout_as_trained']:.4f})  "
               f"{result['wall_s']:6.1f} s  "
               f"switch {result['switch_s_median']:.3f} s", flush=True)
@@ -114,8 +121,6 @@ def main() -> None:
         lines.append(f"| {name} | {r['heldout_loss']:.4f} | {r['heldout_loss'] - base:+.4f} | "
                      f"{r['heldout_as_trained']:.4f} | {device:.1f} | {s.get('host', 0) / 1e6:.1f} | "
                      f"{r['peak_rss'] / 1e6:.0f} | {r['switch_s_median']:.3f} | {r['wall_s']:.0f} |")
-    out = Path(args.out)
-    (out / "storage_quality.json").write_text(json.dumps(results, indent=1))
     (out / "storage_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

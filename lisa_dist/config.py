@@ -84,8 +84,9 @@ class LisaConfig:
     """int8/nf4: dtype of the exact host copies of the frozen weights, float32 or bfloat16 (bfloat16 rounds a
     layer's trained weights when it leaves)."""
     train_embeddings: bool = True
-    """Train the input embedding at every step (the paper's LISA). false freezes it, stored like the frozen layers
-    (bfloat16 when they are quantized); the final norm and the head still train, a tied embedding as the head."""
+    """Train the input embedding at every step (the paper's LISA). false freezes it (every backend), stored like the
+    frozen layers (bfloat16 when they are cast or quantized under bf16 compute); the final norm and the head still
+    train, a tied embedding as the head."""
 
 
 @dataclass
@@ -230,6 +231,10 @@ FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")
 ADAM_8BIT = ("none", "always", "all")
 LOSSES = ("plain", "chunked")
+# String fields with a fixed set of values.
+CHOICES = {"lisa.frozen_storage": FROZEN_STORAGE, "lisa.host_dtype": DTYPES, "optim.adam_8bit": ADAM_8BIT,
+           "train.loss": LOSSES, "train.precision": PRECISIONS, "model.dtype": DTYPES,
+           "lisa.strategy": STRATEGIES, "optim.schedule": SCHEDULES, "backend.name": BACKENDS}
 # Fields that moved: the old name's error says where to.
 MOVED = {"backend.frozen_dtype": "lisa.frozen_storage"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -319,6 +324,8 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     _check_known(key, fields, f"unknown key in section '{section_name}':", prefix=f"{section_name}.")
     hint = typing.get_type_hints(type(section))[key]
+    if dotted in CHOICES and not isinstance(value, str):  # YAML reads yes/no/on/off/true as booleans
+        raise ConfigError(f"{dotted}={value!r}: expected one of {', '.join(CHOICES[dotted])} (a string)")
     setattr(section, key, _coerce(value, hint, dotted))
 
 
@@ -442,15 +449,17 @@ def _validate_storage(cfg: Config) -> None:
     _choice("lisa.frozen_storage", lisa.frozen_storage, FROZEN_STORAGE)
     _choice("lisa.host_dtype", lisa.host_dtype, DTYPES)
     _choice("optim.adam_8bit", cfg.optim.adam_8bit, ADAM_8BIT)
-    if lisa.frozen_storage != "float32" or not lisa.train_embeddings:
-        field = "lisa.frozen_storage" if lisa.frozen_storage != "float32" else "lisa.train_embeddings"
-        value = getattr(lisa, field.split(".")[1])
-        _require(name in ("local", "fsdp"), field, value,
-                 f"needs backend.name=local or fsdp: DeepSpeed ZeRO rebuilds its partitions of every param it "
-                 f"trains in the engine's own dtype (backend.name={name})")
-        _require(not cfg.lora.enabled, field, value, "the LoRA baseline trains adapters over its own base model")
+    if lisa.frozen_storage != "float32":
+        _require(name in ("local", "fsdp"), "lisa.frozen_storage", lisa.frozen_storage,
+                 f"needs backend.name=local or fsdp: DeepSpeed ZeRO keeps every param in the engine's own dtype "
+                 f"(backend.name={name})")
+    for name_, value, default in (("lisa.frozen_storage", lisa.frozen_storage, "float32"),
+                                  ("lisa.train_embeddings", lisa.train_embeddings, True)):
+        if value != default:
+            _require(not cfg.lora.enabled, name_, value, "the LoRA baseline trains adapters over its own base model")
+    if lisa.frozen_storage != "float32":
         _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
-                 f"float32 with {field}={value!r} (active layers train in fp32)")
+                 f"float32 with lisa.frozen_storage={lisa.frozen_storage!r} (active layers train in fp32)")
     if lisa.frozen_storage == "bfloat16":
         _require(cfg.train.precision == "bf16", "lisa.frozen_storage", lisa.frozen_storage,
                  "bfloat16 storage needs train.precision=bf16 (bf16 compute)")

@@ -11,6 +11,7 @@ from lisa_dist.backends.deepspeed import (
     build_engine,
     carry_out,
     destroy_engine,
+    unlink_shm_at_exit,
 )
 from lisa_dist.backends.fsdp import FSDPBackend, rerun_lazy_init
 from lisa_dist.backends.local import LocalBackend
@@ -42,5 +43,5 @@ def build_backend(cfg: Config) -> Backend:
 
 __all__ = [
     "DS_TAG", "Backend", "DeepSpeedBackend", "FSDPBackend", "LocalBackend", "always_partitions", "build_backend",
-    "build_engine", "carry_out", "destroy_engine", "rerun_lazy_init",
+    "build_engine", "carry_out", "destroy_engine", "rerun_lazy_init", "unlink_shm_at_exit",
 ]

@@ -9,9 +9,11 @@ in: the embeddings and head keep exact fp32 masters and their moments; the layer
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
         self.deepspeed = deepspeed
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
+        unlink_shm_at_exit(env.rank)
         self.config = fill_ds_config(read_ds_config(ds_config), micro_batch_size=micro_batch_size,
                                      grad_accum=grad_accum, max_grad_norm=optim.max_grad_norm, precision=precision,
                                      world_size=env.world_size, source=f"backend.ds_config={ds_config}")
@@ -228,6 +231,16 @@ def own_storage(leaving: list[nn.Parameter], stage: int) -> None:
                 param.data = param.data.clone()
             else:
                 param.ds_tensor.data = param.ds_tensor.data.clone()
+
+
+def unlink_shm_at_exit(rank: int) -> None:
+    """Remove, at exit, the shared-memory buffer DeepSpeed's CPU all-reduce (its shm comm op) creates for this rank,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB), which DeepSpeed never
+    removes: every CPU run left one per rank, until /dev/shm (RAM) filled and the OOM killer stopped runs. The peers
+    map it when the op starts, so unlinking it at exit frees it once every rank has exited; absent on GPUs."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    atexit.register(lambda: (Path("/dev/shm") / name).unlink(missing_ok=True))
 
 
 def always_partitions(engine) -> list[torch.Tensor]:

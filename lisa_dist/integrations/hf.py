@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
-from lisa_dist.backends import build_engine, carry_out, destroy_engine, rerun_lazy_init
+from lisa_dist.backends import build_engine, carry_out, destroy_engine, rerun_lazy_init, unlink_shm_at_exit
 from lisa_dist.config import OptimConfig
 from lisa_dist.method import (
     LayerSampler,
@@ -134,6 +134,7 @@ class LisaTrainer(Trainer):
             raise ValueError(f"TrainingArguments.optim={optim!r}: LisaTrainer runs torch AdamW "
                              f"(allowed: {', '.join(ADAMW)})")
         if self.is_deepspeed_enabled:
+            unlink_shm_at_exit(self.args.process_index)
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             for section in ("optimizer", "scheduler"):
                 if section in config:

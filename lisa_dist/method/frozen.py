@@ -77,10 +77,10 @@ def quantized_bytes(shape: Sequence[int], storage: str) -> int:
     return numel // 2 + scales + factor_bytes + 4 + 16 * 4
 
 
-def frozen_embedding_dtype(storage: str, precision: str) -> torch.dtype:
+def frozen_embedding_dtype(storage: str, precision: str) -> torch.dtype | None:
     """A frozen input embedding is stored like the frozen layers, except that a lookup has no quantized kernel:
-    bfloat16 when the layers are cast or quantized and the compute is bf16, else float32."""
-    return torch.bfloat16 if storage != "float32" and precision == "bf16" else torch.float32
+    bfloat16 when the layers are cast or quantized and the compute is bf16, else as loaded (None)."""
+    return torch.bfloat16 if storage != "float32" and precision == "bf16" else None
 
 
 def freeze_outside(model: nn.Module, trainable: TrainableSet, storage: str, precision: str) -> None:
@@ -88,6 +88,8 @@ def freeze_outside(model: nn.Module, trainable: TrainableSet, storage: str, prec
     layers (`frozen_embedding_dtype`). Through `Module._apply`, the path of `module.to(dtype)`, so that FSDP2
     re-registers its sharded params (its `_apply` override)."""
     dtype = frozen_embedding_dtype(storage, precision)
+    if dtype is None:
+        return
     training = {id(p) for _, p in trainable.all_named()}
     cast = {id(p) for p in model.parameters()
             if id(p) not in training and p.dtype.is_floating_point and p.dtype != dtype}

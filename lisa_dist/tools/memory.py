@@ -145,10 +145,10 @@ class Setup:
                                      ("adam_8bit", self.adam_8bit, ("none", "always", "all"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
-        lean = self.frozen_storage != "float32" or not self.train_embeddings or self.adam_8bit != "none"
+        lean = self.frozen_storage != "float32" or self.adam_8bit != "none"
         if lean and self.backend not in ("local", "ddp", "fsdp"):
-            raise ConfigError(f"backend={self.backend}: frozen storage, frozen embeddings and 8-bit moments run on "
-                              "local and fsdp only (DeepSpeed partitions in its own dtype)")
+            raise ConfigError(f"backend={self.backend}: frozen storage and 8-bit moments run on local and fsdp only "
+                              "(DeepSpeed partitions in its own dtype and builds its own optimizer)")
         if self.frozen_storage in QUANTIZED and self.backend != "local":
             raise ConfigError(f"frozen_storage={self.frozen_storage}: quantized frozen layers run on backend=local "
                               "(one GPU); fsdp stores them in float32 or bfloat16")

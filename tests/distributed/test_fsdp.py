@@ -132,6 +132,7 @@ def test_frozen_embeddings_and_the_chunked_loss_match_local(tmp_path, data_file)
     assert torch.equal(weights["model.embed_tokens.weight"], untouched["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow  # about 40 s on 2 cores: make test-slow (test_memory's fsdp-adam8 checks the per-rank bytes)
 def test_8bit_adam_on_sharded_params(tmp_path, data_file):
     """torchao's AdamW8bit on FSDP2's DTensor shards: its blocks are cut from each rank's shard, so the losses
     follow the local 8-bit run closely rather than bitwise (the per-rank bytes: test_memory)."""
@@ -214,6 +215,7 @@ def test_exact_resume_and_export(tmp_path, data_file):
     assert AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
 
 
+@pytest.mark.slow  # three launches, about 2 minutes on 2 cores: make test-slow
 def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_path, data_file):
     """8-bit moments (DTensor-wrapped torchao state) go through DCP: the resumed run repeats the straight one."""
     args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--optim.adam_8bit=all",
@@ -232,7 +234,8 @@ def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_
     assert saved["losses"] + resumed["losses"] == json.loads((straight / "save.json").read_text())["losses"]
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+# 2 -> 1 in make test, 1 -> 2 in make test-slow (19 s on 2 cores).
+@pytest.mark.parametrize("before, after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resume_on_another_world_size(tmp_path, data_file, before, after):
     """DCP reshards model and optimizer state; the global batch stays 8 (micro batch 8 / world)."""
     out = tmp_path / "ckpt"

@@ -67,7 +67,8 @@ def test_a_layer_starts_its_next_period_from_the_weights_it_left_with(tmp_path, 
 
 @pytest.mark.parametrize("extra", [("--lisa.frozen_storage=nf4",),
                                    ("--lisa.frozen_storage=int8", "--lisa.train_embeddings=false"),
-                                   ("--lisa.frozen_storage=nf4", "--optim.adam_8bit=all")],
+                                   pytest.param(("--lisa.frozen_storage=nf4", "--optim.adam_8bit=all"),
+                                                marks=pytest.mark.slow)],
                          ids=["nf4", "int8-frozen-embeddings", "nf4-adam8"])
 def test_exact_resume_with_quantized_storage(tmp_path, data_file, extra):
     steps = ["--train.steps=6"]
@@ -127,9 +128,12 @@ def test_8bit_moments_are_smaller_and_training_matches_closely(tmp_path, data_fi
     (["--lisa.frozen_storage=nf4", "--model.dtype=bfloat16"], r"model.dtype='bfloat16'.*float32"),
     (["--lisa.frozen_storage=nf4", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero2.json"],
      r"lisa.frozen_storage='nf4'.*backend.name=local or fsdp"),
-    (["--lisa.train_embeddings=false", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero3.json"],
-     r"lisa.train_embeddings=False.*backend.name=local or fsdp"),
+    (["--optim.adam_8bit=all", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero3.json"],
+     r"optim.adam_8bit='all'.*backend.name=local or fsdp"),
+    (["--lisa.train_embeddings=false", "--lisa.enabled=false", "--lora.enabled=true"],
+     r"lisa.train_embeddings=False.*LoRA baseline"),
     (["--optim.adam_8bit=some"], r"optim.adam_8bit='some'.*none, always, all"),
+    (["--optim.adam_8bit=yes"], r"optim.adam_8bit=True: expected one of none, always, all"),
     (["--lisa.host_dtype=int8"], r"lisa.host_dtype='int8'.*float32, bfloat16"),
     (["--train.loss=fused"], r"train.loss='fused'.*plain, chunked"),
     (["--train.loss_chunk_tokens=0"], r"train.loss_chunk_tokens=0"),

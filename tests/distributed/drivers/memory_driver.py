@@ -35,6 +35,7 @@ SETUPS = {
     "zero2": ("zero2", ["--backend.name=deepspeed", DS["zero2"]]),
     "zero2-bf16": ("zero2", ["--backend.name=deepspeed", DS["zero2"], "--train.precision=bf16"]),
     "zero3": ("zero3", ["--backend.name=deepspeed", DS["zero3"]]),
+    "zero3-frozen-embeddings": ("zero3", ["--backend.name=deepspeed", DS["zero3"], "--lisa.train_embeddings=false"]),
     "zero3-bf16": ("zero3", ["--backend.name=deepspeed", DS["zero3"], "--train.precision=bf16"]),
     "zero3-offload-bf16": ("zero3_offload", ["--backend.name=deepspeed", DS["zero3_offload"],
                                              "--train.precision=bf16"]),
