@@ -47,11 +47,15 @@ def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: in
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens)
 
+    previous = head.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) is put back after
     head.forward = forward
     try:
         yield
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

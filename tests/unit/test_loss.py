@@ -84,3 +84,14 @@ def test_training_with_the_chunked_loss_follows_the_plain_loss(tmp_path):
         run = build(cfg)
         runs[loss] = [train_step(run, s)["loss"] for s in range(4)]
     assert runs["chunked"] == pytest.approx(runs["plain"], rel=1e-6)
+
+
+def test_an_instance_level_head_forward_is_put_back():
+    """accelerate's hooks install their own forward on a module instance: the chunked loss restores it."""
+    model = tiny_model()
+    head = model.lm_head
+    own = head.forward  # the class's, bound
+    head.forward = lambda hidden: own(hidden)
+    installed = head.forward
+    lm_loss_sum(model, batch(), 16)
+    assert head.__dict__["forward"] is installed
