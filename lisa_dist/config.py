@@ -453,13 +453,13 @@ def _validate_storage(cfg: Config) -> None:
         _require(name in ("local", "fsdp"), "lisa.frozen_storage", lisa.frozen_storage,
                  f"needs backend.name=local or fsdp: DeepSpeed ZeRO keeps every param in the engine's own dtype "
                  f"(backend.name={name})")
-    for name_, value, default in (("lisa.frozen_storage", lisa.frozen_storage, "float32"),
-                                  ("lisa.train_embeddings", lisa.train_embeddings, True)):
-        if value != default:
-            _require(not cfg.lora.enabled, name_, value, "the LoRA baseline trains adapters over its own base model")
-    if lisa.frozen_storage != "float32":
+        _require(not cfg.lora.enabled, "lisa.frozen_storage", lisa.frozen_storage,
+                 "the LoRA baseline trains adapters over its own base model")
         _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
                  f"float32 with lisa.frozen_storage={lisa.frozen_storage!r} (active layers train in fp32)")
+    if not lisa.train_embeddings:
+        _require(not cfg.lora.enabled, "lisa.train_embeddings", lisa.train_embeddings,
+                 "the LoRA baseline trains adapters over its own base model")
     if lisa.frozen_storage == "bfloat16":
         _require(cfg.train.precision == "bf16", "lisa.frozen_storage", lisa.frozen_storage,
                  "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
