@@ -2,11 +2,9 @@
 trainable set, LoRA), how the frozen layers are stored (cast or quantized, with exact host copies) and AdamW (or
 8-bit AdamW) over it."""
 from lisa_dist.method.frozen import (
-    QUANTIZED,
     FrozenStore,
     freeze_outside,
     frozen_embedding_dtype,
-    nf4_scaler_block,
     quantizable,
     quantize,
     quantized_bytes,
@@ -36,11 +34,9 @@ from lisa_dist.method.trainable import apply_lora, layer_named_params, lisa_trai
 
 __all__ = [
     "ALWAYS",
-    "QUANTIZED",
     "FrozenStore",
     "freeze_outside",
     "frozen_embedding_dtype",
-    "nf4_scaler_block",
     "quantizable",
     "quantize",
     "quantized_bytes",

@@ -17,10 +17,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from lisa_dist.config import QUANTIZED
 from lisa_dist.method.optim import TrainableSet
 from lisa_dist.models import ModelLayout
 
-QUANTIZED = ("int8", "nf4")
 NF4_BLOCK = 64  # elements per NF4 scale (QLoRA's block)
 NF4_SCALER_BLOCK = 256  # NF4 scales per double-quantization factor (QLoRA's)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -28,12 +28,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torchao (imported here, and by peft and transformers when installed) warns for each CUDA/CUTLASS extension its
 # build cannot load (mxfp8, SM90 kernels); lisa_dist uses none of them.
 logging.getLogger("torchao").setLevel(logging.ERROR)
-
-
-def _torchao():
-    import torchao  # noqa: F401
-
-    return torchao
 
 
 def nf4_scaler_block(numel: int) -> int | None:
@@ -44,13 +38,14 @@ def nf4_scaler_block(numel: int) -> int | None:
     return math.gcd(NF4_SCALER_BLOCK, numel // NF4_BLOCK)
 
 
-def quantizable(weight: torch.Tensor, storage: str) -> bool:
-    return weight.dim() == 2 and (storage == "int8" or nf4_scaler_block(weight.numel()) is not None)
+def quantizable(shape: Sequence[int], storage: str) -> bool:
+    """Whether a weight of `shape` is stored in `storage`'s format when frozen: matrices, for NF4 those whose size
+    is a multiple of its 64-element block (the rest stay in fp32)."""
+    return len(shape) == 2 and (storage == "int8" or nf4_scaler_block(math.prod(shape)) is not None)
 
 
 def quantize(weight: torch.Tensor, storage: str) -> torch.Tensor:
     """torchao's quantized copy of a 2-d weight: int8 per output row (symmetric), or NF4 (QLoRA's format)."""
-    _torchao()
     weight = weight.detach()
     if storage == "nf4":
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
@@ -122,7 +117,7 @@ class FrozenStore:
             slots = []
             for mod_name, module in block.named_modules():
                 weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
-                if self.quantized and weight is not None and quantizable(weight, self.storage):
+                if self.quantized and weight is not None and quantizable(weight.shape, self.storage):
                     name = f"{prefix}.{i}.{mod_name}.weight"
                     # The loaded weight itself becomes the host copy (the module's param is replaced when the block
                     # is frozen below), so the host never holds the matrices twice.

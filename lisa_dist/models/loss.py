@@ -8,6 +8,7 @@ Liger's fused linear cross-entropy does the same in one kernel when `liger-kerne
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -80,6 +81,7 @@ def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.cross_entropy(F.linear(rows, weight, bias).float(), targets, reduction="sum")
 
 
+@functools.cache
 def _liger():
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

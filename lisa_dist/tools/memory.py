@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lisa_dist.config import FROZEN_STORAGE, QUANTIZED
 from lisa_dist.errors import ConfigError
+from lisa_dist.method import quantizable, quantized_bytes
 
 GIB = 1024**3
 BACKENDS = ("local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
@@ -44,8 +46,6 @@ METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (NF4
 # The reference LISA callbacks toggle requires_grad only; LMFlow and axolotl do not run them under FSDP or ZeRO-3.
 NAIVE_UNSUPPORTED = ("fsdp", "zero3", "zero3_offload")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
-QUANTIZED = ("int8", "nf4")
 ADAM8_MIN, ADAM8_BLOCK, ADAM8_QMAP = 4096, 256, 256  # torchao AdamW8bit: smallest param, block, lookup entries
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 NCCL_ALIGNMENT = 2  # ZeRO-1/2 pad each group to a multiple of this x W
@@ -269,17 +269,6 @@ def _params(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
     return [Param(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named]
 
 
-def quantized_bytes(shape: Sequence[int], storage: str) -> int:
-    from lisa_dist.method import quantized_bytes as measured_format
-
-    return measured_format(shape, storage)
-
-
-def _quantizable(p: Param, storage: str) -> bool:
-    from lisa_dist.method import nf4_scaler_block
-
-    return len(p.shape) == 2 and (storage == "int8" or nf4_scaler_block(p.numel) is not None)
-
 
 # -- sharding rules ---------------------------------------------------------------------------------------------
 
@@ -431,7 +420,7 @@ def _stored_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param
         numel = math.prod(shape)
         if method in ("lora", "qlora") and p.name not in lora:
             if method == "qlora":
-                quantized = p.name in layer_names and _quantizable(p, "nf4")
+                quantized = p.name in layer_names and quantizable(p.shape, "nf4")
                 return quantized_bytes(shape, "nf4") if quantized else 2 * numel
             return base * numel
         if p.name not in frozen_names or s.frozen_storage == "float32":
@@ -440,7 +429,7 @@ def _stored_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param
             return (2 if s.precision == "bf16" else storage) * numel
         if s.frozen_storage == "bfloat16":
             return 2 * numel
-        return quantized_bytes(shape, s.frozen_storage) if _quantizable(p, s.frozen_storage) else storage * numel
+        return quantized_bytes(shape, s.frozen_storage) if quantizable(p.shape, s.frozen_storage) else storage * numel
 
     return stored
 
@@ -449,7 +438,7 @@ def _host_bytes(shapes: ModelShapes, method: str, s: Setup) -> int:
     """int8/nf4: the exact host copies of every layer's quantized matrices (lisa.host_dtype)."""
     if method in ("lora", "qlora") or s.frozen_storage not in QUANTIZED:
         return 0
-    quantized = [p for layer in shapes.layers for p in layer if _quantizable(p, s.frozen_storage)]
+    quantized = [p for layer in shapes.layers for p in layer if quantizable(p.shape, s.frozen_storage)]
     return sum(p.numel for p in quantized) * DTYPE_BYTES[s.host_dtype]
 
 
