@@ -29,6 +29,7 @@ from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import DistEnv, io_group
 from lisa_dist.method import (
+    FrozenStore,
     TrainableSet,
     build_adamw,
     clip_grad_norm,
@@ -91,7 +92,7 @@ class FSDPBackend(ProcessGroupBackend):
         self.mesh = build_mesh(env, replicate)
         self.param_dtype = torch.bfloat16 if precision == "bf16" else None
         self.frozen_storage = frozen_storage
-        self.frozen_dtype = torch.bfloat16 if frozen_storage == "bfloat16" else torch.float32
+        self.store: FrozenStore | None = None
         self.reshard_after_forward = reshard_after_forward
         self.precision = precision
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -119,9 +120,11 @@ class FSDPBackend(ProcessGroupBackend):
                                                                       broadcast_from_rank0=True, strict=False))
             del full
             how = "rank 0 loaded and broadcast"
-        if self.frozen_dtype != torch.float32:
-            for block in layout.layers:
-                block.to(self.frozen_dtype)
+        if self.frozen_storage != "float32":
+            # bfloat16 (the config refuses int8/nf4 here): block.to(dtype) goes through FSDP2's _apply, which
+            # re-registers the sharded params.
+            self.store = FrozenStore(layout, self.frozen_storage, "float32", self.device)
+            self.store.freeze_all()
         if self.is_main:
             log.info("materialized %s over mesh %s (%s)", source.description, tuple(self.mesh.shape), how)
         self.model, self.layout = model, layout
@@ -143,26 +146,12 @@ class FSDPBackend(ProcessGroupBackend):
     def activate(self, layers: Sequence[int]) -> None:
         # First drop the state of leaving layers while the optimizer still knows their params...
         set_active_params(self.optimizer, self.trainable, layers)
-        if self.frozen_dtype != torch.float32 and self._set_block_dtypes(layers):
+        if self.store is not None and self.store.set_active(layers):
             # ...then hand it the re-created params of blocks whose storage dtype changed.
+            self.trainable.layers[:] = layer_named_params(self.layout)
             set_active_params(self.optimizer, self.trainable, layers)
         self.active = tuple(layers)
         rerun_lazy_init(self.model)
-
-    def _set_block_dtypes(self, layers: Sequence[int]) -> bool:
-        """Frozen blocks stored in bf16, active ones in fp32: the fp32 master copy exists only while a block trains.
-
-        Returns whether any block changed (its params are then new objects, re-read into `trainable`).
-        """
-        changed = False
-        for i, block in enumerate(self.layout.layers):
-            dtype = torch.float32 if i in layers else self.frozen_dtype
-            if next(block.parameters()).dtype != dtype:
-                block.to(dtype)
-                changed = True
-        if changed:
-            self.trainable.layers[:] = layer_named_params(self.layout)
-        return changed
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -93,7 +93,8 @@ def freeze_outside(model: nn.Module, trainable: TrainableSet, storage: str, prec
 
 
 class FrozenStore:
-    """Where the frozen blocks of `layout` live, and their moves at each LISA switch (local backend)."""
+    """Where the frozen blocks of `layout` live, and their moves at each LISA switch (the local backend; FSDP2 for
+    bfloat16, a cast of its sharded params)."""
 
     def __init__(self, layout: ModelLayout, storage: str, host_dtype: str, device: torch.device) -> None:
         self.layout, self.storage, self.device = layout, storage, device
@@ -132,8 +133,13 @@ class FrozenStore:
                     p.data = p.data.to(self.device)
             for b in model.buffers():
                 b.data = b.data.to(self.device)
+        self.freeze_all()
+
+    def freeze_all(self) -> None:
+        """Every block in its frozen storage, none active (after `place`, or on blocks already on the device)."""
         for i in range(len(self.layout.layers)):
             self._freeze(i, write_back=False)
+        self.active = set()
 
     def set_active(self, layers: Iterable[int]) -> bool:
         """Move blocks so that exactly `layers` hold trainable fp32 params; returns whether any param object changed
