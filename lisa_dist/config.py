@@ -79,7 +79,7 @@ class LisaConfig:
     frozen_storage: str = "float32"
     """How decoder layers that are not active are stored: float32, bfloat16 (cast; needs train.precision=bf16), int8
     or nf4 (torchao-quantized on the device, the exact weights kept in host memory in lisa.host_dtype). A layer
-    trains in fp32 from its exact weights; local and fsdp (fsdp: float32 or bfloat16)."""
+    trains in fp32 from its exact weights; local and fsdp (fsdp: each rank quantizes and keeps its own shard)."""
     host_dtype: str = "float32"
     """int8/nf4: dtype of the exact host copies of the frozen weights, float32 or bfloat16 (bfloat16 rounds a
     layer's trained weights when it leaves)."""
@@ -463,10 +463,6 @@ def _validate_storage(cfg: Config) -> None:
     if lisa.frozen_storage == "bfloat16":
         _require(cfg.train.precision == "bf16", "lisa.frozen_storage", lisa.frozen_storage,
                  "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
-    if lisa.frozen_storage in QUANTIZED:
-        _require(name == "local", "lisa.frozen_storage", lisa.frozen_storage,
-                 f"int8 and nf4 storage run on backend.name=local; fsdp stores frozen layers in float32 or "
-                 f"bfloat16 (backend.name={name})")
     if cfg.optim.adam_8bit != "none":
         _require(name in ("local", "fsdp"), "optim.adam_8bit", cfg.optim.adam_8bit,
                  f"needs backend.name=local or fsdp: DeepSpeed builds its own optimizer (backend.name={name})")

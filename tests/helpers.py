@@ -83,7 +83,7 @@ def rank_results(out: Path, nproc: int = 2) -> list[dict]:
 
 def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4, world: int = 2):
     """The local backend computing exactly the micro-batches `world` ranks of micro batch `micro` compute (micro
-    batch `micro`, `world` accumulation steps): per-step records and the final weights in fp32."""
+    batch `micro`, `world` accumulation steps): per-step records and the final (exact) weights in fp32."""
     from lisa_dist.config import load_config
     from lisa_dist.run import build, train_step
 
@@ -91,7 +91,7 @@ def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4
                                            f"--train.grad_accum={world}", *extra))
     run = build(cfg)
     records = [train_step(run, s) for s in range(cfg.train.steps)]
-    return records, {k: v.detach().float().clone() for k, v in run.backend.model.state_dict().items()}
+    return records, {k: v.detach().float().clone() for k, v in run.backend.exact_state_dict().items()}
 
 
 # The tiny Llama with its LM head tied to the input embedding (as SmolLM2, Gemma and small Qwen2 models are).

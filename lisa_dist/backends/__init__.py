@@ -34,7 +34,8 @@ def build_backend(cfg: Config) -> Backend:
     env = init_distributed(t.device, b.timeout_s, b.io_timeout_s)
     if b.name == "fsdp":
         return FSDPBackend(env, t.precision, cfg.optim, replicate=b.replicate, frozen_storage=lisa.frozen_storage,
-                           reshard_after_forward=b.reshard_after_forward, loss_chunk_tokens=chunk)
+                           reshard_after_forward=b.reshard_after_forward, loss_chunk_tokens=chunk,
+                           host_dtype=lisa.host_dtype)
     if b.name == "deepspeed":
         return DeepSpeedBackend(env, b.ds_config, t.precision, cfg.optim, t.micro_batch_size, t.grad_accum,
                                 loss_chunk_tokens=chunk)

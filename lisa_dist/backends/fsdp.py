@@ -26,7 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lisa_dist.backends.collective import ProcessGroupBackend
-from lisa_dist.config import OptimConfig
+from lisa_dist.backends.fsdp_frozen import ShardedFrozenStore
+from lisa_dist.config import QUANTIZED, OptimConfig
 from lisa_dist.dist import DistEnv, io_group
 from lisa_dist.method import (
     FrozenStore,
@@ -75,10 +76,13 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def rerun_lazy_init(model: nn.Module) -> None:
+def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = ()) -> None:
     """After `requires_grad` flipped: FSDP2 fixes a group's compute/reduce dtypes at its first forward from its
-    then-trainable params, so a block frozen then fails when unfrozen. unshard() re-runs that lazy init."""
+    then-trainable params, so a block frozen then fails when unfrozen. unshard() re-runs that lazy init (not for
+    `skip`, blocks that are out of their units while frozen)."""
     for module in fsdp_modules(model):
+        if any(module is s for s in skip):
+            continue
         module.unshard()
         module.reshard()
 
@@ -86,13 +90,13 @@ def rerun_lazy_init(model: nn.Module) -> None:
 class FSDPBackend(ProcessGroupBackend):
     def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
                  frozen_storage: str = "float32", reshard_after_forward: bool = True, loss_chunk_tokens: int = 0,
-                 ) -> None:
+                 host_dtype: str = "float32") -> None:
         self.env = env
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
         self.mesh = build_mesh(env, replicate)
         self.param_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.frozen_storage = frozen_storage
-        self.store: FrozenStore | None = None
+        self.frozen_storage, self.host_dtype = frozen_storage, host_dtype
+        self.store: FrozenStore | ShardedFrozenStore | None = None
         self.reshard_after_forward = reshard_after_forward
         self.precision = precision
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -120,9 +124,12 @@ class FSDPBackend(ProcessGroupBackend):
                                                                       broadcast_from_rank0=True, strict=False))
             del full
             how = "rank 0 loaded and broadcast"
-        if self.frozen_storage != "float32":
-            # bfloat16 (the config refuses int8/nf4 here): block.to(dtype) goes through FSDP2's _apply, which
-            # re-registers the sharded params.
+        if self.frozen_storage in QUANTIZED:  # exact shards on the host, quantized on the device
+            self.store = ShardedFrozenStore(layout, self.frozen_storage, getattr(torch, self.host_dtype), self.device,
+                                            self.mesh.get_group("shard"), self.param_dtype or torch.float32)
+            self.store.freeze_all()
+        elif self.frozen_storage != "float32":
+            # bfloat16: block.to(dtype) goes through FSDP2's _apply, which re-registers the sharded params.
             self.store = FrozenStore(layout, self.frozen_storage, "float32", self.device)
             self.store.freeze_all()
         if self.is_main:
@@ -151,7 +158,10 @@ class FSDPBackend(ProcessGroupBackend):
             self.trainable.layers[:] = layer_named_params(self.layout)
             set_active_params(self.optimizer, self.trainable, layers)
         self.active = tuple(layers)
-        rerun_lazy_init(self.model)
+        rerun_lazy_init(self.model, self._out_of_units())
+
+    def _out_of_units(self) -> list[nn.Module]:
+        return self.store.frozen_units() if isinstance(self.store, ShardedFrozenStore) else []
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -165,7 +175,12 @@ class FSDPBackend(ProcessGroupBackend):
         grads = storage_bytes(p.grad for p in self.model.parameters())
         set_lr(self.optimizer, lr)
         self.optimizer.step()
-        self.last_state = measured_state(self.model.parameters(), grads, 0, moment_bytes(self.optimizer))
+        params, host = list(self.model.parameters()), 0
+        if isinstance(self.store, ShardedFrozenStore):  # the frozen matrices: quantized on the device, exact on host
+            hosted = {id(p) for p in self.store.hosted()}
+            params = [p for p in params if id(p) not in hosted] + self.store.device_tensors()
+            host = self.store.host_bytes()
+        self.last_state = measured_state(params, grads, 0, moment_bytes(self.optimizer), host)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -200,6 +215,8 @@ class FSDPBackend(ProcessGroupBackend):
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(folder), process_group=io_group())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if isinstance(self.store, ShardedFrozenStore):
+            self.store.refresh()  # the exact shards were loaded: quantize them again
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""

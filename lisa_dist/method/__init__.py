@@ -3,6 +3,7 @@ trainable set, LoRA), how the frozen layers are stored (cast or quantized, with 
 8-bit AdamW) over it."""
 from lisa_dist.method.frozen import (
     FrozenStore,
+    dequantize,
     freeze_outside,
     frozen_embedding_dtype,
     quantizable,
@@ -35,6 +36,7 @@ from lisa_dist.method.trainable import apply_lora, layer_named_params, lisa_trai
 __all__ = [
     "ALWAYS",
     "FrozenStore",
+    "dequantize",
     "freeze_outside",
     "frozen_embedding_dtype",
     "quantizable",

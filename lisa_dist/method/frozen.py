@@ -57,6 +57,11 @@ def quantize(weight: torch.Tensor, storage: str) -> torch.Tensor:
     return Int8Tensor.from_hp(weight, PerRow())
 
 
+def dequantize(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The plain weight a torchao quantized tensor stands for, in `dtype` (NF4: what its linear computes with)."""
+    return q.dequantize(dtype) if hasattr(q, "qdata") else q.to(dtype)
+
+
 def quantized_bytes(shape: Sequence[int], storage: str) -> int:
     """Bytes torchao's quantized tensor of a `shape` weight (fp32 source) occupies: int8 codes plus an fp32 scale
     and an int8 zero point per row; NF4 codes (2 per byte), an int8 scale per 64 elements, an fp32 factor per

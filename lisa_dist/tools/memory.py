@@ -149,9 +149,6 @@ class Setup:
         if lean and self.backend not in ("local", "ddp", "fsdp"):
             raise ConfigError(f"backend={self.backend}: frozen storage and 8-bit moments run on local and fsdp only "
                               "(DeepSpeed partitions in its own dtype and builds its own optimizer)")
-        if self.frozen_storage in QUANTIZED and self.backend != "local":
-            raise ConfigError(f"frozen_storage={self.frozen_storage}: quantized frozen layers run on backend=local "
-                              "(one GPU); fsdp stores them in float32 or bfloat16")
         if self.world_size < 1 or self.world_size % self.replicate:
             raise ConfigError(f"replicate={self.replicate} must divide world_size={self.world_size}")
         if self.backend == "local" and self.world_size != 1:
@@ -368,7 +365,7 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
             grads=sum(math.prod(_local_shape(p, shards, s.rank, padded=True)) for p in trainable) * storage,
             moments=sum(_moment_bytes(math.prod(_local_shape(p, shards, s.rank, padded=False)), eight_bit(p),
                                       storage) for p in with_state),
-            host=_host_bytes(shapes, method, s))
+            host=_host_bytes(shapes, method, s, frozen, shards))
     # DeepSpeed: in bf16 mode the engine stores every param in bf16; masters and moments are fp32 partitions.
     ds_storage = 2 if s.precision == "bf16" else storage
     every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
@@ -429,17 +426,25 @@ def _stored_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param
             return (2 if s.precision == "bf16" else storage) * numel
         if s.frozen_storage == "bfloat16":
             return 2 * numel
-        return quantized_bytes(shape, s.frozen_storage) if quantizable(p.shape, s.frozen_storage) else storage * numel
+        # Under FSDP each rank quantizes its padded shard (`shape`).
+        return quantized_bytes(shape, s.frozen_storage) if quantizable(shape, s.frozen_storage) else storage * numel
 
     return stored
 
 
-def _host_bytes(shapes: ModelShapes, method: str, s: Setup) -> int:
-    """int8/nf4: the exact host copies of every layer's quantized matrices (lisa.host_dtype)."""
+def _host_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param], shards: int) -> int:
+    """int8/nf4: the exact host copies of the quantized matrices (lisa.host_dtype): on one rank of every layer's;
+    under FSDP this rank's padded shards of the frozen layers' (an active block's live on the device)."""
     if method in ("lora", "qlora") or s.frozen_storage not in QUANTIZED:
         return 0
-    quantized = [p for layer in shapes.layers for p in layer if quantizable(p.shape, s.frozen_storage)]
-    return sum(p.numel for p in quantized) * DTYPE_BYTES[s.host_dtype]
+    if s.backend == "local":
+        candidates = [p for layer in shapes.layers for p in layer]
+    else:
+        layer_names = {p.name for layer in shapes.layers for p in layer}
+        candidates = [p for p in frozen if p.name in layer_names]
+    shards_of = [_local_shape(p, shards, s.rank, padded=True) for p in candidates]
+    return sum(math.prod(shape) for shape in shards_of if quantizable(shape, s.frozen_storage)) * \
+        DTYPE_BYTES[s.host_dtype]
 
 
 def _eight_bit(shapes: ModelShapes, s: Setup):

@@ -53,6 +53,7 @@ def check_per_rank_state(ranks):
         for step in result["steps"]:
             assert step["optimizer_state_bytes"] == step["expected_bytes"], (result["rank"], step["step"])
             assert step["frozen_ok"], (result["rank"], step["step"])
+            assert step["entered_ok"], (result["rank"], step["step"])
     # Sharded: each rank holds about half, together exactly the unsharded state.
     totals = [r["steps"][-1]["optimizer_state_bytes"] for r in ranks]
     assert 0 < min(totals) and max(totals) < sum(totals)
@@ -218,12 +219,8 @@ def test_exact_resume_and_export(tmp_path, data_file):
     assert AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
 
 
-@pytest.mark.slow  # three launches, about 2 minutes on 2 cores: make test-slow
-def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_path, data_file):
-    """8-bit moments (DTensor-wrapped torchao state) go through DCP: the resumed run repeats the straight one."""
-    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--optim.adam_8bit=all",
-                     "--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
-                     '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+def check_resume_repeats_straight_run(tmp_path, args):
+    """Six steps straight, against three steps, a checkpoint and a resumed launch for the other three: bitwise."""
     straight, out = tmp_path / "straight", tmp_path / "ckpt"
     straight.mkdir()
     out.mkdir()
@@ -235,6 +232,15 @@ def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_
     resumed = json.loads((out / "resume.json").read_text())
     assert resumed["first"] == 3
     assert saved["losses"] + resumed["losses"] == json.loads((straight / "save.json").read_text())["losses"]
+
+
+@pytest.mark.slow  # three launches, about 2 minutes on 2 cores: make test-slow
+def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_path, data_file):
+    """8-bit moments (DTensor-wrapped torchao state) go through DCP: the resumed run repeats the straight one."""
+    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--optim.adam_8bit=all",
+                     "--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
+                     '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+    check_resume_repeats_straight_run(tmp_path, args)
 
 
 # 2 -> 1 in make test, 1 -> 2 in make test-slow (19 s on 2 cores).
@@ -263,3 +269,45 @@ def test_grad_norm_sampling_agrees_across_ranks_and_with_one_process(tmp_path, d
     for result in ranks:
         assert [s["active_layers"] for s in result["steps"]] == [r["active_layers"] for r in ref]
         assert losses(result["steps"]) == losses(ref)
+
+
+# Layers 0 and 1 take turns (one at a time, 2 steps each); layers 2 and 3 are never sampled.
+TAKE_TURNS = ("--lisa.strategy=weighted", "--lisa.weights=[1,1,0,0]", "--train.steps=6")
+
+
+def check_never_sampled_bitwise(tmp_path, data_file, weights):
+    """Layers 2 and 3 (never sampled) are exactly the weights the model was built with; every trained tensor moved."""
+    untrained = build(load_config(None, tiny_overrides(tmp_path / "untrained", data_file))).backend.model.state_dict()
+    for name, value in weights.items():
+        never_trained = ".layers.2." in name or ".layers.3." in name
+        assert torch.equal(value, untrained[name]) == never_trained, name
+
+
+@pytest.mark.parametrize("storage", ["int8", "nf4"])
+def test_quantized_frozen_blocks_on_sharded_params(tmp_path, data_file, storage):
+    """int8 / NF4 frozen blocks under FSDP2: each rank's shard quantized, gathered by the block itself. Layers keep
+    their exact weights through freezing and thawing (entered_ok, frozen_ok), the never-sampled ones are exported
+    bitwise; int8 (per row, so the shards quantize as the whole matrix does) follows the local int8 run."""
+    extra = (f"--lisa.frozen_storage={storage}", *TAKE_TURNS)
+    out, ranks = fsdp(tmp_path, data_file, *extra)
+    check_per_rank_state(ranks)
+    check_never_sampled_bitwise(tmp_path, data_file, torch.load(out / "weights.pt"))
+    full, _ = reference(tmp_path / "fp32", data_file, *TAKE_TURNS)
+    ref, _ = reference(tmp_path, data_file, *extra)
+    for result in ranks:
+        assert [s["active_layers"] for s in result["steps"]] == [r["active_layers"] for r in ref]
+        assert all(step["state_bytes"]["host"] > 0 for step in result["steps"])
+        if storage == "int8":
+            assert losses(result["steps"]) == pytest.approx(losses(ref), rel=1e-5)
+        # Quantized frozen layers: the losses move away from the fp32-stored run's.
+        assert losses(result["steps"]) != losses(full)
+        assert losses(result["steps"]) == pytest.approx(losses(full), abs=5e-2)
+
+
+@pytest.mark.slow  # three launches, about 30 s on 2 cores: make test-slow
+def test_exact_resume_with_nf4_blocks_on_sharded_params(tmp_path, data_file):
+    """DCP saves the exact shards (bf16 on the host here), the resumed run quantizes them again and repeats the
+    straight run bitwise."""
+    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--lisa.frozen_storage=nf4",
+                     "--lisa.host_dtype=bfloat16")
+    check_resume_repeats_straight_run(tmp_path, args)

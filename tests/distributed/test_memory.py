@@ -99,14 +99,15 @@ def test_naive_lisa_state_grows_to_full_fine_tuning(tmp_path, data):
 
 
 def test_distributed_state_bytes_are_predicted_exactly(tmp_path, data):
-    """FSDP (fp32, bf16 compute, bf16 frozen storage with and without frozen embeddings, 8-bit Adam with the
-    chunked loss, full), DDP (FSDP with one shard per replica), ZeRO-1/2/3 (ZeRO-3 also with a frozen embedding),
-    ZeRO-3 with optimizer offload, and a tied head on FSDP, ZeRO-2 and ZeRO-3: every rank's measured bytes equal the
-    model's for that rank, the model built from the config alone (the tie counted once)."""
+    """FSDP (fp32, bf16 compute, bf16 frozen storage with and without frozen embeddings, NF4 and int8 frozen
+    storage with their host shards, 8-bit Adam with the chunked loss, full), DDP (FSDP with one shard per replica),
+    ZeRO-1/2/3 (ZeRO-3 also with a frozen embedding), ZeRO-3 with optimizer offload, and a tied head on FSDP, ZeRO-2
+    and ZeRO-3: every rank's measured bytes equal the model's for that rank, the model built from the config alone
+    (the tie counted once)."""
     torchrun("memory_driver.py", [str(tmp_path), str(data)], timeout=400)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(results) == 17
+        assert len(results) == 19
         for name, result in results.items():
             measured, predicted = result["measured"], result["predicted"]
             if "offload" in name:  # grads, masters and moments in CPU memory
@@ -114,6 +115,9 @@ def test_distributed_state_bytes_are_predicted_exactly(tmp_path, data):
                 assert measured["params"] == predicted["params"], name
                 continue
             assert {k: measured[k] for k in EXACT} == {k: predicted[k] for k in EXACT}, name
+            if name.startswith("fsdp"):  # the exact host shards of int8 / NF4 frozen matrices (0 otherwise)
+                assert measured["host"] == predicted["host"], name
+                assert (measured["host"] > 0) == ("nf4" in name or "int8" in name), name
 
 
 def test_fsdp_shards_are_uneven_and_the_model_knows(tmp_path):
@@ -219,5 +223,5 @@ def test_estimate_cli_memory_flags(capsys):
     assert "QLoRA (NF4 base)" in out and "frozen layers nf4" in out and "host (CPU)" in out
     assert cli_main(["estimate", "--model", "llama-3-70b", "--gpus", "8", "--longest-seq"]) == 0
     assert "| lisa_dist LISA | " in capsys.readouterr().out
-    assert cli_main(["estimate", "--model", "llama-3-8b", "--backend", "fsdp", "--frozen-storage", "nf4"]) == 2
-    assert "frozen_storage=nf4: quantized frozen layers run on backend=local" in capsys.readouterr().err
+    assert cli_main(["estimate", "--model", "llama-3-8b", "--backend", "zero3", "--frozen-storage", "nf4"]) == 2
+    assert "backend=zero3: frozen storage and 8-bit moments run on local and fsdp only" in capsys.readouterr().err

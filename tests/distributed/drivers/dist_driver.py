@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 tests/distributed/drivers/dist_driver.py OUT_DIR [--section.key=value ...]
 
 Per rank: OUT_DIR/rank{R}.json with per-step losses, optimizer-state bytes against the expected local shard bytes,
-and whether frozen layers stayed unchanged without gradients. Rank 0 also writes the gathered final weights
+whether frozen layers stayed unchanged without gradients, and whether the active layers started each step from the
+weights they had before its switch. Rank 0 also writes the gathered final weights
 (weights.pt), a Hugging Face export (hf/) and the sharded model's logits on a fixed input (logits.pt).
 """
 from __future__ import annotations
@@ -95,6 +96,10 @@ def main() -> None:
     for step in range(cfg.train.steps):
         before = {n: local(p).clone() for layer in run.trainable.layers for n, p in layer}
         carry = switch_with_carry_check(run, step)
+        # The active layers start from exactly the weights they had before the switch (an entering block loaded
+        # from its exact copy, not from its frozen storage).
+        carry["entered_ok"] = all(torch.equal(local(p).float(), before[n].float())
+                                  for n, p in run.trainable.layer_params(run.active))
         record = train_step(run, step)
         record.update(step_checks(run, before), **carry)
         if run.cfg.backend.name == "deepspeed":

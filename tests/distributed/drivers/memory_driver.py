@@ -30,6 +30,10 @@ SETUPS = {
     "fsdp-adam8": ("fsdp", ["--backend.name=fsdp", "--optim.adam_8bit=all", "--train.loss=chunked",
                             '--model.preset_overrides={"num_hidden_layers":4,"intermediate_size":130,'
                             '"vocab_size":1031}']),
+    # int8 / NF4 frozen blocks: each rank's padded shards quantized on the device, exact on the host.
+    "fsdp-nf4": ("fsdp", ["--backend.name=fsdp", "--lisa.frozen_storage=nf4"]),
+    "fsdp-int8-host-bf16-frozen-embeddings": ("fsdp", ["--backend.name=fsdp", "--lisa.frozen_storage=int8",
+                                                       "--lisa.host_dtype=bfloat16", "--lisa.train_embeddings=false"]),
     "ddp": ("ddp", ["--backend.name=fsdp", "--backend.replicate=2"]),
     "zero1": ("zero1", ["--backend.name=deepspeed", DS["zero1"]]),
     "zero2": ("zero2", ["--backend.name=deepspeed", DS["zero2"]]),
@@ -66,7 +70,8 @@ def main() -> None:
         method = "lisa" if run.sampler else "full"
         setup = Setup(backend=backend, world_size=run.backend.world_size, replicate=cfg.backend.replicate,
                       precision=cfg.train.precision, param_dtype=cfg.model.dtype,
-                      frozen_storage=cfg.lisa.frozen_storage, train_embeddings=cfg.lisa.train_embeddings,
+                      frozen_storage=cfg.lisa.frozen_storage, host_dtype=cfg.lisa.host_dtype,
+                      train_embeddings=cfg.lisa.train_embeddings,
                       adam_8bit=cfg.optim.adam_8bit, rank=run.backend.rank)
         # The shapes from the config alone, as `lisa-dist estimate` sees them, not from the model that trained.
         shapes = shapes_of(preset_config(cfg.model.name, cfg.model.preset_overrides), cfg.model.name)
