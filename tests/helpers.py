@@ -94,6 +94,20 @@ def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4
     return records, {k: v.detach().float().clone() for k, v in run.backend.exact_state_dict().items()}
 
 
+def local_eval(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4, world: int = 2):
+    """`local_reference`'s losses, and its eval record after the last step (the config must give evaluation
+    data)."""
+    from lisa_dist.config import load_config
+    from lisa_dist.run import build, train_step
+    from lisa_dist.run.evaluation import evaluate
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}",
+                                           f"--train.grad_accum={world}", *extra))
+    run = build(cfg)
+    losses = [train_step(run, s)["loss"] for s in range(cfg.train.steps)]
+    return losses, evaluate(run, cfg.train.steps)
+
+
 # The tiny Llama with its LM head tied to the input embedding (as SmolLM2, Gemma and small Qwen2 models are).
 TIED = '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'
 

@@ -45,6 +45,9 @@ class Backend(Protocol):
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Backward of `scale` x the summed token loss of one micro-batch; returns the detached loss sum."""
 
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed token loss of one micro-batch without gradients (the caller puts the model in eval mode)."""
+
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
         """After the backward passes of a step: the L2 norm of each layer's whole gradient (all ranks' shards),
         the same on every rank (lisa.strategy=grad_norm)."""

@@ -123,6 +123,11 @@ class DeepSpeedBackend(ProcessGroupBackend):
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step count
         return loss_sum.detach().float()
 
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.no_grad():
+            return lm_loss_sum(self.engine, batch, self.loss_chunk_tokens).float()
+
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
         raise NotImplementedError("lisa.strategy=grad_norm runs on backend.name=local or fsdp (ZeRO keeps gradients "
                                   "in flat partitions, not per layer)")

@@ -169,6 +169,11 @@ class FSDPBackend(ProcessGroupBackend):
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.no_grad():
+            return lm_loss_sum(self.model, batch, self.loss_chunk_tokens).float()
+
     def step(self, lr: float) -> float:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         norm = clip_grad_norm(params, self.optim_cfg.max_grad_norm, self._sum_over_shards)

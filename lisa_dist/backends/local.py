@@ -95,6 +95,11 @@ class LocalBackend:
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.no_grad(), self._autocast():
+            return lm_loss_sum(self.model, batch, self.loss_chunk_tokens).float()
+
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
         return layer_sq_norms(self.trainable, layers).sqrt().tolist()
 

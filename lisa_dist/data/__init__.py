@@ -1,6 +1,7 @@
-"""Training data: files or a hub dataset read, tokenized and cached (`sources`), and each rank's micro-batches
-(`batching`)."""
-from lisa_dist.data.batching import ShardedBatches, collate
+"""Training data: files or a hub dataset read, tokenized and cached (`sources`), held out and packed (`packing`),
+and each rank's micro-batches (`batching`)."""
+from lisa_dist.data.batching import ShardedBatches, collate, collate_rows
+from lisa_dist.data.packing import pack_examples, padding_fraction, split_heldout
 from lisa_dist.data.sources import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -16,6 +17,10 @@ __all__ = [
     "ShardedBatches",
     "cache_key",
     "collate",
+    "collate_rows",
+    "pack_examples",
+    "padding_fraction",
+    "split_heldout",
     "load_examples",
     "load_examples_with_stats",
     "resolve_sources",

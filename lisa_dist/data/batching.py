@@ -9,8 +9,11 @@ from lisa_dist.errors import DataError
 from lisa_dist.models import IGNORE_INDEX
 
 
-def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: pad_id in input_ids, -100 in labels, 0 in attention_mask."""
+def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int,
+            position_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: pad_id in input_ids, -100 in labels, 0 in attention_mask. Packed rows
+    (`position_ids`) also get `position_ids`, their padding numbered as one more sequence of its own; the model
+    then takes no attention_mask (the mask for packed rows follows from position_ids), which counts tokens only."""
     width = max(len(ids) for ids in input_ids)
     batch = {
         "input_ids": torch.full((len(input_ids), width), pad_id, dtype=torch.long),
@@ -21,7 +24,17 @@ def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) ->
         batch["input_ids"][i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         batch["labels"][i, : len(target)] = torch.tensor(target, dtype=torch.long)
         batch["attention_mask"][i, : len(ids)] = 1
+    if position_ids is not None:
+        batch["position_ids"] = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for i, positions in enumerate(position_ids):
+            batch["position_ids"][i, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+            batch["position_ids"][i, len(positions):] = torch.arange(width - len(positions))
     return batch
+
+
+def collate_rows(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate` of a slice of the dataset (packed or not)."""
+    return collate(rows["input_ids"], rows["labels"], pad_id, rows.get("position_ids"))
 
 
 class ShardedBatches:
@@ -83,6 +96,5 @@ class ShardedBatches:
         """This rank's `grad_accum` collated micro-batches (input_ids, labels, attention_mask) for `step`."""
         batches = []
         for indices in self.step_indices(step):
-            rows = self.dataset[indices]
-            batches.append(collate(rows["input_ids"], rows["labels"], self.pad_id))
+            batches.append(collate_rows(self.dataset[indices], self.pad_id))
         return batches

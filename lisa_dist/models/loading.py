@@ -5,6 +5,8 @@ from, so that a backend can shard before it allocates; `load_model` is the singl
 """
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import partial
@@ -24,6 +26,8 @@ from lisa_dist.models.presets import PRESETS, build_preset, preset_config, torch
 from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSource, matches_model, materialize_full
 
+log = logging.getLogger(__name__)
+
 
 def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractContextManager] | None = None,
                ) -> tuple[nn.Module, PreTrainedTokenizerBase, WeightSource]:
@@ -34,7 +38,8 @@ def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractCon
     `cfg.tokenizer`, when set, replaces the model's own tokenizer; a tokenizer without a pad token pads with eos.
     """
     dtype = torch_dtype(cfg.dtype)
-    build = partial(build_skeleton, dtype=dtype, trust_remote_code=cfg.trust_remote_code, empty_init=empty_init)
+    build = partial(build_skeleton, dtype=dtype, trust_remote_code=cfg.trust_remote_code, empty_init=empty_init,
+                    attn_implementation=cfg.attn_implementation)
     if cfg.name in PRESETS:
         config = preset_config(cfg.name, cfg.preset_overrides)
         tokenizer = byte_tokenizer()
@@ -60,18 +65,38 @@ def load_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokeni
 
 
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False,
-                   empty_init: Callable[[], AbstractContextManager] | None = None) -> nn.Module:
+                   empty_init: Callable[[], AbstractContextManager] | None = None,
+                   attn_implementation: str | None = None) -> nn.Module:
     """The model of `config` without weights: by default its parameters on the meta device (no memory) and its
-    buffers computed."""
+    buffers computed; `attn_implementation` (model.attn_implementation) as transformers names it."""
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         # Import the modeling module now: importing it inside DeepSpeed's zero.Init fails (its tensor patching).
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    with empty_init() if empty_init else init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = _from_config(config, dtype, trust_remote_code, empty_init, attn_implementation)
+    except (ImportError, ValueError) as exc:
+        if not attn_implementation:
+            raise
+        reason = str(exc).splitlines()[0]
+        if attn_implementation != "sdpa":
+            raise ConfigError(f"model.attn_implementation={attn_implementation!r} is not available here: {reason} "
+                              "(eager always is)") from None
+        # sdpa is the default: an architecture without it (Gemma2) runs what transformers picks for it.
+        log.warning("model.attn_implementation='sdpa': %s; using transformers' default for %s", reason,
+                    type(config).__name__)
+        model = _from_config(config, dtype, trust_remote_code, empty_init, None)
     # Tie again outside the context: meta-device building (accelerate re-creates a parameter at every assignment)
     # leaves a tied head and embedding as two parameters, which would train, count and save twice.
     model.tie_weights()
     return model
+
+
+def _from_config(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool,
+                 empty_init: Callable[[], AbstractContextManager] | None, attn_implementation: str | None) -> nn.Module:
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    config = copy.deepcopy(config)  # from_config records the attention it tried on the config, failed or not
+    with empty_init() if empty_init else init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
 
 
 def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
@@ -114,7 +139,8 @@ def _load_error(name: str, exc: Exception) -> ConfigError:
         return ConfigError(f"model.name={name!r}: cannot load a causal language model from it: {exc}")
     return ConfigError(
         f"model.name={name!r} is neither a preset ({', '.join(PRESETS)}), a local folder, a .gguf file, "
-        f"nor reachable on the Hugging Face hub (offline, or HF_HUB_OFFLINE=1?): {str(exc).strip()}"
+        "nor reachable on the Hugging Face hub (offline, or HF_HUB_OFFLINE=1?); `lisa-dist prepare-model "
+        f"smollm2-135m-instruct` installs a real model and prints its folder: {str(exc).strip().splitlines()[0]}"
     )
 
 

@@ -28,10 +28,13 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
     """Summed next-token cross-entropy over the supervised tokens of `batch`, computed in fp32; `chunk_tokens` > 0:
     chunked (see the module's docstring), equal to the plain loss up to the order of the sum."""
     labels = batch["labels"]
+    # Packed rows: position_ids instead of the attention mask, from which transformers builds the packed mask.
+    inputs = ({"position_ids": batch["position_ids"]} if "position_ids" in batch
+              else {"attention_mask": batch["attention_mask"]})
     if chunk_tokens:
         with _head_computes_loss(model, labels, chunk_tokens):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            return model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
+    logits = model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
     logits = logits[:, :-1, :].float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,7 +1,7 @@
 """A training run: the loop (`trainer`), what it holds and saves (`state`), resume and checkpoint files,
-preemption, metrics and output folders."""
+preemption, metrics (JSONL, TensorBoard and W&B sinks) and output folders."""
 from lisa_dist.run import checkpoint, outputs
-from lisa_dist.run.metrics import read_jsonl
+from lisa_dist.run.metrics import TensorBoardSink, WandbSink, read_jsonl
 from lisa_dist.run.preemption import EXIT_PREEMPTED, STOP, LauncherWatch, mark_preempted
 from lisa_dist.run.resume import plan, restore, save
 from lisa_dist.run.state import Run
@@ -12,6 +12,8 @@ __all__ = [
     "LauncherWatch",
     "Run",
     "STOP",
+    "TensorBoardSink",
+    "WandbSink",
     "build",
     "checkpoint",
     "mark_preempted",

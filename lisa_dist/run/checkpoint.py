@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+BEST = "best"
+EVAL = "eval.json"
+"""In a checkpoint: the last evaluation before it ({"step", "eval_loss"}), what checkpoint.keep_best ranks by."""
 PREFIX = "step-"
 CHUNK = 8 << 20
 
@@ -140,18 +143,22 @@ def manifest_files(folder: Path) -> dict[str, int]:
     return {name: entry["bytes"] for name, entry in (files or {}).items()}
 
 
-def finalize(tmp: Path, root: Path, step: int, keep_last: int, hashed: dict[str, str]) -> Path:
+def finalize(tmp: Path, root: Path, step: int, keep_last: int, hashed: dict[str, str], keep_best: int = 0) -> Path:
     """Main rank, after every rank wrote into `tmp` and the files were hashed: manifest, rename, `latest`, prune."""
     write_manifest(tmp, hashed)
     final = step_dir(root, step)
     if final.exists():  # a previous attempt at the same step: replaced only by a complete one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / f".{LATEST}.{new_token()}"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / LATEST)
-    prune(root, keep_last)
+    _point(root, LATEST, final)
+    prune(root, keep_last, keep_best)
     return final
+
+
+def _point(root: Path, name: str, target: Path) -> None:
+    pointer = root / f".{name}.{new_token()}"
+    pointer.write_text(target.name + "\n")
+    os.replace(pointer, root / name)
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -164,14 +171,31 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints (sizes checked, not hashes: the newest was just hashed);
-    broken ones and stale temporary folders go too. The newest complete checkpoint is never removed."""
+def eval_loss_of(folder: Path) -> float | None:
+    """The eval loss a checkpoint was saved with (None without one)."""
+    try:
+        return float(json.loads((folder / EVAL).read_text())["eval_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prune(root: Path, keep_last: int, keep_best: int = 0) -> None:
+    """Keep the newest `keep_last` complete checkpoints (sizes checked, not hashes: the newest was just hashed) and
+    the `keep_best` of lowest eval loss (`best` names the lowest); broken ones and stale temporary folders go too.
+    The newest complete checkpoint is never removed."""
+    complete = [(step, path) for step, path in checkpoints(root) if verify(path, deep=False) is None]
+    scored = sorted((loss, -step, path) for step, path in complete if (loss := eval_loss_of(path)) is not None)
+    scored = scored if keep_best else []
+    best = {path for _, _, path in scored[:keep_best]}
+    if best:
+        _point(root, BEST, scored[0][2])
     good = 0
     for _, path in checkpoints(root):
         problem = verify(path, deep=False)
         if problem is None and good < keep_last:
             good += 1
+            continue
+        if problem is None and path in best:
             continue
         if problem is None or good > 0:
             shutil.rmtree(path, ignore_errors=True)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 EXACTNESS_FIELDS = (
     "model.name", "model.preset_overrides", "model.layers_path", "model.dtype",
     "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
+    "data.packing", "data.eval_fraction",
     "lisa.enabled", "lisa.gamma", "lisa.interval", "lisa.strategy", "lisa.weights", "lisa.fixed_layers", "lisa.seed",
     "lisa.importance_floor", "lisa.importance_decay", "lisa.frozen_storage", "lisa.host_dtype", "lisa.train_embeddings",
     "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
@@ -114,7 +115,8 @@ def save(run: Run, steps_done: int) -> Path | None:
         merged = {name: digest for part in all_gather_objects(hashed) for name, digest in part.items()}
         final = None
         if backend.is_main:
-            final = checkpoint.finalize(tmp, root, steps_done, cfg.checkpoint.keep_last, merged)
+            final = checkpoint.finalize(tmp, root, steps_done, cfg.checkpoint.keep_last, merged,
+                                        cfg.checkpoint.keep_best)
             log.info("saved checkpoint %s", final)
         backend.barrier()
     except Exception as exc:
@@ -137,6 +139,8 @@ def _write(run: Run, tmp: Path, steps_done: int) -> None:
     if backend.is_main:
         trainer = {"step": steps_done, "epoch": run.batches.epoch_of(steps_done), **run.state_dict()}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        if run.last_eval is not None:  # what checkpoint.keep_best ranks by
+            (tmp / checkpoint.EVAL).write_text(json.dumps(run.last_eval))
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (tmp / "versions.json").write_text(json.dumps(versions(), indent=1))
     backend.barrier()

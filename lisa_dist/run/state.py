@@ -43,6 +43,11 @@ class Run:
     doing: str = "start-up"
     """What the run is doing now, for the message when a collective fails."""
     peers: PeerReport | None = None
+    eval_set: Any = None
+    """The evaluation micro-batches (`run.evaluation.EvalSet`), None without evaluation data."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    last_eval: dict[str, Any] | None = None
+    """The latest eval record (what a checkpoint saves for checkpoint.keep_best)."""
 
     def elapsed_s(self) -> float:
         """Training seconds of the whole run so far, earlier launches included."""

@@ -2,6 +2,7 @@
 backend runs it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
-from lisa_dist.data import ShardedBatches, load_examples
+from lisa_dist.data import ShardedBatches, load_examples, pack_examples, split_heldout
 from lisa_dist.dist import (
     PeerReport,
     broadcast_seed,
@@ -24,11 +25,20 @@ from lisa_dist.dist import (
     raise_together,
     rank_table,
 )
-from lisa_dist.errors import Preempted
+from lisa_dist.errors import ConfigError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import apply_activation_checkpointing, find_layout, open_model, supervised_tokens
 from lisa_dist.run import outputs
-from lisa_dist.run.metrics import ConsoleSink, JsonlSink, MetricsLogger, read_jsonl, truncate_jsonl
+from lisa_dist.run.evaluation import EvalSet, evaluate
+from lisa_dist.run.metrics import (
+    ConsoleSink,
+    JsonlSink,
+    MetricsLogger,
+    TensorBoardSink,
+    WandbSink,
+    read_jsonl,
+    truncate_jsonl,
+)
 from lisa_dist.run.preemption import STOP, stop_on_signals
 from lisa_dist.run.resume import Start, plan, restore
 from lisa_dist.run.resume import save as save_checkpoint
@@ -62,7 +72,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         model, trainable = apply_lora(model, cfg.lora)
     else:
         trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
-    dataset = load_examples(cfg.data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
+    dataset, held_out = load_data(cfg, tokenizer, backend)
     batches = ShardedBatches(
         dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
         micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
@@ -74,11 +84,47 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         backend.activate(range(len(trainable.layers)))
     run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
     run.peers = PeerReport() if backend.world_size > 1 else None
+    if held_out is not None:
+        run.eval_set = EvalSet(held_out, cfg.train.micro_batch_size, backend.rank, backend.world_size,
+                               tokenizer.pad_token_id, cfg.train.eval_batches)
     if sampler is not None and cfg.lisa.strategy == "grad_norm":
         run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
     run.start_step = restore(run, start) if not (start.completed and start.path is None) else start.step
     run.metrics = _build_metrics(cfg, backend.is_main, run.start_step, done=run.start_step >= cfg.train.steps)
     return run
+
+
+def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> tuple[Any, Any]:
+    """(training examples, evaluation examples or None): data.path less the held-out data.eval_fraction, or
+    data.eval_path; both packed into rows with data.packing (the held-out examples are drawn before packing)."""
+    data = cfg.data
+    dataset = load_examples(data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
+    held_out = None
+    if data.eval_fraction:
+        dataset, held_out = split_heldout(dataset, data.eval_fraction, cfg.train.seed)
+    elif data.eval_path:
+        held_out = load_examples(dataclasses.replace(data, path=data.eval_path), tokenizer, is_main=backend.is_main,
+                                 barrier=backend.barrier)
+    if data.packing:
+        examples = len(dataset)
+        dataset = pack_examples(dataset, data.max_length)
+        held_out = pack_examples(held_out, data.max_length) if held_out is not None else None
+        if backend.is_main:
+            log.info("data.packing: %d examples in %d rows of up to %d tokens", examples, len(dataset),
+                     data.max_length)
+    return dataset, held_out
+
+
+def steps_from_epochs(cfg: Config, backend: Backend) -> int:
+    """train.epochs x the optimizer steps of one pass over the training examples (as `build` will load them)."""
+    _, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
+    dataset, _ = load_data(cfg, tokenizer, backend)
+    global_batch = backend.world_size * cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_epoch = len(dataset) // global_batch
+    if per_epoch == 0:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: the {len(dataset)} training examples do not fill one "
+                          f"global batch of {global_batch} (world size x train.micro_batch_size x train.grad_accum)")
+    return cfg.train.epochs * per_epoch
 
 
 def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
@@ -95,7 +141,14 @@ def _build_metrics(cfg: Config, is_main: bool, start_step: int, done: bool = Fal
     path = outputs.metrics_path(cfg)
     if start_step:  # resumed: keep the records up to the checkpoint, the steps after it are run again
         truncate_jsonl(path, start_step)
-    return MetricsLogger([JsonlSink(path, append=start_step > 0), ConsoleSink(cfg.logging.console_every)])
+    sinks: list = [JsonlSink(path, append=start_step > 0), ConsoleSink(cfg.logging.console_every)]
+    out = Path(cfg.train.output_dir)
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(out / "tensorboard", start_step=start_step))
+    if cfg.logging.wandb:
+        sinks.append(WandbSink(cfg.logging.wandb_project, out, cfg.to_dict(), mode=cfg.logging.wandb_mode,
+                               name=out.name))
+    return MetricsLogger(sinks)
 
 
 def maybe_switch(run: Run, step: int) -> bool:
@@ -186,6 +239,10 @@ def train(cfg: Config) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - raised on every rank
             error = exc
         raise_together(error)
+        if cfg.train.epochs:
+            cfg.train.steps = steps_from_epochs(cfg, backend)
+            if backend.is_main:
+                log.info("train.epochs=%d: %d optimizer steps", cfg.train.epochs, cfg.train.steps)
         start = plan(cfg, backend)
         if start.completed:
             summary = _completed(cfg, backend, start)
@@ -233,6 +290,8 @@ def _train(run: Run) -> dict[str, Any]:
     run.segment_start = time.perf_counter()
     try:
         with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
+            if run.start_step == 0:
+                _evaluate(run, 0)
             for step in range(run.start_step, cfg.train.steps):
                 record = train_step(run, step)
                 if run.preempted:  # the step before this one was the last: checkpoint it and stop
@@ -242,6 +301,9 @@ def _train(run: Run) -> dict[str, Any]:
                     run.history.append(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"], refresh=False)
                 bar.update(1)
+                every = cfg.train.eval_every
+                if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
+                    _evaluate(run, step + 1)
                 _maybe_checkpoint(run, step + 1)
         summary = _finish(run, out)
     except Preempted:
@@ -258,6 +320,17 @@ def _train(run: Run) -> dict[str, Any]:
     # in a closing barrier for peers that are still computing.
     run.backend.close()
     return summary
+
+
+def _evaluate(run: Run, done: int) -> None:
+    """The eval loss after `done` steps (with evaluation data), logged like a training record."""
+    if run.eval_set is None:
+        return
+    run.doing = f"the evaluation after step {done}"
+    record = evaluate(run, done)
+    run.last_eval = record
+    run.metrics.log(record)
+    run.evals.append(record)
 
 
 def _maybe_checkpoint(run: Run, done: int) -> None:
@@ -279,17 +352,24 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
             run.tokenizer.save_pretrained(str(out / "final"))
     # The whole run, earlier launches included: their records are in the metrics file.
     path = outputs.metrics_path(cfg)
-    history = read_jsonl(path) if run.backend.is_main and path.is_file() else run.history
+    history = read_jsonl(path) if run.backend.is_main and path.is_file() else run.history + run.evals
+    train = [r for r in history if "loss" in r]
     wall_s = run.elapsed_s()
     summary = {
         "method": "lora" if cfg.lora.enabled else ("lisa" if run.sampler else "full"),
         "backend": cfg.backend.name, "world_size": run.backend.world_size, "steps": cfg.train.steps,
-        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "first_loss": train[0]["loss"] if train else None, "last_loss": train[-1]["loss"] if train else None,
         "tokens": run.tokens_seen, "wall_s": wall_s, "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
         "switches": run.switches, "layers_visited": sorted(run.layers_visited),
         "resumed_at_step": run.start_step or None,
-        "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in history), default=0),
+        "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in history if "loss" in r), default=0),
     }
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        best = min(evals, key=lambda r: r["eval_loss"])
+        summary.update(first_eval_loss=evals[0]["eval_loss"], last_eval_loss=evals[-1]["eval_loss"],
+                       last_eval_ppl=evals[-1]["eval_ppl"], best_eval_loss=best["eval_loss"],
+                       best_eval_step=best["step"])
     if not run.backend.is_main:
         return summary
     (out / outputs.SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -1,7 +1,9 @@
-"""Tools around runs: the memory planner, export, prepare-model, the baselines and collective byte counting."""
+"""Tools around runs: the memory planner, export, trying a model (generate), plots of runs, prepare-model, the
+baselines and collective byte counting."""
 from lisa_dist.tools.baselines import NaiveLisaBackend, build_baseline
 from lisa_dist.tools.comm import count_collectives
 from lisa_dist.tools.exporter import export
+from lisa_dist.tools.generate import generate, load_for_generation
 from lisa_dist.tools.memory import (
     BACKENDS,
     METHOD_NAMES,
@@ -16,6 +18,7 @@ from lisa_dist.tools.memory import (
     shapes_of_model,
     table,
 )
+from lisa_dist.tools.plot import load_run, plot_runs
 from lisa_dist.tools.prepare import prepare_model
 
 __all__ = [
@@ -29,9 +32,13 @@ __all__ = [
     "count_collectives",
     "estimate",
     "export",
+    "generate",
+    "load_for_generation",
+    "load_run",
     "longest_seq_len",
     "model_config",
     "plan",
+    "plot_runs",
     "prepare_model",
     "shapes_of",
     "shapes_of_model",

@@ -2,6 +2,7 @@
 
 Only this process holds the model: local checkpoints are read directly, FSDP ones through torch.distributed.checkpoint
 without a process group (resharded onto one full copy), DeepSpeed ones with DeepSpeed's zero_to_fp32 consolidation.
+`load_checkpoint` gives the same model in memory, without writing a folder (`lisa-dist generate`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from lisa_dist.config import from_dict
 from lisa_dist.errors import ConfigError
@@ -85,12 +87,8 @@ def _state_dict(backend: str, state: Path, model: nn.Module) -> dict[str, torch.
     raise ConfigError(f"cannot export a checkpoint of backend {backend!r}")
 
 
-def export(source: Path, out: Path, overwrite: bool = False) -> Path:
-    """Write `out` (safetensors, config, tokenizer) from checkpoint `source`; returns the checkpoint used.
-
-    A non-empty `out` is refused unless `overwrite`: then the export is written beside it and replaces it whole."""
-    ckpt = resolve(source)
-    target = _prepare_out(out, overwrite)
+def _load(ckpt: Path) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
+    """The model of checkpoint folder `ckpt` on the CPU (LoRA merged), its tokenizer and the backend that saved it."""
     cfg = from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()), source=str(ckpt / "config.yaml"))
     model, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
     allocate(model, "cpu")
@@ -101,6 +99,22 @@ def export(source: Path, out: Path, overwrite: bool = False) -> Path:
     require_complete(model, result.missing_keys, f"checkpoint {ckpt}")
     if cfg.lora.enabled:
         model = model.merge_and_unload()
+    return model, tokenizer, cfg.backend.name
+
+
+def load_checkpoint(source: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model (on the CPU, LoRA merged) and tokenizer of checkpoint `source`, as `export` would write them."""
+    model, tokenizer, _ = _load(resolve(source))
+    return model, tokenizer
+
+
+def export(source: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write `out` (safetensors, config, tokenizer) from checkpoint `source`; returns the checkpoint used.
+
+    A non-empty `out` is refused unless `overwrite`: then the export is written beside it and replaces it whole."""
+    ckpt = resolve(source)
+    target = _prepare_out(out, overwrite)
+    model, tokenizer, backend = _load(ckpt)
     try:
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
@@ -108,5 +122,5 @@ def export(source: Path, out: Path, overwrite: bool = False) -> Path:
     finally:
         if target != out and target.exists():
             shutil.rmtree(target, ignore_errors=True)
-    log.info("exported %s (%s backend) to %s", ckpt, cfg.backend.name, out)
+    log.info("exported %s (%s backend) to %s", ckpt, backend, out)
     return ckpt

@@ -13,6 +13,7 @@ from lisa_dist.run import build
 from ..helpers import (
     TIED,
     load_tied_export,
+    local_eval,
     local_reference,
     rank_results,
     tied_param_count,
@@ -311,3 +312,15 @@ def test_exact_resume_with_nf4_blocks_on_sharded_params(tmp_path, data_file):
     args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--lisa.frozen_storage=nf4",
                      "--lisa.host_dtype=bfloat16")
     check_resume_repeats_straight_run(tmp_path, args)
+
+
+def test_eval_loss_matches_local_bitwise(tmp_path, data_file):
+    """The eval set's micro-batches are dealt round-robin to the ranks: the same per-batch sums as one process,
+    so the eval loss over all supervised tokens is the local figure bitwise (fp32), after 4 steps and switches."""
+    extra = ("--data.eval_fraction=0.1", "--train.steps=4")
+    ref_losses, ref_eval = local_eval(tmp_path, data_file, *extra, micro=MICRO, world=WORLD)
+    _, ranks = fsdp(tmp_path, data_file, *extra)
+    for result in ranks:
+        assert losses(result["steps"]) == ref_losses
+        assert result["eval"]["eval_loss"] == ref_eval["eval_loss"]
+        assert result["eval"]["eval_tokens"] == ref_eval["eval_tokens"] > 0

@@ -103,7 +103,7 @@ def test_train_help_lists_the_sections_an_example_and_where_fields_are_documente
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "model, data, lisa, lora, optim, train, backend, checkpoint, logging" in out
-    assert "lisa-dist train configs/demo.yaml" in out and "lisa-dist config --doc" in out
+    assert "lisa-dist train configs/demo_tiny.yaml" in out and "lisa-dist config --doc" in out
 
 
 def test_config_doc_prints_every_field_with_its_documentation(capsys):

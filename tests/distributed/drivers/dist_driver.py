@@ -4,7 +4,8 @@
 
 Per rank: OUT_DIR/rank{R}.json with per-step losses, optimizer-state bytes against the expected local shard bytes,
 whether frozen layers stayed unchanged without gradients, and whether the active layers started each step from the
-weights they had before its switch. Rank 0 also writes the gathered final weights
+weights they had before its switch. With evaluation data, also the eval record
+after the last step. Rank 0 also writes the gathered final weights
 (weights.pt), a Hugging Face export (hf/) and the sharded model's logits on a fixed input (logits.pt).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lisa_dist.backends import always_partitions
 from lisa_dist.config import load_config
 from lisa_dist.method import param_groups
 from lisa_dist.run import build, maybe_switch, train_step
+from lisa_dist.run.evaluation import evaluate
 
 FP32 = 4
 
@@ -106,6 +108,7 @@ def main() -> None:
             record["always_steps"] = always_state(run)[1]
         steps.append(record)
     result = {"rank": rank, "steps": steps, "peak_rss_after_load": rss_after_load,
+              "eval": evaluate(run, cfg.train.steps) if run.eval_set is not None else None,
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     state = run.backend.full_state_dict()
