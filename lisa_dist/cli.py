@@ -272,9 +272,14 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _prepare_model(name: str, cache: str | None) -> int:
+    import contextlib
+
     from lisa_dist.tools import prepare_model
 
-    print(prepare_model(name, Path(cache) if cache else None))
+    # stdout carries only the folder (`MODEL=$(lisa-dist prepare-model ...)`): libraries' chatter goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        folder = prepare_model(name, Path(cache) if cache else None)
+    print(folder)
     return 0
 
 

@@ -14,7 +14,7 @@ from lisa_dist.errors import ConfigError
 from lisa_dist.models import IGNORE_INDEX, byte_tokenizer, preset_config
 from lisa_dist.run import train
 from lisa_dist.tools import generate, load_for_generation
-from lisa_dist.tools.generate import build_prompt
+from lisa_dist.tools.generation import build_prompt
 
 from ..helpers import tiny_overrides
 
