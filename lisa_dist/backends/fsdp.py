@@ -76,15 +76,33 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = ()) -> None:
+def unit_signature(module: FSDPModule) -> tuple:
+    """What FSDP2's lazy initialisation of a unit reads: its params' trainability and dtype."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    return tuple((fp.sharded_param.requires_grad, fp.sharded_param.dtype) for fp in group.fsdp_params) if group \
+        else ()
+
+
+def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = (), seen: dict[int, tuple] | None = None) -> int:
     """After `requires_grad` flipped: FSDP2 fixes a group's compute/reduce dtypes at its first forward from its
-    then-trainable params, so a block frozen then fails when unfrozen. unshard() re-runs that lazy init (not for
-    `skip`, blocks that are out of their units while frozen)."""
+    then-trainable params, so a block frozen then fails when unfrozen. unshard() re-runs that lazy init: only for
+    the units whose trainability or dtypes changed since `seen` (their signatures, updated here; None: every unit),
+    and not for `skip`, blocks that are out of their units while frozen. Returns how many units it re-ran."""
+    count = 0
     for module in fsdp_modules(model):
         if any(module is s for s in skip):
+            if seen is not None:
+                seen.pop(id(module), None)  # out of its unit now: re-run when it is back
+            continue
+        signature = unit_signature(module)
+        if seen is not None and seen.get(id(module)) == signature:
             continue
         module.unshard()
         module.reshard()
+        count += 1
+        if seen is not None:
+            seen[id(module)] = signature
+    return count
 
 
 class FSDPBackend(ProcessGroupBackend):
@@ -107,6 +125,8 @@ class FSDPBackend(ProcessGroupBackend):
         self.optimizer: torch.optim.AdamW | None = None
         self.active: tuple[int, ...] = ()
         self.last_state: dict[str, int] = {}
+        self.unit_signatures: dict[int, tuple] = {}
+        """Per FSDP unit, its params' (requires_grad, dtype) when its lazy init last ran."""
 
     def empty_init(self) -> contextlib.AbstractContextManager:
         return init_empty_weights(include_buffers=False)
@@ -158,7 +178,7 @@ class FSDPBackend(ProcessGroupBackend):
             self.trainable.layers[:] = layer_named_params(self.layout)
             set_active_params(self.optimizer, self.trainable, layers)
         self.active = tuple(layers)
-        rerun_lazy_init(self.model, self._out_of_units())
+        rerun_lazy_init(self.model, self._out_of_units(), self.unit_signatures)
 
     def _out_of_units(self) -> list[nn.Module]:
         return self.store.frozen_units() if isinstance(self.store, ShardedFrozenStore) else []

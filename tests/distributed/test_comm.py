@@ -30,12 +30,21 @@ def test_fsdp_reduce_scatter_bytes(tmp_path):
 
     data = write_text_data(tmp_path / "text.jsonl")
     torchrun("comm_driver.py", [str(tmp_path), *tiny_overrides(tmp_path, data, "--backend.name=fsdp",
-                                                             "--train.steps=2")])
+                                                             "--train.steps=6", "--lisa.interval=1")])
     for res in rank_results(tmp_path):
-        for step in res["full"]:
+        # A switch re-runs FSDP2's lazy init (an unshard) only for the blocks whose trainability changed: it gathers
+        # those blocks' params, not the whole model (the first activation still initialises every unit).
+        # Besides, every switch all-gathers the ranks' choice of layers (a pickled tuple, under 1 KB).
+        lisa = res["lisa"]
+        assert lisa[0]["switch_bytes"]["all_gather"] >= FP32 * (ALWAYS + LAYERS * LAYER)
+        assert any(len(step["changed"]) == 2 for step in lisa[1:])
+        for step in lisa[1:]:
+            blocks = FP32 * LAYER * len(step["changed"])
+            assert 0 < step["switch_bytes"]["all_gather"] - blocks < 1024, step
+        for step in res["full"][:2]:
             assert step["bytes"]["reduce_scatter"] == FP32 * (ALWAYS + LAYERS * LAYER)
             assert step["calls"]["reduce_scatter"] == LAYERS + 2  # every block, [norm, head], root
-        for step in res["lisa"]:
+        for step in res["lisa"][:2]:
             assert step["bytes"]["reduce_scatter"] == FP32 * (ALWAYS + 1 * LAYER)
             assert step["calls"]["reduce_scatter"] == 1 + 2
         assert res["groups"] == [[0, 1]]

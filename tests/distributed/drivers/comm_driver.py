@@ -1,5 +1,5 @@
-"""Run under torchrun by tests/test_comm.py: 2 steps of full fine-tuning and 2 of LISA on FSDP, counting the
-collectives of every step; each rank writes OUT_DIR/rank{R}.json.
+"""Run under torchrun by tests/test_comm.py: steps of full fine-tuning and of LISA on FSDP, counting the
+collectives of every step and of its LISA switch apart; each rank writes OUT_DIR/rank{R}.json.
 
     torchrun --nproc-per-node 2 tests/distributed/drivers/comm_driver.py OUT_DIR [--section.key=value ...]
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lisa_dist.config import load_config
-from lisa_dist.run import build, train_step
+from lisa_dist.run import build, maybe_switch, train_step
 from lisa_dist.tools import count_collectives
 
 
@@ -26,9 +26,13 @@ def main(out: Path, overrides: list[str]) -> None:
         run = build(load_config(None, overrides + extra))
         result[method] = []
         for step in range(run.cfg.train.steps):
+            before = run.active
+            with count_collectives() as switch:  # the LISA switch alone (train_step then finds it done)
+                switched = maybe_switch(run, step)
             with count_collectives() as comm:
                 train_step(run, step)
-            result[method].append({"calls": comm.calls, "bytes": comm.bytes})
+            result[method].append({"calls": comm.calls, "bytes": comm.bytes, "switched": switched,
+                                   "changed": sorted(set(before) ^ set(run.active)), "switch_bytes": switch.bytes})
             result["groups"].update(comm.by_group())
     result["groups"] = sorted(result["groups"])
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
