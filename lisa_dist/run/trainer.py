@@ -78,6 +78,8 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
         pad_id=tokenizer.pad_token_id,
     )
+    if cfg.train.epochs:  # as `train` resolved it before planning the resume; here too for callers of build alone
+        cfg.train.steps = cfg.train.epochs * batches.steps_per_epoch
     backend.prepare(model, trainable)
     sampler = _build_sampler(cfg, layout.num_layers) if cfg.lisa.enabled and not cfg.lora.enabled else None
     if sampler is None:

@@ -113,6 +113,8 @@ def test_epochs_set_the_steps(tmp_path):
     summary = train(load_config(None, args))
     examples = load_examples(cfg_for(tmp_path).data, build(cfg_for(tmp_path / "b")).tokenizer)
     assert summary["steps"] == len(split_heldout(examples, 0.95, seed=42)[0]) // 4 > 1
+    args = [a.replace(str(tmp_path / "run"), str(tmp_path / "built")) for a in args]
+    assert build(load_config(None, args)).cfg.train.steps == summary["steps"]  # build alone resolves them too
 
 
 @pytest.mark.parametrize("extra, match", [
