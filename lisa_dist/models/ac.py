@@ -16,3 +16,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError(f"train.activation_checkpointing=true: {type(model).__name__} does not support it")
+    # transformers also makes the input embedding's output require grad, which only reentrant checkpointing needs:
+    # with a frozen embedding it would send backward through every block below the lowest active one.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()

@@ -1,0 +1,28 @@
+"""With lisa.train_embeddings=false nothing below the lowest active layer needs a gradient: autograd never runs
+backward through those blocks, with and without activation checkpointing (timing: benchmarks/backward_skip.py)."""
+import pytest
+
+from lisa_dist.config import load_config
+from lisa_dist.run import build, train_step
+
+from ..helpers import tiny_overrides, write_text_data
+
+
+@pytest.mark.parametrize("ac", [False, True], ids=["plain", "activation-checkpointing"])
+def test_no_backward_below_the_lowest_active_layer(tmp_path, ac):
+    data = write_text_data(tmp_path / "data.jsonl")
+    cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.train_embeddings=false", "--lisa.strategy=fixed",
+                                           "--lisa.fixed_layers=[2]", "--train.steps=1",
+                                           f"--train.activation_checkpointing={str(ac).lower()}"))
+    run = build(cfg)
+    forwards, backwards = [], []
+    for i, block in enumerate(run.layout.layers):
+        block.register_forward_hook(lambda m, a, out, i=i: forwards.append(i))
+        block.register_full_backward_hook(lambda m, gi, go, i=i: backwards.append(i))
+    train_step(run, 0)
+    assert forwards == [0, 1, 2, 3]  # (checkpointing recomputes inside the block's forward, outside its hooks)
+    # The active layer and the one above it; never 0 or 1. Under checkpointing transformers makes the embedding's
+    # output require grad (for reentrant checkpointing only): models/ac.py turns that off.
+    assert sorted(set(backwards)) == [2, 3]
+    assert run.layout.embedding.weight.grad is None
+    assert all(p.grad is None for i in (0, 1) for p in run.layout.layers[i].parameters())
