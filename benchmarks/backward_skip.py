@@ -11,12 +11,12 @@ Writes benchmarks/results/backward_skip.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
@@ -29,8 +29,8 @@ def step_time(layer: int, train_embeddings: bool, args, out: Path) -> float:
     cfg = load_config(None, [
         f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=256", "--data.skip_bad_rows=true",
         f"--data.cache_dir={out / 'cache'}", "--model.name=tiny-llama",
-        '--model.preset_overrides={"num_hidden_layers":%d,"hidden_size":256,"intermediate_size":688,'
-        '"vocab_size":8192}' % args.layers,
+        f'--model.preset_overrides={{"num_hidden_layers":{args.layers},"hidden_size":256,"intermediate_size":688,'
+        '"vocab_size":8192}',
         "--train.micro_batch_size=4", f"--train.steps={args.steps}", "--lisa.gamma=1", "--lisa.strategy=fixed",
         f"--lisa.fixed_layers=[{layer}]", f"--lisa.train_embeddings={str(train_embeddings).lower()}",
         f"--train.activation_checkpointing={str(args.ac).lower()}", f"--train.output_dir={out / 'run'}",
@@ -66,11 +66,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['lowest_active']} | {r['train_embeddings']:.3f} | {r['frozen_embeddings']:.3f} | "
                      f"{r['frozen_embeddings'] / r['train_embeddings']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    name = "backward_skip_ac" if args.ac else "backward_skip"
-    (REPO / "benchmarks" / "results" / f"{name}.md").write_text(text)
-    (REPO / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    write_results("backward_skip_ac" if args.ac else "backward_skip", lines, rows)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ tokens per second over the steps after the first. Writes benchmarks/results/pack
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
@@ -69,10 +69,7 @@ def main() -> None:
     for r in results:
         lines.append(f"| {str(r['packing']).lower()} | {r['rows']} | {r['padding_fraction']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} |")
-    text = "\n".join(lines) + "\n"
-    (REPO / "benchmarks" / "results" / "packing.md").write_text(text)
-    (REPO / "benchmarks" / "results" / "packing.json").write_text(json.dumps(results, indent=1))
-    print(text)
+    write_results("packing", lines, results)
 
 
 if __name__ == "__main__":
