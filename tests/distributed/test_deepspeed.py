@@ -166,6 +166,7 @@ def test_exact_resume_mid_period(tmp_path, data_file, stage):
     assert AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
 
 
+@pytest.mark.slow  # 18 s on 2 cores: a refusal path
 def test_deepspeed_checkpoint_refuses_another_world_size(tmp_path, data_file):
     args = ds_args(tmp_path, data_file, "zero2.json")
     out = tmp_path / "ckpt"

@@ -87,6 +87,7 @@ def check_resume(tmp_path, data_file, backend, uninterrupted, checkpoint, nproc=
     assert [entry for entry in resumed["schedule"] if entry[0] >= checkpoint] == later
 
 
+@pytest.mark.slow  # 36 s on 2 cores; make test resumes Trainer checkpoints on ZeRO-2 and in the example
 def test_one_device_resumes_mid_period_and_at_a_switch(tmp_path, data_file):
     uninterrupted = run_trainer(tmp_path, data_file, "a", "local", "--save-steps", "3", nproc=1)[0]
     for s in uninterrupted["steps"]:
