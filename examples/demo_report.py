@@ -12,14 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from lisa_dist.config import from_dict
 from lisa_dist.data import load_examples, split_heldout
 from lisa_dist.models import IGNORE_INDEX
 from lisa_dist.run import read_jsonl
+from lisa_dist.tools import continue_ids, load_for_generation
 
 
 def held_out_example(run_dir: Path, tokenizer) -> tuple[list[int], str]:
@@ -33,12 +33,8 @@ def held_out_example(run_dir: Path, tokenizer) -> tuple[list[int], str]:
 
 
 def answer(folder: Path, prompt: list[int], max_new_tokens: int) -> str:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+    model, tokenizer = load_for_generation(folder)
+    return continue_ids(model, tokenizer, prompt, max_new_tokens=max_new_tokens).strip()
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import yaml
@@ -272,12 +273,10 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _prepare_model(name: str, cache: str | None) -> int:
-    import contextlib
-
     from lisa_dist.tools import prepare_model
 
     # stdout carries only the folder (`MODEL=$(lisa-dist prepare-model ...)`): libraries' chatter goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    with redirect_stdout(sys.stderr):
         folder = prepare_model(name, Path(cache) if cache else None)
     print(folder)
     return 0

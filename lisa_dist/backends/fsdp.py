@@ -83,12 +83,11 @@ def unit_signature(module: FSDPModule) -> tuple:
         else ()
 
 
-def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = (), seen: dict[int, tuple] | None = None) -> int:
+def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = (), seen: dict[int, tuple] | None = None) -> None:
     """After `requires_grad` flipped: FSDP2 fixes a group's compute/reduce dtypes at its first forward from its
     then-trainable params, so a block frozen then fails when unfrozen. unshard() re-runs that lazy init: only for
     the units whose trainability or dtypes changed since `seen` (their signatures, updated here; None: every unit),
-    and not for `skip`, blocks that are out of their units while frozen. Returns how many units it re-ran."""
-    count = 0
+    and not for `skip`, blocks that are out of their units while frozen."""
     for module in fsdp_modules(model):
         if any(module is s for s in skip):
             if seen is not None:
@@ -99,10 +98,8 @@ def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = (), seen: dict
             continue
         module.unshard()
         module.reshard()
-        count += 1
         if seen is not None:
             seen[id(module)] = signature
-    return count
 
 
 class FSDPBackend(ProcessGroupBackend):

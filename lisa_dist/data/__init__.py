@@ -1,10 +1,11 @@
 """Training data: files or a hub dataset read, tokenized and cached (`sources`), held out and packed (`packing`),
 and each rank's micro-batches (`batching`)."""
 from lisa_dist.data.batching import ShardedBatches, collate, collate_rows
-from lisa_dist.data.packing import pack_examples, padding_fraction, split_heldout
+from lisa_dist.data.packing import pack_examples, split_heldout
 from lisa_dist.data.sources import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
+    alpaca_prompt,
     cache_key,
     load_examples,
     load_examples_with_stats,
@@ -14,12 +15,12 @@ from lisa_dist.data.sources import (
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "alpaca_prompt",
     "ShardedBatches",
     "cache_key",
     "collate",
     "collate_rows",
     "pack_examples",
-    "padding_fraction",
     "split_heldout",
     "load_examples",
     "load_examples_with_stats",

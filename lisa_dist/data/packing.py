@@ -57,9 +57,3 @@ def pack_examples(dataset: datasets.Dataset, max_length: int) -> datasets.Datase
         positions.extend(range(len(new_ids)))
     close_row()
     return datasets.Dataset.from_dict(rows, features=PACKED_FEATURES)
-
-
-def padding_fraction(lengths: list[list[int]]) -> float:
-    """Share of padding in micro-batches right-padded to their longest row; `lengths`: row lengths per batch."""
-    total = sum(max(batch) * len(batch) for batch in lengths)
-    return 1.0 - sum(sum(batch) for batch in lengths) / total if total else 0.0

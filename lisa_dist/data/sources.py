@@ -271,14 +271,19 @@ def encode_text(row: Mapping[str, Any], field: str, tokenizer: Any) -> list[int]
     return ids + [tokenizer.eos_token_id]
 
 
+def alpaca_prompt(tokenizer: Any, instruction: str, context: str = "") -> list[int]:
+    """bos + the Alpaca prompt of `instruction` (and its optional input `context`): what the response follows."""
+    template = ALPACA_PROMPT if context.strip() else ALPACA_PROMPT_NO_INPUT
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos + _tokenize(tokenizer, template.format(instruction=instruction, input=context))
+
+
 def encode_alpaca(row: Mapping[str, Any], tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
     """bos + Alpaca prompt (unsupervised) + output + eos (supervised), truncated to max_length (untruncated: 0)."""
     instruction = _str_field(row, "instruction")
     context = _str_field(row, "input", required=False, blank_ok=True)
     output = _str_field(row, "output")
-    template = ALPACA_PROMPT if context.strip() else ALPACA_PROMPT_NO_INPUT
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    prompt = bos + _tokenize(tokenizer, template.format(instruction=instruction, input=context))
+    prompt = alpaca_prompt(tokenizer, instruction, context)
     # Tokenized apart so that the mask falls exactly on the response, whatever the tokenizer merges.
     response = _tokenize(tokenizer, output) + [tokenizer.eos_token_id]
     ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response

@@ -183,15 +183,14 @@ def prune(root: Path, keep_last: int, keep_best: int = 0) -> None:
     """Keep the newest `keep_last` complete checkpoints (sizes checked, not hashes: the newest was just hashed) and
     the `keep_best` of lowest eval loss (`best` names the lowest); broken ones and stale temporary folders go too.
     The newest complete checkpoint is never removed."""
-    complete = [(step, path) for step, path in checkpoints(root) if verify(path, deep=False) is None]
-    scored = sorted((loss, -step, path) for step, path in complete if (loss := eval_loss_of(path)) is not None)
-    scored = scored if keep_best else []
+    found = [(step, path, verify(path, deep=False)) for step, path in checkpoints(root)]
+    scored = sorted((loss, -step, path) for step, path, problem in found if keep_best and problem is None
+                    and (loss := eval_loss_of(path)) is not None)
     best = {path for _, _, path in scored[:keep_best]}
     if best:
         _point(root, BEST, scored[0][2])
     good = 0
-    for _, path in checkpoints(root):
-        problem = verify(path, deep=False)
+    for _, path, problem in found:
         if problem is None and good < keep_last:
             good += 1
             continue

@@ -139,8 +139,8 @@ def _write(run: Run, tmp: Path, steps_done: int) -> None:
     if backend.is_main:
         trainer = {"step": steps_done, "epoch": run.batches.epoch_of(steps_done), **run.state_dict()}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
-        if run.last_eval is not None:  # what checkpoint.keep_best ranks by
-            (tmp / checkpoint.EVAL).write_text(json.dumps(run.last_eval))
+        if run.evals:  # what checkpoint.keep_best ranks by
+            (tmp / checkpoint.EVAL).write_text(json.dumps(run.evals[-1]))
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (tmp / "versions.json").write_text(json.dumps(versions(), indent=1))
     backend.barrier()

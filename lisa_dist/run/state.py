@@ -46,8 +46,7 @@ class Run:
     eval_set: Any = None
     """The evaluation micro-batches (`run.evaluation.EvalSet`), None without evaluation data."""
     evals: list[dict[str, Any]] = field(default_factory=list)
-    last_eval: dict[str, Any] | None = None
-    """The latest eval record (what a checkpoint saves for checkpoint.keep_best)."""
+    """This launch's eval records; the latest is what a checkpoint saves for checkpoint.keep_best."""
 
     def elapsed_s(self) -> float:
         """Training seconds of the whole run so far, earlier launches included."""

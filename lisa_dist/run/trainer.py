@@ -25,7 +25,7 @@ from lisa_dist.dist import (
     raise_together,
     rank_table,
 )
-from lisa_dist.errors import ConfigError, Preempted
+from lisa_dist.errors import Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import apply_activation_checkpointing, find_layout, open_model, supervised_tokens
 from lisa_dist.run import outputs
@@ -73,11 +73,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     else:
         trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
     dataset, held_out = load_data(cfg, tokenizer, backend)
-    batches = ShardedBatches(
-        dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
-        micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
-        pad_id=tokenizer.pad_token_id,
-    )
+    batches = _batches(cfg, dataset, backend, tokenizer.pad_token_id)
     if cfg.train.epochs:  # as `train` resolved it before planning the resume; here too for callers of build alone
         cfg.train.steps = cfg.train.epochs * batches.steps_per_epoch
     backend.prepare(model, trainable)
@@ -121,12 +117,12 @@ def steps_from_epochs(cfg: Config, backend: Backend) -> int:
     """train.epochs x the optimizer steps of one pass over the training examples (as `build` will load them)."""
     _, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
     dataset, _ = load_data(cfg, tokenizer, backend)
-    global_batch = backend.world_size * cfg.train.micro_batch_size * cfg.train.grad_accum
-    per_epoch = len(dataset) // global_batch
-    if per_epoch == 0:
-        raise ConfigError(f"train.epochs={cfg.train.epochs}: the {len(dataset)} training examples do not fill one "
-                          f"global batch of {global_batch} (world size x train.micro_batch_size x train.grad_accum)")
-    return cfg.train.epochs * per_epoch
+    return cfg.train.epochs * _batches(cfg, dataset, backend, tokenizer.pad_token_id).steps_per_epoch
+
+
+def _batches(cfg: Config, dataset: Any, backend: Backend, pad_id: int) -> ShardedBatches:
+    return ShardedBatches(dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
+                          micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, pad_id=pad_id)
 
 
 def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
@@ -330,7 +326,6 @@ def _evaluate(run: Run, done: int) -> None:
         return
     run.doing = f"the evaluation after step {done}"
     record = evaluate(run, done)
-    run.last_eval = record
     run.metrics.log(record)
     run.evals.append(record)
 
@@ -364,7 +359,7 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
         "tokens": run.tokens_seen, "wall_s": wall_s, "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
         "switches": run.switches, "layers_visited": sorted(run.layers_visited),
         "resumed_at_step": run.start_step or None,
-        "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in history if "loss" in r), default=0),
+        "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in train), default=0),
     }
     evals = [r for r in history if "eval_loss" in r]
     if evals:

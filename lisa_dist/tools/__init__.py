@@ -3,7 +3,7 @@ baselines and collective byte counting."""
 from lisa_dist.tools.baselines import NaiveLisaBackend, build_baseline
 from lisa_dist.tools.comm import count_collectives
 from lisa_dist.tools.exporter import export
-from lisa_dist.tools.generation import generate, load_for_generation
+from lisa_dist.tools.generation import continue_ids, generate, load_for_generation
 from lisa_dist.tools.memory import (
     BACKENDS,
     METHOD_NAMES,
@@ -29,6 +29,7 @@ __all__ = [
     "NaiveLisaBackend",
     "Setup",
     "build_baseline",
+    "continue_ids",
     "count_collectives",
     "estimate",
     "export",

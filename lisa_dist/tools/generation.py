@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from lisa_dist.data import ALPACA_PROMPT_NO_INPUT
+from lisa_dist.data import alpaca_prompt
 from lisa_dist.errors import ConfigError
 from lisa_dist.run import checkpoint
 from lisa_dist.tools.exporter import load_checkpoint
@@ -56,9 +56,7 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | 
     if system or history:
         raise ConfigError("this model's tokenizer has no chat template, so it takes one Alpaca instruction at a time: "
                           "a system message or a conversation history needs a chat template")
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    text = ALPACA_PROMPT_NO_INPUT.format(instruction=prompt)
-    return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return alpaca_prompt(tokenizer, prompt)
 
 
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_new_tokens: int = 128,
@@ -66,9 +64,16 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, 
              history: list[dict] | None = None, seed: int = 0) -> str:
     """The model's answer to `prompt` (only the new text, special tokens dropped), ending at eos or after
     `max_new_tokens`: greedy at temperature 0, else sampled with `seed` (the caller's random state is kept)."""
+    return continue_ids(model, tokenizer, build_prompt(tokenizer, prompt, system, history),
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def continue_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
+    """`generate` from prompt token ids already built (e.g. an example's prompt as it was trained)."""
     options = _options(model, tokenizer, max_new_tokens, temperature, top_p)
     device = model.device
-    ids = torch.tensor([build_prompt(tokenizer, prompt, system, history)], device=device)
+    ids = torch.tensor([prompt_ids], device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
                                                 device_type=device.type):
         torch.manual_seed(seed)
