@@ -11,6 +11,7 @@ from __future__ import annotations
 import datasets
 import torch
 
+from lisa_dist.errors import DataError
 from lisa_dist.models import IGNORE_INDEX
 
 PACKED_FEATURES = datasets.Features({
@@ -24,7 +25,8 @@ def split_heldout(dataset: datasets.Dataset, fraction: float, seed: int) -> tupl
     """(training examples, held-out examples): round(fraction * N) examples (at least 1) drawn with `seed`."""
     count = max(1, round(fraction * len(dataset)))
     if count >= len(dataset):
-        raise ValueError(f"data.eval_fraction={fraction} holds out all {len(dataset)} examples")
+        raise DataError(f"data.eval_fraction={fraction} holds out all {len(dataset)} examples: nothing is left to "
+                        "train on (lower it, or give data.eval_path)")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     held = sorted(order[:count])
     held_set = set(held)

@@ -25,7 +25,7 @@ from lisa_dist.dist import (
     raise_together,
     rank_table,
 )
-from lisa_dist.errors import Preempted
+from lisa_dist.errors import ConfigError, DataError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import apply_activation_checkpointing, find_layout, open_model, supervised_tokens
 from lisa_dist.run import outputs
@@ -60,6 +60,9 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     if cfg.lisa.seed is not None:
         cfg.lisa.seed = broadcast_seed(cfg.lisa.seed)
     torch.manual_seed(cfg.train.seed)
+    if cfg.model.attn_implementation == "flex_attention" and backend.device.type == "cpu":
+        raise ConfigError("model.attn_implementation='flex_attention' trains on CUDA only (torch's FlexAttention has "
+                          "no backward on CPU): use sdpa or eager here")
     skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
     validate_for_model(cfg, layout.num_layers)
@@ -101,8 +104,11 @@ def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> tuple[Any, Any]:
     if data.eval_fraction:
         dataset, held_out = split_heldout(dataset, data.eval_fraction, cfg.train.seed)
     elif data.eval_path:
-        held_out = load_examples(dataclasses.replace(data, path=data.eval_path), tokenizer, is_main=backend.is_main,
-                                 barrier=backend.barrier)
+        try:
+            held_out = load_examples(dataclasses.replace(data, path=data.eval_path), tokenizer,
+                                     is_main=backend.is_main, barrier=backend.barrier)
+        except DataError as exc:  # the loader names the field it reads, data.path: here it read data.eval_path
+            raise DataError(str(exc).replace("data.path", "data.eval_path")) from None
     if data.packing:
         examples = len(dataset)
         dataset = pack_examples(dataset, data.max_length)

@@ -131,6 +131,20 @@ def test_bad_eval_settings_name_the_field(tmp_path, extra, match):
         cfg_for(tmp_path, *extra)
 
 
+def test_bad_evaluation_data_names_its_field(tmp_path):
+    from lisa_dist.errors import DataError
+
+    with pytest.raises(DataError, match=r"data.eval_path '.*missing.json' does not exist"):
+        build(cfg_for(tmp_path, f"--data.eval_path={tmp_path / 'missing.json'}"))
+    with pytest.raises(DataError, match=r"data.eval_fraction=0.9999 holds out all .* nothing is left to train on"):
+        build(cfg_for(tmp_path, "--data.eval_fraction=0.9999"))
+
+
+def test_flex_attention_is_refused_for_training_on_cpu(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.attn_implementation='flex_attention' trains on CUDA only"):
+        build(cfg_for(tmp_path, "--model.attn_implementation=flex_attention"))
+
+
 def test_an_unavailable_attention_names_the_field(tmp_path):
     pytest.importorskip("torch")
     try:
