@@ -97,7 +97,8 @@ class LisaConfig:
     train_embeddings: bool = True
     """Train the input embedding at every step (the paper's LISA). false freezes it (every backend), stored like the
     frozen layers (bfloat16 when they are cast or quantized under bf16 compute); the final norm and the head still
-    train, a tied embedding as the head."""
+    train. A tied embedding trains as the head only: its lookup gets no gradient. Either way backward stops at the
+    lowest active layer."""
 
 
 @dataclass
@@ -135,6 +136,10 @@ class OptimConfig:
     adam_8bit: str = "none"
     """Adam moments in 8 bits (torchao's AdamW8bit, blockwise; params under 4,096 elements keep fp32 moments):
     none, always (the always-trained params: embeddings, final norm, head) or all (the active layers too)."""
+    implementation: str = "auto"
+    """torch AdamW's kernel: fused (one kernel per step over all params; CPU and CUDA), foreach (batched per param
+    group), for_loop (one param at a time), or auto: fused where the params' device supports it, else foreach on
+    GPUs and for_loop elsewhere. The same arithmetic each way; not the 8-bit moments (torchao's compiled update)."""
 
 
 @dataclass
@@ -261,9 +266,11 @@ DTYPES = ("float32", "bfloat16")
 FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")
 ADAM_8BIT = ("none", "always", "all")
+ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 LOSSES = ("plain", "chunked")
 # String fields with a fixed set of values.
 CHOICES = {"lisa.frozen_storage": FROZEN_STORAGE, "lisa.host_dtype": DTYPES, "optim.adam_8bit": ADAM_8BIT,
+           "optim.implementation": ADAM_IMPLEMENTATIONS,
            "train.loss": LOSSES, "train.precision": PRECISIONS, "model.dtype": DTYPES,
            "lisa.strategy": STRATEGIES, "optim.schedule": SCHEDULES, "backend.name": BACKENDS}
 # Fields that moved: the old name's error says where to.
@@ -507,6 +514,7 @@ def _validate_storage(cfg: Config) -> None:
     _choice("lisa.frozen_storage", lisa.frozen_storage, FROZEN_STORAGE)
     _choice("lisa.host_dtype", lisa.host_dtype, DTYPES)
     _choice("optim.adam_8bit", cfg.optim.adam_8bit, ADAM_8BIT)
+    _choice("optim.implementation", cfg.optim.implementation, ADAM_IMPLEMENTATIONS)
     if lisa.frozen_storage != "float32":
         _require(name in ("local", "fsdp"), "lisa.frozen_storage", lisa.frozen_storage,
                  f"needs backend.name=local or fsdp: DeepSpeed ZeRO keeps every param in the engine's own dtype "

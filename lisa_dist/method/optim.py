@@ -68,10 +68,26 @@ def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop
     groups = param_groups(always, active, cfg.weight_decay, drop_empty)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.adam_8bit == "none":
-        return torch.optim.AdamW(groups, **kwargs)
+        device = next((p.device for _, p in always + active), torch.device("cpu"))
+        return torch.optim.AdamW(groups, **kwargs, **adamw_kernel(cfg.implementation, device))
     from lisa_dist.method.adam8bit import adamw_8bit
 
     return adamw_8bit(groups, layers_too=cfg.adam_8bit == "all", layer_role=LAYERS, **kwargs)
+
+
+def adamw_kernel(implementation: str, device: torch.device) -> dict[str, bool]:
+    """torch AdamW's `fused`/`foreach` arguments for `optim.implementation` on `device` (the params' device: the
+    layer groups are refilled at each switch with params on the same one). The fused kernel updates every param of
+    a group in one pass; on CPU it is several times faster than the per-param loop, which is torch's CPU default."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if implementation == "auto":
+        if device.type in _get_fused_kernels_supported_devices():
+            implementation = "fused"
+        else:
+            implementation = "foreach" if device.type != "cpu" else "for_loop"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for_loop": {"foreach": False}}[implementation]
 
 
 def freeze_except_always(model: nn.Module, trainable: TrainableSet) -> None:
@@ -220,10 +236,13 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: Trai
                                saved: dict[str, dict]) -> None:
     """Put state saved by `named_optimizer_state` back on the params of the same names in the optimizer now."""
     params = dict(trainable.all_named())
-    in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for name, state in saved.items():
         param = params.get(name)
-        if param is None or id(param) not in in_groups:
+        if param is None or id(param) not in group_of:
             raise ValueError(f"optimizer state for {name!r} has no trainable parameter to go to")
-        optimizer.state[param] = {k: v.to(param.device) if torch.is_tensor(v) and v.dim() else v
+        # The fused (and capturable) kernels keep the step count on the param's device too, as torch's own
+        # load_state_dict puts it.
+        on_device = group_of[id(param)].get("fused") or group_of[id(param)].get("capturable")
+        optimizer.state[param] = {k: v.to(param.device) if torch.is_tensor(v) and (v.dim() or on_device) else v
                                   for k, v in state.items()}

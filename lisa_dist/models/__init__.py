@@ -1,6 +1,7 @@
 """Models: loading by name, tiny presets, weight sources, the layout (which modules are the decoder layers and
 which are always trained), activation checkpointing and the loss."""
 from lisa_dist.models.ac import apply_activation_checkpointing
+from lisa_dist.models.embedding import lookup_without_grad
 from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, resolve_path
 from lisa_dist.models.loading import build_skeleton, load_model, open_model
 from lisa_dist.models.loss import IGNORE_INDEX, lm_loss_sum, supervised_tokens
@@ -27,6 +28,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "build_preset",
     "build_skeleton",
+    "lookup_without_grad",
     "byte_tokenizer",
     "find_layout",
     "lm_loss_sum",

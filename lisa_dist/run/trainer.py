@@ -27,7 +27,13 @@ from lisa_dist.dist import (
 )
 from lisa_dist.errors import ConfigError, DataError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
-from lisa_dist.models import apply_activation_checkpointing, find_layout, open_model, supervised_tokens
+from lisa_dist.models import (
+    apply_activation_checkpointing,
+    find_layout,
+    lookup_without_grad,
+    open_model,
+    supervised_tokens,
+)
 from lisa_dist.run import outputs
 from lisa_dist.run.evaluation import EvalSet, evaluate
 from lisa_dist.run.metrics import (
@@ -75,6 +81,8 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         model, trainable = apply_lora(model, cfg.lora)
     else:
         trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
+        if not cfg.lisa.train_embeddings and layout.embedding is not None and layout.head is None:
+            lookup_without_grad(layout.embedding)  # tied: the shared matrix learns as the head only
     dataset, held_out = load_data(cfg, tokenizer, backend)
     batches = _batches(cfg, dataset, backend, tokenizer.pad_token_id)
     if cfg.train.epochs:  # as `train` resolved it before planning the resume; here too for callers of build alone

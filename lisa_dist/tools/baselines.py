@@ -18,7 +18,7 @@ from torch import nn
 
 from lisa_dist.backends import LocalBackend
 from lisa_dist.config import Config
-from lisa_dist.method import TrainableSet, build_adamw, moment_bytes, set_requires_grad, storage_bytes
+from lisa_dist.method import TrainableSet, adamw_kernel, build_adamw, moment_bytes, set_requires_grad, storage_bytes
 
 BASELINES = ("naive_lisa", "badam")
 
@@ -52,7 +52,8 @@ class BAdamBackend(LocalBackend):
         super().prepare(model, trainable)
         cfg = self.optim_cfg
         base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay,
+                                 **adamw_kernel(cfg.implementation, next(model.parameters()).device))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # it warns that fp32 weights cost memory: measured here on purpose
             self.optimizer = BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=self.blocks,

@@ -92,9 +92,12 @@ def check_bitwise_local(out, ranks, ref, ref_weights):
     return weights
 
 
-def test_tied_embeddings_stay_one_sharded_parameter_and_export_once(tmp_path, data_file):
-    ref, ref_weights = reference(tmp_path, data_file, TIED, "--train.steps=4")
-    out, ranks = fsdp(tmp_path, data_file, TIED, "--train.steps=4")
+@pytest.mark.parametrize("train_embeddings", ["true", "false"], ids=["paper", "head-only"])
+def test_tied_embeddings_stay_one_sharded_parameter_and_export_once(tmp_path, data_file, train_embeddings):
+    """head-only: lisa.train_embeddings=false on a tied model, the lookup detached inside the root unit."""
+    extra = (TIED, "--train.steps=4", f"--lisa.train_embeddings={train_embeddings}")
+    ref, ref_weights = reference(tmp_path, data_file, *extra)
+    out, ranks = fsdp(tmp_path, data_file, *extra)
     check_bitwise_local(out, ranks, ref, ref_weights)
     exported = load_tied_export(out / "hf")
     assert sum(p.numel() for p in exported.parameters()) == tied_param_count()
