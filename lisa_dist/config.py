@@ -164,6 +164,9 @@ class TrainConfig:
     """fp32, or bf16 (autocast compute, fp32 weights and optimizer state)."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward."""
+    compile: bool = False
+    """torch.compile each decoder block (inductor; local and fsdp backends). All blocks share two graphs, trainable
+    and frozen, so LISA switches do not recompile; each step's record counts the graphs (compiled_graphs)."""
     device: str = "auto"
     """auto, cpu or cuda."""
     loss: str = "plain"
@@ -459,6 +462,10 @@ def validate(cfg: Config) -> None:
     _require(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", t.loss_chunk_tokens, "expected >= 1")
     _validate_backend(cfg)
     _validate_storage(cfg)
+    if cfg.train.compile:
+        _require(cfg.backend.name in ("local", "fsdp"), "train.compile", True,
+                 f"needs backend.name=local or fsdp: DeepSpeed wraps the model in its own engine "
+                 f"(backend.name={cfg.backend.name})")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "expected >= 0 (0: off)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "expected >= 1")
     _require(bool(cfg.checkpoint.resume), "checkpoint.resume", cfg.checkpoint.resume,

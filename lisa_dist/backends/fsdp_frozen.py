@@ -98,6 +98,9 @@ class _FrozenBlock:
         self.weights: dict[nn.Module, GatheredWeight] = {}
         self.wrapped: list[tuple[nn.Module, object]] = []
         """(module, the instance forward it had before, or None)."""
+        self.compiled = None
+        """train.compile: the block's compiled call, set aside while it is frozen (its quantized shards are gathered
+        by collectives in Python, which dynamo would recompile for every block: a frozen block runs eagerly)."""
 
 
 class ShardedFrozenStore:
@@ -163,6 +166,7 @@ class ShardedFrozenStore:
         matrices = self._matrices(i)
         self._move(block, matrices, HOST, self.host_dtype)
         frozen = _FrozenBlock()
+        frozen.compiled, block._compiled_call_impl = block._compiled_call_impl, None
         for fp in matrices:
             frozen.weights[fp._module_info.module] = GatheredWeight(self._quantize(fp), fp._orig_size[0], self.group)
         sharded = {id(fp.sharded_param) for fp in self._params(i)}
@@ -183,11 +187,13 @@ class ShardedFrozenStore:
 
     def _thaw(self, i: int) -> None:
         block: FSDPModule = self.layout.layers[i]
-        for module, previous in self.frozen.pop(i).wrapped:
+        frozen = self.frozen.pop(i)
+        for module, previous in frozen.wrapped:
             if previous is None:
                 del module.forward
             else:
                 module.forward = previous
+        block._compiled_call_impl = frozen.compiled
         self._move(block, self._matrices(i), self.device, torch.float32)
         state = block._get_fsdp_state()
         state._pre_forward_hook_handle = block.register_forward_pre_hook(state._pre_forward, prepend=True,

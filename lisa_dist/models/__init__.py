@@ -1,6 +1,7 @@
 """Models: loading by name, tiny presets, weight sources, the layout (which modules are the decoder layers and
-which are always trained), activation checkpointing and the loss."""
+which are always trained), activation checkpointing, compilation per block and the loss."""
 from lisa_dist.models.ac import apply_activation_checkpointing
+from lisa_dist.models.compile import compile_blocks, compiled_graphs
 from lisa_dist.models.embedding import lookup_without_grad
 from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, resolve_path
 from lisa_dist.models.loading import build_skeleton, load_model, open_model
@@ -30,6 +31,8 @@ __all__ = [
     "build_skeleton",
     "lookup_without_grad",
     "byte_tokenizer",
+    "compile_blocks",
+    "compiled_graphs",
     "find_layout",
     "lm_loss_sum",
     "load_model",

@@ -29,6 +29,8 @@ from lisa_dist.errors import ConfigError, DataError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import (
     apply_activation_checkpointing,
+    compile_blocks,
+    compiled_graphs,
     find_layout,
     lookup_without_grad,
     open_model,
@@ -76,6 +78,8 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         log.info("model: %s", layout.describe())
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(skeleton)  # before sharding: FSDP then wraps the checkpointed blocks
+    if cfg.train.compile:
+        compile_blocks(layout.layers)  # in place, before sharding too (FSDP's hooks stay outside the graphs)
     model = backend.materialize(skeleton, layout, weights)
     if cfg.lora.enabled:
         model, trainable = apply_lora(model, cfg.lora)
@@ -224,7 +228,8 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     # Cross-rank reduction of the loss only on logging steps.
     run.doing = f"step {step + 1}: the loss reduction"
     loss = float(backend.all_reduce_sum(loss_sum)) / max(1, int(counts[0]))
-    return {
+    compiled = {"compiled_graphs": compiled_graphs()} if cfg.train.compile else {}
+    return {**compiled,
         "step": done, "epoch": run.batches.epoch_of(step), "loss": loss, "lr": lr, "grad_norm": grad_norm,
         "tokens": run.tokens_seen,
         "tokens_per_s": int(counts[1]) / (switch_start - start + time.perf_counter() - switch_end),

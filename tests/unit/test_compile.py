@@ -1,0 +1,43 @@
+"""train.compile: every decoder block compiled in place; the compiled run follows the eager one across LISA
+switches, and after the first step no switch compiles anything (dynamo's graph count stays put)."""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from lisa_dist.config import load_config
+from lisa_dist.errors import ConfigError
+from lisa_dist.run import build, train_step
+
+from ..helpers import tiny_overrides, write_text_data
+
+STEPS = 12  # gamma 1 of 4 layers, a switch every 2 steps: 6 periods
+
+
+def _run(tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_text_data(tmp_path / "data.jsonl")
+    run = build(load_config(None, tiny_overrides(tmp_path, data, f"--train.steps={STEPS}", *extra)))
+    return run, [train_step(run, step) for step in range(STEPS)]
+
+
+@pytest.mark.parametrize("extra", [(), ("--train.activation_checkpointing=true", "--lisa.frozen_storage=nf4")],
+                         ids=["plain", "checkpointed-nf4"])
+def test_switches_do_not_recompile(tmp_path, extra):
+    torch._dynamo.reset()
+    counters.clear()
+    _, eager = _run(tmp_path / "eager", *extra)
+    run, compiled = _run(tmp_path / "compiled", "--train.compile=true", *extra)
+    assert all(block._compiled_call_impl is not None for block in run.layout.layers)
+    assert sum(r["switched"] for r in compiled) == 6 and len({tuple(r["active_layers"]) for r in compiled}) >= 3
+    graphs = [r["compiled_graphs"] for r in compiled]
+    # The first step compiles a trainable and a frozen block (one graph each, shared by the blocks); nothing after.
+    assert 1 <= graphs[0] <= 2 and graphs == [graphs[0]] * STEPS, graphs
+    torch.testing.assert_close([r["loss"] for r in compiled], [r["loss"] for r in eager], rtol=1e-5, atol=0)
+
+
+def test_deepspeed_is_refused_naming_the_field(tmp_path):
+    data = write_text_data(tmp_path / "data.jsonl")
+    with pytest.raises(ConfigError, match=r"train.compile.*backend.name=local or fsdp.*deepspeed"):
+        load_config(None, tiny_overrides(tmp_path, data, "--train.compile=true", "--backend.name=deepspeed",
+                                         "--backend.ds_config=ds_configs/zero2.json"))
