@@ -24,12 +24,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
-METHODS = ("full", "lora", "qlora", "naive_lisa", "badam", "lisa", "lisa_int8", "lisa_nf4", "lisa_lean")
+METHODS = ("full", "lora", "qlora", "naive_lisa", "badam", "lisa", "lisa_frozen_emb", "lisa_int8", "lisa_nf4",
+           "lisa_lean")
 # lisa_dist LISA's memory options, by benchmark name (lisa_lean: everything that saves memory at once).
 LISA_OPTIONS = {
     "lisa": [],
     "lisa_int8": ["--lisa.frozen_storage=int8"],
     "lisa_nf4": ["--lisa.frozen_storage=nf4"],
+    "lisa_frozen_emb": ["--lisa.train_embeddings=false"],
     "lisa_lean": ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", "--optim.adam_8bit=all",
                   "--train.loss=chunked", "--train.loss_chunk_tokens=128"],
 }
@@ -40,6 +42,9 @@ PLANNED = {"full": "full", "lora": "lora", "qlora": "qlora", "naive_lisa": "naiv
 SIZES = {
     "bench": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 8, "head_dim": 64},
+    # SmolLM2-135M-Instruct's shape (tied embeddings, 134.5M params): the speed targets of make bench.
+    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True},
     "1b": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16,
            "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128},
     "3b": {"vocab_size": 32000, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 24,

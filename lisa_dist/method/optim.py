@@ -129,9 +129,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
                    sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Global L2 norm of the gradients of `params`; when above `max_norm` (> 0), scale them down to it.
 
-    Each rank squares and sums its own (local) gradient shards in fp64, `sum_over_shards` adds the ranks that hold
-    other shards of the same params. In fp64 the split into shards changes the norm by about 1e-16 relative, so the
-    fp32 clip factor, and the trained weights, do not depend on how the params are sharded.
+    Each rank squares and sums its own (local) gradient shards (`_sum_of_squares`: fp32 row norms, fp64 sums),
+    `sum_over_shards` adds the ranks that hold other shards of the same params. The split into shards changes the
+    fp64 sum by about 1e-16 relative, so the fp32 clip factor, and the trained weights, do not depend on how the
+    params are sharded.
     """
     grads = [p.grad for p in params if p.grad is not None]
     squares = _sum_of_squares(grads)
@@ -152,10 +153,19 @@ def layer_sq_norms(trainable: TrainableSet, layers: Sequence[int]) -> torch.Tens
 
 
 def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the squared fp64 norms of this rank's shards of `grads`, on their device (no host sync)."""
+    """Sum of squares of this rank's shards of `grads`, in fp64, on their device (no host sync).
+
+    A matrix's rows are normed in fp32 (one vectorized pass, 16x faster than an fp64 norm on CPU: 6 ms against 90
+    for SmolLM2's tied embedding and two layers) and their squares summed in fp64. Shards split matrices by rows
+    (FSDP2's dim 0), so every row's norm is the same whichever rank holds it; vectors are normed in fp64."""
     squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
     for grad in grads:
-        squares += torch.linalg.vector_norm(_local(grad), dtype=torch.float64) ** 2
+        local = _local(grad)
+        if local.dim() >= 2 and local.numel():
+            rows = torch.linalg.vector_norm(local.reshape(local.shape[0], -1), dim=1, dtype=torch.float32)
+            squares += rows.double().square().sum()
+        else:
+            squares += torch.linalg.vector_norm(local, dtype=torch.float64) ** 2
     return squares
 
 

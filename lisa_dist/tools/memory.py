@@ -468,8 +468,8 @@ def activation_bytes(shapes: ModelShapes, s: Setup) -> int:
     Per token and layer: 2 RMSNorms (input and output each, 4h), q after RoPE and the attention output (2h), k and
     v (2 kv_dim), the MLP's gate, up, SiLU and product (4 intermediate), in the compute dtype, plus SDPA's fp32
     log-sum-exp per head. With activation checkpointing only each block's input stays (h per layer), plus one
-    block's full set while it is recomputed. The head adds the logits (compute dtype) and their fp32 copy and
-    log-softmax (8 bytes per vocabulary entry). Frozen layers under LISA save a little less (no inputs of frozen
+    block's full set while it is recomputed. The head adds the logits (compute dtype), their fp32 copy under bf16
+    compute, and the fp32 log-softmax. Frozen layers under LISA save a little less (no inputs of frozen
     matmuls); the estimate does not count that.
     """
     tokens = s.micro_batch * s.seq_len
@@ -483,7 +483,7 @@ def activation_bytes(shapes: ModelShapes, s: Setup) -> int:
         body = layers * per_layer
     # The chunked loss holds the logits of one chunk of tokens at a time (recomputed in backward).
     logit_tokens = min(tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else tokens
-    return body + logit_tokens * shapes.vocab * (compute + 8)
+    return body + logit_tokens * shapes.vocab * (compute + (4 if compute != 4 else 0) + 4)
 
 
 def _buffers(shapes: ModelShapes, s: Setup, trainable: list[Param]) -> int:
