@@ -45,10 +45,19 @@ test-slow: venv
 test-all: venv
 	$(PY) -m pytest -q tests
 
-# Memory and speed of full fine-tuning, LoRA, naive LISA, BAdam and LISA; per-backend switch overhead, state and
-# gradient traffic on 2 ranks (and state on 1); then benchmarks/results/report.md and its PNGs. About 7 minutes.
+# Memory and speed of full fine-tuning, LoRA, naive LISA, BAdam and LISA; the speed targets on SmolLM2-135M's shape
+# (benchmarks/results/targets.md) with the switch against model size per backend; per-backend switch overhead,
+# state and gradient traffic on 2 ranks (and state on 1); then benchmarks/results/report.md and its PNGs. About
+# 35 minutes.
 bench: venv
 	OMP_NUM_THREADS=2 $(PY) benchmarks/methods.py --steps 24
+	OMP_NUM_THREADS=2 $(PY) benchmarks/methods.py --size smollm2-135m --seq-len 256 --steps 12 \
+		--methods full lora lisa lisa_frozen_emb --name methods_smollm2
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
+		benchmarks/switch_scaling.py --steps 6 --backends fsdp zero1 zero2
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
+		benchmarks/switch_scaling.py --steps 6 --backends zero3 --merge
+	$(PY) benchmarks/targets.py
 	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
 		benchmarks/switch_overhead.py --steps 20
 	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(PY) -m torch.distributed.run --standalone --nproc-per-node 1 \

@@ -24,14 +24,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
-METHODS = ("full", "lora", "qlora", "naive_lisa", "badam", "lisa", "lisa_frozen_emb", "lisa_int8", "lisa_nf4",
-           "lisa_lean")
+METHODS = ("full", "lora", "qlora", "naive_lisa", "badam", "lisa", "lisa_frozen_emb", "lisa_compiled", "lisa_int8",
+           "lisa_nf4", "lisa_lean")
 # lisa_dist LISA's memory options, by benchmark name (lisa_lean: everything that saves memory at once).
 LISA_OPTIONS = {
     "lisa": [],
     "lisa_int8": ["--lisa.frozen_storage=int8"],
     "lisa_nf4": ["--lisa.frozen_storage=nf4"],
     "lisa_frozen_emb": ["--lisa.train_embeddings=false"],
+    "lisa_compiled": ["--train.compile=true"],
     "lisa_lean": ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", "--optim.adam_8bit=all",
                   "--train.loss=chunked", "--train.loss_chunk_tokens=128"],
 }
@@ -137,7 +138,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         steps.append({"step": step + 1, "s": time.perf_counter() - start, "tokens": record["tokens"] - seen,
                       "switched": record["switched"], "state": record["state_bytes"],
-                      "active": getattr(run.backend, "active_block", None) or record["active_layers"]})
+                      "active": getattr(run.backend, "active_block", None) or record["active_layers"],
+                      "compiled_graphs": record.get("compiled_graphs")})
         seen = record["tokens"]
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     measured = steps[2:]  # warm-up

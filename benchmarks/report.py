@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("params", "grads", "masters", "moments")
 LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft, r 8)", "qlora": "QLoRA (peft r 8, bitsandbytes NF4 base)",
           "naive_lisa": "naive LISA", "badam": "BAdam", "lisa": "lisa_dist LISA",
+          "lisa_frozen_emb": "lisa_dist LISA, lisa.train_embeddings=false",
+          "lisa_compiled": "lisa_dist LISA, train.compile=true",
           "lisa_int8": "lisa_dist LISA, int8 frozen layers", "lisa_nf4": "lisa_dist LISA, NF4 frozen layers",
           "lisa_lean": "lisa_dist LISA, NF4 + frozen embeddings + 8-bit Adam + chunked loss"}
 MB = 1e6

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
         self.engine = None
         self._micro = 0
         self.last_state: dict[str, int] = {}
+        self.switch_phases: dict[str, float] = {}
 
     def empty_init(self) -> contextlib.AbstractContextManager:
         """ZeRO-3 builds the model partitioned from the start; the other stages build a meta-device skeleton."""
@@ -105,11 +107,25 @@ class DeepSpeedBackend(ProcessGroupBackend):
         self.model, self.trainable = model, trainable
         model.train()
         freeze_except_always(model, trainable)
+        # Every switch collects the old engine's reference cycles. The objects alive now (the model, the libraries)
+        # live for the run: frozen out of the collector, a collection scans only what engines created since (on
+        # the tiny test model: 0.30 s a switch before, see benchmarks/results/switch_scaling.md).
+        gc.collect()
+        gc.freeze()
 
     def activate(self, layers: Sequence[int]) -> None:
-        carried = carry_out(self.engine) if self.engine is not None else None
-        self._drop_engine()
-        self.engine = build_engine(self.model, self.trainable, layers, self.optim_cfg, self.config, carried)
+        """Rebuild the engine over `layers`; `switch_phases` keeps the seconds of each part of the rebuild."""
+        phases = Phases()
+        with phases("carry_out"):
+            carried = carry_out(self.engine) if self.engine is not None else None
+        if self.engine is not None:
+            with phases("destroy"):
+                destroy_engine(self.engine)
+                self.engine = None
+            with phases("gc"):
+                gc.collect()  # the old engine's cycles: its partitions go before the new engine allocates its own
+        self.engine = build_engine(self.model, self.trainable, layers, self.optim_cfg, self.config, carried, phases)
+        self.switch_phases = phases.seconds
 
     # -- the step ------------------------------------------------------------------------------------------------
 
@@ -196,32 +212,67 @@ class DeepSpeedBackend(ProcessGroupBackend):
         """Load into an engine built for the same active layers and world size."""
         self.engine.load_checkpoint(str(folder), tag=DS_TAG)
 
-    def _drop_engine(self) -> None:
+    def close(self) -> None:
         if self.engine is not None:
             destroy_engine(self.engine)
             self.engine = None
-            gc.collect()
-
-    def close(self) -> None:
-        self._drop_engine()
+        gc.unfreeze()
+        gc.collect()
         self.close_process_group()
 
 
 # -- rebuilding an engine at a LISA switch (also used by lisa_dist.integrations.hf) -------------------------------
 
 
+class Phases:
+    """Seconds spent in named parts of a rebuild: `with phases("name"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def build_engine(model: nn.Module, trainable: TrainableSet, layers: Sequence[int], optim_cfg: OptimConfig,
-                 config: dict[str, Any], carried: Carried | None = None):
+                 config: dict[str, Any], carried: Carried | None = None, phases: Phases | None = None):
     """A new engine over the always-trained params and `layers` (the others frozen); `carried`, from the previous
     engine's `carry_out` (destroyed and dropped by the caller first, so two never coexist), goes back in."""
     import deepspeed
 
-    own_storage(set_requires_grad(trainable, layers), zero_stage(config))
-    client = build_adamw(trainable.always, trainable.layer_params(layers), optim_cfg, drop_empty=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    phases = phases or Phases()
+    with phases("requires_grad"):
+        own_storage(set_requires_grad(trainable, layers), zero_stage(config))
+        client = build_adamw(trainable.always, trainable.layer_params(layers), optim_cfg, drop_empty=True)
+    with phases("initialize"), _no_param_broadcast(carried is not None):  # flattening, partitioning
+        engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
     if carried is not None:
-        carry_in(engine, carried)
+        with phases("carry_in"):
+            carry_in(engine, carried)
     return engine
+
+
+@contextlib.contextmanager
+def _no_param_broadcast(rebuild: bool) -> Iterator[None]:
+    """A rebuild skips the engine's broadcast of every param from rank 0 (ZeRO-1/2; ZeRO-3 never does it): the
+    first engine made the ranks' params equal and ZeRO's steps keep them so (each step all-gathers the updated
+    partitions into every rank's params), so it would send the whole model (1.5 GB at 374M params) for nothing."""
+    if not rebuild:
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    broadcast = DeepSpeedEngine._broadcast_model
+    DeepSpeedEngine._broadcast_model = lambda self: None
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = broadcast
 
 
 def own_storage(leaving: list[nn.Parameter], stage: int) -> None:
@@ -289,3 +340,8 @@ def destroy_engine(engine) -> None:
     for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
         if hook is not None:
             hook.remove()
+    # ZeRO-3 points every param at its optimizer (`param._z3_optimizer`), which holds the engine: until the next
+    # engine overwrote it, the old engine, its fp32 partitions and Adam state lived on beside the new one.
+    for param in engine.module.parameters():
+        if getattr(param, "_z3_optimizer", None) is engine.optimizer:
+            del param._z3_optimizer

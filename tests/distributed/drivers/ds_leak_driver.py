@@ -4,7 +4,8 @@ what survives.
     torchrun --nproc-per-node 2 tests/distributed/drivers/ds_leak_driver.py OUT_DIR SWITCHES [--section.key=value ...]
 
 Writes OUT_DIR/rank{R}.json with, after switches 1, 2, 10, 25 and the last, the forward/backward hooks on the model's
-modules and the live DeepSpeed engines and ZeRO optimizers (counted through the garbage collector).
+modules and the live DeepSpeed engines and ZeRO optimizers (counted through the garbage collector), and the engines
+alive right after the switch, before this driver collects anything.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def main() -> None:
     counts = []
     for i in range(switches):
         run.backend.activate(run.sampler.active_layers(i))
+        # Before any collection of ours: the switch itself must have freed the old engine before building the new.
+        engines_after_switch = live()[0]
         if i % 10 == 0:  # a real step now and then, so every engine has had gradients and Adam state
             run.period = i
             train_step(run, i * cfg.lisa.interval)
@@ -45,7 +48,7 @@ def main() -> None:
             gc.collect()
             engines, optimizers = live()
             counts.append({"switch": i + 1, "hooks": hooks(run.backend.model), "engines": engines,
-                           "optimizers": optimizers})
+                           "optimizers": optimizers, "engines_after_switch": engines_after_switch})
     (out / f"rank{run.backend.rank}.json").write_text(json.dumps({"counts": counts}))
     run.backend.close()
 
