@@ -185,6 +185,7 @@ def write_big_llama(folder):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@pytest.mark.slow  # 37 s on 2 cores: make test-slow (make test's memory tests count each rank's shard bytes)
 def test_no_rank_holds_the_whole_model_while_loading(tmp_path, data_file):
     folder = tmp_path / "big"
     folder.mkdir()
@@ -247,8 +248,9 @@ def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_
     check_resume_repeats_straight_run(tmp_path, args)
 
 
-# 2 -> 1 in make test, 1 -> 2 in make test-slow (19 s on 2 cores).
-@pytest.mark.parametrize("before, after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+# Both in make test-slow (about 20 s each on 2 cores); make test resumes FSDP on the same world size.
+@pytest.mark.parametrize("before, after", [pytest.param(2, 1, marks=pytest.mark.slow),
+                                           pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resume_on_another_world_size(tmp_path, data_file, before, after):
     """DCP reshards model and optimizer state; the global batch stays 8 (micro batch 8 / world)."""
     out = tmp_path / "ckpt"
@@ -329,7 +331,9 @@ def test_eval_loss_matches_local_bitwise(tmp_path, data_file):
         assert result["eval"]["eval_tokens"] == ref_eval["eval_tokens"] > 0
 
 
-@pytest.mark.parametrize("storage", ["float32", pytest.param("nf4", marks=pytest.mark.slow)])
+# Slow tier (44 s and 50 s on 2 cores): make test compiles on one process (tests/unit/test_compile.py).
+@pytest.mark.parametrize("storage", [pytest.param("float32", marks=pytest.mark.slow),
+                                     pytest.param("nf4", marks=pytest.mark.slow)])
 def test_compiled_blocks_follow_eager_local_and_switches_do_not_recompile(tmp_path, data_file, storage):
     """train.compile under FSDP2: the blocks are compiled before sharding (FSDP's hooks run outside the graphs);
     every rank follows the eager local run, and its graph count is the same at every step. nf4 (slow tier, about

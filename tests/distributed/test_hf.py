@@ -152,6 +152,7 @@ def test_callback_settings_are_checked_against_the_model(tmp_path, tiny_model):
         LisaCallback(strategy="grad_norm")
 
 
+@pytest.mark.slow  # 22 s on 2 cores: make test-slow (make test runs the Trainer's resume on ZeRO-2)
 def test_the_example_fine_tunes_and_resumes(tmp_path):
     import yaml
 

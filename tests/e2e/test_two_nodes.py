@@ -39,6 +39,7 @@ def two_namespaces():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.slow  # 26 s on 2 cores: make test-slow
 def test_two_nodes_train_like_one(tmp_path, two_namespaces):
     data = write_text_data(tmp_path / "text.jsonl")
     config = tmp_path / "empty.yaml"
