@@ -20,17 +20,14 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from results_io import RESULTS, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, write_results  # noqa: E402
-
-from lisa_dist.config import load_config  # noqa: E402
-from lisa_dist.run import build, train_step  # noqa: E402
+from lisa_dist.config import load_config
+from lisa_dist.run import build, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"

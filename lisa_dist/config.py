@@ -521,7 +521,6 @@ def _validate_storage(cfg: Config) -> None:
     _choice("lisa.frozen_storage", lisa.frozen_storage, FROZEN_STORAGE)
     _choice("lisa.host_dtype", lisa.host_dtype, DTYPES)
     _choice("optim.adam_8bit", cfg.optim.adam_8bit, ADAM_8BIT)
-    _choice("optim.implementation", cfg.optim.implementation, ADAM_IMPLEMENTATIONS)
     if lisa.frozen_storage != "float32":
         _require(name in ("local", "fsdp"), "lisa.frozen_storage", lisa.frozen_storage,
                  f"needs backend.name=local or fsdp: DeepSpeed ZeRO keeps every param in the engine's own dtype "
@@ -568,6 +567,7 @@ def _validate_optim(o: OptimConfig) -> None:
              "expected two values in [0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "expected > 0")
     _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.implementation", o.implementation, ADAM_IMPLEMENTATIONS)
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "expected >= 0")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "expected in [0, 1]")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "expected >= 0 (0 disables clipping)")
