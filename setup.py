@@ -12,8 +12,8 @@ EXTRAS = {
     "quant": ["torchao>=0.12"],
     # Liger's fused linear cross-entropy for train.loss=chunked on CUDA.
     "liger": ["liger-kernel>=0.5"],
-    # bitsandbytes: the QLoRA row of make bench (peft on a 4-bit base).
-    "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9", "bitsandbytes>=0.45"],
+    # bitsandbytes: the QLoRA row of make bench (peft on a 4-bit base); scipy: the quality study's t-tests.
+    "bench": ["matplotlib>=3.7", "badam>=1.2", "psutil>=5.9", "bitsandbytes>=0.45", "scipy>=1.10"],
     # Metrics trackers beside the JSONL file: logging.tensorboard, logging.wandb. wandb 0.30 is the first whose
     # login can be asked without an interactive prompt (wandb.login(prompt=False)).
     "tensorboard": ["tensorboard>=2.14"],

@@ -1,124 +1,198 @@
-"""Quality on a real model: LISA against full fine-tuning, LoRA and BAdam on SmolLM2-135M-Instruct.
+"""Does LISA beat LoRA where the paper says it should? Instruction tuning and continued pretraining, with seeds.
 
-    python benchmarks/quality.py [--steps 30] [--out benchmarks/results]   # the study (see README for its time)
-    python benchmarks/quality.py --quick                                   # a tiny random model: the pipeline, CI
+    python benchmarks/quality.py                  # the study on SmolLM2-135M-Instruct (time: README, "Quality")
+    python benchmarks/quality.py --quick          # a tiny random model, 2 steps a run: the pipeline only (make test)
+    python benchmarks/quality.py --report-only    # quality.md and the PNGs again from the runs already done
 
-Alpaca-GPT4 (../shared/data/alpaca_gpt4_en_999.json) is split once, by a fixed permutation, into 90% training and
-10% held-out rows. Every run sees the same tokens in the same order (same seed, micro-batch, steps, warmup + cosine
-schedule) through the one trainer loop, then reports its held-out response loss (summed token loss of the held-out
-responses / their tokens), its loss curve, peak RSS and wall time. Stages:
+Two studies, every run through the one trainer loop (`lisa_dist.run.train`) with its evaluation and packing:
 
-1. a learning-rate sweep per method (LoRA also over its rank), the best lr by held-out loss;
-2. LISA's ablation at its best lr: gamma in {1, 2, 4} x K in {5, 13, 50};
-3. importance sampling: lisa.strategy=grad_norm against uniform at the headline gamma and K;
-4. greedy answers of each method's best run to five held-out prompts (answered by every run that can be a
-   method's best: the sweeps, and LISA at the headline gamma).
+- sft (instruction tuning): Alpaca-GPT4 (999 rows) and self-instruct's seed and user-oriented tasks (175 + 252, the
+  first instance of each) from ../shared/data, as chat conversations through the model's own ChatML template
+  (assistant turns supervised), packed into rows of --seq-len tokens; a fixed 100 conversations held out.
+- cpt (continued pretraining): ../shared/data/tinyshakespeare.txt, its first 90% trained on in blocks of --seq-len
+  tokens, the last 10% (cut at a paragraph) held out; the held-out perplexity every --cpt-eval-every steps over its
+  first --cpt-eval-batches micro-batches.
 
-Each run is a fresh process (its peak RSS is its own), except with --quick. Writes quality.json, quality.md and
-quality_loss.png (quality_quick.* with --quick).
+Arms (ARMS): full fine-tuning; LoRA r 8 and r 32 (alpha 2r); LISA with the paper's always-trained embeddings and
+head, gamma 2 and 4; LISA with NF4 frozen layers and frozen embeddings (the tied matrix trains as the head); BAdam.
+All: AdamW, warmup + cosine, bf16 autocast with fp32 weights and Adam state, the chunked loss, K = --interval for
+LISA's and BAdam's switches, the same --steps of --micro-batch rows (equal tokens).
+
+Stages: (1) the lr sweep, seed 0, each arm at each of its lrs; (2) seeds 1 and 2 of the best --top settings (arm,
+lr) of each method in sft, of the best one in cpt. A method's verdict uses its best setting's mean over the seeds.
+Each run is its own process with one thread, two at a time on the 2 cores (--workers); each appends its result
+to runs/quality/results.jsonl, so a study that stopped resumes where it stopped (a changed setting reruns).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = REPO.parent / "shared" / "data" / "alpaca_gpt4_en_999.json"
+SHARED = REPO.parent / "shared" / "data"
 FALLBACK = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
-HELDOUT_SHARE, SPLIT_SEED = 0.1, 0
-PROMPTS = 5
+SPLIT_SEED, SFT_HELDOUT, CPT_HELDOUT_SHARE, PROMPTS = 0, 100, 0.1, 5
+
+METHODS = {  # method -> its label in the report
+    "full": "full fine-tuning",
+    "lora": "LoRA",
+    "lisa": "LISA (embeddings and head train)",
+    "lisa_nf4": "LISA, NF4 frozen layers, frozen embeddings",
+    "badam": "BAdam",
+}
 
 
-def split(source: Path, out: Path) -> tuple[Path, Path]:
-    """The fixed 90/10 split of `source` into out/train.json and out/heldout.json."""
-    text = source.read_text()
-    rows = json.loads(text) if source.suffix == ".json" else [json.loads(line) for line in text.splitlines()]
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    method: str
+    args: tuple[str, ...]
+    sft_lrs: tuple[float, ...]
+    cpt_lrs: tuple[float, ...]
+
+
+def arms(interval: int) -> list[Arm]:
+    lisa = (f"--lisa.interval={interval}",)
+    off = ("--lisa.enabled=false",)
+
+    def lora(r: int) -> tuple[str, ...]:
+        return (*off, "--lora.enabled=true", f"--lora.r={r}", f"--lora.alpha={2 * r}")
+
+    return [
+        Arm("full", "full", off, (2e-5, 5e-5, 1e-4, 2e-4), (1e-4, 2e-4)),
+        Arm("LoRA r 8", "lora", lora(8), (1e-3, 2e-3, 4e-3), (2e-3, 4e-3)),
+        Arm("LoRA r 32", "lora", lora(32), (1e-3, 2e-3, 4e-3), (2e-3, 4e-3)),
+        Arm("LISA gamma 2", "lisa", (*lisa, "--lisa.gamma=2"), (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
+        Arm("LISA gamma 4", "lisa", (*lisa, "--lisa.gamma=4"), (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
+        Arm("LISA gamma 2, NF4, frozen emb", "lisa_nf4",
+            (*lisa, "--lisa.gamma=2", "--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false"),
+            (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
+        Arm("BAdam", "badam", (*off, f"--lisa.interval={interval}"), (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
+    ]
+
+
+# -- the data -------------------------------------------------------------------------------------------------------
+
+
+def _rows(path: Path) -> list[dict]:
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
+
+
+def _chat(instruction: str, context: str, output: str) -> dict:
+    user = instruction.strip() + (f"\n\n{context.strip()}" if context.strip() else "")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output.strip()}]}
+
+
+def sft_conversations(quick: bool) -> tuple[list[dict], list[str]]:
+    """Every instruction row as a conversation, and the files they came from."""
+    if quick or not (SHARED / "alpaca_gpt4_en_999.json").is_file():
+        return [_chat(r["instruction"], r.get("input", ""), r["output"]) for r in _rows(FALLBACK)], [FALLBACK.name]
+    files = ["alpaca_gpt4_en_999.json", "self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented.jsonl"]
+    out = [_chat(r["instruction"], r.get("input", ""), r["output"]) for r in _rows(SHARED / files[0])]
+    for name in files[1:]:
+        for r in _rows(SHARED / name):
+            first = r["instances"][0]
+            out.append(_chat(r["instruction"], first.get("input", ""), first["output"]))
+    return out, files
+
+
+def split_sft(out: Path, quick: bool) -> dict:
+    """out/train.jsonl and out/eval.jsonl: a fixed permutation's first SFT_HELDOUT conversations held out."""
+    import torch
+
+    rows, files = sft_conversations(quick)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    cut = round(len(rows) * HELDOUT_SHARE)
+    cut = min(SFT_HELDOUT, len(rows) // 10) if quick else SFT_HELDOUT
     out.mkdir(parents=True, exist_ok=True)
-    heldout, train = out / "heldout.json", out / "train.json"
-    heldout.write_text(json.dumps([rows[i] for i in order[:cut]]))
-    train.write_text(json.dumps([rows[i] for i in order[cut:]]))
-    return train, heldout
+    for name, part in (("eval.jsonl", order[:cut]), ("train.jsonl", order[cut:])):
+        (out / name).write_text("".join(json.dumps(rows[i]) + "\n" for i in part))
+    return {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl"), "sources": files,
+            "train_rows": len(rows) - cut, "eval_rows": cut}
+
+
+def split_cpt(out: Path, quick: bool) -> dict:
+    """out/train.txt and out/heldout.txt: the text's first 90% and its last 10%, cut at a paragraph."""
+    source = SHARED / "tinyshakespeare.txt"
+    if source.is_file():
+        text = source.read_text()[: 60_000 if quick else None]
+    else:  # no ../shared: the shipped responses as a stand-in text
+        source, text = FALLBACK, "\n\n".join(r["output"] for r in _rows(FALLBACK))
+    cut = text.find("\n\n", int(len(text) * (1 - CPT_HELDOUT_SHARE)))
+    cut = cut if cut > 0 else int(len(text) * (1 - CPT_HELDOUT_SHARE))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.txt").write_text(text[:cut].strip() + "\n")
+    (out / "heldout.txt").write_text(text[cut:].strip() + "\n")
+    return {"train": str(out / "train.txt"), "eval": str(out / "heldout.txt"), "sources": [source.name],
+            "train_chars": cut, "eval_chars": len(text) - cut}
 
 
 # -- one run ------------------------------------------------------------------------------------------------------
 
 
-def heldout_loss(run, heldout: Path, batch: int = 16) -> float:
-    """Mean token loss of the held-out responses (the same prompt template and truncation as training)."""
-    from dataclasses import replace
-
-    from lisa_dist.data import collate, load_examples
-    from lisa_dist.models import lm_loss_sum, supervised_tokens
-
-    cfg = replace(run.cfg.data, path=str(heldout), skip_bad_rows=True)
-    dataset = load_examples(cfg, run.tokenizer)
-    model = run.backend.model
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch):
-            rows = dataset[start:start + batch]
-            b = collate(rows["input_ids"], rows["labels"], run.tokenizer.pad_token_id)
-            total += float(lm_loss_sum(model, b))
-            tokens += supervised_tokens(b)
-    model.train()
-    return total / tokens
-
-
-def answers(run, heldout: Path, max_new_tokens: int) -> list[dict]:
-    from lisa_dist.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
-
-    rows = json.loads(heldout.read_text())[:PROMPTS]
-    model, tok = run.backend.model, run.tokenizer
-    model.eval()
-    out = []
-    for row in rows:
-        template = ALPACA_PROMPT if row.get("input", "").strip() else ALPACA_PROMPT_NO_INPUT
-        ids = tok(template.format(instruction=row["instruction"], input=row.get("input", "")),
-                  return_tensors="pt", add_special_tokens=True)
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out.append({"instruction": row["instruction"],
-                    "answer": tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()})
-    model.train()
-    return out
-
-
 def run_one(spec: dict) -> dict:
-    """Train one configuration (spec: name, method, overrides, generate) and evaluate it."""
-    from lisa_dist.config import load_config
-    from lisa_dist.run import build, train_step
-    from lisa_dist.tools import build_baseline
+    """Train one run (spec: key, method, overrides, prompts) through the trainer loop and collect its numbers."""
+    import torch
 
-    torch.manual_seed(0)
+    from lisa_dist.backends import build_backend
+    from lisa_dist.config import load_config
+    from lisa_dist.models import find_layout, open_model
+    from lisa_dist.run import EvalSet, evaluate, load_data, read_jsonl, train
+    from lisa_dist.tools import build_baseline, generate
+
+    torch.set_num_threads(spec["threads"])
     cfg = load_config(None, spec["overrides"])
+    skeleton, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)  # meta device: the layout, the tokenizer
+    layout = find_layout(skeleton)
     start = time.perf_counter()
-    backend = None
     if spec["method"] == "badam":
-        backend = build_baseline("badam", cfg, spec["layers_path"], spec["num_layers"])
-    run = build(cfg, backend)
-    curve, state = [], 0
-    for step in range(cfg.train.steps):
-        record = train_step(run, step)
-        curve.append(record["loss"])
-        state = max(state, record["optimizer_state_bytes"])  # BAdam drops its state at each block switch
+        backend = build_baseline("badam", cfg, layout.layers_path, len(layout.layers))
+    else:
+        backend = build_backend(cfg)
+    del skeleton
+    summary = train(cfg, backend)
     train_s = time.perf_counter() - start
-    result = {**spec, "curve": curve, "train_s": train_s, "heldout_loss": heldout_loss(run, Path(spec["heldout"])),
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "optimizer_state_bytes": state,
-              "layers_visited": sorted(run.layers_visited)}
-    if spec.get("generate"):
-        result["answers"] = answers(run, Path(spec["heldout"]), spec["max_new_tokens"])
+    records = read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    tokens_at = {0: 0, **{r["step"]: r["tokens"] for r in steps}}
+    evals = [{"step": r["step"], "tokens": tokens_at[r["step"]], "loss": r["eval_loss"], "ppl": r["eval_ppl"]}
+             for r in records if "eval_loss" in r]
+    result = {
+        "key": spec["key"], "spec": spec, "train_s": train_s,
+        "curve": [[r["tokens"], r["loss"]] for r in steps], "evals": evals,
+        "heldout_loss": evals[-1]["loss"], "heldout_ppl": evals[-1]["ppl"], "tokens": steps[-1]["tokens"],
+        "state_bytes": max(sum(r["state_bytes"].values()) for r in steps),
+        "optimizer_state_bytes": max(r["optimizer_state_bytes"] for r in steps),
+        "trainable_params": max(r["trainable_params"] for r in steps),
+        "layers_visited": summary.get("layers_visited", []),
+    }
+    if getattr(backend, "store", None) is not None and cfg.lisa.frozen_storage in ("int8", "nf4"):
+        # The loop evaluated the model as it trains (quantized frozen layers); the export writes the exact weights
+        # (every block from its host copy): evaluate, and answer with, those. On one process, with no gradients.
+        result["heldout_loss_as_trained"], result["heldout_ppl_as_trained"] = evals[-1]["loss"], evals[-1]["ppl"]
+        backend.store.set_active(range(len(layout.layers)))
+        held_out = load_data(cfg, tokenizer, backend)[1]
+        eval_set = EvalSet(held_out, cfg.train.micro_batch_size, 0, 1, tokenizer.pad_token_id,
+                           cfg.train.eval_batches)
+        exact = evaluate(SimpleNamespace(backend=backend, eval_set=eval_set, tokens_seen=result["tokens"]),
+                         cfg.train.steps)
+        result["heldout_loss"], result["heldout_ppl"] = exact["eval_loss"], exact["eval_ppl"]
+    if spec["prompts"]:
+        result["answers"] = [{"prompt": p, "answer": generate(backend.model, tokenizer, p,
+                                                                max_new_tokens=spec["max_new_tokens"]).strip()}
+                             for p in spec["prompts"]]
+    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -126,95 +200,211 @@ def run_one(spec: dict) -> dict:
 # -- the study ------------------------------------------------------------------------------------------------------
 
 
+def fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
 class Study:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.work = REPO / "runs" / ("quality_quick" if args.quick else "quality")
-        source = ALPACA if ALPACA.exists() and not args.quick else FALLBACK
-        self.train, self.heldout = split(source, self.work / "data")
-        self.source = source
+        self.work = Path(args.work or REPO / "runs" / ("quality_quick" if args.quick else "quality"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.work / "results.jsonl"
+        self.arms = {a.name: a for a in arms(args.interval)}
         if args.quick:
             self.model = ["--model.name=tiny-llama",
                           '--model.preset_overrides={"num_hidden_layers": 4, "hidden_size": 64}']
-            self.layers = 4
         else:
             from lisa_dist.tools import prepare_model
 
             self.model = [f"--model.name={prepare_model('smollm2-135m-instruct')}"]
-            self.layers = 30
+        self.data = {"sft": split_sft(self.work / "data" / "sft", args.quick),
+                     "cpt": split_cpt(self.work / "data" / "cpt", args.quick)}
+        self.prompts = [json.loads(line)["messages"][0]["content"]
+                        for line in Path(self.data["sft"]["eval"]).read_text().splitlines()[:PROMPTS]]
         self.results: dict[str, dict] = {}
+        if self.results_path.is_file():
+            for line in self.results_path.read_text().splitlines():
+                result = json.loads(line)
+                self.results[result["key"]] = result
 
-    def base(self, name: str) -> list[str]:
-        a = self.args
-        return [*self.model, f"--data.path={self.train}", "--data.format=alpaca", f"--data.max_length={a.seq_len}",
-                "--data.skip_bad_rows=true", f"--data.cache_dir={self.work / 'cache'}",
-                f"--train.micro_batch_size={a.micro_batch}", f"--train.steps={a.steps}", "--train.seed=0",
-                f"--train.output_dir={self.work / name}", f"--optim.warmup_steps={max(1, a.steps // 10)}",
-                "--optim.schedule=cosine", "--logging.progress=false", "--logging.level=WARNING",
-                "--logging.log_every=1", "--checkpoint.save_final=false", "--train.overwrite=true"]
+    def base(self, study: str, out: str, seed: int, eval_at_start: bool) -> list[str]:
+        a, data = self.args, self.data[study]
+        common = [*self.model, f"--data.path={data['train']}", f"--data.eval_path={data['eval']}",
+                  f"--data.max_length={a.seq_len}", "--data.skip_bad_rows=true",
+                  f"--data.cache_dir={self.work / 'cache'}", f"--train.micro_batch_size={a.micro_batch}",
+                  f"--train.steps={a.steps}", f"--train.seed={seed}", "--train.precision=bf16", "--train.loss=chunked",
+                  f"--train.output_dir={out}", f"--train.eval_at_start={str(eval_at_start).lower()}",
+                  f"--optim.warmup_steps={max(1, a.steps // 10)}", "--optim.schedule=cosine",
+                  "--logging.progress=false", "--logging.level=WARNING", "--logging.log_every=1",
+                  "--checkpoint.save_final=false", "--train.overwrite=true"]
+        if study == "sft":
+            return [*common, "--data.format=chat", "--data.packing=true"]
+        return [*common, "--data.format=text", f"--train.eval_every={a.cpt_eval_every}",
+                f"--train.eval_batches={a.cpt_eval_batches}"]
 
-    def run(self, name: str, method: str, extra: list[str], generate: bool = True) -> dict:
-        """Train and evaluate configuration `name` once; `generate`: also answer the held-out prompts (the runs that
-        can be a method's best, known only afterwards)."""
-        if name in self.results:
-            return self.results[name]
-        slug = "".join(c if c.isalnum() else "_" for c in name)
-        spec = {"name": name, "method": method, "overrides": self.base(slug) + extra, "generate": generate,
-                "heldout": str(self.heldout), "layers_path": "model.layers", "num_layers": self.layers,
-                "max_new_tokens": 8 if self.args.quick else 48}
+    def spec(self, study: str, arm: Arm, lr: float, seed: int) -> dict:
+        key = f"{study} | {arm.name} | lr {fmt_lr(lr)} | seed {seed}"
+        slug = "".join(c if c.isalnum() else "_" for c in key)
+        # The study's first run also evaluates the weights before training: every run starts from them.
+        first = arm is next(iter(self.arms.values())) and lr == self.lrs(study, arm)[0] and seed == 0
+        return {"key": key, "study": study, "arm": arm.name, "method": arm.method, "lr": lr, "seed": seed,
+                "overrides": [*self.base(study, str(self.work / "runs" / slug), seed, first), *arm.args,
+                              f"--optim.lr={lr}"],
+                "prompts": self.prompts if study == "sft" else [], "threads": self.args.threads,
+                "max_new_tokens": 8 if self.args.quick else 64}
+
+    def lrs(self, study: str, arm: Arm) -> tuple[float, ...]:
+        return arm.sft_lrs if study == "sft" else arm.cpt_lrs
+
+    def prepare_data(self) -> None:
+        """Tokenize both studies once here (the cache), before runs read it side by side; note their sizes."""
+        from lisa_dist.config import load_config
+        from lisa_dist.data import load_examples_with_stats, pack_examples
+        from lisa_dist.models import open_model
+
+        for study, data in self.data.items():
+            cfg = load_config(None, self.spec(study, next(iter(self.arms.values())), 1e-4, 0)["overrides"])
+            tokenizer = open_model(cfg.model, seed=0)[1]
+            for part, path in (("train", data["train"]), ("eval", data["eval"])):
+                dataset, stats = load_examples_with_stats(replace(cfg.data, path=path), tokenizer)
+                rows = len(pack_examples(dataset, cfg.data.max_length)) if cfg.data.packing else len(dataset)
+                data[f"{part}_examples"], data[f"{part}_rows_packed"] = stats.examples, rows
+                data[f"{part}_tokens"], data[f"{part}_truncated"] = stats.tokens, stats.truncated_rows
+                data[f"{part}_skipped"] = stats.skipped_rows
+            data["steps_per_epoch"] = data["train_rows_packed"] // self.args.micro_batch
+
+    def execute(self, specs: list[dict]) -> None:
+        todo = [s for s in specs if self.results.get(s["key"], {}).get("spec") != s]
+        if not todo:
+            return
+        done_before = len(specs) - len(todo)
+        print(f"{len(todo)} runs to go ({done_before} done before)", flush=True)
         if self.args.quick:
-            result = run_one(spec)
-        else:
-            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                  text=True, cwd=REPO)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not lines:
-                sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            result = json.loads(lines[-1][len("RESULT "):])
-        self.results[name] = result
-        print(f"{name:28s} held-out {result['heldout_loss']:.4f}  train {result['curve'][-1]:.4f}  "
+            for spec in todo:
+                self.record(run_one(spec))
+            return
+        with ThreadPoolExecutor(self.args.workers) as pool:
+            for future in as_completed([pool.submit(self.subprocess_run, spec) for spec in todo]):
+                self.record(future.result())
+
+    def subprocess_run(self, spec: dict) -> dict:
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              cwd=REPO, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"{spec['key']} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+                               f"{done.stderr[-3000:]}")
+        return json.loads(lines[-1][len("RESULT "):])
+
+    def record(self, result: dict) -> None:
+        self.results[result["key"]] = result
+        with self.results_path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"{result['key']:52s} held-out loss {result['heldout_loss']:.4f} ppl {result['heldout_ppl']:8.2f}  "
               f"{result['wall_s']:6.1f} s  peak {result['peak_rss'] / 2**20:6.0f} MiB", flush=True)
-        return result
 
-    def best(self, names: list[str]) -> str:
-        return min(names, key=lambda n: self.results[n]["heldout_loss"])
+    # The stages.
+    def sweep_specs(self) -> list[dict]:
+        return [self.spec(study, arm, lr, 0) for study in ("sft", "cpt") for arm in self.arms.values()
+                for lr in self.lrs(study, arm)]
 
-    def sweep(self) -> dict[str, str]:
-        a = self.args
+    def settings(self, study: str) -> dict[tuple[str, float], list[dict]]:
+        """(arm, lr) -> its runs' results (seeds in order), of the runs done."""
+        out: dict[tuple[str, float], list[dict]] = {}
+        for arm in self.arms.values():
+            for lr in self.lrs(study, arm):
+                runs = [self.results[k] for s in range(self.args.seeds)
+                        if (k := f"{study} | {arm.name} | lr {fmt_lr(lr)} | seed {s}") in self.results]
+                if runs:
+                    out[arm.name, lr] = runs
+        return out
+
+    def best_settings(self, study: str, count: int) -> dict[str, list[tuple[str, float]]]:
+        """Each method's `count` best settings by the seed-0 held-out loss of the sweep."""
+        settings = self.settings(study)
         best = {}
-        for method, lrs in (("full", a.lr_full), ("lisa", a.lr_lisa), ("badam", a.lr_badam)):
-            names = [self.lisa(a.gamma, a.interval, lr) if method == "lisa" else f"{method} lr={lr:g}" for lr in lrs]
-            for name, lr in zip(names, lrs, strict=True):
-                if method != "lisa":
-                    extra = ["--lisa.enabled=false"] + ([f"--lisa.interval={a.interval}"] if method == "badam" else [])
-                    self.run(name, method, extra + [f"--optim.lr={lr}"])
-            best[method] = self.best(names)
-        names = []
-        for r, lr in a.lora_grid:
-            names.append(f"lora r={r} lr={lr:g}")
-            self.run(names[-1], "lora", ["--lisa.enabled=false", "--lora.enabled=true", f"--lora.r={r}",
-                                         f"--lora.alpha={2 * r}", f"--optim.lr={lr}"])
-        best["lora"] = self.best(names)
+        for method in METHODS:
+            mine = [s for s in settings if self.arms[s[0]].method == method]
+            best[method] = sorted(mine, key=lambda s: settings[s][0]["heldout_loss"])[:count]
         return best
 
-    def lisa(self, gamma: int, k: int, lr: float, strategy: str = "uniform") -> str:
-        """Run (once) LISA with these settings; returns the run's name."""
-        name = f"lisa{' grad_norm' if strategy != 'uniform' else ''} gamma={gamma} K={k} lr={lr:g}"
-        self.run(name, "lisa", [f"--lisa.gamma={gamma}", f"--lisa.interval={k}", f"--optim.lr={lr}",
-                                f"--lisa.strategy={strategy}"],
-                 generate=gamma == self.args.gamma and strategy == "uniform")  # the headline's candidates
-        return name
-
-    def lr_of(self, name: str) -> float:
-        return float(next(o for o in self.results[name]["overrides"] if o.startswith("--optim.lr=")).split("=")[1])
-
-    def ablation(self, lisa_best: str) -> dict[tuple[int, int], str]:
-        lr = self.lr_of(lisa_best)
-        return {(g, k): self.lisa(g, k, lr) for g in self.args.ablation_gamma for k in self.args.ablation_k}
+    def seed_specs(self) -> list[dict]:
+        specs = []
+        for study, count in (("sft", self.args.top), ("cpt", 1)):
+            for chosen in self.best_settings(study, count).values():
+                specs += [self.spec(study, self.arms[arm], lr, seed) for arm, lr in chosen
+                          for seed in range(1, self.args.seeds)]
+        return specs
 
 
-def report(study: Study, best: dict[str, str], grid: dict, importance: tuple[str, str], headline: str,
-           elapsed: float) -> None:
+# -- the report -----------------------------------------------------------------------------------------------------
+
+
+def smooth(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """(x, mean of the last `window` y's): the per-step loss moves with each batch."""
+    ys = [y for _, y in points]
+    return [(x, statistics.fmean(ys[max(0, i + 1 - window): i + 1])) for i, (x, _) in enumerate(points)]
+
+
+def fill(data: dict, seq_len: int) -> float:
+    """The share of the packed rows' token slots that hold tokens."""
+    return data.get("train_tokens", 0) / max(1, data.get("train_rows_packed", 0) * seq_len)
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def compare(a: list[float], b: list[float]) -> dict:
+    """a against b (lower is better): the gap of the means, Welch's t-test over the seeds and how sure it is:
+    clear (p < 0.05 and every seed of one on its side of every seed of the other), weak (one of the two), none."""
+    from scipy import stats
+
+    gap = statistics.fmean(b) - statistics.fmean(a)
+    separated = max(a) < min(b) or max(b) < min(a)
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if len(a) > 1 and len(b) > 1 else math.nan
+    significant = p < 0.05
+    strength = "clear" if separated and significant else "weak" if separated or significant else "none"
+    return {"gap": gap, "p": p, "separated": separated, "strength": strength, "n": (len(a), len(b))}
+
+
+def verdict_words(name_a: str, name_b: str, c: dict, what: str) -> str:
+    lower, higher = (name_a, name_b) if c["gap"] > 0 else (name_b, name_a)
+    ranges = "the seeds' ranges do not overlap" if c["separated"] else "the seeds' ranges overlap"
+    return (f"{lower}'s {what} is lower than {higher}'s by {abs(c['gap']):.4f} ({c['n'][0]} and {c['n'][1]} seeds; "
+            f"{ranges}; Welch's t-test p = {c['p']:.3f}): confidence {c['strength']}.")
+
+
+def before_training(results: dict[str, dict], name: str) -> dict | None:
+    """The evaluation of the untrained weights: the one run of study `name` that evaluated at step 0."""
+    return next((r["evals"][0] for r in results.values()
+                 if r["spec"]["study"] == name and r["evals"][0]["step"] == 0), None)
+
+
+def notes(study: Study, name: str, metric: str, what: str) -> list[str]:
+    """What the table does not show: quantized arms' loss as they trained, and sweeps whose best lr is an edge."""
+    out = []
+    for (arm, lr), runs in study.settings(name).items():
+        trained = [r[f"{metric}_as_trained"] for r in runs if f"{metric}_as_trained" in r]
+        if trained:
+            out.append(f"- {arm}, lr {fmt_lr(lr)}: the {what} of its exact weights (what the export writes, every "
+                       f"block from its host copy); the model as it trained, with NF4 frozen layers: "
+                       f"{statistics.fmean(trained):.4f} (mean of {len(trained)}).")
+    for arm in study.arms.values():
+        lrs = study.lrs(name, arm)
+        seed0 = {lr: runs[0][metric] for (a, lr), runs in study.settings(name).items() if a == arm.name}
+        if len(seed0) == len(lrs) > 1:
+            best = min(seed0, key=seed0.get)
+            if best in (min(lrs), max(lrs)):
+                out.append(f"- {arm.name}: the sweep's best lr ({fmt_lr(best)}) is the edge of its grid "
+                           f"({', '.join(fmt_lr(x) for x in lrs)}): a {'lower' if best == min(lrs) else 'higher'} "
+                           "lr might do better.")
+    return [*out, ""] if out else []
+
+
+def report(study: Study, elapsed_s: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,105 +414,223 @@ def report(study: Study, best: dict[str, str], grid: dict, importance: tuple[str
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quality_quick" if a.quick else "quality"
-    (out / f"{stem}.json").write_text(json.dumps({"best": best, "headline": headline, "results": res,
-                                                  "grid": {f"{g},{k}": n for (g, k), n in grid.items()}}, indent=1))
-    model = "tiny-llama (random init)" if a.quick else "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
-    finals = {"full": best["full"], "lora": best["lora"], "badam": best["badam"], "lisa": headline}
+    sft, cpt = study.data["sft"], study.data["cpt"]
+    model = "tiny-llama (4 layers, width 64, random init)" if a.quick else \
+        "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 134,515,008 params, 30 layers, tied head)"
     lines = [
-        "# Quality: LISA against full fine-tuning, LoRA and BAdam" + (" (--quick)" if a.quick else ""),
-        "",
-        f"{model}; data {study.source.name}: a fixed 90/10 split ({len(json.loads(study.train.read_text()))} "
-        f"training rows, {len(json.loads(study.heldout.read_text()))} held-out), Alpaca prompt, responses "
-        f"supervised, max {a.seq_len} tokens. Every run: {a.steps} steps of {a.micro_batch} examples (the same "
-        "examples in the same order), AdamW, warmup + cosine, fp32, 1 process x 2 threads on 2 CPU cores. "
-        f"Command: `python benchmarks/quality.py{' --quick' if a.quick else ''}`, {elapsed / 60:.1f} minutes.",
-        "",
-        "## Best run of each method",
-        "",
-        "| method | run (best lr) | held-out loss | last train loss | peak RSS (MiB) | max Adam (MB) | wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"# Quality: LISA against full fine-tuning, LoRA and BAdam{' (--quick)' if a.quick else ''}", "",
+        f"{model}. Command: `python benchmarks/quality.py{' --quick' if a.quick else ''}`; the study took "
+        f"{elapsed_s / 60:.1f} minutes on 2 CPU cores ({a.workers} runs at a time, {a.threads} thread each; a run's "
+        "wall time is measured beside another run). Every run: "
+        f"{a.steps} steps of {a.micro_batch} rows of {a.seq_len} tokens (warmup {max(1, a.steps // 10)}, cosine), "
+        f"AdamW, bf16 autocast (fp32 weights and Adam state), the chunked loss, K = {a.interval} for LISA and BAdam. "
+        "Seed 0 sweeps each arm's lr; the best settings then run seeds 1 and 2 (`spread` is the standard deviation "
+        "over the seeds, `range` their min-max). Peak RSS: the run's process (the model, its data, Python). State: "
+        "the largest params + grads + fp32 masters + Adam moments + host copies the run held (exact bytes). "
+        "Confidence of a verdict: clear = Welch's t-test over the seeds gives p < 0.05 and the seeds' ranges do not "
+        "overlap; weak = one of the two; none = neither. With 3 seeds a side only gaps well beyond the seed-to-seed "
+        "spread can be clear.", "",
     ]
-    for method, name in finals.items():
-        r = res[name]
-        lines.append(f"| {method} | {name} | {r['heldout_loss']:.4f} | {r['curve'][-1]:.4f} | "
-                     f"{r['peak_rss'] / 2**20:.0f} | {r['optimizer_state_bytes'] / 1e6:.1f} | {r['wall_s']:.0f} |")
-    verdict = ("LISA's held-out loss is below LoRA's" if res[headline]["heldout_loss"] < res[best["lora"]][
-        "heldout_loss"] else "LISA's held-out loss is not below LoRA's")
-    lines += ["", f"{verdict} ({res[headline]['heldout_loss']:.4f} against {res[best['lora']]['heldout_loss']:.4f});"
-                  f" peak RSS {res[headline]['peak_rss'] / 2**20:.0f} against "
-                  f"{res[best['lora']]['peak_rss'] / 2**20:.0f} MiB.", "",
-              "![loss curves](" + f"{stem}_loss.png)", "", "## Every run", "",
-              "| run | held-out loss | last train loss | peak RSS (MiB) | wall (s) |",
-              "| --- | --- | --- | --- | --- |"]
-    for name, r in res.items():
-        lines.append(f"| {name} | {r['heldout_loss']:.4f} | {r['curve'][-1]:.4f} | {r['peak_rss'] / 2**20:.0f} | "
-                     f"{r['wall_s']:.0f} |")
-    gammas, ks = sorted({g for g, _ in grid}), sorted({k for _, k in grid})
-    lines += ["", "## LISA ablation (lr of the best LISA run): held-out loss / Adam state MB", "",
-              "| gamma \\ K | " + " | ".join(str(k) for k in ks) + " |",
-              "| --- | " + " | ".join("---" for _ in ks) + " |"]
-    for g in gammas:
-        cells = [f"{res[grid[g, k]]['heldout_loss']:.4f} / {res[grid[g, k]]['optimizer_state_bytes'] / 1e6:.1f}"
-                 for k in ks]
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    uniform, grad_norm = importance
-    lines += ["", "## Importance sampling: grad_norm against uniform", "",
-              "| strategy | held-out loss | layers visited |", "| --- | --- | --- |",
-              f"| uniform | {res[uniform]['heldout_loss']:.4f} | {len(res[uniform]['layers_visited'])} |",
-              f"| grad_norm | {res[grad_norm]['heldout_loss']:.4f} | {len(res[grad_norm]['layers_visited'])} |",
-              "", "## Greedy answers to held-out prompts", ""]
-    for method, name in finals.items():
-        lines += [f"### {method} ({name})", ""]
-        for qa in res[name].get("answers", []):
-            lines += [f"- **{qa['instruction']}**", f"  {qa['answer']!r}"]
+
+    def setting_rows(name: str, metric: str) -> list[str]:
+        settings = study.settings(name)
+        rows = []
+        for method in METHODS:
+            for (arm, lr), runs in sorted(settings.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+                if study.arms[arm].method != method:
+                    continue
+                values = [r[metric] for r in runs]
+                mean, sd = spread(values)
+                rows.append(f"| {METHODS[method]} | {arm} | {fmt_lr(lr)} | {len(runs)} | {mean:.4f} ± {sd:.4f} | "
+                            f"{min(values):.4f}-{max(values):.4f} | "
+                            f"{max(r['peak_rss'] for r in runs) / 2**20:.0f} | "
+                            f"{max(r['state_bytes'] for r in runs) / 1e6:.0f} | "
+                            f"{max(r['optimizer_state_bytes'] for r in runs) / 1e6:.1f} | "
+                            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} |")
+        return rows
+
+    header = ("| method | arm | lr | seeds | {m} mean ± spread | range | peak RSS (MiB) | state (MB) | "
+              "Adam moments (MB) | wall per run (s) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def headline(name: str, metric: str, top: int) -> dict[str, tuple[str, float]]:
+        """Each method's best setting among those with every seed: the lowest mean."""
+        settings, best = study.settings(name), {}
+        for method, chosen in study.best_settings(name, top).items():
+            full = [s for s in chosen if len(settings[s]) == a.seeds] or chosen
+            if full:
+                best[method] = min(full, key=lambda s: statistics.fmean(r[metric] for r in settings[s]))
+        return best
+
+    # -- instruction tuning
+    base_sft = before_training(res, "sft")
+    lines += [
+        "## 1. Instruction tuning", "",
+        f"Data: {', '.join(sft['sources'])} as chat conversations ({sft['train_rows']} trained on, a fixed "
+        f"{sft['eval_rows']} held out), assistant turns supervised, packed: {sft.get('train_tokens', 0):,} training "
+        f"tokens in {sft.get('train_rows_packed', 0)} rows of {a.seq_len} "
+        f"({fill(sft, a.seq_len):.0%} filled), {sft.get('train_truncated', 0)} conversations cut at {a.seq_len} "
+        f"tokens and {sft.get('train_skipped', 0)} left out (prompt alone longer; held out: "
+        f"{sft.get('eval_truncated', 0)} cut, {sft.get('eval_skipped', 0)} left out). One epoch is "
+        f"{sft.get('steps_per_epoch', 0)} steps: every run trains "
+        f"{a.steps / max(1, sft.get('steps_per_epoch', 1)):.2f} epoch (what the 100-minute budget allows). Metric: "
+        "the held-out loss (mean next-token loss over the held-out assistant tokens) after the last step"
+        + (f"; before training it is {base_sft['loss']:.4f}." if base_sft else "."), "",
+        header.format(m="held-out loss"), *setting_rows("sft", "heldout_loss"), "",
+        *notes(study, "sft", "heldout_loss", "held-out loss")]
+    sft_best = headline("sft", "heldout_loss", a.top)
+    settings = study.settings("sft")
+
+    def losses(name: str, setting: tuple[str, float], metric: str) -> list[float]:
+        return [r[metric] for r in study.settings(name)[setting]]
+
+    verdicts = {}
+    if "lisa" in sft_best and "lora" in sft_best:
+        c = compare(losses("sft", sft_best["lisa"], "heldout_loss"), losses("sft", sft_best["lora"], "heldout_loss"))
+        verdicts["sft"] = verdict_words(f"LISA ({sft_best['lisa'][0]}, lr {fmt_lr(sft_best['lisa'][1])})",
+                                        f"LoRA ({sft_best['lora'][0]}, lr {fmt_lr(sft_best['lora'][1])})", c,
+                                        "mean held-out loss")
+        lines += ["**Claim 1, LISA beats LoRA on instruction tuning.** " + verdicts["sft"], ""]
+        others = []
+        for method, setting in sft_best.items():
+            mean, sd = spread(losses("sft", setting, "heldout_loss"))
+            others.append(f"{METHODS[method]} {mean:.4f} ± {sd:.4f} ({setting[0]}, lr {fmt_lr(setting[1])})")
+        lines += ["Best setting of each method (mean ± spread over its seeds): " + "; ".join(others) + ".", ""]
+    lines += [f"![instruction tuning: training loss]({stem}_sft.png)", ""]
+
+    # -- continued pretraining
+    base_cpt = before_training(res, "cpt")
+    lines += [
+        "## 2. Continued pretraining", "",
+        f"Data: {', '.join(cpt['sources'])}: the first 90% ({cpt.get('train_tokens', 0):,} tokens, "
+        f"{cpt.get('train_rows_packed', 0)} blocks of {a.seq_len}) trained on, the last 10% "
+        f"({cpt.get('eval_tokens', 0):,} tokens) held out. One epoch is {cpt.get('steps_per_epoch', 0)} steps: every "
+        f"run trains {a.steps / max(1, cpt.get('steps_per_epoch', 1)):.2f} epoch. Metric: the held-out perplexity "
+        f"every {a.cpt_eval_every} steps over the held-out text's first {a.cpt_eval_batches * a.micro_batch} blocks "
+        f"({a.cpt_eval_batches * a.micro_batch * a.seq_len:,} tokens)"
+        + (f"; before training it is {base_cpt['ppl']:.2f}." if base_cpt else "."), "",
+        header.format(m="held-out perplexity"), *setting_rows("cpt", "heldout_ppl"), "",
+        *notes(study, "cpt", "heldout_ppl", "held-out perplexity")]
+    cpt_best = headline("cpt", "heldout_ppl", 1)
+    if "lora" in cpt_best:
+        parts = []
+        for method in ("full", "lisa", "lisa_nf4"):
+            if method in cpt_best:
+                c = compare(losses("cpt", cpt_best[method], "heldout_ppl"),
+                            losses("cpt", cpt_best["lora"], "heldout_ppl"))
+                parts.append(verdict_words(f"{METHODS[method]} ({cpt_best[method][0]})",
+                                           f"LoRA ({cpt_best['lora'][0]})", c, "mean held-out perplexity"))
+        verdicts["cpt"] = " ".join(parts)
+        lines += ["**Claim 2, LoRA falls short in continued pretraining.** " + verdicts["cpt"], ""]
+    lines += [f"![continued pretraining: held-out perplexity]({stem}_cpt.png)", ""]
+
+    # -- answers
+    lines += ["## Greedy answers to five held-out prompts", "",
+              "Each method's best instruction-tuning run (its lowest held-out loss of any setting and seed), greedy, "
+              f"at most {64 if not a.quick else 8} new tokens.", ""]
+    for method in METHODS:
+        mine = [r for r in res.values() if r["spec"]["study"] == "sft" and r["spec"]["method"] == method
+                and r.get("answers")]
+        if not mine:
+            continue
+        best_run = min(mine, key=lambda r: r["heldout_loss"])
+        lines += [f"### {METHODS[method]} ({best_run['key']}, held-out loss {best_run['heldout_loss']:.4f})", ""]
+        for qa in best_run["answers"]:
+            prompt = " ".join(qa["prompt"].split())
+            lines += [f"- **{prompt[:300]}**", f"  {qa['answer']!r}"]
         lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({
+        "elapsed_s": elapsed_s, "data": study.data, "verdicts": verdicts,
+        "best": {"sft": {m: list(s) for m, s in sft_best.items()}, "cpt": {m: list(s) for m, s in cpt_best.items()}},
+        "results": res}, indent=1))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, name in finals.items():
-        ax.plot(range(1, len(res[name]["curve"]) + 1), res[name]["curve"], label=f"{method} ({name})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}_loss.png", dpi=120)
-    plt.close(fig)
+    # -- plots: each method's best setting, mean over its seeds (band: min-max)
+    def band(ax, runs: list[dict], field: str, pick, label: str, window: int = 1) -> None:
+        series = [smooth([pick(p) for p in r[field]], window) for r in runs]
+        length = min(len(s) for s in series)
+        xs = [x for x, _ in series[0][:length]]
+        ys = [[s[i][1] for s in series] for i in range(length)]
+        line, = ax.plot(xs, [statistics.fmean(y) for y in ys], label=label)
+        if len(runs) > 1:
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    for method, setting in sft_best.items():
+        band(ax, settings[setting], "curve", lambda p: (p[0], p[1]),
+             f"{METHODS[method]}: {setting[0]}, lr {fmt_lr(setting[1])}", window=8)
+    finish(fig, ax, "training loss (mean of the last 8 steps)", "Instruction tuning", out / f"{stem}_sft.png")
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    cpt_settings = study.settings("cpt")
+    for method, setting in cpt_best.items():
+        runs = [{**r, "evals": ([base_cpt] if base_cpt and r["evals"][0]["step"] else []) + r["evals"]}
+                for r in cpt_settings[setting]]
+        quantized = [r for r in runs if "heldout_ppl_as_trained" in r]
+        band(ax, runs, "evals", lambda e: (e["tokens"], e["ppl"]),
+             f"{METHODS[method]}: {setting[0]}, lr {fmt_lr(setting[1])}"
+             + (" (curve as it trained; x: its exact weights)" if quantized else ""))
+        if quantized:  # the loop's evaluations are of the quantized model; the export's exact weights at the end
+            ax.plot([statistics.fmean(r["tokens"] for r in quantized)],
+                    [statistics.fmean(r["heldout_ppl"] for r in quantized)], "x", color=ax.lines[-1].get_color(),
+                    markersize=9)
+    finish(fig, ax, "held-out perplexity", "Continued pretraining on tinyshakespeare", out / f"{stem}_cpt.png")
     print(f"wrote {out / f'{stem}.md'}")
+
+
+def finish(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}: mean over seeds, band = min-max")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random model, few steps: the pipeline only")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 2 steps a run: the pipeline only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the runs done")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=192)
-    parser.add_argument("--gamma", type=int, default=2)
-    parser.add_argument("--interval", type=int, default=5, help="K of the sweep runs")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--interval", type=int, default=4, help="K: steps between LISA's (and BAdam's) switches")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--top", type=int, default=2, help="instruction-tuning settings per method given all seeds")
+    parser.add_argument("--cpt-eval-every", type=int, default=8)
+    parser.add_argument("--cpt-eval-batches", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--work", help="runs, data and results.jsonl (default: runs/quality or runs/quality_quick)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))))
         return
     if args.quick:
-        args.steps = args.steps or 4
-        args.lr_full, args.lr_lisa, args.lr_badam, args.lora_grid = [1e-3], [1e-3], [1e-3], [(4, 1e-3)]
-        args.ablation_gamma, args.ablation_k, args.interval = [1, 2], [2], 2
-        args.seq_len, args.micro_batch = 512, 2  # the byte tokenizer needs room for an Alpaca prompt
-    else:
-        args.steps = args.steps or 20  # 24 steps measured 63.5 min (partly shared cores): 20 fits the 60
-        args.lr_full, args.lr_lisa, args.lr_badam = [2e-5, 5e-5], [5e-5, 1.5e-4], [5e-5, 1.5e-4]
-        args.lora_grid = [(8, 3e-4), (8, 1e-3), (32, 1e-3)]  # lr at r 8, then the rank at the larger lr
-        args.ablation_gamma, args.ablation_k = [1, 2, 4], [5, 13, 50]
+        args.steps = args.steps or 2
+        args.seq_len, args.micro_batch, args.seeds, args.interval = 1024, 2, 2, 1
+        args.cpt_eval_every, args.cpt_eval_batches = 1, 2
+    args.steps = args.steps or 32
     start = time.perf_counter()
     study = Study(args)
-    best = study.sweep()
-    grid = study.ablation(best["lisa"])
-    # The headline LISA: gamma 2 at the K the ablation found best for it.
-    headline = study.best([grid[args.gamma, k] for k in args.ablation_k])
-    k = next(k for k in args.ablation_k if grid[args.gamma, k] == headline)
-    importance = (headline, study.lisa(args.gamma, k, study.lr_of(headline), strategy="grad_norm"))
-    report(study, best, grid, importance, headline, time.perf_counter() - start)
+    if args.quick:  # one lr per arm, two for full fine-tuning: every stage, few runs
+        study.arms = {n: replace(arm, sft_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1],
+                                 cpt_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1])
+                      for n, arm in study.arms.items()}
+    timing = study.work / "timing.json"
+    spent = json.loads(timing.read_text())["elapsed_s"] if timing.is_file() else 0.0
+    study.prepare_data()
+    if not args.report_only:
+        try:
+            study.execute(study.sweep_specs())
+            study.execute(study.seed_specs())
+        finally:  # a study resumed later adds its time to this
+            spent += time.perf_counter() - start
+            timing.write_text(json.dumps({"elapsed_s": spent}))
+    report(study, spent)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,9 @@ class TrainConfig:
     (0: no others) and at the end."""
     eval_batches: int = 0
     """Cap on the evaluation micro-batches per evaluation (0: the whole evaluation set)."""
+    eval_at_start: bool = True
+    """With evaluation data: also evaluate before the first step (false: skip it, e.g. in a sweep whose runs all
+    start from the same weights and need the baseline once)."""
     micro_batch_size: int = 4
     """Examples per forward pass per rank."""
     grad_accum: int = 1

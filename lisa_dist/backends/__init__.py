@@ -21,9 +21,14 @@ from lisa_dist.dist import detect_launcher, init_distributed
 log = logging.getLogger(__name__)
 
 
+def loss_chunk_tokens(cfg: Config) -> int:
+    """Supervised tokens per chunk of the loss (0: the plain loss), as every backend takes it."""
+    return cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0
+
+
 def build_backend(cfg: Config) -> Backend:
     b, t, lisa = cfg.backend, cfg.train, cfg.lisa
-    chunk = t.loss_chunk_tokens if t.loss == "chunked" else 0
+    chunk = loss_chunk_tokens(cfg)
     if b.name == "local":
         return LocalBackend(t.device, t.precision, cfg.optim, frozen_storage=lisa.frozen_storage,
                             host_dtype=lisa.host_dtype, loss_chunk_tokens=chunk)
@@ -44,5 +49,5 @@ def build_backend(cfg: Config) -> Backend:
 
 __all__ = [
     "DS_TAG", "Backend", "DeepSpeedBackend", "FSDPBackend", "LocalBackend", "always_partitions", "build_backend",
-    "build_engine", "carry_out", "destroy_engine", "rerun_lazy_init", "unlink_shm_at_exit",
+    "build_engine", "carry_out", "destroy_engine", "loss_chunk_tokens", "rerun_lazy_init", "unlink_shm_at_exit",
 ]

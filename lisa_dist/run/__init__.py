@@ -1,14 +1,16 @@
 """A training run: the loop (`trainer`), what it holds and saves (`state`), resume and checkpoint files,
 preemption, metrics (JSONL, TensorBoard and W&B sinks) and output folders."""
 from lisa_dist.run import checkpoint, outputs
+from lisa_dist.run.evaluation import EvalSet, evaluate
 from lisa_dist.run.metrics import TensorBoardSink, WandbSink, read_jsonl
 from lisa_dist.run.preemption import EXIT_PREEMPTED, STOP, LauncherWatch, mark_preempted
 from lisa_dist.run.resume import plan, restore, save
 from lisa_dist.run.state import Run
-from lisa_dist.run.trainer import build, maybe_switch, train, train_step
+from lisa_dist.run.trainer import build, load_data, maybe_switch, train, train_step
 
 __all__ = [
     "EXIT_PREEMPTED",
+    "EvalSet",
     "LauncherWatch",
     "Run",
     "STOP",
@@ -16,6 +18,8 @@ __all__ = [
     "WandbSink",
     "build",
     "checkpoint",
+    "evaluate",
+    "load_data",
     "mark_preempted",
     "maybe_switch",
     "outputs",

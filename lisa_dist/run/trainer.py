@@ -240,12 +240,13 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     }
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps; returns the summary (also written to <output_dir>/summary.json).
 
-    The output folders are checked before anything runs and locked for the run's life; a run that already
+    `backend`: one built by the caller (a baseline's, or to use its model afterwards); by default the one `cfg`
+    names. The output folders are checked before anything runs and locked for the run's life; a run that already
     completed returns its summary and leaves its outputs as they are."""
-    backend = build_backend(cfg)
+    backend = backend or build_backend(cfg)
     lock = None
     try:
         error = None
@@ -307,7 +308,7 @@ def _train(run: Run) -> dict[str, Any]:
     run.segment_start = time.perf_counter()
     try:
         with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
-            if run.start_step == 0:
+            if run.start_step == 0 and cfg.train.eval_at_start:
                 _evaluate(run, 0)
             for step in range(run.start_step, cfg.train.steps):
                 record = train_step(run, step)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lisa_dist.backends import LocalBackend
+from lisa_dist.backends import LocalBackend, loss_chunk_tokens
 from lisa_dist.config import Config
 from lisa_dist.method import TrainableSet, adamw_kernel, build_adamw, moment_bytes, set_requires_grad, storage_bytes
 
@@ -41,7 +41,7 @@ class BAdamBackend(LocalBackend):
     which this backend ignores)."""
 
     def __init__(self, device: str, precision: str, cfg: Config, layers_path: str, num_layers: int) -> None:
-        super().__init__(device, precision, cfg.optim)
+        super().__init__(device, precision, cfg.optim, loss_chunk_tokens=loss_chunk_tokens(cfg))
         self.switch_every = cfg.lisa.interval
         self.blocks = [[f"{layers_path}.{i}."] for i in range(num_layers)]
 
@@ -78,7 +78,8 @@ class BAdamBackend(LocalBackend):
 
 def build_baseline(name: str, cfg: Config, layers_path: str, num_layers: int) -> LocalBackend:
     if name == "naive_lisa":
-        return NaiveLisaBackend(cfg.train.device, cfg.train.precision, cfg.optim)
+        return NaiveLisaBackend(cfg.train.device, cfg.train.precision, cfg.optim,
+                                loss_chunk_tokens=loss_chunk_tokens(cfg))
     if name == "badam":
         return BAdamBackend(cfg.train.device, cfg.train.precision, cfg, layers_path, num_layers)
     raise ValueError(f"baseline {name!r}: allowed values are {', '.join(BASELINES)}")

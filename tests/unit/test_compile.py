@@ -21,9 +21,14 @@ def _run(tmp_path, *extra):
     return run, [train_step(run, step) for step in range(STEPS)]
 
 
-@pytest.mark.parametrize("extra", [(), ("--train.activation_checkpointing=true", "--lisa.frozen_storage=nf4")],
+# rtol: compiled and eager kernels differ only in rounding (plain: 1e-7 measured). NF4 re-quantizes a block at each
+# switch, and a rounding difference can move an element to the next of its 16 levels: a step in the loss that grows
+# over the run (1.2e-5 measured by step 7 on an AMX CPU, under 1e-5 on another), so its bound is 1e-4.
+@pytest.mark.parametrize(("extra", "rtol"), [((), 1e-5),
+                                             (("--train.activation_checkpointing=true", "--lisa.frozen_storage=nf4"),
+                                              1e-4)],
                          ids=["plain", "checkpointed-nf4"])
-def test_switches_do_not_recompile(tmp_path, extra):
+def test_switches_do_not_recompile(tmp_path, extra, rtol):
     torch._dynamo.reset()
     counters.clear()
     _, eager = _run(tmp_path / "eager", *extra)
@@ -33,7 +38,7 @@ def test_switches_do_not_recompile(tmp_path, extra):
     graphs = [r["compiled_graphs"] for r in compiled]
     # The first step compiles a trainable and a frozen block (one graph each, shared by the blocks); nothing after.
     assert 1 <= graphs[0] <= 2 and graphs == [graphs[0]] * STEPS, graphs
-    torch.testing.assert_close([r["loss"] for r in compiled], [r["loss"] for r in eager], rtol=1e-5, atol=0)
+    torch.testing.assert_close([r["loss"] for r in compiled], [r["loss"] for r in eager], rtol=rtol, atol=0)
 
 
 def test_deepspeed_is_refused_naming_the_field(tmp_path):

@@ -105,6 +105,13 @@ def test_eval_schedule_summary_and_keep_best(tmp_path):
     assert (root / "best").read_text().strip() == f"step-{min(scored, key=scored.get)}"
 
 
+def test_eval_at_start_false_skips_only_the_first_evaluation(tmp_path):
+    train(cfg_for(tmp_path, "--data.eval_fraction=0.2", "--train.eval_every=2", "--train.steps=4",
+                  "--train.eval_batches=1", "--train.eval_at_start=false"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+
+
 def test_epochs_set_the_steps(tmp_path):
     # 95% held out: one epoch of the remaining examples is a few steps.
     args = [a for a in overrides(tmp_path, "--train.epochs=1", "--data.eval_fraction=0.95", "--train.eval_batches=1",

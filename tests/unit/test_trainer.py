@@ -167,3 +167,20 @@ def test_shipped_example_configs_train(tmp_path, name):
     ])
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["last_loss"] > 0
+
+
+@pytest.mark.parametrize("baseline", ["badam", "naive_lisa"])
+def test_baselines_train_through_the_loop_with_the_configured_loss(tmp_path, data_file, baseline):
+    from lisa_dist.tools import build_baseline
+
+    losses = {}
+    for loss in ("plain", "chunked"):
+        args = [f"--train.loss={loss}", "--train.loss_chunk_tokens=7", f"--train.output_dir={tmp_path / loss}"]
+        args += ["--lisa.enabled=false"] if baseline == "badam" else []
+        cfg = tiny_cfg(tmp_path, data_file, *args)
+        backend = build_baseline(baseline, cfg, "model.layers", 4)
+        assert backend.loss_chunk_tokens == (7 if loss == "chunked" else 0)
+        summary = train(cfg, backend)
+        assert summary["steps"] == cfg.train.steps and backend.model is not None  # the caller keeps the model
+        losses[loss] = [r["loss"] for r in read_jsonl(tmp_path / loss / "metrics.jsonl")]
+    assert losses["chunked"] == pytest.approx(losses["plain"], rel=1e-5)
