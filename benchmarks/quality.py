@@ -204,13 +204,22 @@ def fmt_lr(lr: float) -> str:
     return f"{lr:g}"
 
 
+def run_key(study: str, arm: str, lr: float, seed: int) -> str:
+    """A run's name: its line in results.jsonl and the report."""
+    return f"{study} | {arm} | lr {fmt_lr(lr)} | seed {seed}"
+
+
 class Study:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.work = Path(args.work or REPO / "runs" / ("quality_quick" if args.quick else "quality"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.results_path = self.work / "results.jsonl"
-        self.arms = {a.name: a for a in arms(args.interval)}
+        chosen = arms(args.interval)
+        if args.quick:  # one lr per arm, two for full fine-tuning: every stage, few runs
+            chosen = [replace(arm, sft_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1],
+                              cpt_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1]) for arm in chosen]
+        self.arms = {a.name: a for a in chosen}
         if args.quick:
             self.model = ["--model.name=tiny-llama",
                           '--model.preset_overrides={"num_hidden_layers": 4, "hidden_size": 64}']
@@ -244,7 +253,7 @@ class Study:
                 f"--train.eval_batches={a.cpt_eval_batches}"]
 
     def spec(self, study: str, arm: Arm, lr: float, seed: int) -> dict:
-        key = f"{study} | {arm.name} | lr {fmt_lr(lr)} | seed {seed}"
+        key = run_key(study, arm.name, lr, seed)
         slug = "".join(c if c.isalnum() else "_" for c in key)
         # The study's first run also evaluates the weights before training: every run starts from them.
         first = arm is next(iter(self.arms.values())) and lr == self.lrs(study, arm)[0] and seed == 0
@@ -263,9 +272,10 @@ class Study:
         from lisa_dist.data import load_examples_with_stats, pack_examples
         from lisa_dist.models import open_model
 
+        tokenizer = None
         for study, data in self.data.items():
             cfg = load_config(None, self.spec(study, next(iter(self.arms.values())), 1e-4, 0)["overrides"])
-            tokenizer = open_model(cfg.model, seed=0)[1]
+            tokenizer = tokenizer or open_model(cfg.model, seed=0)[1]  # both studies: the same model
             for part, path in (("train", data["train"]), ("eval", data["eval"])):
                 dataset, stats = load_examples_with_stats(replace(cfg.data, path=path), tokenizer)
                 rows = len(pack_examples(dataset, cfg.data.max_length)) if cfg.data.packing else len(dataset)
@@ -316,7 +326,7 @@ class Study:
         for arm in self.arms.values():
             for lr in self.lrs(study, arm):
                 runs = [self.results[k] for s in range(self.args.seeds)
-                        if (k := f"{study} | {arm.name} | lr {fmt_lr(lr)} | seed {s}") in self.results]
+                        if (k := run_key(study, arm.name, lr, s)) in self.results]
                 if runs:
                     out[arm.name, lr] = runs
         return out
@@ -436,7 +446,7 @@ def report(study: Study, elapsed_s: float) -> None:
         settings = study.settings(name)
         rows = []
         for method in METHODS:
-            for (arm, lr), runs in sorted(settings.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            for (arm, lr), runs in sorted(settings.items()):
                 if study.arms[arm].method != method:
                     continue
                 values = [r[metric] for r in runs]
@@ -616,10 +626,6 @@ def main() -> None:
     args.steps = args.steps or 32
     start = time.perf_counter()
     study = Study(args)
-    if args.quick:  # one lr per arm, two for full fine-tuning: every stage, few runs
-        study.arms = {n: replace(arm, sft_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1],
-                                 cpt_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1])
-                      for n, arm in study.arms.items()}
     timing = study.work / "timing.json"
     spent = json.loads(timing.read_text())["elapsed_s"] if timing.is_file() else 0.0
     study.prepare_data()
