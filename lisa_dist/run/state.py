@@ -46,6 +46,8 @@ class Run:
     eval_set: Any = None
     """The evaluation micro-batches (`run.evaluation.EvalSet`), None without evaluation data."""
     evals: list[dict[str, Any]] = field(default_factory=list)
+    compile_watch: Any = None
+    """train.compile: the `models.CompileWatch` that warns when a decoder block breaks its graph."""
     """This launch's eval records; the latest is what a checkpoint saves for checkpoint.keep_best."""
 
     def elapsed_s(self) -> float:

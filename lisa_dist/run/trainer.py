@@ -28,6 +28,7 @@ from lisa_dist.dist import (
 from lisa_dist.errors import ConfigError, DataError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import (
+    CompileWatch,
     apply_activation_checkpointing,
     compile_blocks,
     compiled_graphs,
@@ -97,6 +98,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         backend.activate(range(len(trainable.layers)))
     run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
     run.peers = PeerReport() if backend.world_size > 1 else None
+    run.compile_watch = CompileWatch() if cfg.train.compile else None
     if held_out is not None:
         run.eval_set = EvalSet(held_out, cfg.train.micro_batch_size, backend.rank, backend.world_size,
                                tokenizer.pad_token_id, cfg.train.eval_batches)
@@ -216,6 +218,9 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         loss_sum += backend.forward_backward(batch, 1.0 / max(1, int(counts[0]))).double().cpu()
+    if run.compile_watch is not None and backend.is_main:
+        for warning in run.compile_watch.news():
+            log.warning(warning)
     if run.importance is not None:
         run.importance.observe(run.active, backend.layer_grad_norms(run.active))
     run.doing = f"step {step + 1}: the optimizer step"
