@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -39,8 +40,23 @@ def positive(kind: type):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a value > 0")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a finite value > 0")
+        return value
+
+    return parse
+
+
+def bounded(low: float, high: float, low_open: bool = False):
+    """A float in [low, high] ((low, high] with `low_open`), finite."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a value in {'(' if low_open else '['}{low:g}, "
+                                             f"{high:g}]")
         return value
 
     return parse
@@ -121,8 +137,9 @@ def _generate_parsers(sub: argparse._SubParsersAction) -> None:
                                          "(step-N, or a checkpoints folder: its newest good one)")
         p.add_argument("--system", default=None, help="system message (needs a tokenizer with a chat template)")
         p.add_argument("--max-new-tokens", type=positive(int), default=128)
-        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
-        p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+        p.add_argument("--temperature", type=bounded(0.0, 100.0), default=0.0, help="0: greedy; above 0: sampling")
+        p.add_argument("--top-p", type=bounded(0.0, 1.0, low_open=True), default=1.0,
+                       help="sampling: nucleus probability mass")
         p.add_argument("--device", default="cpu", help="e.g. cuda")
     generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
 
@@ -152,6 +169,15 @@ def _no_overrides(overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if code:
+        from lisa_dist.run import mark_status
+
+        mark_status(f"exit-{code}")  # a launch script exits with it, not with its launcher's 1 for any failure
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     own, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(own)
     try:
@@ -189,7 +215,7 @@ def _train(cfg: Config) -> int:
     _setup_logging(cfg.logging.level)
     from lisa_dist.dist import detect_launcher, is_collective_failure, rank_hint
     from lisa_dist.errors import CheckpointError, CollectiveFailure, DataError, DistError, Preempted
-    from lisa_dist.run import EXIT_PREEMPTED, LauncherWatch, mark_preempted, train
+    from lisa_dist.run import EXIT_INTERRUPTED, EXIT_PREEMPTED, LauncherWatch, mark_preempted, train
 
     log = logging.getLogger("lisa_dist")
     rank = rank_hint()
@@ -204,9 +230,14 @@ def _train(cfg: Config) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     except Preempted as exc:
-        mark_preempted()
+        # Under a launch script the ranks exit 0 and the script exits 75 from this mark: a rank exiting 75 would
+        # make torchrun tear down the ranks still closing (ChildFailedError) before they are done.
+        scripted = mark_preempted()
         log.warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+        return 0 if scripted else EXIT_PREEMPTED
+    except KeyboardInterrupt:  # before the training loop, where Ctrl-C is not yet a request to checkpoint
+        log.error("rank %d: interrupted (Ctrl-C) before training started: nothing to save", rank)
+        return EXIT_INTERRUPTED
     except (CheckpointError, DistError) as exc:
         log.error("rank %d: %s", rank, exc)
         return next(status for kind, status in stops if isinstance(exc, kind))
@@ -323,6 +354,9 @@ def _chat(args: argparse.Namespace) -> int:
             line = input("> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
+            return 0
+        except RuntimeError:  # standard input is closed (`<&-`): there is nothing to read, as at its end
+            print(file=sys.stderr)
             return 0
         if line == "/exit":
             return 0

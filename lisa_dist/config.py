@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -301,10 +302,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in pairs:
         set_value(cfg, key, value)
     given = {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
-    _require(not (cfg.train.epochs and "train.steps" in given | {key for key, _ in pairs}), "train.epochs",
-             cfg.train.epochs, "give train.epochs or train.steps, not both (the steps follow from the epochs)")
+    _steps_or_epochs(cfg, given, {key for key, _ in pairs})
     validate(cfg)
     return cfg
+
+
+def _steps_or_epochs(cfg: Config, in_file: set[str], on_command_line: set[str]) -> None:
+    """train.steps or train.epochs, not both; the command line wins over the file, so `--train.epochs=N` switches
+    a file's train.steps to epochs (and `--train.steps=N` a file's train.epochs to steps)."""
+    if "train.epochs" in on_command_line and "train.steps" in on_command_line and cfg.train.epochs:
+        raise ConfigError(f"train.epochs={cfg.train.epochs} and train.steps={cfg.train.steps} both on the command "
+                          "line: give one (the steps follow from the epochs)")
+    if "train.steps" in on_command_line and "train.epochs" not in on_command_line and cfg.train.epochs:
+        cfg.train.epochs = 0  # --train.steps replaces the file's epochs
+        return
+    if cfg.train.epochs and "train.steps" in in_file and "train.epochs" in in_file - on_command_line:
+        raise ConfigError(f"train.epochs={cfg.train.epochs} and train.steps both in the config file: give one (the "
+                          "steps follow from the epochs). On the command line either replaces the other: "
+                          "--train.epochs=N trains N epochs whatever the file's train.steps")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -415,12 +430,15 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         raise ConfigError(f"{name}={value!r}: expected an integer")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         try:
-            return float(value)  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)  # YAML 1.1 reads "1e-4" as a string
         except (TypeError, ValueError):
             raise ConfigError(f"{name}={value!r}: expected a number") from None
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -576,10 +594,15 @@ def _validate_optim(o: OptimConfig) -> None:
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "expected >= 0 (0 disables clipping)")
 
 
-def validate_for_model(cfg: Config, num_layers: int) -> None:
-    """Checks that need the number of decoder layers L."""
+def validate_for_model(cfg: Config, num_layers: int, positions: int | None = None) -> None:
+    """Checks that need the model: its number of decoder layers L, and the positions its learned position embedding
+    has rows for (None: rotary or none, which run past their trained length)."""
     if cfg.lisa.enabled:
         validate_lisa_layers(cfg.lisa, num_layers)
+    if positions is not None:
+        _require(cfg.data.max_length <= positions, "data.max_length", cfg.data.max_length,
+                 f"expected <= {positions}: the model's learned position embedding has {positions} positions "
+                 "(n_positions / max_position_embeddings), and a longer row has no position to look up")
 
 
 def validate_lisa_layers(lisa: LisaConfig, num_layers: int) -> None:

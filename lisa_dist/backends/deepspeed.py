@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist.backends.build_locks import clear_stale_build_locks
 from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.config import OptimConfig
 from lisa_dist.dist import DistEnv
@@ -53,6 +54,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
 
         self.deepspeed = deepspeed
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        clear_stale_build_locks()  # a lock left by a killed op build would hang the op's load below, silently
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
         unlink_shm_at_exit(env.rank)
         self.config = fill_ds_config(read_ds_config(ds_config), micro_batch_size=micro_batch_size,

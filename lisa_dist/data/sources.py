@@ -13,10 +13,11 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from lisa_dist.models import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when tokenization changes, so that old caches are not reused."""
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 ROLES = ("system", "user", "assistant")
@@ -445,15 +446,34 @@ def _to_dataset(examples: Iterator[dict[str, list[int]]], scratch: Path, fingerp
 # Cache
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes; computed once per process for a file whose size, mtime, ctime and inode stay put
+    (an edit that restores size and mtime still changes ctime)."""
+    stat = os.stat(path)
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
+    """Each source of data.path and data.eval_path -> the sha256 of its bytes (a hub dataset -> its split): what a
+    checkpoint records so that a resume on edited data is refused."""
+    sources = resolve_sources(cfg)
+    if cfg.eval_path:
+        sources += resolve_sources(replace(cfg, path=cfg.eval_path))
+    return {s.name: f"hub:{cfg.split}" if s.kind == "hub" else file_digest(s.name) for s in sources}
+
+
 def cache_key(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
-    """sha256 over what determines the tokenized examples: sources (with size and mtime), options, tokenizer."""
-    located = []
-    for s in sources:
-        if s.kind == "hub":
-            located.append([s.name, cfg.split])
-        else:
-            stat = Path(s.name).stat()
-            located.append([s.name, stat.st_size, stat.st_mtime_ns])
+    """sha256 over what determines the tokenized examples: sources (by their content), options, tokenizer."""
+    located = [[s.name, cfg.split] if s.kind == "hub" else [s.name, file_digest(s.name)] for s in sources]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     identity = {
         "version": CACHE_VERSION,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from lisa_dist.config import LoraConfig
+from lisa_dist.errors import ConfigError
 from lisa_dist.method.optim import NamedParams, TrainableSet
 from lisa_dist.models import ModelLayout
 
@@ -30,5 +31,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableS
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, peft_cfg)
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError and its other target checks
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {first}. This model's linear layers are "
+                          f"named {', '.join(linear)}") from None
     return model, TrainableSet(always=[(n, p) for n, p in model.named_parameters() if p.requires_grad])

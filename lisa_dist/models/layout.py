@@ -92,11 +92,32 @@ class ModelLayout:
         return [(name, p) for name, p in self.model.named_parameters() if id(p) not in out]
 
     def frozen_embedding_params(self, train_embeddings: bool) -> list[tuple[str, nn.Parameter]]:
-        """The input embedding's params when `train_embeddings` is off and it is not tied to the head."""
-        if train_embeddings or self.embedding is None or self.head is None:
+        """Without `train_embeddings`, the params of every input embedding outside the decoder layers: the token
+        embedding unless it is tied to the head (then it trains as the head), and any other `nn.Embedding`, such
+        as learned position embeddings (GPT-2's `wpe`, OPT's `embed_positions`) or token-type embeddings, in any
+        family. Frozen, they leave backward nothing to do below the lowest active layer."""
+        if train_embeddings:
             return []
-        mine = {id(p) for p in self.embedding.parameters()}
+        in_layers = {id(p) for p in self.layers.parameters()}
+        embeddings = [m for m in self.model.modules() if isinstance(m, nn.Embedding)]
+        if self.embedding is not None and not isinstance(self.embedding, nn.Embedding):
+            embeddings.append(self.embedding)
+        mine = {id(p) for m in embeddings for p in m.parameters()} - in_layers
+        if self.head is None and self.embedding is not None:  # tied: the shared matrix trains as the head
+            mine -= {id(p) for p in self.embedding.parameters()}
+        if self.head is not None:
+            mine -= {id(p) for p in self.head.parameters()}
         return [(name, p) for name, p in self.model.named_parameters() if id(p) in mine]
+
+    def learned_positions(self) -> int | None:
+        """The positions a learned position embedding has rows for (GPT-2's n_positions, OPT's
+        max_position_embeddings); None for a model without one (rotary embeddings extrapolate)."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        in_layers = {id(m) for m in self.layers.modules()}
+        learned = [m for m in self.model.modules()
+                   if isinstance(m, nn.Embedding) and m is not self.embedding and id(m) not in in_layers]
+        return int(limit) if learned and limit else None
 
     def describe(self) -> str:
         total = sum(p.numel() for p in self.model.parameters())

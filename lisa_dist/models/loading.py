@@ -147,5 +147,8 @@ def _load_error(name: str, exc: Exception) -> ConfigError:
 def _tokenizer(source: str, kwargs: dict[str, Any], field: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, HFValidationError) as exc:
-        raise ConfigError(f"{field}={source!r}: cannot load a tokenizer from it: {exc}") from None
+    except (OSError, HFValidationError, ValueError) as exc:  # ValueError: no tokenizer files to build one from
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (" (the folder holds no tokenizer files: copy them in, or set model.tokenizer to a folder or hub id "
+                "that has them)" if Path(source).is_dir() and field == "model.name" else "")
+        raise ConfigError(f"{field}={source!r}: cannot load a tokenizer from it: {first}{hint}") from None

@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -88,8 +89,12 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Pretrai
         raise ConfigError(f"model.name={name!r} is not a preset: expected one of {', '.join(PRESETS)}")
     try:
         return PRESETS[name](**(overrides or {}))
-    except ConfigError as exc:
-        raise ConfigError(f"model.preset_overrides of {name}: {exc}") from None
+    except (ConfigError, ValueError, TypeError, StrictDataclassError) as exc:  # transformers validates the fields
+        raise ConfigError(f"model.preset_overrides of {name}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def build_preset(

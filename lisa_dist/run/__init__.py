@@ -3,12 +3,13 @@ preemption, metrics (JSONL, TensorBoard and W&B sinks) and output folders."""
 from lisa_dist.run import checkpoint, outputs
 from lisa_dist.run.evaluation import EvalSet, evaluate
 from lisa_dist.run.metrics import TensorBoardSink, WandbSink, read_jsonl
-from lisa_dist.run.preemption import EXIT_PREEMPTED, STOP, LauncherWatch, mark_preempted
+from lisa_dist.run.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP, LauncherWatch, mark_preempted, mark_status
 from lisa_dist.run.resume import plan, restore, save
 from lisa_dist.run.state import Run
 from lisa_dist.run.trainer import build, load_data, maybe_switch, train, train_step
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "EvalSet",
     "LauncherWatch",
@@ -21,6 +22,7 @@ __all__ = [
     "evaluate",
     "load_data",
     "mark_preempted",
+    "mark_status",
     "maybe_switch",
     "outputs",
     "plan",

@@ -108,6 +108,10 @@ class TensorBoardSink:
         self._writer.close()
 
 
+INIT_TIMEOUT_S = 15.0
+"""How long an online W&B start may take before the run stops with a line saying so (W&B's default is 90 s)."""
+
+
 class WandbSink:
     """Every number of each record to a Weights & Biases run (the tags of `scalars`) at the record's step.
 
@@ -123,8 +127,15 @@ class WandbSink:
                               "`wandb login` or set WANDB_API_KEY, or use logging.wandb_mode=offline and "
                               "`wandb sync` the run folder later")
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=name, id=resume_id,
-                               resume="allow" if resume_id else None, settings=wandb.Settings(silent=True))
+        try:
+            self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=name,
+                                   id=resume_id, resume="allow" if resume_id else None,
+                                   settings=wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S))
+        except wandb.errors.Error as exc:  # no network, a bad key, a server that does not answer in time
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"logging.wandb_mode={mode!r}: W&B did not start within {INIT_TIMEOUT_S:g} s ({first}): "
+                              "check the network and the credentials, or use logging.wandb_mode=offline and "
+                              "`wandb sync` the run folder later") from None
         self.run_id: str = self._run.id
         if mode == "offline":
             folder = Path(self._run.dir).parent
@@ -179,5 +190,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if number == len(lines):
                 log.warning("%s: dropping its last line, torn by an interrupted write (%s)", path, exc)
                 break
-            raise ValueError(f"{path}, line {number}: not a JSON record ({exc})") from None
+            raise ConfigError(f"{path}, line {number}: not a JSON record ({exc}): the run's metrics file is "
+                              "damaged; repair or delete that line (or move the file away) and launch again") from None
     return records

@@ -187,6 +187,25 @@ def remove_earlier_outputs(cfg: Config) -> None:
     log.warning("train.overwrite=true: removed the earlier run's outputs from %s", out)
 
 
+def replace_dir(new: Path, old: Path) -> None:
+    """Put the complete folder `new` in the place of `old` (whole: no file of `old` survives beside it)."""
+    if new == old:
+        return
+    if not old.exists():
+        os.replace(new, old)
+        return
+    aside = old.with_name(f".{old.name}.replaced-{os.getpid()}-{time.time_ns()}")
+    os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside)
+
+
+def overlap(a: Path, b: Path) -> bool:
+    """Whether one of the two folders is, or lies inside, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def set_aside_metrics(cfg: Config) -> None:
     """Before a restart from step 0 (no checkpoint was usable): keep the earlier metrics under another name."""
     path = metrics_path(cfg)

@@ -1,7 +1,9 @@
-"""Preemption: SIGTERM or SIGUSR1 (SLURM sends one before the time limit) asks the run to stop after its step.
+"""Preemption: SIGTERM, SIGUSR1 (SLURM sends one before the time limit) or Ctrl-C (SIGINT) asks the run to stop
+after its step.
 
 The handler only raises a flag; the trainer adds the flag to a reduction it does every step anyway, so every rank
-learns of it at the same step, saves a checkpoint with the others, and exits with EXIT_PREEMPTED.
+learns of it at the same step, saves a checkpoint with the others, and exits with EXIT_PREEMPTED. A second Ctrl-C
+stops the process at once, without a checkpoint (exit 130).
 """
 from __future__ import annotations
 
@@ -16,19 +18,30 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a requeue script resubmits, and the run resumes from its checkpoint
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
     requested: bool = False
+    interrupted: bool = False
+    """A Ctrl-C was among the requests: the next one stops at once."""
 
 
 STOP = StopRequest()
 
 
 def _request_stop(signum: int, frame: object) -> None:
+    if signum == signal.SIGINT and STOP.interrupted:
+        # Write straight to stderr: a logging handler may hold its lock in the frame this signal interrupted.
+        os.write(2, b"lisa_dist: a second Ctrl-C: stopping now, without a checkpoint\n")
+        os._exit(EXIT_INTERRUPTED)
+    STOP.interrupted = STOP.interrupted or signum == signal.SIGINT
+    if STOP.requested:
+        return
     STOP.requested = True
-    log.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+    again = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
+    log.warning("received %s: finishing this step, then saving a checkpoint%s", signal.Signals(signum).name, again)
 
 
 @contextlib.contextmanager
@@ -38,13 +51,13 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
         yield
         return
     previous = {sig: signal.signal(sig, _request_stop) for sig in SIGNALS}
-    STOP.requested = False
+    STOP.requested = STOP.interrupted = False
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        STOP.requested = False  # answered (by a checkpoint) or moot: it must not stop whatever trains next
+        STOP.requested = STOP.interrupted = False  # answered (by a checkpoint) or moot: not for what trains next
 
 
 STATUS_DIR_ENV = "LISA_DIST_STATUS_DIR"
@@ -54,10 +67,18 @@ LAUNCHER_MARKS = (b"torch.distributed.run", b"torchrun", b"deepspeed", b"mpiexec
                   b"srun", b"slurmstepd")
 
 
-def mark_preempted() -> None:
+def mark_preempted() -> bool:
+    """Tell the launch script that this rank stopped with a checkpoint; whether one is there to tell."""
+    return mark_status("preempted")
+
+
+def mark_status(name: str) -> bool:
+    """Leave `name` in the launch script's status folder (it maps the launcher's exit 1 back to ours)."""
     folder = os.environ.get(STATUS_DIR_ENV)
     if folder and Path(folder).is_dir():
-        (Path(folder) / "preempted").touch()
+        (Path(folder) / name).touch()
+        return True
+    return False
 
 
 def _ancestry() -> list[tuple[int, bytes]]:

@@ -15,6 +15,7 @@ import json
 import logging
 import platform
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lisa_dist.config import Config
+from lisa_dist.data import data_fingerprint
 from lisa_dist.dist import all_gather_objects, from_main, raise_together
 from lisa_dist.errors import CheckpointError, ConfigError
 from lisa_dist.run import checkpoint, outputs
@@ -33,6 +36,10 @@ if TYPE_CHECKING:
     from lisa_dist.run.state import Run
 
 log = logging.getLogger(__name__)
+
+# What a failed save or load can raise: torch.distributed.checkpoint's CheckpointException (every rank's failures,
+# a full disk among them) derives from BaseException, so `except Exception` alone would skip the cleanup.
+CHECKPOINT_FAILURES = (Exception, CheckpointException)
 
 # Changing any of these changes what the remaining steps compute: refused at resume unless checkpoint.override.
 EXACTNESS_FIELDS = (
@@ -57,6 +64,8 @@ class Start:
     completed: bool = False
     older: list[Path] = field(default_factory=list)
     """The checkpoints before `path`, newest first: the fallbacks if it fails to load."""
+    changes: list[str] = field(default_factory=list)
+    """What checkpoint.override let through against `path`'s config."""
 
 
 def root_of(cfg: Config) -> Path:
@@ -108,7 +117,7 @@ def save(run: Run, steps_done: int) -> Path | None:
         sizes = checkpoint.files_of(tmp)
         hashed = checkpoint.digests(tmp, checkpoint.share(sizes, backend.rank, backend.world_size))
         error = None
-    except Exception as exc:  # noqa: BLE001 - every rank must learn of it, whatever it is
+    except CHECKPOINT_FAILURES as exc:  # every rank must learn of it, whatever it is
         hashed, error = {}, exc
     try:
         raise_together(error)
@@ -119,7 +128,7 @@ def save(run: Run, steps_done: int) -> Path | None:
                                         cfg.checkpoint.keep_best)
             log.info("saved checkpoint %s", final)
         backend.barrier()
-    except Exception as exc:
+    except CHECKPOINT_FAILURES as exc:
         if backend.is_main:
             import shutil
 
@@ -130,20 +139,34 @@ def save(run: Run, steps_done: int) -> Path | None:
 
 
 def _write(run: Run, tmp: Path, steps_done: int) -> None:
+    """Collective. Between the collectives, a rank's own writes end in `raise_together`, not a barrier: a rank that
+    failed alone (the main rank's mkdir in a folder made read-only mid-run) would otherwise wait in the error's
+    all-gather while the others wait in the barrier, every rank blocked until the I/O timeout."""
     cfg, backend = run.cfg, run.backend
-    if backend.is_main:
-        (tmp / "rng").mkdir(parents=True)
-    backend.barrier()
-    backend.save_state(tmp / "state")
-    torch.save(rng_state(), tmp / "rng" / f"rank{backend.rank}.pt")
-    if backend.is_main:
-        trainer = {"step": steps_done, "epoch": run.batches.epoch_of(steps_done), **run.state_dict()}
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
-        if run.evals:  # what checkpoint.keep_best ranks by
-            (tmp / checkpoint.EVAL).write_text(json.dumps(run.evals[-1]))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (tmp / "versions.json").write_text(json.dumps(versions(), indent=1))
-    backend.barrier()
+    _together(lambda: (tmp / "rng").mkdir(parents=True) if backend.is_main else None)
+    backend.save_state(tmp / "state")  # torch.distributed.checkpoint and DeepSpeed raise on every rank together
+
+    def own_files() -> None:
+        torch.save(rng_state(), tmp / "rng" / f"rank{backend.rank}.pt")
+        if backend.is_main:
+            trainer = {"step": steps_done, "epoch": run.batches.epoch_of(steps_done), **run.state_dict()}
+            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+            if run.evals:  # what checkpoint.keep_best ranks by
+                (tmp / checkpoint.EVAL).write_text(json.dumps(run.evals[-1]))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (tmp / "versions.json").write_text(json.dumps(versions(), indent=1))
+
+    _together(own_files)
+
+
+def _together(work: Callable[[], object]) -> None:
+    """Collective: run this rank's `work`; if it failed on any rank, every rank raises."""
+    error = None
+    try:
+        work()
+    except CHECKPOINT_FAILURES as exc:
+        error = exc
+    raise_together(error)
 
 
 def _cause(exc: BaseException, root: Path) -> str:
@@ -161,13 +184,34 @@ def _cause(exc: BaseException, root: Path) -> str:
             return f"{outputs.describe_os_error(current)}{where}"
         todo += [current.__cause__, current.__context__]
         failures = getattr(current, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            todo += [getattr(f, "exc", f) if not isinstance(f, BaseException) else f for f in failures.values()]
+        if isinstance(failures, dict):  # each a (exception, traceback summary) pair in torch 2.x
+            todo += [_exception_in(f) for f in failures.values()]
     try:
         outputs.check_writable(root, "checkpoint folder", probe_bytes=1 << 20)
     except ConfigError as probe:
         return str(probe).split(" is not writable: ", 1)[-1]
+    text = " ".join(str(e) for e in seen)
+    if "unexpected pos" in text or "file write failed" in text:  # torch.save's writer on a short write
+        return f"no space left on the device: a write was cut short (the disk is full or over quota; {_free(root)})"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _exception_in(failure: object) -> BaseException | None:
+    if isinstance(failure, BaseException):
+        return failure
+    if isinstance(failure, tuple):
+        return next((part for part in failure if isinstance(part, BaseException)), None)
+    found = getattr(failure, "exc", None)
+    return found if isinstance(found, BaseException) else None
+
+
+def _free(folder: Path) -> str:
+    import shutil
+
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        return "its free space unknown"
 
 
 # -- deciding where to start ---------------------------------------------------------------------------------------
@@ -276,7 +320,37 @@ def _plan_main(cfg: Config, backend: Backend) -> Start:
         if mode == "latest":
             raise ConfigError(f"checkpoint.resume=latest, but {root_of(cfg)} holds no checkpoint")
         return _fresh(cfg, earlier)
+    _check_data(cfg, candidates[0])
     return Start(path=candidates[0], older=candidates[1:])
+
+
+def _check_data(cfg: Config, path: Path) -> None:
+    """Refuse to resume on data files whose bytes changed since checkpoint `path` (unless checkpoint.override):
+    the remaining steps would draw other examples than the run was drawing."""
+    try:
+        saved = json.loads((path / "trainer.json").read_text()).get("data_files") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # an unreadable checkpoint is reported when it is verified
+    if not saved:
+        return  # written before checkpoints recorded their data
+    now = data_fingerprint(cfg.data)
+    changed = [name for name in sorted(saved.keys() | now.keys()) if saved.get(name) != now.get(name)]
+    if not changed:
+        return
+    detail = "; ".join(f"{name}: {_data_change(saved.get(name), now.get(name))}" for name in changed)
+    if not cfg.checkpoint.override:
+        raise ConfigError(f"the training data changed since checkpoint {path} was written ({detail}): resuming "
+                          "would not continue the same run. Restore the data, or set checkpoint.override=true to "
+                          "resume on the new data anyway")
+    log.warning("resuming on changed data (checkpoint.override): %s", detail)
+
+
+def _data_change(before: str | None, after: str | None) -> str:
+    if before is None:
+        return "not in the checkpoint's data"
+    if after is None:
+        return "no longer among the data files"
+    return f"its content changed (sha256 {before[:12]} -> {after[:12]})"
 
 
 def _first_verified(cfg: Config, backend: Backend, start: Start) -> Start:
@@ -307,7 +381,8 @@ def _none_usable(cfg: Config, backend: Backend, problems: list[str]) -> Start:
 def _read_step(cfg: Config, start: Start, backend: Backend) -> Start:
     trainer = json.loads((start.path / "trainer.json").read_text())
     saved_cfg = yaml.safe_load((start.path / "config.yaml").read_text())
-    check_compatible(saved_cfg, cfg, trainer["world_size"], backend.world_size, saved_step=trainer["step"])
+    start.changes = check_compatible(saved_cfg, cfg, trainer["world_size"], backend.world_size,
+                                     saved_step=trainer["step"])
     if trainer["world_size"] != backend.world_size and cfg.backend.name == "deepspeed":
         raise ConfigError(f"this DeepSpeed checkpoint was written by {trainer['world_size']} ranks and resumes only "
                           f"on {trainer['world_size']} (now {backend.world_size}); FSDP and local checkpoints "
@@ -360,22 +435,37 @@ def restore(run: Run, start: Start) -> int:
             _load(run, start.path)
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a file that does not unpickle, a shard that does not fit, ...
+        except CHECKPOINT_FAILURES as exc:  # a file that does not unpickle, a shard that does not fit, ...
             error = exc
         failures = [e for e in all_gather_objects(None if error is None else f"{type(error).__name__}: {error}") if e]
         if not failures:
             if run.backend.is_main:
                 log.info("resumed from %s at step %d (layers %s)", start.path, start.step, list(run.active))
             return start.step
-        reason = failures[0].splitlines()[0]
+        reason = _load_failure(failures[0])
         if run.backend.is_main:
             log.warning("checkpoint %s does not load (%s); trying the one before it", start.path, reason)
         if not start.older:
-            # The model may hold part of what failed to load: step 0 would not start from the pretrained weights.
-            raise CheckpointError(f"checkpoint {start.path} does not load ({reason}) and no older checkpoint is "
-                                  "usable: move it away, or set train.overwrite=true to start afresh")
+            raise _unloadable(start, reason)
         start = _first_verified(run.cfg, run.backend, Start(path=start.older[0], older=start.older[1:]))
     return 0
+
+
+def _load_failure(text: str, limit: int = 600) -> str:
+    """A load error in one line, its detail kept (torch's "Error(s) in loading state_dict for X:" puts the missing and
+    unexpected keys on the lines after the colon)."""
+    joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= limit else joined[:limit] + " ..."
+
+
+def _unloadable(start: Start, reason: str) -> ConfigError:
+    """No checkpoint loads. They verified byte for byte, so they are good: what changed is this run's config (or a
+    library), and the checkpoints stay. The model may hold part of what failed to load, so step 0 is no fallback."""
+    changed = (f"; checkpoint.override let these changes through: {'; '.join(start.changes)}" if start.changes
+               else "")
+    return ConfigError(f"checkpoint {start.path} does not load into this run's model ({reason}){changed}. The "
+                       "checkpoints verify and are kept as they are: resume with the config they were written with "
+                       f"({start.path / 'config.yaml'}), or start this config in another train.output_dir")
 
 
 def _load(run: Run, path: Path) -> None:

@@ -46,6 +46,8 @@ class Run:
     eval_set: Any = None
     """The evaluation micro-batches (`run.evaluation.EvalSet`), None without evaluation data."""
     evals: list[dict[str, Any]] = field(default_factory=list)
+    data_files: dict[str, str] = field(default_factory=dict)
+    """The main rank's data files (data.path, data.eval_path) -> sha256: saved, and compared at resume."""
     compile_watch: Any = None
     """train.compile: the `models.CompileWatch` that warns when a decoder block breaks its graph."""
     """This launch's eval records; the latest is what a checkpoint saves for checkpoint.keep_best."""
@@ -61,7 +63,8 @@ class Run:
                 "switches": self.switches, "elapsed_s": self.elapsed_s(),
                 "layers_visited": sorted(self.layers_visited), "world_size": self.backend.world_size,
                 "sampler": self.sampler.state_dict() if self.sampler else None,
-                "importance": self.importance.state_dict() if self.importance else None}
+                "importance": self.importance.state_dict() if self.importance else None,
+                "data_files": self.data_files}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Progress from `state_dict()`; the sampler checks that it draws the schedule the checkpoint was on."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
-from lisa_dist.data import ShardedBatches, load_examples, pack_examples, split_heldout
+from lisa_dist.data import ShardedBatches, data_fingerprint, load_examples, pack_examples, split_heldout
 from lisa_dist.dist import (
     PeerReport,
     broadcast_seed,
@@ -74,7 +75,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
                           "no backward on CPU): use sdpa or eager here")
     skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
-    validate_for_model(cfg, layout.num_layers)
+    validate_for_model(cfg, layout.num_layers, layout.learned_positions())
     if backend.is_main:
         log.info("model: %s", layout.describe())
     if cfg.train.activation_checkpointing:
@@ -99,6 +100,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
     run.peers = PeerReport() if backend.world_size > 1 else None
     run.compile_watch = CompileWatch() if cfg.train.compile else None
+    run.data_files = data_fingerprint(cfg.data) if backend.is_main else {}
     if held_out is not None:
         run.eval_set = EvalSet(held_out, cfg.train.micro_batch_size, backend.rank, backend.world_size,
                                tokenizer.pad_token_id, cfg.train.eval_batches)
@@ -278,10 +280,13 @@ def train(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
 
 
 def _lock_outputs(cfg: Config) -> list[outputs.OutputLock]:
+    # Every folder the run writes and prunes, its default checkpoints/ included: a second job pointing its
+    # checkpoint.dir there is refused. One lock per folder (checkpoint.dir may be train.output_dir itself).
     out, root = Path(cfg.train.output_dir).resolve(), outputs.checkpoint_root(cfg).resolve()
+    field = "checkpoint.dir" if cfg.checkpoint.dir else "train.output_dir (its checkpoints/ folder)"
     locks = [outputs.OutputLock(out, "train.output_dir")]
-    if out not in root.parents:
-        locks.append(outputs.OutputLock(root, "checkpoint.dir"))
+    if root != out:
+        locks.append(outputs.OutputLock(root, field))
     taken = []
     try:
         for lock in locks:
@@ -296,7 +301,12 @@ def _lock_outputs(cfg: Config) -> list[outputs.OutputLock]:
 
 def _completed(cfg: Config, backend: Backend, start: Start) -> dict[str, Any]:
     path = Path(cfg.train.output_dir) / outputs.SUMMARY
-    summary = json.loads(path.read_text()) if path.is_file() else {"steps": start.step}
+    summary = {"steps": start.step}
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else summary
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if backend.is_main:
+            log.warning("%s does not read (%s): reporting the completed run from its checkpoint", path, exc)
     if backend.is_main:
         log.info("this run already completed its %d steps (%s): its outputs are left as they are; raise "
                  "train.steps to continue it", cfg.train.steps, path if path.is_file() else start.path)
@@ -366,12 +376,26 @@ def _checkpoint(run: Run, done: int) -> Path | None:
     return save_checkpoint(run, done)
 
 
+def _save_final(run: Run, final: Path) -> None:
+    """checkpoint.save_final: the model and tokenizer written beside `final` (the same name on every rank), then put
+    in its place whole, so no file of an earlier final/ (a stale safetensors index) changes how it loads."""
+    staging = final.with_name(f".{final.name}.saving")
+    if run.backend.is_main and staging.exists():
+        shutil.rmtree(staging)  # left by a launch that died while saving
+    run.backend.barrier()
+    run.backend.save_model(str(staging))
+    if run.backend.is_main:
+        run.tokenizer.save_pretrained(str(staging))
+        if final.exists():
+            log.info("checkpoint.save_final: replacing the earlier %s", final)
+        outputs.replace_dir(staging, final)
+    run.backend.barrier()
+
+
 def _finish(run: Run, out: Path) -> dict[str, Any]:
     cfg = run.cfg
     if cfg.checkpoint.save_final:
-        run.backend.save_model(str(out / "final"))
-        if run.backend.is_main:
-            run.tokenizer.save_pretrained(str(out / "final"))
+        _save_final(run, out / "final")
     # The whole run, earlier launches included: their records are in the metrics file.
     path = outputs.metrics_path(cfg)
     history = read_jsonl(path) if run.backend.is_main and path.is_file() else run.history + run.evals

@@ -7,7 +7,6 @@ without a process group (resharded onto one full copy), DeepSpeed ones with Deep
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lisa_dist.config import from_dict
 from lisa_dist.errors import ConfigError
 from lisa_dist.method import apply_lora
 from lisa_dist.models import allocate, open_model, require_complete
-from lisa_dist.run import checkpoint
+from lisa_dist.run import checkpoint, outputs
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,24 @@ def resolve(path: Path) -> Path:
     return found
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
+def _prepare_out(out: Path, overwrite: bool, sources: tuple[Path, ...]) -> Path:
     """Where to write: `out` itself when new or empty, else (with `overwrite`) a folder beside it that replaces it
-    once complete, so that no file of what was there survives to change how the folder loads."""
+    once complete, so that no file of what was there survives to change how the folder loads. Never a folder that
+    is, holds or lies inside what is exported, nor one that holds a run's checkpoints: --overwrite replaces an
+    earlier export, never the training it came from."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export: {out} is a file, not a folder")
+    for source in sources:
+        if outputs.overlap(out, source):
+            raise ConfigError(f"export: the output folder {out} {_relation(out, source)} {source}, what is exported: "
+                              "writing there would change or replace the checkpoint it reads. Choose a folder outside "
+                              "the run")
+    # A step folder, a checkpoints folder or a run folder (checkpoints/step-N), as the trainer lays them out.
+    found = [p.parent for pattern in ("trainer.json", "*/trainer.json", "*/*/trainer.json")
+             for p in (out.glob(pattern) if out.is_dir() else ()) if p.parent.name.startswith("step-")]
+    if found:
+        raise ConfigError(f"export: {out} holds the training checkpoint {found[0]}: --overwrite replaces an earlier "
+                          "export, never a run's checkpoints. Choose another folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"export: {out} is not empty: writing into it would mix the export with its files "
@@ -60,13 +72,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if tmp == out:
-        return
-    old = out.with_name(f".{out.name}.replaced-{checkpoint.new_token()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
+def _relation(out: Path, source: Path) -> str:
+    out, source = out.resolve(), source.resolve()
+    return "is" if out == source else ("holds" if out in source.parents else "lies inside")
 
 
 def _state_dict(backend: str, state: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,12 +121,12 @@ def export(source: Path, out: Path, overwrite: bool = False) -> Path:
 
     A non-empty `out` is refused unless `overwrite`: then the export is written beside it and replaces it whole."""
     ckpt = resolve(source)
-    target = _prepare_out(out, overwrite)
+    target = _prepare_out(out, overwrite, (source, ckpt))
     model, tokenizer, backend = _load(ckpt)
     try:
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
-        _replace(target, out)
+        outputs.replace_dir(target, out)
     finally:
         if target != out and target.exists():
             shutil.rmtree(target, ignore_errors=True)

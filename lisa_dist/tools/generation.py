@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -22,6 +23,9 @@ def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
     """The model (float32, eval mode, on `device`) and tokenizer of `path`: a Hugging Face folder (`lisa-dist
     export`, a run's final/) or a checkpoint (a step-N folder, or a checkpoints folder: its newest good one)."""
     path = Path(path)
+    device = _device(device)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist (expected a Hugging Face model folder or a lisa_dist checkpoint)")
     if (path / "config.json").is_file():
         model, tokenizer = _load_folder(path)
     elif (path / "trainer.json").is_file() or checkpoint.checkpoints(path):
@@ -35,12 +39,31 @@ def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
     return model.to(device=device, dtype=torch.float32).eval(), tokenizer
 
 
+def _device(name: str) -> torch.device:
+    """--device as torch names it (cpu, cuda, cuda:N), checked against what this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"--device {name!r}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
 def _load_folder(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} has a config.json but does not load as a Hugging Face model folder: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # a truncated weights file raises SafetensorError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path} has a config.json but does not load as a Hugging Face model folder: "
+                          f"{type(exc).__name__}: {first}") from None
     return model, tokenizer
 
 

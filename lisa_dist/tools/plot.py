@@ -43,10 +43,17 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
         names = [str(d) for d in dirs]
     runs = [load_run(d, name) for d, name in zip(dirs, names, strict=True)]
     target = Path(out) if out is not None else dirs[0] / "plots"
-    target.mkdir(parents=True, exist_ok=True)
-    return [_draw_loss(figure(figsize=(13, 4.8), layout="constrained"), runs, target / "loss.png"),
-            _draw_layers(figure(figsize=(13, 2.2 + 2.6 * len(runs)), layout="constrained"), runs,
-                         target / "layers.png")]
+    try:
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"plot: --out {target} is a file, not a folder: name a folder for loss.png and "
+                              "layers.png")
+        target.mkdir(parents=True, exist_ok=True)
+        return [_draw_loss(figure(figsize=(13, 4.8), layout="constrained"), runs, target / "loss.png"),
+                _draw_layers(figure(figsize=(13, 2.2 + 2.6 * len(runs)), layout="constrained"), runs,
+                             target / "layers.png")]
+    except OSError as exc:
+        raise ConfigError(f"plot: cannot write the plots into {target}: {outputs.describe_os_error(exc)}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from None
 
 
 def load_run(run_dir: str | Path, name: str | None = None) -> RunMetrics:

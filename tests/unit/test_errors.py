@@ -90,12 +90,13 @@ def test_cuda_without_a_gpu_names_the_field(tmp_path, caplog):
     assert "train.device='cuda' but torch sees no CUDA device" in caplog.text
 
 
-@pytest.mark.parametrize("flag, value", [("--seq-len", "-5"), ("--gpu-mem", "0"), ("--gpus", "0")])
-def test_estimate_refuses_non_positive_sizes(flag, value, capsys):
+@pytest.mark.parametrize("flag, value", [("--seq-len", "-5"), ("--gpu-mem", "0"), ("--gpus", "0"),
+                                         ("--gpu-mem", "nan"), ("--gpu-mem", "inf"), ("--gpu-mem", "-inf")])
+def test_estimate_refuses_non_positive_and_non_finite_sizes(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["estimate", "--model", "llama-2-7b", flag, value])
     assert stop.value.code == 2
-    assert f"argument {flag}: '{value}': expected a value > 0" in capsys.readouterr().err
+    assert f"argument {flag}: '{value}': expected a finite value > 0" in capsys.readouterr().err
 
 
 def test_train_help_lists_the_sections_an_example_and_where_fields_are_documented(capsys):
