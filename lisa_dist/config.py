@@ -96,7 +96,8 @@ class LisaConfig:
     """int8/nf4: dtype of the exact host copies of the frozen weights, float32 or bfloat16 (bfloat16 rounds a
     layer's trained weights when it leaves)."""
     train_embeddings: bool = True
-    """Train the input embedding at every step (the paper's LISA). false freezes it (every backend), stored like the
+    """Train the input embeddings at every step (the paper's LISA). false freezes them (every backend): the token
+    embedding and any learned position or token-type embedding (GPT-2's wpe, OPT's embed_positions), stored like the
     frozen layers (bfloat16 when they are cast or quantized under bf16 compute); the final norm and the head still
     train. A tied embedding trains as the head only: its lookup gets no gradient. Either way backward stops at the
     lowest active layer."""

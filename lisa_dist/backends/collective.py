@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lisa_dist.dist import io_barrier
+from lisa_dist.dist import io_barrier, raise_together
 from lisa_dist.method import TrainableSet
 from lisa_dist.models import share_tied
 
@@ -38,12 +38,18 @@ class ProcessGroupBackend:
     def save_model(self, path: str) -> None:
         """Gather the full model on rank 0 in CPU memory and write a Hugging Face folder there."""
         state = self.full_state_dict()
+        error = None
         if self.is_main:
-            # Frozen blocks may be stored in another dtype: export everything in the always-trained params' dtype.
-            dtype = self.trainable.always[0][1].dtype
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            self.model.save_pretrained(path, state_dict=share_tied(self.model, state))
-        io_barrier()
+            try:
+                # Frozen blocks may be stored in another dtype: export in the always-trained params' dtype.
+                dtype = self.trainable.always[0][1].dtype
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+                self.model.save_pretrained(path, state_dict=share_tied(self.model, state))
+            except Exception as exc:  # noqa: BLE001 - raised on every rank below
+                error = exc
+        # Not a barrier: the others would wait in it for the I/O timeout while a main rank that failed to write
+        # (a full disk) waits in its error's report.
+        raise_together(error)
 
     def close_process_group(self) -> None:
         from lisa_dist.dist import shutdown

@@ -147,7 +147,11 @@ def finalize(tmp: Path, root: Path, step: int, keep_last: int, hashed: dict[str,
     """Main rank, after every rank wrote into `tmp` and the files were hashed: manifest, rename, `latest`, prune."""
     write_manifest(tmp, hashed)
     final = step_dir(root, step)
-    if final.exists():  # a previous attempt at the same step: replaced only by a complete one
+    if final.exists() and not is_ours(final):  # a folder of the user's that happens to be named step-N: kept
+        aside = root / f"{final.name}.not-a-checkpoint-{new_token()}"
+        os.replace(final, aside)
+        log.warning("%s was not a lisa_dist checkpoint (no %s or trainer.json): moved to %s", final, MANIFEST, aside)
+    elif final.exists():  # a previous attempt at the same step: replaced only by a complete one
         shutil.rmtree(final)
     os.replace(tmp, final)
     _point(root, LATEST, final)
@@ -171,6 +175,11 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def is_ours(folder: Path) -> bool:
+    """Whether `folder` was written by lisa_dist as a checkpoint (complete or damaged since)."""
+    return (folder / MANIFEST).is_file() or (folder / "trainer.json").is_file()
+
+
 def eval_loss_of(folder: Path) -> float | None:
     """The eval loss a checkpoint was saved with (None without one)."""
     try:
@@ -183,7 +192,9 @@ def prune(root: Path, keep_last: int, keep_best: int = 0) -> None:
     """Keep the newest `keep_last` complete checkpoints (sizes checked, not hashes: the newest was just hashed) and
     the `keep_best` of lowest eval loss (`best` names the lowest); broken ones and stale temporary folders go too.
     The newest complete checkpoint is never removed."""
-    found = [(step, path, verify(path, deep=False)) for step, path in checkpoints(root)]
+    # A step-N folder without a manifest or trainer.json was never written by lisa_dist (it renames a checkpoint
+    # into place only once both are in it): the user's, left alone.
+    found = [(step, path, verify(path, deep=False)) for step, path in checkpoints(root) if is_ours(path)]
     scored = sorted((loss, -step, path) for step, path, problem in found if keep_best and problem is None
                     and (loss := eval_loss_of(path)) is not None)
     best = {path for _, _, path in scored[:keep_best]}

@@ -11,6 +11,7 @@ that already completed says so and leaves everything as it is.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import platform
@@ -315,7 +316,10 @@ def _plan_main(cfg: Config, backend: Backend) -> Start:
     if mode not in ("auto", "latest"):
         _, problem = checkpoint.read_manifest(candidates[0])
         if problem:
-            raise ConfigError(f"checkpoint.resume={mode!r} is not a usable checkpoint: {problem}")
+            close = difflib.get_close_matches(mode, ("auto", "latest", "none"), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close and not Path(mode).exists() else ""
+            raise ConfigError(f"checkpoint.resume={mode!r} is not a usable checkpoint: {problem}{hint}; expected auto, "
+                              "latest, none or a step-N folder")
     if not candidates:
         if mode == "latest":
             raise ConfigError(f"checkpoint.resume=latest, but {root_of(cfg)} holds no checkpoint")

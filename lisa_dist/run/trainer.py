@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from lisa_dist.dist import (
     raise_together,
     rank_table,
 )
-from lisa_dist.errors import ConfigError, DataError, Preempted
+from lisa_dist.errors import CheckpointError, ConfigError, DataError, DistError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import (
     CompileWatch,
@@ -380,16 +381,38 @@ def _save_final(run: Run, final: Path) -> None:
     """checkpoint.save_final: the model and tokenizer written beside `final` (the same name on every rank), then put
     in its place whole, so no file of an earlier final/ (a stale safetensors index) changes how it loads."""
     staging = final.with_name(f".{final.name}.saving")
-    if run.backend.is_main and staging.exists():
-        shutil.rmtree(staging)  # left by a launch that died while saving
-    run.backend.barrier()
-    run.backend.save_model(str(staging))
-    if run.backend.is_main:
-        run.tokenizer.save_pretrained(str(staging))
-        if final.exists():
-            log.info("checkpoint.save_final: replacing the earlier %s", final)
-        outputs.replace_dir(staging, final)
-    run.backend.barrier()
+    main = run.backend.is_main
+
+    def clear() -> None:
+        if main and staging.exists():
+            shutil.rmtree(staging)  # left by a launch that died while saving, or by this one failing
+
+    def finish() -> None:
+        if main:
+            run.tokenizer.save_pretrained(str(staging))
+            if final.exists():
+                log.info("checkpoint.save_final: replacing the earlier %s", final)
+            outputs.replace_dir(staging, final)
+
+    try:
+        raise_together(_error_of(clear))
+        run.backend.save_model(str(staging))
+        raise_together(_error_of(finish))
+    except DistError:
+        raise  # a peer died: not a write that failed
+    except Exception as exc:  # noqa: BLE001 - every rank has it (raise_together): one line, exit 5
+        _error_of(clear)
+        cause = outputs.describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"checkpoint.save_final: writing {final} failed: {cause}; the checkpoints are intact "
+                              "(`lisa-dist export` writes the same folder from the last one)") from exc
+
+
+def _error_of(work: Callable[[], None]) -> Exception | None:
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - reported on every rank by the caller's raise_together
+        return exc
+    return None
 
 
 def _finish(run: Run, out: Path) -> dict[str, Any]:

@@ -72,9 +72,28 @@ def _prepare_out(out: Path, overwrite: bool, sources: tuple[Path, ...]) -> Path:
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _relation(out: Path, source: Path) -> str:
     out, source = out.resolve(), source.resolve()
     return "is" if out == source else ("holds" if out in source.parents else "lies inside")
+
+
+def _refuse_base_model(out: Path, ckpt: Path) -> None:
+    """The local model folder (or a .gguf file's folder) the checkpoint was trained from is read by the export (its
+    config and tokenizer): `out` must not be it or hold it (a folder inside it is fine)."""
+    try:
+        name = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["name"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return
+    base = Path(str(name)).expanduser()
+    base = base.parent if base.suffix == ".gguf" else base
+    if base.exists() and (out.resolve() == base.resolve() or out.resolve() in base.resolve().parents):
+        raise ConfigError(f"export: the output folder {out} {_relation(out, base)} {base}, the model the checkpoint "
+                          "was trained from (its config and tokenizer are read from there): choose another folder")
 
 
 def _state_dict(backend: str, state: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,9 +101,13 @@ def _state_dict(backend: str, state: Path, model: nn.Module) -> dict[str, torch.
         return torch.load(state / "model.pt", map_location="cpu")
     if backend == "fsdp":
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         wanted = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
-        dcp.load(wanted, checkpoint_id=str(state), no_dist=True)
+        try:
+            dcp.load(wanted, checkpoint_id=str(state), no_dist=True)
+        except CheckpointException as exc:  # a BaseException: it would pass every `except Exception`
+            raise ConfigError(f"checkpoint {state.parent} does not load into its model: {_first_line(exc)}") from None
         return wanted["model"]
     if backend == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -121,6 +144,7 @@ def export(source: Path, out: Path, overwrite: bool = False) -> Path:
 
     A non-empty `out` is refused unless `overwrite`: then the export is written beside it and replaces it whole."""
     ckpt = resolve(source)
+    _refuse_base_model(out, ckpt)
     target = _prepare_out(out, overwrite, (source, ckpt))
     model, tokenizer, backend = _load(ckpt)
     try:

@@ -125,7 +125,7 @@ def test_epochs_set_the_steps(tmp_path):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--train.epochs=2", "--train.steps=10"], r"train.epochs=2.*train.steps, not both"),
+    (["--train.epochs=2", "--train.steps=10"], r"train.epochs=2 and train.steps=10 both on the command line: give one"),
     (["--data.eval_fraction=1.5"], r"data.eval_fraction=1.5.*\[0, 1\)"),
     (["--data.eval_fraction=0.1", "--data.eval_path=x.json"], r"data.eval_path.*or data.eval_fraction, not both"),
     (["--train.eval_every=5"], r"train.eval_every=5.*needs evaluation data"),

@@ -161,5 +161,7 @@ def test_cli_names_a_path_that_is_no_model(tmp_path, folder, capsys):
     (tmp_path / "broken" / "config.json").write_text((folder / "config.json").read_text())
     assert cli.main(["chat", str(tmp_path / "broken")]) == 2
     assert "does not load as a Hugging Face model folder" in capsys.readouterr().err
-    assert cli.main(["generate", str(folder), "--prompt", "hi", "--temperature", "-1"]) == 2
-    assert "temperature=-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused as the arguments are read, before the model loads
+        cli.main(["generate", str(folder), "--prompt", "hi", "--temperature", "-1"])
+    assert stop.value.code == 2 and "argument --temperature: '-1': expected a value in [0, 100]" in \
+        capsys.readouterr().err

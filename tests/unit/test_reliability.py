@@ -364,7 +364,8 @@ def test_d15_wandb_online_without_a_server_is_one_line_within_its_timeout(tmp_pa
         assert kwargs["settings"].init_timeout == metrics.INIT_TIMEOUT_S <= 30
         raise wandb.errors.CommError("Timed out while retrying: no such host")
 
-    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    # Credentials "configured", without touching W&B's own state (a real login would stay for the later tests).
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: True)
     monkeypatch.setattr(wandb, "init", unreachable)
     with caplog.at_level(logging.ERROR, logger="lisa_dist"):
         assert _train(tmp_path, data_file, "--logging.wandb=true", "--logging.wandb_mode=online") == 2
@@ -462,3 +463,54 @@ def test_a_run_whose_data_folder_gains_a_file_is_refused_at_resume(tmp_path, dat
 def test_train_still_refuses_an_explicit_checkpoint_that_is_not_one(tmp_path, data_file):
     with pytest.raises(ConfigError):
         train(load_config(None, tiny_overrides(tmp_path, data_file, f"--checkpoint.resume={tmp_path}")))
+
+
+def test_export_never_replaces_the_model_its_checkpoint_was_trained_from(tmp_path, data_file, exported, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    for path in exported.iterdir():
+        (base / path.name).write_bytes(path.read_bytes())
+    assert _train(tmp_path, data_file, f"--model.name={base}", "--model.preset_overrides={}",
+                  "--checkpoint.every=2") == 0
+    before = _files(base)
+    for out in (base, tmp_path):
+        assert cli.main(["export", str(tmp_path / "run" / "checkpoints"), str(out), "--overwrite"]) == 2
+    assert "the model the checkpoint was trained from" in capsys.readouterr().err
+    assert _files(base) == before
+
+
+def test_save_final_failing_on_the_main_rank_is_one_error_and_keeps_the_earlier_final(tmp_path, data_file,
+                                                                                      monkeypatch, caplog):
+    assert _train(tmp_path, data_file, "--checkpoint.save_final=true", "--checkpoint.every=2") == 0
+    final = tmp_path / "run" / "final"
+    before = _files(final)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", full)
+    with caplog.at_level(logging.ERROR, logger="lisa_dist"):
+        assert _train(tmp_path, data_file, "--checkpoint.save_final=true", "--checkpoint.every=2", steps=6) == 5
+    assert f"checkpoint.save_final: writing {final} failed: no space left on the device" in caplog.text
+    assert _files(final) == before and not list(final.parent.glob(".final*"))
+
+
+def test_a_users_step_folder_in_the_checkpoint_folder_is_never_deleted(tmp_path, data_file, caplog):
+    root = tmp_path / "run" / "checkpoints"
+    mine = root / "step-2"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    keep = root / "step-1"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine too")
+    with caplog.at_level(logging.WARNING, logger="lisa_dist"):
+        assert _train(tmp_path, data_file, "--checkpoint.every=2", "--checkpoint.keep_last=1") == 0
+    aside = list(root.glob("step-2.not-a-checkpoint-*"))
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine"
+    assert (keep / "notes.txt").read_text() == "mine too"  # pruning leaves what lisa_dist did not write
+    assert "was not a lisa_dist checkpoint" in caplog.text
+
+
+def test_a_misspelt_resume_mode_gets_a_suggestion(tmp_path, data_file):
+    with pytest.raises(ConfigError, match=r"checkpoint.resume='lastest' .* \(did you mean 'latest'\?\)"):
+        train(load_config(None, tiny_overrides(tmp_path, data_file, "--checkpoint.resume=lastest")))
