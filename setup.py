@@ -33,11 +33,13 @@ setup(
     packages=find_packages(include=["lisa_dist", "lisa_dist.*"]),
     package_data={"lisa_dist": ["assets/*"]},
     install_requires=[
-        "torch>=2.6",
-        "transformers>=4.45",
+        # The oldest versions whose sources every private or recent API lisa_dist uses was checked against
+        # (docs/internals.md): torch 2.11 and transformers 5.17, what the lent GPU machines run.
+        "torch>=2.11",
+        "transformers>=5.17",
         "datasets>=4.0",
         "safetensors>=0.4",
-        "accelerate>=0.30",
+        "accelerate>=1.15",
         "peft>=0.11",
         "gguf>=0.10",
         "pyyaml>=6.0",

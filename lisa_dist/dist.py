@@ -170,13 +170,24 @@ def discover(env: Mapping[str, str] = os.environ) -> Placement:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`train.device` (auto, cpu, cuda) as this rank's device; ConfigError for cuda without a GPU."""
+    """`train.device` (auto, cpu, cuda) as this rank's device; ConfigError for cuda without a GPU, or for a local
+    rank past the GPUs this process sees. A process that sees one GPU uses it whatever its local rank: a scheduler
+    that gives each task its own GPU (`srun --gpus-per-task=1`, a per-rank CUDA_VISIBLE_DEVICES) shows it as 0."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU on "
                           "this node): use train.device=auto or cpu")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    if not (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if local_rank < visible:
         return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPUs "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}, LOCAL_RANK="
+                      f"{os.environ.get('LOCAL_RANK', '<unset>')!r}, SLURM_LOCALID="
+                      f"{os.environ.get('SLURM_LOCALID', '<unset>')!r}): start one rank per GPU of the node "
+                      "(NPROC_PER_NODE), or give each task one GPU (srun --gpus-per-task=1)")
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_s: float = 3600.0) -> DistEnv:
@@ -194,17 +205,20 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_
         os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
                           MASTER_ADDR=place.master_addr, MASTER_PORT=str(place.master_port))
         backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout_s)
+        # NCCL bound to this rank's GPU at init: communicators are made eagerly on the right device, not guessed
+        # from the current device at the first collective.
+        extra = {"device_id": dev} if use_cuda else {}
         if place.launcher in ("torchrun", "env"):
             # env:// joins the store the launcher's agent already serves.
             dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, init_method="env://",
-                                    timeout=timeout)
+                                    timeout=timeout, **extra)
         else:
             # Rank 0 serves the store: kept here so that shutdown() can outlive every other rank's use of it.
             store = dist.TCPStore(place.master_addr, place.master_port, place.world_size, place.rank == 0,
                                   timeout=timeout)
             _OWN_STORE.update(store=store, rank=place.rank, world=place.world_size)
             dist.init_process_group(backend, store=store, rank=place.rank, world_size=place.world_size,
-                                    timeout=timeout)
+                                    timeout=timeout, **extra)
     if place.world_size > 1 and "group" not in _IO:
         # Waits on I/O (data preparation, checkpoints, exports) can outlast any step: their own CPU group, with
         # their own timeout. gloo, as torchtitan's checkpointer uses: no GPU memory, any tensor device.
@@ -236,6 +250,8 @@ def shutdown(wait_s: float = 30.0) -> None:
     if not dist.is_initialized():
         return
     io_barrier()
+    if dist.get_backend() == "nccl":
+        torch.cuda.synchronize()  # NCCL's work is asynchronous: none may be in flight when its communicators go
     dist.destroy_process_group()
     _IO.clear()
     wait_for_idle_gloo_workers()

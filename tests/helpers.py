@@ -27,7 +27,7 @@ def tiny_overrides(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
         f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
         f"--data.cache_dir={tmp_path / 'cache'}",
         "--model.name=tiny-llama", '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64}',
-        "--train.micro_batch_size=4", "--train.steps=6", f"--train.output_dir={tmp_path / 'run'}",
+        "--train.micro_batch_size=4", "--train.steps=6", f"--train.output_dir={tmp_path / 'run'}", "--train.device=cpu",
         "--optim.lr=3e-3", "--lisa.gamma=1", "--lisa.interval=2", "--logging.progress=false", *extra,
     ]
 
@@ -42,8 +42,10 @@ def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -
 
 def launcher_env() -> dict[str, str]:
     # The venv's launchers first on PATH; DeepSpeed's CPU comm op compiled once into the repo's ignored cache.
+    # No GPU for the ranks even on a GPU host: these tests compare gloo ranks on the CPU with a CPU reference.
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
 
 

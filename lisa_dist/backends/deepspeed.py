@@ -39,7 +39,7 @@ from lisa_dist.method import (
     set_requires_grad,
     storage_bytes,
 )
-from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full
+from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full, to_device
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
     # -- the step ------------------------------------------------------------------------------------------------
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, self.loss_chunk_tokens)
         loss_sum = lm_loss_sum(self.engine, batch, self.loss_chunk_tokens)
         # ZeRO averages gradients over ranks; the loss is already a mean over the global batch, so undo that.
         self.engine.backward(loss_sum * (scale * self.world_size), scale_wrt_gas=False)
@@ -142,7 +142,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
         return loss_sum.detach().float()
 
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, self.loss_chunk_tokens)
         with torch.no_grad():
             return lm_loss_sum(self.engine, batch, self.loss_chunk_tokens).float()
 

@@ -44,7 +44,15 @@ from lisa_dist.method import (
     set_lr,
     storage_bytes,
 )
-from lisa_dist.models import ModelLayout, SafetensorsWeights, WeightSource, allocate, lm_loss_sum, load_rows_into
+from lisa_dist.models import (
+    ModelLayout,
+    SafetensorsWeights,
+    WeightSource,
+    allocate,
+    lm_loss_sum,
+    load_rows_into,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,19 +189,19 @@ class FSDPBackend(ProcessGroupBackend):
         return self.store.frozen_units() if isinstance(self.store, ShardedFrozenStore) else []
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, self.loss_chunk_tokens)
         loss_sum = lm_loss_sum(self.model, batch, self.loss_chunk_tokens)
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, self.loss_chunk_tokens)
         with torch.no_grad():
             return lm_loss_sum(self.model, batch, self.loss_chunk_tokens).float()
 
     def step(self, lr: float) -> float:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = clip_grad_norm(params, self.optim_cfg.max_grad_norm, self._sum_over_shards)
+        norm = clip_grad_norm(params, self.optim_cfg.max_grad_norm, self._sum_over_shards, self.device)
         grads = storage_bytes(p.grad for p in self.model.parameters())
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -207,7 +215,7 @@ class FSDPBackend(ProcessGroupBackend):
         return norm
 
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
-        return self._sum_over_shards(layer_sq_norms(self.trainable, layers).to(self.device)).cpu().sqrt().tolist()
+        return self._sum_over_shards(layer_sq_norms(self.trainable, layers, self.device)).cpu().sqrt().tolist()
 
     def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         # Replicas (HSDP) hold the same shards: add up only the ranks of one shard group.

@@ -168,6 +168,9 @@ class ShardedFrozenStore:
         state._pre_forward_hook_handle.remove()
         state._post_forward_hook_handle.remove()
         matrices = self._matrices(i)
+        # Quantized from the shards where they are, on the device, before they move: quantizing the host copy
+        # would copy every shard back to the device first.
+        quantized = {fp._module_info.module: self._quantize(fp) for fp in matrices}
         self._move(block, matrices, HOST, self.host_dtype)
         frozen = _FrozenBlock()
         frozen.compiled, block._compiled_call_impl = block._compiled_call_impl, None
@@ -177,7 +180,8 @@ class ShardedFrozenStore:
                 log.warning("train.compile: frozen %s blocks run eagerly on FSDP2 (their quantized shards are "
                             "gathered in Python); each block runs compiled while it trains", self.storage)
         for fp in matrices:
-            frozen.weights[fp._module_info.module] = GatheredWeight(self._quantize(fp), fp._orig_size[0], self.group)
+            module = fp._module_info.module
+            frozen.weights[module] = GatheredWeight(quantized[module], fp._orig_size[0], self.group)
         sharded = {id(fp.sharded_param) for fp in self._params(i)}
         for module in block.modules():
             weight = frozen.weights.get(module)
@@ -190,9 +194,11 @@ class ShardedFrozenStore:
         self.frozen[i] = frozen
 
     def _quantize(self, fp) -> torch.Tensor:
-        """The quantized copy of a param's padded local shard (padding rows are zeros), on the device."""
+        """The quantized copy of a param's padded local shard (padding rows are zeros), on the device, from the
+        values the host copy holds (rounded to host_dtype first), whether the shard is still on the device (a block
+        leaving) or already on the host (after a checkpoint load): a resumed run quantizes as the straight one."""
         padded = fp._sharded_param_data.view(fp.padded_sharded_param_size)
-        return quantize(padded.to(self.device, torch.float32), self.storage)
+        return quantize(padded.to(self.device).to(self.host_dtype).to(torch.float32), self.storage)
 
     def _thaw(self, i: int) -> None:
         block: FSDPModule = self.layout.layers[i]

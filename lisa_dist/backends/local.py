@@ -28,7 +28,7 @@ from lisa_dist.method import (
     set_lr,
     storage_bytes,
 )
-from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full
+from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full, to_device
 
 
 class LocalBackend:
@@ -89,14 +89,14 @@ class LocalBackend:
         return contextlib.nullcontext()
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, self.loss_chunk_tokens)
         with self._autocast():
             loss_sum = lm_loss_sum(self.model, batch, self.loss_chunk_tokens)
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, self.loss_chunk_tokens)
         with torch.no_grad(), self._autocast():
             return lm_loss_sum(self.model, batch, self.loss_chunk_tokens).float()
 
@@ -140,7 +140,9 @@ class LocalBackend:
 
     def load_state(self, folder: Path) -> None:
         """Restore what `save_state` wrote; the same layers must be active."""
-        state = torch.load(folder / "model.pt", map_location=self.device)
+        # To host memory (mapped, not read whole), then copied into the params: with int8/NF4 frozen storage the
+        # exact model does not fit the device, which is why that storage was chosen.
+        state = torch.load(folder / "model.pt", map_location="cpu", mmap=True)
         if self.store is None:
             self.model.load_state_dict(state)
         else:

@@ -126,16 +126,17 @@ def set_active_params(optimizer: torch.optim.Optimizer, trainable: TrainableSet,
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
-                   sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+                   sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   device: torch.device | None = None) -> float:
     """Global L2 norm of the gradients of `params`; when above `max_norm` (> 0), scale them down to it.
 
     Each rank squares and sums its own (local) gradient shards (`_sum_of_squares`: fp32 row norms, fp64 sums),
     `sum_over_shards` adds the ranks that hold other shards of the same params. The split into shards changes the
     fp64 sum by about 1e-16 relative, so the fp32 clip factor, and the trained weights, do not depend on how the
-    params are sharded.
+    params are sharded. `device`: where a rank that holds no gradient puts its zero (NCCL takes no CPU tensor).
     """
     grads = [p.grad for p in params if p.grad is not None]
-    squares = _sum_of_squares(grads)
+    squares = _sum_of_squares(grads, device)
     if sum_over_shards is not None:
         squares = sum_over_shards(squares)
     total = math.sqrt(float(squares))
@@ -146,19 +147,23 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
     return total
 
 
-def layer_sq_norms(trainable: TrainableSet, layers: Sequence[int]) -> torch.Tensor:
-    """Per layer of `layers`, the squared L2 norm of the gradient this rank holds (its shards), in fp64."""
-    sums = [_sum_of_squares([p.grad for _, p in trainable.layers[layer] if p.grad is not None]) for layer in layers]
-    return torch.stack([s.cpu() for s in sums]) if sums else torch.zeros(0, dtype=torch.float64)
+def layer_sq_norms(trainable: TrainableSet, layers: Sequence[int], device: torch.device | None = None,
+                   ) -> torch.Tensor:
+    """Per layer of `layers`, the squared L2 norm of the gradient this rank holds (its shards), in fp64, on
+    `device` (one tensor: the caller reads it once)."""
+    sums = [_sum_of_squares([p.grad for _, p in trainable.layers[layer] if p.grad is not None], device)
+            for layer in layers]
+    return torch.stack([s.to(device) if device is not None else s for s in sums]) if sums else \
+        torch.zeros(0, dtype=torch.float64, device=device)
 
 
-def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """Sum of squares of this rank's shards of `grads`, in fp64, on their device (no host sync).
 
     A matrix's rows are normed in fp32 (one vectorized pass, 16x faster than an fp64 norm on CPU: 6 ms against 90
     for SmolLM2's tied embedding and two layers) and their squares summed in fp64. Shards split matrices by rows
     (FSDP2's dim 0), so every row's norm is the same whichever rank holds it; vectors are normed in fp64."""
-    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else device)
     for grad in grads:
         local = _local(grad)
         if local.dim() >= 2 and local.numel():

@@ -5,7 +5,7 @@ from lisa_dist.models.compile import CompileWatch, compile_blocks, compiled_grap
 from lisa_dist.models.embedding import lookup_without_grad
 from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, resolve_path
 from lisa_dist.models.loading import build_skeleton, load_model, open_model
-from lisa_dist.models.loss import IGNORE_INDEX, lm_loss_sum, supervised_tokens
+from lisa_dist.models.loss import IGNORE_INDEX, lm_loss_sum, supervised_tokens, to_device
 from lisa_dist.models.presets import PRESETS, build_preset, preset_config, tiny_config
 from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import (
@@ -46,4 +46,5 @@ __all__ = [
     "share_tied",
     "supervised_tokens",
     "tiny_config",
+    "to_device",
 ]

@@ -24,6 +24,22 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, chunk_tokens: int = 0,
+              ) -> dict[str, torch.Tensor]:
+    """A micro-batch moved to `device`. With `chunk_tokens`, also `kept`: the flat indices of its supervised tokens
+    after the shift, found on the host copy (a boolean mask on the device would read its count back: a host sync
+    per micro-batch)."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if chunk_tokens:
+        kept = (batch["labels"][:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        moved[KEPT] = kept.to(device, non_blocking=True)
+    return moved
+
+
+KEPT = "kept"
+"""The batch key `to_device` puts the supervised tokens' flat indices under (not a model input)."""
+
+
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 0) -> torch.Tensor:
     """Summed next-token cross-entropy over the supervised tokens of `batch`, computed in fp32; `chunk_tokens` > 0:
     chunked (see the module's docstring), equal to the plain loss up to the order of the sum."""
@@ -32,7 +48,7 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
     inputs = ({"position_ids": batch["position_ids"]} if "position_ids" in batch
               else {"attention_mask": batch["attention_mask"]})
     if chunk_tokens:
-        with _head_computes_loss(model, labels, chunk_tokens):
+        with _head_computes_loss(model, labels, chunk_tokens, batch.get(KEPT)):
             return model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
     logits = model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
     # Each position predicts the next token: the labels move left (the last position predicts nothing), not the
@@ -43,7 +59,8 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
 
 
 @contextlib.contextmanager
-def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
+def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: int,
+                        kept: torch.Tensor | None = None) -> Iterator[None]:
     """For one forward, the LM head returns the summed loss instead of the logits (the model hands it on as
     `.logits`). The head is still called as a module, so FSDP's hooks gather and reduce its weight as usual."""
     head = model.get_output_embeddings()
@@ -51,7 +68,8 @@ def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: in
         raise ValueError(f"train.loss=chunked needs a plain nn.Linear LM head, not {type(head).__name__}")
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens)
+        return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens,
+                                            kept)
 
     previous = head.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) is put back after
     head.forward = forward
@@ -65,11 +83,15 @@ def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: in
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+                                 labels: torch.Tensor, chunk_tokens: int, kept: torch.Tensor | None = None,
+                                 ) -> torch.Tensor:
     """sum over supervised tokens of cross_entropy(hidden @ weight.T + bias, labels), `chunk_tokens` rows at a time
-    (Liger's fused kernel on CUDA when installed)."""
-    keep = labels.reshape(-1) != IGNORE_INDEX
-    rows, targets = hidden.reshape(-1, hidden.size(-1))[keep], labels.reshape(-1)[keep]
+    (Liger's fused kernel on CUDA when installed). `kept`: the supervised tokens' flat indices, found on the host
+    (`to_device`); without it a boolean mask finds them, which reads the device."""
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    if kept is None:
+        kept = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    rows, targets = flat_hidden.index_select(0, kept), flat_labels.index_select(0, kept)
     if rows.is_cuda and _liger() is not None:
         return _liger()(rows, weight, targets, bias, reduction="sum")
     # No supervised token: still a (zero) loss through the head, so that its weight gets a gradient on every rank.

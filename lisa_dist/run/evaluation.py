@@ -48,16 +48,20 @@ def evaluate(run: Any, steps_done: int) -> dict[str, Any]:
     model = backend.model
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    # The loss sums stay on the device (one read, at the reduction): no host sync per batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=backend.device)
+    tokens = 0
     try:
         with torch.no_grad():
             for batch in run.eval_set.batches():
-                sums[0] += backend.eval_loss_sum(batch).double().cpu()
-                sums[1] += supervised_tokens(batch)
+                tokens += supervised_tokens(batch)  # from the host copy, before the batch moves
+                loss_sum += backend.eval_loss_sum(batch).double()
     finally:
         model.train(was_training)
-    total = backend.all_reduce_sum(sums)
-    loss = float(total[0] / total[1]) if total[1] else float("nan")
+    total = backend.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64,
+                                                                       device=backend.device)]))
+    summed, counted = total.tolist()  # the one read of the device
+    loss = summed / counted if counted else float("nan")
     return {"step": steps_done, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0)),
-            "eval_tokens": int(total[1]), "eval_batches": run.eval_set.num_batches, "tokens": run.tokens_seen,
+            "eval_tokens": int(counted), "eval_batches": run.eval_set.num_batches, "tokens": run.tokens_seen,
             "eval_s": time.perf_counter() - start}

@@ -213,14 +213,22 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
         run.preempted = True
         return None
     run.doing = f"step {step + 1}: the LISA switch"
+    due = run.sampler is not None and run.sampler.period_of(step) != run.period
+    if due:
+        _synchronize(backend.device)  # the switch's time, not the queued work of the step before
     switch_start = time.perf_counter()
     switched = maybe_switch(run, step)
+    if due:
+        _synchronize(backend.device)
     switch_end = time.perf_counter()
     switch_s = switch_end - switch_start
     run.doing = f"step {step + 1}: forward and backward"
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # Summed on the device and read on logging steps only: no host sync per micro-batch (the scale comes from the
+    # host's token counts), so the host queues the next micro-batch while the device works.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=backend.device)
+    scale = 1.0 / max(1, int(counts[0]))
     for batch in micro_batches:
-        loss_sum += backend.forward_backward(batch, 1.0 / max(1, int(counts[0]))).double().cpu()
+        loss_sum += backend.forward_backward(batch, scale).double()
     if run.compile_watch is not None and backend.is_main:
         for warning in run.compile_watch.news():
             log.warning(warning)
@@ -246,6 +254,11 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
         "trainable_params": run.trainable.num_params(run.active),
         "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
     }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:

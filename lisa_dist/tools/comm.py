@@ -48,6 +48,10 @@ _FUNCTIONS: dict[str, tuple[str, str | None]] = {
     "broadcast": ("broadcast", "tensor"),
     "all_gather": ("all_gather", "tensor_list"),  # all-gathers count their output: W x the input
     "all_gather_single": ("all_gather", "output_tensor"),
+    # torch < 2.13's names for the two above (FSDP2 calls them there); on 2.13 they are aliases whose inner call to
+    # the new name is not counted again.
+    "all_gather_into_tensor": ("all_gather", "output_tensor"),
+    "reduce_scatter_tensor": ("reduce_scatter", "input"),
     "all_gather_coalesced": ("all_gather", "output_tensor_lists"),
     "reduce_scatter": ("reduce_scatter", "input_list"),
     "reduce_scatter_single": ("reduce_scatter", "input"),
@@ -174,7 +178,9 @@ def _counting(fn: Callable[..., Any], name: str, arg: str | None) -> Callable[..
 
 def _install() -> None:
     for fname, (name, arg) in _FUNCTIONS.items():
-        original = getattr(c10d, fname)
+        original = getattr(c10d, fname, None)
+        if original is None:  # a collective this torch does not have (all_gather_single is recent)
+            continue
         _ORIGINALS[fname] = original
         wrapper = _counting(original, name, arg)
         setattr(c10d, fname, wrapper)

@@ -1,0 +1,88 @@
+"""CPU guards for what the CUDA reading found (../shared/probes/cuda-reading-1.md): each fails here if its defect
+comes back, without a GPU."""
+import pytest
+import torch
+
+from lisa_dist import dist as lisa_dist_dist
+from lisa_dist.config import load_config
+from lisa_dist.errors import ConfigError
+from lisa_dist.method import clip_grad_norm
+from lisa_dist.models import lm_loss_sum, to_device
+from lisa_dist.run import build, save, train_step
+
+from ..helpers import tiny_overrides
+
+
+def test_packing_with_flash_attention_and_several_rows_is_refused_by_name(tmp_path):
+    overrides = tiny_overrides(tmp_path, tmp_path / "d.jsonl", "--data.format=alpaca", "--data.packing=true",
+                               "--model.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=4 is not allowed: expected 1 with "
+                                          r"data.packing=true and model.attn_implementation='flash_attention_2'"):
+        load_config(None, overrides)
+    assert load_config(None, [*overrides, "--train.micro_batch_size=1"]).train.micro_batch_size == 1
+    assert load_config(None, [*overrides, "--model.attn_implementation=sdpa"]).data.packing
+
+
+@pytest.mark.parametrize(("visible", "local_rank", "expected"), [(8, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, None)],
+                         ids=["one-per-rank", "one-visible-per-task", "too-few"])
+def test_a_local_rank_gets_its_gpu_or_a_line_naming_the_variables(monkeypatch, visible, local_rank, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"local rank 3 has no GPU of its own: this process sees 2 GPUs "
+                                              r"\(CUDA_VISIBLE_DEVICES='0,1', LOCAL_RANK="):
+            lisa_dist_dist.resolve_device("auto", local_rank)
+    else:
+        assert str(lisa_dist_dist.resolve_device("auto", local_rank)) == expected
+
+
+def test_the_test_suite_never_picks_cuda_by_accident(tmp_path):
+    from ..helpers import launcher_env
+
+    assert launcher_env()["CUDA_VISIBLE_DEVICES"] == ""
+    assert load_config(None, tiny_overrides(tmp_path, tmp_path / "d.jsonl")).train.device == "cpu"
+
+
+def test_a_rank_without_gradients_puts_its_zero_norm_on_the_given_device():
+    seen = []
+
+    def sum_over_shards(value):  # what FSDP all-reduces: under NCCL it must be on the rank's GPU
+        seen.append(value.device)
+        return torch.zeros((), dtype=torch.float64)
+
+    param = torch.nn.Parameter(torch.ones(3))  # no gradient on this rank
+    assert clip_grad_norm([param], 1.0, sum_over_shards, torch.device("meta")) == 0.0
+    assert seen == [torch.device("meta")]
+
+
+def test_chunked_loss_takes_its_kept_tokens_from_the_host_copy(tmp_path, data_file):
+    run = build(load_config(None, tiny_overrides(tmp_path, data_file, "--train.loss=chunked",
+                                                 "--train.loss_chunk_tokens=16")))
+    batch = run.batches.step_batches(0)[0]
+    batch["labels"][:, :5] = -100
+    moved = to_device(batch, torch.device("cpu"), chunk_tokens=16)
+    kept = (batch["labels"][:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
+    assert torch.equal(moved["kept"], kept)
+    model = run.backend.model
+    with torch.no_grad():
+        assert torch.allclose(lm_loss_sum(model, moved, 16), lm_loss_sum(model, moved, 0), rtol=1e-5)
+
+
+def test_resume_with_quantized_storage_loads_the_exact_model_to_host_memory(tmp_path, data_file, monkeypatch):
+    run = build(load_config(None, tiny_overrides(tmp_path, data_file, "--lisa.frozen_storage=nf4",
+                                                 "--train.precision=bf16")))
+    train_step(run, 0)
+    save(run, 1)
+    loads = []
+    real = torch.load
+
+    def recording(path, *args, **kwargs):
+        loads.append((str(path).rsplit("/", 1)[-1], kwargs.get("map_location")))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    resumed = build(load_config(None, tiny_overrides(tmp_path, data_file, "--lisa.frozen_storage=nf4",
+                                                     "--train.precision=bf16")))
+    assert resumed.start_step == 1
+    assert ("model.pt", "cpu") in loads
