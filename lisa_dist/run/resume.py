@@ -338,9 +338,9 @@ def _check_data(cfg: Config, path: Path) -> None:
     if not saved:
         return  # written before checkpoints recorded their data
     now = data_fingerprint(cfg.data)
+    if sorted(saved.values()) == sorted(now.values()):
+        return  # the same bytes, even if the files were moved or are reached by another path now
     changed = [name for name in sorted(saved.keys() | now.keys()) if saved.get(name) != now.get(name)]
-    if not changed:
-        return
     detail = "; ".join(f"{name}: {_data_change(saved.get(name), now.get(name))}" for name in changed)
     if not cfg.checkpoint.override:
         raise ConfigError(f"the training data changed since checkpoint {path} was written ({detail}): resuming "

@@ -514,3 +514,13 @@ def test_a_users_step_folder_in_the_checkpoint_folder_is_never_deleted(tmp_path,
 def test_a_misspelt_resume_mode_gets_a_suggestion(tmp_path, data_file):
     with pytest.raises(ConfigError, match=r"checkpoint.resume='lastest' .* \(did you mean 'latest'\?\)"):
         train(load_config(None, tiny_overrides(tmp_path, data_file, "--checkpoint.resume=lastest")))
+
+
+def test_the_same_data_reached_by_another_path_resumes(tmp_path, data_file, monkeypatch):
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "data.jsonl").write_bytes(data_file.read_bytes())
+    monkeypatch.chdir(tmp_path / "a")
+    assert _train(tmp_path, "data.jsonl", "--checkpoint.every=2") == 0
+    monkeypatch.chdir(tmp_path / "b")  # the relative data.path now names another file with the same bytes
+    assert _train(tmp_path, "data.jsonl", "--checkpoint.every=2", steps=6) == 0
