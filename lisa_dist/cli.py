@@ -235,8 +235,9 @@ def _train(cfg: Config) -> int:
         scripted = mark_preempted()
         log.warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
         return 0 if scripted else EXIT_PREEMPTED
-    except KeyboardInterrupt:  # before the training loop, where Ctrl-C is not yet a request to checkpoint
-        log.error("rank %d: interrupted (Ctrl-C) before training started: nothing to save", rank)
+    except KeyboardInterrupt:  # where Ctrl-C is no request to checkpoint: before the loop, or on_signal=false
+        log.error("rank %d: interrupted (Ctrl-C) before training started or with checkpoint.on_signal=false: no "
+                  "checkpoint was saved", rank)
         return EXIT_INTERRUPTED
     except (CheckpointError, DistError) as exc:
         log.error("rank %d: %s", rank, exc)

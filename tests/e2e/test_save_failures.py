@@ -62,7 +62,7 @@ def test_d3_a_full_disk_under_fsdp_is_one_line_exit_5_and_no_temporary_folder(tm
     assert (small_disk / "step-2" / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("bad", ["--lisa.gamma=9", "--train.nope=1"])
+@pytest.mark.parametrize("bad", ["--lisa.gamma=9", pytest.param("--train.nope=1", marks=pytest.mark.slow)])
 def test_d23_a_config_error_under_launch_torchrun_exits_2(tmp_path, bad):
     data_file = write_text_data(tmp_path / "data.jsonl")
     config = tmp_path / "empty.yaml"
