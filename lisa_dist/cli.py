@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from lisa_dist.config import Config, load_config
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, first_line
 
 # Exit statuses, one per kind of stop: a launcher or workflow engine can tell them apart.
 EXIT_BAD_INPUT = 2
@@ -246,7 +246,7 @@ def _train(cfg: Config) -> int:
         if not is_collective_failure(exc):
             raise
         # A peer died or hung outside the training loop: say so plainly instead of a transport traceback.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         log.error("rank %d: a collective failed: another rank died or stopped answering (the launcher's report "
                   "names it; the ranks' host:pid were logged at start): %s", rank, first)
         return EXIT_COLLECTIVE

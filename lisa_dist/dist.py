@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lisa_dist.errors import CollectiveFailure, ConfigError, DistError
+from lisa_dist.errors import CollectiveFailure, ConfigError, DistError, first_line
 from lisa_dist.teardown import guard_exit, wait_for_idle_gloo_workers
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -410,7 +410,7 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def collective_failure(exc: BaseException, doing: str, timeout_s: float, peers: PeerReport | None) -> DistError:
     """One line for a failed collective: what this rank was doing, the timeout, the ranks that did not answer."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     first = first.split("] ", 1)[-1]  # gloo prefixes its source location
     silent = peers.silent_ranks(min(30.0, max(5.0, timeout_s / 10))) if peers else None
     if silent:

@@ -34,3 +34,9 @@ class Preempted(Exception):  # noqa: N818 - it is an outcome, not an error
     def __init__(self, step: int, checkpoint: Path | None) -> None:
         super().__init__(f"preempted after step {step}; checkpoint {checkpoint or '(on the main rank)'}")
         self.step, self.checkpoint = step, checkpoint
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): a library's error in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

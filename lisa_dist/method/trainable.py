@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from lisa_dist.config import LoraConfig
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.method.optim import NamedParams, TrainableSet
 from lisa_dist.models import ModelLayout
 
@@ -35,7 +35,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableS
         model = get_peft_model(model, peft_cfg)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError and its other target checks
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {first}. This model's linear layers are "
                           f"named {', '.join(linear)}") from None
     return model, TrainableSet(always=[(n, p) for n, p in model.named_parameters() if p.requires_grad])

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lisa_dist.config import ModelConfig
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.models.presets import PRESETS, build_preset, preset_config, torch_dtype
 from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSource, matches_model, materialize_full
@@ -148,7 +148,7 @@ def _tokenizer(source: str, kwargs: dict[str, Any], field: str) -> PreTrainedTok
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, HFValidationError, ValueError) as exc:  # ValueError: no tokenizer files to build one from
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         hint = (" (the folder holds no tokenizer files: copy them in, or set model.tokenizer to a folder or hub id "
                 "that has them)" if Path(source).is_dir() and field == "model.name" else "")
         raise ConfigError(f"{field}={source!r}: cannot load a tokenizer from it: {first}{hint}") from None

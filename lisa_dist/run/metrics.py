@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class WandbSink:
                                    id=resume_id, resume="allow" if resume_id else None,
                                    settings=wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S))
         except wandb.errors.Error as exc:  # no network, a bad key, a server that does not answer in time
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ConfigError(f"logging.wandb_mode={mode!r}: W&B did not start within {INIT_TIMEOUT_S:g} s ({first}): "
                               "check the network and the credentials, or use logging.wandb_mode=offline and "
                               "`wandb sync` the run folder later") from None

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lisa_dist.config import from_dict
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.method import apply_lora
 from lisa_dist.models import allocate, open_model, require_complete
 from lisa_dist.run import checkpoint, outputs
@@ -72,11 +72,6 @@ def _prepare_out(out: Path, overwrite: bool, sources: tuple[Path, ...]) -> Path:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _relation(out: Path, source: Path) -> str:
     out, source = out.resolve(), source.resolve()
     return "is" if out == source else ("holds" if out in source.parents else "lies inside")
@@ -107,7 +102,7 @@ def _state_dict(backend: str, state: Path, model: nn.Module) -> dict[str, torch.
         try:
             dcp.load(wanted, checkpoint_id=str(state), no_dist=True)
         except CheckpointException as exc:  # a BaseException: it would pass every `except Exception`
-            raise ConfigError(f"checkpoint {state.parent} does not load into its model: {_first_line(exc)}") from None
+            raise ConfigError(f"checkpoint {state.parent} does not load into its model: {first_line(exc)}") from None
         return wanted["model"]
     if backend == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lisa_dist.data import alpaca_prompt
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.run import checkpoint
 from lisa_dist.tools.exporter import load_checkpoint
 
@@ -61,7 +61,7 @@ def _load_folder(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, SafetensorError) as exc:  # a truncated weights file raises SafetensorError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"{path} has a config.json but does not load as a Hugging Face model folder: "
                           f"{type(exc).__name__}: {first}") from None
     return model, tokenizer
