@@ -17,7 +17,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -335,6 +335,17 @@ def raise_together(error: BaseException | None) -> None:
     first = next((found for found in errors if found is not None), None)
     if first is not None:
         raise first
+
+
+def run_together(work: Callable[[], object], failures: tuple[type[BaseException], ...] = (Exception,)) -> None:
+    """Collective: this rank's `work`, then `raise_together` with what it raised (of `failures`): a rank's own I/O
+    between collectives ends in an agreement, never in a barrier that a rank which failed alone would not join."""
+    error = None
+    try:
+        work()
+    except failures as exc:
+        error = exc
+    raise_together(error)
 
 
 PEER_PREFIX = "lisa_dist/peers"

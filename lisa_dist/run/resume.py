@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lisa_dist.config import Config
 from lisa_dist.data import data_fingerprint
-from lisa_dist.dist import all_gather_objects, from_main, raise_together
+from lisa_dist.dist import all_gather_objects, from_main, raise_together, run_together
 from lisa_dist.errors import CheckpointError, ConfigError
 from lisa_dist.run import checkpoint, outputs
 
@@ -161,13 +161,7 @@ def _write(run: Run, tmp: Path, steps_done: int) -> None:
 
 
 def _together(work: Callable[[], object]) -> None:
-    """Collective: run this rank's `work`; if it failed on any rank, every rank raises."""
-    error = None
-    try:
-        work()
-    except CHECKPOINT_FAILURES as exc:
-        error = exc
-    raise_together(error)
+    run_together(work, CHECKPOINT_FAILURES)
 
 
 def _cause(exc: BaseException, root: Path) -> str:

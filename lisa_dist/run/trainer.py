@@ -2,12 +2,12 @@
 backend runs it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from lisa_dist.dist import (
     is_collective_failure,
     raise_together,
     rank_table,
+    run_together,
 )
 from lisa_dist.errors import CheckpointError, ConfigError, DataError, DistError, Preempted
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
@@ -408,24 +409,18 @@ def _save_final(run: Run, final: Path) -> None:
             outputs.replace_dir(staging, final)
 
     try:
-        raise_together(_error_of(clear))
+        run_together(clear)
         run.backend.save_model(str(staging))
-        raise_together(_error_of(finish))
+        run_together(finish)
     except DistError:
         raise  # a peer died: not a write that failed
-    except Exception as exc:  # noqa: BLE001 - every rank has it (raise_together): one line, exit 5
-        _error_of(clear)
+    except Exception as exc:  # noqa: BLE001 - every rank has it (run_together): one line, exit 5
+        with contextlib.suppress(Exception):
+            clear()
         cause = outputs.describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"checkpoint.save_final: writing {final} failed: {cause}; the checkpoints are intact "
                               "(`lisa-dist export` writes the same folder from the last one)") from exc
 
-
-def _error_of(work: Callable[[], None]) -> Exception | None:
-    try:
-        work()
-    except Exception as exc:  # noqa: BLE001 - reported on every rank by the caller's raise_together
-        return exc
-    return None
 
 
 def _finish(run: Run, out: Path) -> dict[str, Any]:
