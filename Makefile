@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The demo fine-tunes on ../shared's Alpaca-GPT4 sample when it is there, else on the instruction data the repo ships.
 DEMO_DATA := $(firstword $(wildcard ../shared/data/alpaca_gpt4_en_999.json) lisa_dist/assets/demo_alpaca.jsonl)
 
-.PHONY: venv lock demo demo-tiny test test-slow test-all lint bench bench-multinode clean
+.PHONY: venv lock demo demo-tiny test test-slow test-all lint bench bench-multinode gpu-kit gpu-kit-cpu clean
 
 venv: $(VENV)/.installed
 
@@ -44,14 +44,19 @@ demo-tiny: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NPROC_PER_NODE=2 launch/torchrun.sh configs/demo_tiny.yaml \
 		--data.path=$(DEMO_DATA) --train.overwrite=true
 
+# The venv's tools first for the tests as for their launched ranks (tests/helpers.launcher_env): DeepSpeed's
+# just-in-time CPU op is built by whichever ninja comes first, and two ninja versions hash its commands differently,
+# so alternating them rebuilt it (about 35 s) again and again.
+VENV_PATH = PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+
 test: venv
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(VENV_PATH) $(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow tests
+	$(VENV_PATH) $(PY) -m pytest -q -m slow tests
 
 test-all: venv
-	$(PY) -m pytest -q tests
+	$(VENV_PATH) $(PY) -m pytest -q tests
 
 # Memory and speed of full fine-tuning, LoRA, naive LISA, BAdam and LISA; the speed targets on SmolLM2-135M's shape
 # (benchmarks/results/targets.md) with the switch against model size per backend; per-backend switch overhead,
@@ -76,6 +81,14 @@ bench: venv
 bench-multinode: venv
 	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/report.py
+
+# The GPU kit (benchmarks/README.md): the wheels a registry-less GPU machine lacks, into .gpu_kit/wheels; and its
+# check at tiny sizes on this machine's CPU (about 3.5 minutes). On the GPU machine: benchmarks/gpu_kit/check.sh.
+gpu-kit: venv
+	$(PY) benchmarks/gpu_kit/prepare.py
+
+gpu-kit-cpu: venv
+	$(PY) benchmarks/gpu_kit/check.py --device cpu --out runs/gpu_kit_cpu
 
 lint: venv
 	$(VENV)/bin/ruff check lisa_dist tests benchmarks examples scripts

@@ -41,6 +41,7 @@ PLANNED = {"full": "full", "lora": "lora", "qlora": "qlora", "naive_lisa": "naiv
            **{name: "lisa" for name in LISA_OPTIONS}}
 # Llama-shaped models by name: the CPU default, and larger ones for one GPU (benchmarks/gpu.sh).
 SIZES = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 4},  # the GPU kit's CPU run (benchmarks/gpu_kit)
     "bench": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 8, "head_dim": 64},
     # SmolLM2-135M-Instruct's shape (tied embeddings, 134.5M params): the speed targets of make bench.
@@ -54,6 +55,9 @@ SIZES = {
            "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128},
 }
 GAMMA, INTERVAL = 2, 2
+# The libraries each method needs beyond lisa_dist's own (datasets, transformers).
+LIBRARIES = {"all": ["datasets"], "lora": ["peft"], "qlora": ["peft", "bitsandbytes"], "badam": ["badam"],
+             "lisa_int8": ["torchao"], "lisa_nf4": ["torchao"], "lisa_lean": ["torchao", "torchao.optim"]}
 
 
 def overrides(method: str, args: argparse.Namespace) -> list[str]:
@@ -106,11 +110,12 @@ def rss_bytes() -> int:
 
 def run_one(method: str, args: argparse.Namespace) -> dict:
     """Train `method` in this process and return what it measured."""
-    import badam  # noqa: F401  every library a method may load, imported before the baseline RSS is taken
-    import bitsandbytes  # noqa: F401
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import torchao.optim  # noqa: F401
+    import importlib
+
+    # The libraries this method loads, imported before the baseline RSS is taken; only these (a GPU machine may
+    # lack badam or bitsandbytes, which the other methods never touch).
+    for module in LIBRARIES["all"] + LIBRARIES.get(method, []):
+        importlib.import_module(module)
 
     from lisa_dist.config import load_config
     from lisa_dist.run import build, train_step
@@ -128,6 +133,11 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     shapes = shapes_of_model(run.layout.model, lora=lora)
     if method == "qlora" and not quantize_lora_base(run.layout.layers):
         raise RuntimeError("QLoRA: peft wrapped no nn.Linear to quantize")
+    loaded = {}
+    if cuda:  # the training peak, not the loading's (a whole layer's fp32 copy on its way to NF4, say)
+        loaded = {"load_peak_bytes": torch.cuda.max_memory_allocated() - before,
+                  "loaded_bytes": torch.cuda.memory_allocated() - before}
+        torch.cuda.reset_peak_memory_stats()
     steps, seen = [], 0
     for step in range(cfg.train.steps):
         if cuda:
@@ -142,8 +152,11 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
                       "compiled_graphs": record.get("compiled_graphs")})
         seen = record["tokens"]
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:  # what the caching allocator held at its peak, fragmentation included: what must fit the card
+        loaded["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
     measured = steps[2:]  # warm-up
     result = {
+        **loaded,
         "method": method, "steps": steps, "peak_bytes": peak - before, "peak_kind": "cuda" if cuda else "rss",
         "median_step_s": statistics.median(s["s"] for s in measured),
         "tokens_per_s": statistics.median(s["tokens"] / s["s"] for s in measured),
@@ -183,7 +196,13 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)))
         return
-    results = {}
+    results, failed = {}, []
+    meta = {"torch": torch.__version__, "device": args.device, "size": args.size, "model": SIZES[args.size],
+            "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gamma": GAMMA,
+            "interval": INTERVAL, "precision": args.precision, "threads": args.threads,
+            "activation_checkpointing": args.activation_checkpointing}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         cmd = [sys.executable, __file__, "--one", method, f"--steps={args.steps}", f"--size={args.size}",
                f"--device={args.device}", f"--precision={args.precision}", f"--seq-len={args.seq_len}",
@@ -194,21 +213,20 @@ def main() -> None:
         if done.returncode and "out of memory" in done.stderr.lower():
             results[method] = {"method": method, "oom": True}  # does not fit this device: a result too
             print(f"{method:10s} out of memory", flush=True)
-            continue
-        if done.returncode or not lines:
-            sys.exit(f"{method} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        results[method] = json.loads(lines[-1][len("RESULT "):])
-        r = results[method]
-        print(f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  device state "
-              f"{sum(v for k, v in r['steps'][-1]['state'].items() if k != 'host'):>12,} B"
-              f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})", flush=True)
-    meta = {"torch": torch.__version__, "device": args.device, "size": args.size, "model": SIZES[args.size],
-            "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gamma": GAMMA,
-            "interval": INTERVAL, "precision": args.precision, "threads": args.threads,
-            "activation_checkpointing": args.activation_checkpointing}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        elif done.returncode or not lines:  # recorded, and the next method still runs
+            failed.append(method)
+            results[method] = {"method": method, "error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
+            print(f"{method:10s} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}",
+                  flush=True)
+        else:
+            results[method] = r = json.loads(lines[-1][len("RESULT "):])
+            print(f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  device state "
+                  f"{sum(v for k, v in r['steps'][-1]['state'].items() if k != 'host'):>12,} B"
+                  f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})", flush=True)
+        # Written after every method: a run stopped part way keeps what it measured.
+        (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if failed:
+        sys.exit(f"methods.py: {', '.join(failed)} failed (their errors are in {out / f'{args.name}.json'})")
 
 
 if __name__ == "__main__":

@@ -58,12 +58,13 @@ def state(step: dict) -> int:
 
 def methods_section(data: dict, out: Path, stem: str) -> list[str]:
     meta, results = data["meta"], data["results"]
-    fits = {name: r for name, r in results.items() if not r.get("oom")}
+    fits = {name: r for name, r in results.items() if not (r.get("oom") or r.get("error"))}
     full = fits.get("full")
+    params = next((r["params"] for r in fits.values()), 0)
     lines = [
         f"## Methods side by side (one process, {meta['device']}, model size {meta['size']})",
         "",
-        f"Llama-shaped model: {describe(meta['model'])} ({fits[next(iter(fits))]['params'] / 1e6:.1f}M params), "
+        f"Llama-shaped model: {describe(meta['model'])} ({params / 1e6:.1f}M params), "
         f"{meta['steps']} steps of {meta['micro_batch']} x {meta['seq_len']} tokens, {meta['precision']}, "
         f"{meta['device']}, {meta['threads']} threads; LISA gamma {meta['gamma']}, K {meta['interval']}; BAdam "
         f"one block, switched every {meta['interval']} steps. Tokens/s: median over steps 3..{meta['steps']}. "
@@ -77,8 +78,8 @@ def methods_section(data: dict, out: Path, stem: str) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
-        if r.get("oom"):
-            lines.append(f"| {LABELS[name]} | out of memory |" + " |" * 12)
+        if r.get("oom") or r.get("error"):
+            lines.append(f"| {LABELS[name]} | {'out of memory' if r.get('oom') else 'failed'} |" + " |" * 12)
             continue
         last = r["steps"][-1]
         model = r.get("predicted_last")

@@ -34,14 +34,21 @@ INTERVAL = 5
 MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8}  # on the tiny-llama preset
 
 
+def _synchronize(run) -> None:
+    if run.backend.device.type == "cuda":
+        torch.cuda.synchronize(run.backend.device)
+
+
 def measure(overrides: list[str], steps: int) -> dict:
     cfg = load_config(None, overrides + [f"--train.steps={steps}"])
     run = build(cfg)
     step_s, switch_s, state, traffic, gathered = [], [], [], [], []
     for step in range(steps):
+        _synchronize(run)  # a GPU's queued work belongs to the step that queued it
         start = time.perf_counter()
         with count_collectives() as comm:
             record = train_step(run, step)
+        _synchronize(run)
         elapsed = time.perf_counter() - start
         state.append(record["optimizer_state_bytes"])
         if record["switched"] and step > 0:

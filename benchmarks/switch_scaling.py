@@ -71,6 +71,11 @@ def time_flattening() -> None:
         setattr(cls, name, timed)
 
 
+def _synchronize(run) -> None:
+    if run.backend.device.type == "cuda":
+        torch.cuda.synchronize(run.backend.device)
+
+
 def measure(backend: str, size: str, steps: int) -> dict:
     cfg = load_config(None, [
         f"--data.path={DATA}", "--data.format=text", "--data.text_field=output", "--data.max_length=128",
@@ -83,8 +88,10 @@ def measure(backend: str, size: str, steps: int) -> dict:
     switches, plain, phases = [], [], []
     flattened_before = FLATTEN["flatten"]
     for step in range(steps):
+        _synchronize(run)  # a GPU's queued work belongs to the step that queued it
         start = time.perf_counter()
         record = train_step(run, step)
+        _synchronize(run)
         elapsed = time.perf_counter() - start
         if record["switched"] and step > 0:
             switches.append(record["switch_s"])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from lisa_dist.backends.base import Backend
 from lisa_dist.backends.deepspeed import (
     DS_TAG,
@@ -29,6 +31,8 @@ def loss_chunk_tokens(cfg: Config) -> int:
 def build_backend(cfg: Config) -> Backend:
     b, t, lisa = cfg.backend, cfg.train, cfg.lisa
     chunk = loss_chunk_tokens(cfg)
+    if t.tf32:  # torch's default ("highest") keeps fp32 matmuls exact
+        torch.set_float32_matmul_precision("high")
     if b.name == "local":
         return LocalBackend(t.device, t.precision, cfg.optim, frozen_storage=lisa.frozen_storage,
                             host_dtype=lisa.host_dtype, loss_chunk_tokens=chunk)

@@ -4,8 +4,8 @@ itself.
 
 FSDP2 fixes a unit's params (dtype, all-gather layout) when it shards them, so a param cannot turn into a torchao
 tensor and back at each switch. Instead a frozen block keeps its sharded DTensor params, which stay the exact
-weights: the matrices' shards move to the host (`Module._apply`, which FSDP2 re-registers; fp32 or bf16, pinned on
-CUDA), the norms and biases stay on the device in fp32. Its FSDP forward hooks are detached and each of its modules
+weights: the matrices' shards move to the host (`Module._apply`, which FSDP2 re-registers; fp32 or bf16, page-locked
+on CUDA), the norms and biases stay on the device in fp32. Its FSDP forward hooks are detached and each of its modules
 runs `_frozen_forward`: a quantizable `nn.Linear` through `_FrozenLinear`, which all-gathers the ranks' quantized
 shards (one collective per matrix), dequantizes them and multiplies, then gathers again in backward for the input
 gradient, so a full weight lives only while it is used; the other params (norms, biases) are gathered in full for
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from lisa_dist.method import dequantize, quantizable, quantize
+from lisa_dist.method import PinnedShards, dequantize, quantizable, quantize
 from lisa_dist.models import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class ShardedFrozenStore:
         self.group, self.compute_dtype = group, compute_dtype
         self.frozen: dict[int, _FrozenBlock] = {}
         self.warned_eager = False
+        self.pinned = PinnedShards()
 
     def freeze_all(self) -> None:
         for i in range(len(self.layout.layers)):
@@ -216,12 +217,17 @@ class ShardedFrozenStore:
         state._post_forward_hook_handle = block.register_forward_hook(state._post_forward, prepend=False)
 
     def _move(self, block: FSDPModule, matrices: list, device: torch.device, dtype: torch.dtype) -> None:
-        """Move these params' shards through FSDP2's `_apply`, which re-pads them and re-registers the DTensors
-        (pinning host shards when the device is CUDA)."""
+        """Move these params' shards through FSDP2's `_apply`, which re-pads them and re-registers the DTensors.
+        Host shards are page-locked in place on CUDA (`PinnedShards`, exactly their bytes), not by FSDP2's
+        `pin_memory`, whose allocator rounds each shard up to a power of two."""
         ids = {id(fp.sharded_param) for fp in matrices
                if fp.sharded_param.device != device or fp.sharded_param.dtype != dtype}
         if not ids:
             return
+        key = id(block)
+        self.pinned.unpin(key)
         for fp in matrices:
-            fp.pin_memory = device == HOST and self.device.type == "cuda"
+            fp.pin_memory = False
         block._apply(lambda t: t.to(device, dtype) if id(t) in ids else t)
+        if device == HOST and self.device.type == "cuda":
+            self.pinned.pin(key, [fp._sharded_param_data for fp in matrices])

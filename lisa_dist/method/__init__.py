@@ -31,6 +31,7 @@ from lisa_dist.method.optim import (
     set_requires_grad,
     storage_bytes,
 )
+from lisa_dist.method.pinned import HostBuffer, PinnedShards
 from lisa_dist.method.sampler import LayerSampler
 from lisa_dist.method.trainable import apply_lora, layer_named_params, lisa_trainable
 
@@ -44,8 +45,10 @@ __all__ = [
     "quantize",
     "quantized_bytes",
     "GradNormImportance",
+    "HostBuffer",
     "LayerSampler",
     "NamedParams",
+    "PinnedShards",
     "TrainableSet",
     "adamw_kernel",
     "apply_lora",

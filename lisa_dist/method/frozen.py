@@ -1,12 +1,13 @@
 """Storage of the decoder layers that do not train: as trained (fp32), cast (bf16), or quantized by torchao (int8,
 NF4) with the exact weights in host memory.
 
-With int8 or nf4 every matrix of a decoder block's linear layers has an exact host copy (fp32 or bf16; pinned when
-the device is CUDA). A frozen block holds on the device only torchao's quantized tensor, made from that copy. When a
-block becomes active it gets fp32 params loaded from its host copies, so the optimizer only ever updates exact
-weights; when it leaves, its trained weights go back to the host copies and the device copy is re-quantized from
-them. Checkpoints and exports read the host copies (`exact_state_dict`), never dequantized weights. Params that are
-not quantized (norms, biases, matrices whose size the format cannot block) stay on the device in fp32, exact.
+With int8 or nf4 every matrix of a decoder block's linear layers has an exact host copy (fp32 or bf16), in one host
+buffer per block (page-locked on CUDA, exactly its bytes: `lisa_dist.method.pinned`). A frozen block holds on the
+device only torchao's quantized tensor, made from that copy. When a block becomes active it gets fp32 params loaded
+from its host copies, so the optimizer only ever updates exact weights; when it leaves, its trained weights go back
+to the host copies and the device copy is re-quantized from them. Checkpoints and exports read the host copies
+(`exact_state_dict`), never dequantized weights. Params that are not quantized (norms, biases, matrices whose size
+the format cannot block) stay on the device in fp32, exact.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from lisa_dist.config import QUANTIZED
 from lisa_dist.method.optim import TrainableSet
+from lisa_dist.method.pinned import HostBuffer
 from lisa_dist.models import ModelLayout
 
 NF4_BLOCK = 64  # elements per NF4 scale (QLoRA's block)
@@ -105,7 +107,8 @@ class FrozenStore:
         self.layout, self.storage, self.device = layout, storage, device
         self.host_dtype = DTYPES[host_dtype]
         self.host: dict[str, torch.Tensor] = {}
-        """Parameter name -> exact host copy, for every quantized weight of every block."""
+        """Parameter name -> exact host copy (a view of its block's buffer), for every quantized weight."""
+        self.buffers: list[HostBuffer] = []
         self.slots: list[list[tuple[str, nn.Module, str]]] = []
         """Per block: (parameter name, owning module, attribute) of each weight stored quantized when frozen."""
         self.active: set[int] = set()
@@ -116,29 +119,38 @@ class FrozenStore:
 
     def place(self, model: nn.Module) -> None:
         """Put a model loaded on the host onto the device: blocks frozen in the storage format (their exact
-        quantized weights become the host copies), everything else as loaded. One block at a time, so the device
-        never holds the whole model in full precision."""
+        quantized weights copied into the host buffers), everything else as loaded. One block at a time, so the
+        device never holds the whole model in full precision and the host never holds it twice."""
         prefix = self.layout.layers_path
         for i, block in enumerate(self.layout.layers):
-            slots = []
-            for mod_name, module in block.named_modules():
-                weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
-                if self.quantized and weight is not None and quantizable(weight.shape, self.storage):
-                    name = f"{prefix}.{i}.{mod_name}.weight"
-                    # The loaded weight itself becomes the host copy (the module's param is replaced when the block
-                    # is frozen below), so the host never holds the matrices twice.
-                    host = weight.detach().to(self.host_dtype)
-                    self.host[name] = host.pin_memory() if self.device.type == "cuda" else host
-                    slots.append((name, module, "weight"))
+            slots = [(f"{prefix}.{i}.{mod_name}.weight", module, "weight")
+                     for mod_name, module in block.named_modules() if self._quantizes(module)]
             self.slots.append(slots)
-        kept = {id(getattr(module, attr)) for slots in self.slots for _, module, attr in slots}
+            if not slots:
+                continue
+            # One page-locked buffer per block on CUDA (lisa_dist.method.pinned: exactly its bytes).
+            buffer = HostBuffer([module.weight.shape for _, module, _ in slots], self.host_dtype,
+                                pin=self.device.type == "cuda")
+            self.buffers.append(buffer)
+            with torch.no_grad():
+                for (name, module, _), view in zip(slots, buffer.views, strict=True):
+                    view.copy_(module.weight)
+                    self.host[name] = view
+            self._freeze(i, write_back=False)  # the loaded weights give way to the quantized ones, block by block
         with torch.no_grad():
             for p in model.parameters():
-                if id(p) not in kept:
+                if p.device != self.device:
                     p.data = p.data.to(self.device)
             for b in model.buffers():
                 b.data = b.data.to(self.device)
-        self.freeze_all()
+        for i, slots in enumerate(self.slots):
+            if not slots:
+                self._freeze(i, write_back=False)
+        self.active = set()
+
+    def _quantizes(self, module: nn.Module) -> bool:
+        weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
+        return self.quantized and weight is not None and quantizable(weight.shape, self.storage)
 
     def freeze_all(self) -> None:
         """Every block in its frozen storage, none active (after `place`, or on blocks already on the device)."""

@@ -142,8 +142,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
     total = math.sqrt(float(squares))
     if max_norm > 0 and total > max_norm:
         factor = max_norm / (total + 1e-6)
-        for grad in grads:
-            grad.mul_(factor)
+        torch._foreach_mul_([_local(grad) for grad in grads], factor)  # one batched kernel, not one per param
     return total
 
 

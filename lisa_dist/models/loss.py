@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -29,11 +30,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, chunk_tokens
     """A micro-batch moved to `device`. With `chunk_tokens`, also `kept`: the flat indices of its supervised tokens
     after the shift, found on the host copy (a boolean mask on the device would read its count back: a host sync
     per micro-batch)."""
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    host = dict(batch)
     if chunk_tokens:
-        kept = (batch["labels"][:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-        moved[KEPT] = kept.to(device, non_blocking=True)
-    return moved
+        host[KEPT] = (batch["labels"][:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    # From page-locked copies on CUDA: a copy from pageable memory is synchronous whatever non_blocking says.
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host.items()}
 
 
 KEPT = "kept"
@@ -84,15 +86,15 @@ def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: in
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  labels: torch.Tensor, chunk_tokens: int, kept: torch.Tensor | None = None,
-                                 ) -> torch.Tensor:
+                                 fused: bool = True) -> torch.Tensor:
     """sum over supervised tokens of cross_entropy(hidden @ weight.T + bias, labels), `chunk_tokens` rows at a time
-    (Liger's fused kernel on CUDA when installed). `kept`: the supervised tokens' flat indices, found on the host
-    (`to_device`); without it a boolean mask finds them, which reads the device."""
+    (Liger's fused kernel on CUDA when installed, unless not `fused`). `kept`: the supervised tokens' flat indices,
+    found on the host (`to_device`); without it a boolean mask finds them, which reads the device."""
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
     if kept is None:
         kept = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     rows, targets = flat_hidden.index_select(0, kept), flat_labels.index_select(0, kept)
-    if rows.is_cuda and _liger() is not None:
+    if fused and rows.is_cuda and _liger() is not None:
         return _liger()(rows, weight, targets, bias, reduction="sum")
     # No supervised token: still a (zero) loss through the head, so that its weight gets a gradient on every rank.
     total = _chunk_loss(rows[:0], weight, bias, targets[:0])
@@ -110,8 +112,12 @@ def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 @functools.cache
 def _liger():
+    """Liger's fused linear cross-entropy, accumulating the head's gradient over its chunks in fp32 where the
+    installed version takes `accum_dtype` (else in the weight's dtype: bf16 sums lose the small chunks)."""
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
+    if "accum_dtype" in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+        return functools.partial(liger_fused_linear_cross_entropy, accum_dtype=torch.float32)
     return liger_fused_linear_cross_entropy

@@ -75,6 +75,9 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     if cfg.model.attn_implementation == "flex_attention" and backend.device.type == "cpu":
         raise ConfigError("model.attn_implementation='flex_attention' trains on CUDA only (torch's FlexAttention has "
                           "no backward on CPU): use sdpa or eager here")
+    if backend.is_main and backend.device.type == "cuda" and cfg.train.precision == "fp32" and not cfg.train.tf32:
+        log.info("train.precision=fp32 runs exact fp32 matmuls, several times slower than bf16 on this GPU: "
+                 "train.tf32=true uses its TF32 tensor cores, train.precision=bf16 autocasts")
     skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
     validate_for_model(cfg, layout.num_layers, layout.learned_positions())
@@ -254,7 +257,17 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
         "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
         "trainable_params": run.trainable.num_params(run.active),
         "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
+        **_device_memory(backend.device),
     }
+
+
+def _device_memory(device: torch.device) -> dict[str, int]:
+    """CUDA: what the caching allocator holds now and at its peak (host-side counters: no sync)."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_allocated": torch.cuda.memory_allocated(device), "cuda_reserved": torch.cuda.memory_reserved(device),
+            "cuda_max_allocated": torch.cuda.max_memory_allocated(device),
+            "cuda_max_reserved": torch.cuda.max_memory_reserved(device)}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -440,6 +453,8 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
         "switches": run.switches, "layers_visited": sorted(run.layers_visited),
         "resumed_at_step": run.start_step or None,
         "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in train), default=0),
+        **{f"peak_{k[len('cuda_max_'):]}_bytes": v for k, v in _device_memory(run.backend.device).items()
+           if k.startswith("cuda_max_")},
     }
     evals = [r for r in history if "eval_loss" in r]
     if evals:

@@ -1,5 +1,5 @@
 """Tools around runs: the memory planner, export, trying a model (generate), plots of runs, prepare-model, the
-baselines and collective byte counting."""
+baselines, collective byte counting and host-sync counting."""
 from lisa_dist.tools.baselines import NaiveLisaBackend, build_baseline
 from lisa_dist.tools.comm import count_collectives
 from lisa_dist.tools.exporter import export
@@ -20,6 +20,7 @@ from lisa_dist.tools.memory import (
 )
 from lisa_dist.tools.plot import load_run, plot_runs
 from lisa_dist.tools.prepare import prepare_model
+from lisa_dist.tools.syncs import SyncLog, count_syncs
 
 __all__ = [
     "BACKENDS",
@@ -28,9 +29,11 @@ __all__ = [
     "MODEL_PRESETS",
     "NaiveLisaBackend",
     "Setup",
+    "SyncLog",
     "build_baseline",
     "continue_ids",
     "count_collectives",
+    "count_syncs",
     "estimate",
     "export",
     "generate",

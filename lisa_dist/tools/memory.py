@@ -167,6 +167,8 @@ class Breakdown:
     host: int = 0
     activations: int = 0
     buffers: int = 0
+    runtime: int = 0
+    """ESTIMATE of what a CUDA process holds besides its tensors (`runtime_bytes`)."""
     supported: bool = True
     note: str = ""
 
@@ -177,12 +179,19 @@ class Breakdown:
 
     @property
     def device_total(self) -> int:
+        """What torch allocates on the device (its `max_memory_allocated`)."""
         return self.state + self.activations + self.buffers
+
+    @property
+    def gpu_total(self) -> int:
+        """The device total plus the CUDA runtime: what must fit the card."""
+        return self.device_total + self.runtime
 
     def as_dict(self) -> dict:
         return {"params": self.params, "grads": self.grads, "masters": self.masters, "moments": self.moments,
                 "host": self.host, "activations": self.activations, "buffers": self.buffers,
-                "state": self.state, "device_total": self.device_total, "supported": self.supported,
+                "runtime": self.runtime, "state": self.state, "device_total": self.device_total,
+                "gpu_total": self.gpu_total, "supported": self.supported,
                 "note": self.note}
 
 
@@ -346,6 +355,7 @@ def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[in
     out = _state(shapes, method, setup, trainable, with_state, frozen)
     out.activations = activation_bytes(shapes, setup)
     out.buffers = _buffers(shapes, setup, trainable)
+    out.runtime = runtime_bytes(setup)
     return out
 
 
@@ -483,7 +493,32 @@ def activation_bytes(shapes: ModelShapes, s: Setup) -> int:
         body = layers * per_layer
     # The chunked loss holds the logits of one chunk of tokens at a time (recomputed in backward).
     logit_tokens = min(tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else tokens
-    return body + logit_tokens * shapes.vocab * (compute + (4 if compute != 4 else 0) + 4)
+    # Padded rows (more than one per micro-batch): SDPA's boolean mask, micro-batch x seq_len^2, lives through
+    # the forward and backward.
+    mask = s.micro_batch * s.seq_len * s.seq_len if s.micro_batch > 1 else 0
+    return body + mask + logit_tokens * shapes.vocab * (compute + (4 if compute != 4 else 0) + 4)
+
+
+CUDA_CONTEXT = 600 * 1024**2
+"""ESTIMATE: the CUDA context with torch's kernels loaded lazily (about 500-600 MiB on an H100 with CUDA 12/13)."""
+CUBLAS_WORKSPACES = 2 * 32 * 1024**2
+"""ESTIMATE: cuBLAS and cuBLASLt workspaces of the compute stream (32 MiB each on Hopper)."""
+NCCL_COMMUNICATOR = 512 * 1024**2
+"""ESTIMATE: one NCCL communicator's channel buffers (NCCL_BUFFSIZE 4 MiB x send and receive x its channels, up
+to 32 on NVLink) and its proxy state; NCCL_BUFFSIZE and NCCL_MAX_NCHANNELS move it."""
+
+
+def runtime_bytes(s: Setup) -> int:
+    """ESTIMATE of what a CUDA process holds besides the tensors above: the context, cuBLAS's workspaces, and one
+    NCCL communicator per process group that runs collectives on the device (FSDP: one, HSDP: the shard and the
+    replicate groups; DeepSpeed clones the world group: two; one rank: none)."""
+    if s.world_size == 1:
+        communicators = 0
+    elif s.backend.startswith("zero") or (s.backend == "fsdp" and s.replicate > 1):
+        communicators = 2
+    else:
+        communicators = 1
+    return CUDA_CONTEXT + CUBLAS_WORKSPACES + communicators * NCCL_COMMUNICATOR
 
 
 def _buffers(shapes: ModelShapes, s: Setup, trainable: list[Param]) -> int:
@@ -514,13 +549,13 @@ def plan(shapes: ModelShapes, setup: Setup, methods: Sequence[str] = METHODS) ->
 
 def longest_seq_len(shapes: ModelShapes, setup: Setup, method: str, gpu_gib: float, headroom: float = 0.9,
                     step: int = 256, limit: int = 1 << 20) -> int:
-    """The longest sequence (a multiple of `step` tokens, micro-batch as in `setup`) at which `method`'s total fits
-    `headroom` of `gpu_gib`; 0 when not even `step` tokens fit. Activations grow linearly with the sequence."""
+    """The longest sequence (a multiple of `step` tokens, micro-batch as in `setup`) at which `method`'s GPU total
+    (the CUDA runtime included) fits `headroom` of `gpu_gib`; 0 when not even `step` tokens fit."""
     budget = gpu_gib * GIB * headroom
 
     def fits(blocks: int) -> bool:
         b = estimate(shapes, method, dataclasses.replace(setup, seq_len=blocks * step))
-        return b.supported and b.device_total <= budget
+        return b.supported and b.gpu_total <= budget
 
     if not fits(1):
         return 0
@@ -560,18 +595,20 @@ def table(shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0
         f"checkpointing {'on' if setup.activation_checkpointing else 'off'}. GiB per rank.",
         "",
         "| method | params | grads | fp32 masters | Adam moments | state | activations (est.) | buffers (est.) "
-        f"| total | host (CPU) | fits {gpu_gib:g} GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| allocated | CUDA runtime (est.) | total | host (CPU) | fits {gpu_gib:g} GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, b in rows.items():
         if not b.supported:
-            lines.append(f"| {METHOD_NAMES[method]} | - | - | - | - | - | - | - | - | - | fails: {b.note} |")
+            lines.append(f"| {METHOD_NAMES[method]} |" + " - |" * 11 + f" fails: {b.note} |")
             continue
-        fits = "yes" if b.device_total <= budget else "no"
+        fits = "yes" if b.gpu_total <= budget else "no"
         lines.append(f"| {METHOD_NAMES[method]} | {gib(b.params)} | {gib(b.grads)} | {gib(b.masters)} | "
                      f"{gib(b.moments)} | {gib(b.state)} | {gib(b.activations)} | {gib(b.buffers)} | "
-                     f"{gib(b.device_total)} | {gib(b.host)} | {fits} |")
-    lines += ["", f"Fits: total <= {headroom:.0%} of the GPU's memory (the rest for the CUDA context and "
-                  "fragmentation). params, grads, masters and moments are exact; activations and buffers are "
-                  "estimates."]
+                     f"{gib(b.device_total)} | {gib(b.runtime)} | {gib(b.gpu_total)} | {gib(b.host)} | {fits} |")
+    lines += ["", f"Fits: total <= {headroom:.0%} of the GPU's memory (the rest for the caching allocator's "
+                  "fragmentation; `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` keeps it small across LISA "
+                  "switches). params, grads, masters and moments are exact; activations, buffers and the CUDA "
+                  "runtime (context, cuBLAS workspaces, NCCL communicators) are estimates. Allocated: what torch's "
+                  "max_memory_allocated should read."]
     return "\n".join(lines)

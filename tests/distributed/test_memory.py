@@ -211,8 +211,8 @@ def test_longest_sequence_grows_with_each_memory_option():
                                          adam_8bit="all", loss_chunk_tokens=1024), "lisa", 80)
     assert 0 < plain < bf16 < lean and lean % 256 == 0
     budget = 0.9 * 80 * 1024**3
-    assert estimate(shapes, "lisa", Setup(**fsdp, seq_len=plain)).device_total <= budget
-    assert estimate(shapes, "lisa", Setup(**fsdp, seq_len=plain + 256)).device_total > budget
+    assert estimate(shapes, "lisa", Setup(**fsdp, seq_len=plain)).gpu_total <= budget
+    assert estimate(shapes, "lisa", Setup(**fsdp, seq_len=plain + 256)).gpu_total > budget
     assert longest_seq_len(shapes, Setup(**fsdp), "full", 80) == 0
 
 

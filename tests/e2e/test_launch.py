@@ -1,4 +1,5 @@
-"""The launch scripts: syntax, shellcheck, and the errors they give before starting anything."""
+"""The launch scripts (and the benchmarks' shell scripts): syntax, shellcheck, and the errors they give before
+starting anything."""
 import shutil
 import subprocess
 
@@ -6,7 +7,8 @@ import pytest
 
 from ..helpers import REPO, launcher_env
 
-SCRIPTS = sorted((REPO / "launch").rglob("*.sh")) + sorted((REPO / "launch").rglob("*.sbatch"))
+SCRIPTS = sorted((REPO / "launch").rglob("*.sh")) + sorted((REPO / "launch").rglob("*.sbatch")) + \
+    sorted((REPO / "benchmarks").rglob("*.sh"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))

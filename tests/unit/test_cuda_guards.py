@@ -86,3 +86,33 @@ def test_resume_with_quantized_storage_loads_the_exact_model_to_host_memory(tmp_
                                                      "--train.precision=bf16")))
     assert resumed.start_step == 1
     assert ("model.pt", "cpu") in loads
+
+
+def test_host_copies_are_page_locked_exactly_one_buffer_per_block(monkeypatch):
+    """torch's pinned allocator rounds each allocation up to a power of two; a block's host copies are one buffer
+    registered with its exact byte count, unregistered when it goes (the planner counts exactly those bytes)."""
+    import gc
+
+    from lisa_dist.method import HostBuffer, PinnedShards, pinned
+
+    registered: dict[int, int] = {}
+    monkeypatch.setattr(pinned, "_register", lambda ptr, nbytes: registered.__setitem__(ptr, nbytes))
+    monkeypatch.setattr(pinned, "_unregister", registered.pop)
+    shapes = [torch.Size([192, 64]), torch.Size([64, 64]), torch.Size([3, 100])]  # 12,288 + 4,096 + 300 elements
+    buffer = HostBuffer(shapes, torch.bfloat16, pin=True)
+    assert [v.shape for v in buffer.views] == shapes
+    assert registered == {buffer.flat.data_ptr(): 16_684 * 2} == {buffer.flat.data_ptr(): buffer.nbytes()}
+    buffer.flat.zero_()
+    buffer.views[1].fill_(1.0)
+    assert buffer.flat[12_288:16_384].eq(1).all() and buffer.flat.eq(1).sum() == 4_096
+    del buffer
+    gc.collect()
+    assert registered == {}
+    assert HostBuffer(shapes, torch.float32, pin=False) and registered == {}  # the CPU: nothing registered
+
+    shards, tensors = PinnedShards(), [torch.zeros(1000), torch.zeros(10, 10, dtype=torch.bfloat16)]
+    shards.pin(7, tensors)
+    assert sorted(registered.values()) == [200, 4000]
+    shards.unpin(7)
+    shards.unpin(7)  # a block never pinned (the CPU) or already unpinned: nothing to do
+    assert registered == {}
