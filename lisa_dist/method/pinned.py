@@ -8,16 +8,37 @@ asynchronous. On the CPU nothing is registered.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _register(ptr: int, nbytes: int) -> None:
     from torch.cuda._pin_memory_utils import pin_memory
 
     pin_memory(ptr, nbytes)
+
+
+def _try_register(ptr: int, nbytes: int) -> bool:
+    """Page-lock; a refusal (a range CUDA already registered, a locked-memory limit) leaves the memory pageable:
+    its copies to the device are then synchronous, not wrong. Warned once."""
+    global _warned
+    try:
+        _register(ptr, nbytes)
+        return True
+    except RuntimeError as exc:
+        if not _warned:
+            _warned = True
+            log.warning("page-locking the exact host copies failed (%s): they stay pageable, so their copies to the "
+                        "GPU at LISA switches are synchronous", str(exc).splitlines()[0])
+        return False
+
+
+_warned = False
 
 
 def _unregister(ptr: int) -> None:
@@ -38,12 +59,10 @@ class HostBuffer:
         for shape, size in zip(shapes, sizes, strict=True):
             self.views.append(self.flat[offset:offset + size].view(shape))
             offset += size
-        self.pinned = pin and self.flat.numel() > 0
+        self.pinned = pin and self.flat.numel() > 0 and _try_register(self.flat.data_ptr(), self.nbytes())
         if self.pinned:
-            ptr = self.flat.data_ptr()
-            _register(ptr, self.flat.numel() * self.flat.element_size())
             # Unregistered before the memory can be freed: this object holds the buffer until it goes.
-            weakref.finalize(self, _unregister, ptr)
+            weakref.finalize(self, _unregister, self.flat.data_ptr())
 
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()
@@ -60,8 +79,7 @@ class PinnedShards:
         ptrs = []
         for t in tensors:
             storage = t.untyped_storage()
-            if storage.nbytes():
-                _register(storage.data_ptr(), storage.nbytes())
+            if storage.nbytes() and _try_register(storage.data_ptr(), storage.nbytes()):
                 ptrs.append(storage.data_ptr())
         self.ptrs[key] = ptrs
 

@@ -116,3 +116,22 @@ def test_host_copies_are_page_locked_exactly_one_buffer_per_block(monkeypatch):
     shards.unpin(7)
     shards.unpin(7)  # a block never pinned (the CPU) or already unpinned: nothing to do
     assert registered == {}
+
+
+def test_host_copies_stay_pageable_when_cuda_refuses_to_lock_them(monkeypatch, caplog):
+    from lisa_dist.method import HostBuffer, PinnedShards, pinned
+
+    def refuse(ptr, nbytes):
+        raise RuntimeError("Registering memory failed with cudaError: 712.")
+
+    monkeypatch.setattr(pinned, "_register", refuse)
+    monkeypatch.setattr(pinned, "_warned", False)
+    buffer = HostBuffer([torch.Size([8, 8])], torch.float32, pin=True)
+    assert not buffer.pinned and buffer.views[0].shape == (8, 8)
+    shards = PinnedShards()
+    shards.pin(1, [torch.zeros(100)])
+    assert shards.ptrs == {1: []}
+    shards.unpin(1)  # nothing registered, nothing to unregister
+    assert [r.message for r in caplog.records].count(
+        "page-locking the exact host copies failed (Registering memory failed with cudaError: 712.): they stay "
+        "pageable, so their copies to the GPU at LISA switches are synchronous") == 1
