@@ -24,7 +24,7 @@ from stages import REPO, STAGES, run_stage
 # Each stage's limit in seconds (CUDA), in the order they run: the cheapest and most telling first.
 LIMITS = {"versions": 60, "local": 90, "quantized": 90, "liger": 60, "fsdp_nf4": 120, "zero2": 90, "zero3": 90,
           "compile_resume": 150, "methods": 240}
-QUICK = ("versions", "local", "quantized")
+QUICK = ("versions", "local")
 
 
 def main() -> int:

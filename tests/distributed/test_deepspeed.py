@@ -117,8 +117,8 @@ def test_tied_embeddings_under_zero3_init(tmp_path, data_file):
     assert sum(p.numel() for p in exported.parameters()) == tied_param_count()
 
 
-# With offload in make test-slow (15 s on 2 cores).
-@pytest.mark.parametrize("stage", ["zero2.json", "zero3.json",
+# ZeRO-2 (13 s on 2 cores) and with offload (15 s) in make test-slow.
+@pytest.mark.parametrize("stage", [pytest.param("zero2.json", marks=pytest.mark.slow), "zero3.json",
                                    pytest.param("zero3_offload.json", marks=pytest.mark.slow)])
 def test_bf16_keeps_always_trained_fp32_masters_across_switches(tmp_path, data_file, stage):
     # A naive destroy + initialize rebuilds the embedding and head masters from their bf16 copies and resets their

@@ -60,7 +60,7 @@ def check_against_reference(ranks, reference):
     assert len({tuple(layers) for layers in ref_layers}) > 1  # the layers did switch
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])  # ddp: 17 s, test-slow
 def test_trainer_matches_lisa_dist(tmp_path, data_file, reference, backend):
     check_against_reference(run_trainer(tmp_path, data_file, "out", backend), reference)
 

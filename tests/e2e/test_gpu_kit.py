@@ -20,9 +20,9 @@ def _check(out, *args, timeout=600):
 
 
 def test_quick_cpu_check_reports_every_stage_with_its_figures(tmp_path):
-    proc, rows = _check(tmp_path / "out", "--stages", "versions", "local", "zero3")
+    proc, rows = _check(tmp_path / "out", "--quick")
     assert proc.returncode == 0, (proc.stdout, (tmp_path / "out" / "check.log").read_text()[-4000:])
-    assert {name: r["status"] for name, r in rows.items()} == {"versions": "ok", "local": "ok", "zero3": "ok"}
+    assert {name: r["status"] for name, r in rows.items()} == {"versions": "ok", "local": "ok"}
     versions = rows["versions"]["figures"]
     # Every private API docs/internals.md names exists on the locked versions (liger-kernel is not installed here).
     assert [a for a in versions["missing_apis"] if not a.startswith("liger_kernel")] == [], versions["missing_apis"]
@@ -30,9 +30,7 @@ def test_quick_cpu_check_reports_every_stage_with_its_figures(tmp_path):
     one, eight = local["grad_accum_1"], local["grad_accum_8"]
     assert one["syncs_step_2"] == eight["syncs_step_2"] <= 3, (one["syncs_where"], eight["syncs_where"])
     assert one["state_bytes"] == {k: one["planned"][k] for k in one["state_bytes"]}  # the planner, exactly
-    zero3 = rows["zero3"]["figures"]
-    assert zero3["switched"] == [True, False, True, False, True, False]
-    assert "| zero3 | ok |" in (tmp_path / "out" / "summary.md").read_text()
+    assert "| local | ok |" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_a_stage_past_its_limit_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
