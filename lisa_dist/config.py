@@ -45,7 +45,8 @@ class DataConfig:
     path: str = ""
     """A local .json/.jsonl/.parquet/.txt file, a folder of them, or a hub dataset id."""
     format: str = "alpaca"
-    """text (packed raw text), alpaca (instruction/input/output) or chat (messages with the chat template)."""
+    """text (packed raw text), alpaca (instruction/input/output), chat (OpenAI messages: system, user, assistant
+    with tool_calls, tool), sharegpt (conversations of from/value turns), or auto (from the first row's fields)."""
     max_length: int = 512
     """Tokens per example: the packing block for text, the truncation length otherwise."""
     split: str = "train"
@@ -58,6 +59,11 @@ class DataConfig:
     """Field holding the text in json/jsonl/parquet files of the text format."""
     messages_field: str = "messages"
     """Field holding the list of {role, content} messages in the chat format."""
+    conversations_field: str = "conversations"
+    """Field holding the list of {from, value} turns in the sharegpt format."""
+    chat_template: str = ""
+    """chat/sharegpt: a Jinja file, or a built-in (chatml), replacing the tokenizer's chat template (or giving one
+    to a tokenizer without); saved with the tokenizer in final/ and exports."""
     packing: bool = False
     """alpaca/chat: put several examples in one row of up to max_length tokens; position_ids restart at each
     example and no token attends across examples (transformers' packed-sequence masks)."""
@@ -270,7 +276,9 @@ class Config:
 
 
 BACKENDS = ("local", "fsdp", "deepspeed")
-DATA_FORMATS = ("text", "alpaca", "chat")
+DATA_FORMATS = ("text", "alpaca", "chat", "sharegpt", "auto")
+CHAT_TEMPLATES = ("chatml",)
+"""The built-in chat templates data.chat_template names (lisa_dist.data.chat)."""
 STRATEGIES = ("uniform", "weighted", "fixed", "grad_norm")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -469,6 +477,9 @@ def validate(cfg: Config) -> None:
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _require(bool(cfg.data.path), "data.path", cfg.data.path, "a file, folder or hub dataset id is required")
     _choice("data.format", cfg.data.format, DATA_FORMATS)
+    template = cfg.data.chat_template
+    _require(not template or template in CHAT_TEMPLATES or Path(template).expanduser().is_file(),
+             "data.chat_template", template, f"expected a Jinja file or one of {', '.join(CHAT_TEMPLATES)}")
     _require(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "expected >= 2")
     _choice("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
     _validate_eval(cfg)

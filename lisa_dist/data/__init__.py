@@ -1,7 +1,8 @@
 """Training data: files or a hub dataset read, tokenized and cached (`sources`), held out and packed (`packing`),
 and each rank's micro-batches (`batching`)."""
 from lisa_dist.data.batching import ShardedBatches, collate, collate_rows
-from lisa_dist.data.packing import pack_examples, split_heldout
+from lisa_dist.data.chat import use_chat_template
+from lisa_dist.data.packing import best_fit_decreasing, fill_rate, pack_examples, split_heldout
 from lisa_dist.data.sources import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -18,7 +19,9 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "alpaca_prompt",
     "ShardedBatches",
+    "best_fit_decreasing",
     "cache_key",
+    "fill_rate",
     "data_fingerprint",
     "collate",
     "collate_rows",
@@ -27,4 +30,5 @@ __all__ = [
     "load_examples",
     "load_examples_with_stats",
     "resolve_sources",
+    "use_chat_template",
 ]

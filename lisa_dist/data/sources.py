@@ -1,8 +1,9 @@
 """Training data: read files or a hub dataset, tokenize with a loss mask, cache, and cut into per-rank batches.
 
 Formats: `text` packs raw text into blocks of max_length tokens; `alpaca` supervises only the response of an
-instruction/input/output record; `chat` supervises only the assistant turns of a conversation rendered with the
-tokenizer's chat template. Tokenized examples are cached once per (source, format, length, tokenizer), and the
+instruction/input/output record; `chat` (OpenAI messages) and `sharegpt` (from/value turns) supervise only the
+assistant turns of a conversation rendered with the tokenizer's chat template (`lisa_dist.data.chat`); `auto` takes
+the first row's format. Tokenized examples are cached once per (source, format, length, tokenizer), and the
 order of examples is a pure function of (seed, epoch), so every rank and a resumed run agree without communicating.
 """
 from __future__ import annotations
@@ -22,18 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import jinja2
 
 from lisa_dist.config import DataConfig
+from lisa_dist.data.chat import encode_messages, parse_messages, sharegpt_messages
+from lisa_dist.data.rows import BadRow as _BadRow
 from lisa_dist.errors import DataError
 from lisa_dist.models import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bump when tokenization changes, so that old caches are not reused."""
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
-ROLES = ("system", "user", "assistant")
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),
     "labels": datasets.Sequence(datasets.Value("int32")),
@@ -52,12 +53,6 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-class _BadRow(Exception):
-    """A row that cannot become an example; the caller adds file and row, and may skip it if skippable."""
-
-    def __init__(self, reason: str, skippable: bool = True) -> None:
-        super().__init__(reason)
-        self.skippable = skippable
 
 
 @dataclass
@@ -291,54 +286,17 @@ def encode_alpaca(row: Mapping[str, Any], tokenizer: Any, max_length: int) -> tu
     return _truncated(ids, labels, max_length) if max_length else (ids, labels)
 
 
-def _messages(row: Mapping[str, Any], field: str) -> list[dict[str, str]]:
-    value = row.get(field)
-    if value is None:
-        raise _BadRow(f"missing field '{field}'")
-    if not isinstance(value, list) or not value:
-        raise _BadRow(f"field '{field}' is {type(value).__name__}, not a non-empty list of messages")
-    messages = []
-    for number, message in enumerate(value, start=1):
-        if not isinstance(message, Mapping):
-            raise _BadRow(f"message {number} is {type(message).__name__}, not a {{role, content}} mapping")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise _BadRow(f"message {number} has role {role!r}, expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise _BadRow(f"message {number} content is {type(content).__name__}, not str")
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise _BadRow("no assistant message: nothing to learn from")
-    return messages
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-    except jinja2.TemplateError as exc:
-        raise _BadRow(f"the chat template rejects this conversation: {exc}") from exc
-    # transformers 5 returns a BatchEncoding, 4.x a plain list.
-    return list(out["input_ids"] if isinstance(out, Mapping) else out)
-
-
 def encode_chat(row: Mapping[str, Any], field: str, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
-    """The conversation through the chat template, supervised only on assistant turns, truncated to max_length
-    (untruncated: 0)."""
-    messages = _messages(row, field)
-    ids = _render(tokenizer, messages, generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if through[: len(before)] != before or ids[: len(through)] != through:
-            raise _BadRow(f"the chat template of {_tokenizer_name(tokenizer)} is not prefix-stable: rendering "
-                          f"messages[:{i}] with add_generation_prompt=True does not give a prefix of "
-                          f"messages[:{i + 1}] and the whole conversation, so assistant turns cannot be masked",
-                          skippable=False)
-        labels[len(before): len(through)] = ids[len(before): len(through)]
+    """The conversation through the chat template, supervised only on assistant turns (`lisa_dist.data.chat`),
+    truncated to max_length (untruncated: 0)."""
+    ids, labels = encode_messages(parse_messages(row, field), tokenizer)
     return _truncated(ids, labels, max_length) if max_length else (ids, labels)
+
+
+def encode_sharegpt(row: Mapping[str, Any], field: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """A ShareGPT conversation as `encode_chat` encodes messages (its function-call turns supervised, its tool
+    observations not)."""
+    return encode_messages(sharegpt_messages(row, field), tokenizer)
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
@@ -349,9 +307,10 @@ def _check_tokenizer(cfg: DataConfig, tokenizer: Any) -> None:
     if tokenizer.eos_token_id is None and cfg.format in ("text", "alpaca"):
         raise DataError(f"tokenizer {_tokenizer_name(tokenizer)} has no eos token, which the {cfg.format} "
                         "format ends every example with")
-    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)} has no chat template, which data.format=chat "
-                        "needs: set one on the tokenizer or use the alpaca format")
+    if cfg.format in ("chat", "sharegpt") and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)} has no chat template, which data.format="
+                        f"{cfg.format} needs: set data.chat_template (a Jinja file, or chatml) or use the alpaca "
+                        "format")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,7 +324,33 @@ def _encoder(cfg: DataConfig, tokenizer: Any, source: Source) -> Callable[[Mappi
         return functools.partial(encode_text, field=field, tokenizer=tokenizer)
     if cfg.format == "alpaca":
         return functools.partial(encode_alpaca, tokenizer=tokenizer, max_length=0)
+    if cfg.format == "sharegpt":
+        return functools.partial(encode_sharegpt, field=cfg.conversations_field, tokenizer=tokenizer)
     return functools.partial(encode_chat, field=cfg.messages_field, tokenizer=tokenizer, max_length=0)
+
+
+def detect_format(cfg: DataConfig, sources: list[Source]) -> DataConfig:
+    """data.format=auto: the format the first readable row's fields say (a .txt file is text); else `cfg`."""
+    if cfg.format != "auto":
+        return cfg
+    source = sources[0]
+    if source.kind == "text":
+        return replace(cfg, format="text")
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, row in _read_source(source, cfg.split, Path(scratch)):
+            if isinstance(row, Mapping):
+                return replace(cfg, format=_format_of(row, cfg, f"{source.name}, {label}"))
+    raise DataError(f"data.format=auto: {source.name} has no row to tell its format from")
+
+
+def _format_of(row: Mapping[str, Any], cfg: DataConfig, where: str) -> str:
+    for fmt, fields in (("chat", [cfg.messages_field]), ("sharegpt", [cfg.conversations_field]),
+                        ("alpaca", ["instruction", "output"]), ("text", [cfg.text_field])):
+        if all(f in row for f in fields):
+            return fmt
+    raise DataError(f"data.format=auto: {where} has fields {', '.join(map(repr, row)) or 'none'}; expected "
+                    f"'{cfg.messages_field}' (chat), '{cfg.conversations_field}' (sharegpt), 'instruction' and "
+                    f"'output' (alpaca) or '{cfg.text_field}' (text)")
 
 
 def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: Path,
@@ -552,8 +537,9 @@ def load_examples_with_stats(cfg: DataConfig, tokenizer: Any, *, is_main: bool =
     target = Path()
     built = False
     try:
-        _check_tokenizer(cfg, tokenizer)
         sources = resolve_sources(cfg)
+        cfg = detect_format(cfg, sources)
+        _check_tokenizer(cfg, tokenizer)
         target = Path(cfg.cache_dir).expanduser() / cache_key(cfg, sources, tokenizer)
         if is_main and not target.is_dir():
             _build_cache(cfg, tokenizer, sources, target)

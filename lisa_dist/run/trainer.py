@@ -18,7 +18,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
-from lisa_dist.data import ShardedBatches, data_fingerprint, load_examples, pack_examples, split_heldout
+from lisa_dist.data import (
+    ShardedBatches,
+    data_fingerprint,
+    fill_rate,
+    load_examples,
+    pack_examples,
+    split_heldout,
+    use_chat_template,
+)
 from lisa_dist.dist import (
     PeerReport,
     broadcast_seed,
@@ -119,6 +127,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
 def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> tuple[Any, Any]:
     """(training examples, evaluation examples or None): data.path less the held-out data.eval_fraction, or
     data.eval_path; both packed into rows with data.packing (the held-out examples are drawn before packing)."""
+    use_chat_template(tokenizer, cfg.data.chat_template)  # before tokenizing; saved with the tokenizer
     data = cfg.data
     dataset = load_examples(data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
     held_out = None
@@ -135,8 +144,8 @@ def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> tuple[Any, Any]:
         dataset = pack_examples(dataset, data.max_length)
         held_out = pack_examples(held_out, data.max_length) if held_out is not None else None
         if backend.is_main:
-            log.info("data.packing: %d examples in %d rows of up to %d tokens", examples, len(dataset),
-                     data.max_length)
+            log.info("data.packing: %d examples in %d rows of up to %d tokens (best-fit decreasing), %.1f%% full",
+                     examples, len(dataset), data.max_length, 100 * fill_rate(dataset, data.max_length))
     return dataset, held_out
 
 

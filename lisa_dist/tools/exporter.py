@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lisa_dist.config import from_dict
+from lisa_dist.data import use_chat_template
 from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.method import apply_lora
 from lisa_dist.models import allocate, open_model, require_complete
@@ -117,6 +118,7 @@ def _load(ckpt: Path) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
     """The model of checkpoint folder `ckpt` on the CPU (LoRA merged), its tokenizer and the backend that saved it."""
     cfg = from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()), source=str(ckpt / "config.yaml"))
     model, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
+    use_chat_template(tokenizer, cfg.data.chat_template)  # the template the run trained with
     allocate(model, "cpu")
     if cfg.lora.enabled:
         model, _ = apply_lora(model, cfg.lora)

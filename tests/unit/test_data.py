@@ -170,11 +170,14 @@ def test_chat_template_problems(tmp_path):
     with pytest.raises(DataError, match="lisa_dist/byte-tokenizer has no chat template"):
         load_examples(config(tmp_path, path, "chat"), plain)
     unstable = byte_tokenizer()
-    # The generation prompt differs from how an assistant turn starts, so no prefix of ids marks the turn.
+    # The generation prompt differs from how an assistant turn starts (no prefix of the rendering marks the turn,
+    # which the old masking refused): the turn is found by its content, from there through its end of turn.
     unstable.chat_template = unstable.chat_template.replace("assistant\n{% endif %}", "assistant:\n{% endif %}")
     assert unstable.chat_template != byte_tokenizer().chat_template
-    with pytest.raises(DataError, match="not prefix-stable"):
-        load_examples(config(tmp_path, path, "chat", skip_bad_rows=True), unstable)
+    ds = load_examples(config(tmp_path / "unstable", path, "chat"), unstable)
+    runs = [unstable.decode(r, skip_special_tokens=False) for r in supervised_runs(ds[0]["input_ids"],
+                                                                                    ds[0]["labels"])]
+    assert runs == [m["content"] + "<|im_end|>\n" for m in CONVERSATION if m["role"] == "assistant"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

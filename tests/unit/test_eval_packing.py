@@ -48,20 +48,24 @@ def test_packed_rows_give_each_example_its_unpacked_loss(tmp_path, attn):
     assert len(packed) < len(examples)  # several examples share a row
     pad = run.tokenizer.pad_token_id
     row_losses = token_losses(model, collate_rows(packed[:], pad))
-    starts = [0]
-    for i in range(len(packed)):  # where each example starts in its row, in order
-        positions = packed[i]["position_ids"]
-        starts += [(i, j) for j, p in enumerate(positions) if p == 0]
-    starts = starts[1:]
-    assert len(starts) == len(examples)
-    for k, (row, start) in enumerate(starts):
+    # Where each example starts in its row, and which example it is (best-fit decreasing reorders them).
+    index = {tuple(ids): k for k, ids in enumerate(examples["input_ids"])}
+    assert len(index) == len(examples)
+    starts = []
+    for i in range(len(packed)):
+        positions, ids = packed[i]["position_ids"], packed[i]["input_ids"]
+        for j in (j for j, p in enumerate(positions) if p == 0):
+            n = next((m for m in range(j + 1, len(positions)) if positions[m] == 0), len(positions)) - j
+            starts.append((i, j, index[tuple(ids[j:j + n])]))
+    assert sorted(k for _, _, k in starts) == list(range(len(examples)))  # every example exactly once
+    for row, start, k in starts:
         alone = token_losses(model, collate_rows(examples[k:k + 1], pad))[0]
         n = len(examples[k]["input_ids"])
         # In the row, the loss of the example's token t sits at row position start + t - 1 (t >= 1).
         together = row_losses[row, start: start + n - 1]
         assert torch.allclose(together, alone[: n - 1], atol=1e-5, rtol=1e-5), (attn, k)
     # The first label of every packed example but the row's first is not a target.
-    assert all(packed[i]["labels"][s] == IGNORE_INDEX for i, s in starts if s > 0)
+    assert all(packed[i]["labels"][s] == IGNORE_INDEX for i, s, _ in starts if s > 0)
 
 
 def test_eval_loss_is_the_same_packed_or_not(tmp_path):
@@ -184,3 +188,27 @@ def test_a_run_feeds_tensorboard_with_train_and_eval_scalars(tmp_path):
     assert [s for s, _ in scalars["eval/eval_loss"]] == [0, 2]
     assert [v for _, v in scalars["eval/eval_loss"]] == pytest.approx([r["eval_loss"] for r in records
                                                                        if "eval_loss" in r])
+
+
+def test_best_fit_decreasing_fills_rows_tighter_than_in_order():
+    from lisa_dist.data import best_fit_decreasing
+
+    lengths = [6, 5, 4, 3, 2, 5, 1, 4, 6, 2]  # 38 tokens: in order, greedy needs 6 rows of 10
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(i for members in bins for i in members) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in members) <= 10 for members in bins)
+    assert len(bins) == 4  # ceil(38 / 10): the fewest possible
+    assert bins == best_fit_decreasing(lengths, 10)  # deterministic
+    assert all(members == sorted(members) for members in bins)  # a row keeps its examples' order
+    assert best_fit_decreasing([], 10) == [] and best_fit_decreasing([10, 10], 10) == [[0], [1]]
+
+
+def test_packing_reports_its_fill_and_packs_within_windows(tmp_path):
+    from lisa_dist.data import fill_rate
+    from lisa_dist.models.tokenizer import byte_tokenizer
+
+    examples = load_examples(cfg_for(tmp_path).data, byte_tokenizer())
+    whole, windowed = pack_examples(examples, 1024), pack_examples(examples, 1024, window=8)
+    assert fill_rate(whole, 1024) >= fill_rate(windowed, 1024) > 0.5
+    assert sum(map(len, whole["input_ids"])) == sum(map(len, windowed["input_ids"])) == \
+        sum(map(len, examples["input_ids"]))
