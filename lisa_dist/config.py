@@ -36,8 +36,8 @@ class ModelConfig:
     """Passed to transformers when loading a folder or hub id."""
     attn_implementation: str = "sdpa"
     """Attention kernel, passed to transformers: sdpa, eager, flash_attention_2 (CUDA, the flash-attn package) or
-    flex_attention. Packed rows (data.packing) keep their examples apart under each (flash_attention_2: with
-    train.micro_batch_size=1, the only batch its varlen kernel reads as packed)."""
+    flex_attention. Packed rows (data.packing) keep their examples apart under each (flash_attention_2: each
+    packed micro-batch goes as one row of its real tokens, the only batch its varlen kernel reads as packed)."""
 
 
 @dataclass
@@ -516,12 +516,6 @@ def _validate_eval(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     _require(not (d.packing and d.format == "text"), "data.packing", d.packing,
              "the text format is already packed into blocks of data.max_length tokens (alpaca or chat pack examples)")
-    # transformers' flash attention reads position_ids as packed sequences only in a batch of one row; with more,
-    # each row is plain causal attention and its packed examples would attend to each other, silently.
-    _require(not (d.packing and cfg.model.attn_implementation == "flash_attention_2" and t.micro_batch_size > 1),
-             "train.micro_batch_size", t.micro_batch_size,
-             "expected 1 with data.packing=true and model.attn_implementation='flash_attention_2' (its varlen kernel "
-             "keeps packed examples apart only in a one-row batch): pack longer rows (data.max_length) or use sdpa")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "expected in [0, 1)")
     _require(not (d.eval_path and d.eval_fraction), "data.eval_fraction", d.eval_fraction,
              f"give data.eval_path ({d.eval_path!r}) or data.eval_fraction, not both")

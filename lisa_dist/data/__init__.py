@@ -1,6 +1,6 @@
 """Training data: files or a hub dataset read, tokenized and cached (`sources`), held out and packed (`packing`),
 and each rank's micro-batches (`batching`)."""
-from lisa_dist.data.batching import ShardedBatches, collate, collate_rows
+from lisa_dist.data.batching import ShardedBatches, collate, collate_rows, flatten_packed
 from lisa_dist.data.chat import use_chat_template
 from lisa_dist.data.packing import best_fit_decreasing, fill_rate, pack_examples, split_heldout
 from lisa_dist.data.sources import (
@@ -22,6 +22,7 @@ __all__ = [
     "best_fit_decreasing",
     "cache_key",
     "fill_rate",
+    "flatten_packed",
     "data_fingerprint",
     "collate",
     "collate_rows",

@@ -32,9 +32,25 @@ def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int,
     return batch
 
 
-def collate_rows(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate` of a slice of the dataset (packed or not)."""
-    return collate(rows["input_ids"], rows["labels"], pad_id, rows.get("position_ids"))
+def collate_rows(rows: dict[str, list[list[int]]], pad_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:
+    """`collate` of a slice of the dataset (packed or not); `flatten`: packed rows as one (`flatten_packed`)."""
+    batch = collate(rows["input_ids"], rows["labels"], pad_id, rows.get("position_ids"))
+    return flatten_packed(batch) if flatten and "position_ids" in batch else batch
+
+
+def flatten_packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed micro-batch as one row of its real tokens, padding dropped (on the host). transformers reads
+    position_ids as sequence boundaries for flash attention only in a batch of one row (its varlen kernel gets
+    cu_seq_lens from them); with several rows each would be plain causal attention across its examples. The first
+    label of every row is no target in the rows (nothing predicts it) and stays none in the one row, so the targets,
+    the token counts and every example's attention are those of the rows."""
+    keep = batch["attention_mask"].bool()
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    flat = {"input_ids": batch["input_ids"][keep], "labels": labels[keep], "position_ids": batch["position_ids"][keep]}
+    flat = {k: v.unsqueeze(0) for k, v in flat.items()}
+    flat["attention_mask"] = torch.ones_like(flat["input_ids"])
+    return flat
 
 
 class ShardedBatches:
@@ -48,7 +64,7 @@ class ShardedBatches:
     """
 
     def __init__(self, dataset: datasets.Dataset, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
-                 grad_accum: int, pad_id: int = 0) -> None:
+                 grad_accum: int, pad_id: int = 0, flatten: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if micro_batch_size < 1 or grad_accum < 1:
@@ -60,6 +76,8 @@ class ShardedBatches:
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
         self.pad_id = pad_id
+        self.flatten = flatten
+        """Packed rows: each micro-batch as one row (`flatten_packed`, for flash attention)."""
         self.num_examples = len(dataset)
         self.global_batch = world_size * micro_batch_size * grad_accum
         self.steps_per_epoch = self.num_examples // self.global_batch
@@ -96,5 +114,5 @@ class ShardedBatches:
         """This rank's `grad_accum` collated micro-batches (input_ids, labels, attention_mask) for `step`."""
         batches = []
         for indices in self.step_indices(step):
-            batches.append(collate_rows(self.dataset[indices], self.pad_id))
+            batches.append(collate_rows(self.dataset[indices], self.pad_id, self.flatten))
         return batches

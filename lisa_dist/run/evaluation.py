@@ -22,8 +22,8 @@ class EvalSet:
     """This rank's evaluation micro-batches (`max_batches` > 0: only the set's first that many)."""
 
     def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, world_size: int, pad_id: int,
-                 max_batches: int = 0) -> None:
-        self.dataset, self.micro, self.pad_id = dataset, micro_batch_size, pad_id
+                 max_batches: int = 0, flatten: bool = False) -> None:
+        self.dataset, self.micro, self.pad_id, self.flatten = dataset, micro_batch_size, pad_id, flatten
         count = math.ceil(len(dataset) / micro_batch_size)
         self.num_batches = min(count, max_batches) if max_batches else count
         self.mine = list(range(rank, self.num_batches, world_size))
@@ -39,7 +39,7 @@ class EvalSet:
 
     def _batch(self, index: int) -> dict[str, torch.Tensor]:
         rows = self.dataset[index * self.micro: min((index + 1) * self.micro, len(self.dataset))]
-        return collate_rows(rows, self.pad_id)
+        return collate_rows(rows, self.pad_id, self.flatten)
 
 
 def evaluate(run: Any, steps_done: int) -> dict[str, Any]:

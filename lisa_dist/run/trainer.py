@@ -116,7 +116,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     run.data_files = data_fingerprint(cfg.data) if backend.is_main else {}
     if held_out is not None:
         run.eval_set = EvalSet(held_out, cfg.train.micro_batch_size, backend.rank, backend.world_size,
-                               tokenizer.pad_token_id, cfg.train.eval_batches)
+                               tokenizer.pad_token_id, cfg.train.eval_batches, flatten=_flatten(cfg))
     if sampler is not None and cfg.lisa.strategy == "grad_norm":
         run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
     run.start_step = restore(run, start) if not (start.completed and start.path is None) else start.step
@@ -158,7 +158,13 @@ def steps_from_epochs(cfg: Config, backend: Backend) -> int:
 
 def _batches(cfg: Config, dataset: Any, backend: Backend, pad_id: int) -> ShardedBatches:
     return ShardedBatches(dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
-                          micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, pad_id=pad_id)
+                          micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, pad_id=pad_id,
+                          flatten=_flatten(cfg))
+
+
+def _flatten(cfg: Config) -> bool:
+    """Packed micro-batches of several rows go to flash attention as one row (its varlen boundaries)."""
+    return cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"
 
 
 def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:

@@ -10,17 +10,33 @@ from lisa_dist.method import clip_grad_norm
 from lisa_dist.models import lm_loss_sum, to_device
 from lisa_dist.run import build, save, train_step
 
-from ..helpers import tiny_overrides
+from ..helpers import DEMO_DATA, tiny_overrides
 
 
-def test_packing_with_flash_attention_and_several_rows_is_refused_by_name(tmp_path):
-    overrides = tiny_overrides(tmp_path, tmp_path / "d.jsonl", "--data.format=alpaca", "--data.packing=true",
-                               "--model.attn_implementation=flash_attention_2")
-    with pytest.raises(ConfigError, match=r"train.micro_batch_size=4 is not allowed: expected 1 with "
-                                          r"data.packing=true and model.attn_implementation='flash_attention_2'"):
-        load_config(None, overrides)
-    assert load_config(None, [*overrides, "--train.micro_batch_size=1"]).train.micro_batch_size == 1
-    assert load_config(None, [*overrides, "--model.attn_implementation=sdpa"]).data.packing
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_micro_batches_go_to_flash_attention_as_one_row_with_the_same_losses(tmp_path, attn):
+    """transformers reads position_ids as boundaries for flash attention only in a one-row batch: a packed
+    micro-batch of several rows becomes one row of its real tokens. The same targets, token counts and loss as the
+    rows (checked here under sdpa and eager, which read the boundaries either way)."""
+    from lisa_dist.data import collate_rows, flatten_packed
+    from lisa_dist.models import supervised_tokens
+
+    cfg = load_config(None, tiny_overrides(tmp_path, DEMO_DATA, "--data.format=alpaca", "--data.packing=true",
+                                           "--data.max_length=512", "--data.skip_bad_rows=true",
+                                           f"--model.attn_implementation={attn}"))
+    run = build(cfg)
+    rows = run.batches.dataset[:4]
+    batch = collate_rows(rows, run.tokenizer.pad_token_id)
+    flat = flatten_packed(batch)
+    assert flat["input_ids"].shape == (1, int(batch["attention_mask"].sum())) < batch["input_ids"].shape
+    assert supervised_tokens(flat) == supervised_tokens(batch)
+    model = run.backend.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(lm_loss_sum(model, flat), lm_loss_sum(model, batch), rtol=1e-5)
+    assert collate_rows(rows, run.tokenizer.pad_token_id, flatten=True)["input_ids"].equal(flat["input_ids"])
+    flash = load_config(None, [*tiny_overrides(tmp_path, DEMO_DATA, "--data.format=alpaca", "--data.packing=true"),
+                               "--model.attn_implementation=flash_attention_2"])
+    assert flash.train.micro_batch_size == 4  # no longer refused
 
 
 @pytest.mark.parametrize(("visible", "local_rank", "expected"), [(8, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, None)],
