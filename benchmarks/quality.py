@@ -182,7 +182,7 @@ def run_one(spec: dict) -> dict:
         # (every block from its host copy): evaluate, and answer with, those. On one process, with no gradients.
         result["heldout_loss_as_trained"], result["heldout_ppl_as_trained"] = evals[-1]["loss"], evals[-1]["ppl"]
         backend.store.set_active(range(len(layout.layers)))
-        held_out = load_data(cfg, tokenizer, backend)[1]
+        held_out = load_data(cfg, tokenizer, backend).held_out
         eval_set = EvalSet(held_out, cfg.train.micro_batch_size, 0, 1, tokenizer.pad_token_id,
                            cfg.train.eval_batches)
         exact = evaluate(SimpleNamespace(backend=backend, eval_set=eval_set, tokens_seen=result["tokens"]),

@@ -61,6 +61,15 @@ class DataConfig:
     """Field holding the list of {role, content} messages in the chat format."""
     conversations_field: str = "conversations"
     """Field holding the list of {from, value} turns in the sharegpt format."""
+    subset: str = ""
+    """A hub dataset's configuration name (datasets.load_dataset's `name`)."""
+    revision: str = ""
+    """A hub dataset's revision: a branch, tag or commit."""
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    """Several sources instead of data.path, each {path: a file, folder or hub id; optional format, subset,
+    revision, split, text_field, messages_field, conversations_field (default: this section's), weight (default 1:
+    each epoch draws examples, or packed rows, in proportion to the weights, from train.seed), eval_fraction (its
+    held-out share)}."""
     chat_template: str = ""
     """chat/sharegpt: a Jinja file, or a built-in (chatml), replacing the tokenizer's chat template (or giving one
     to a tokenizer without); saved with the tokenizer in final/ and exports."""
@@ -475,7 +484,10 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def validate(cfg: Config) -> None:
     """Everything that can be checked without the model."""
     _choice("model.dtype", cfg.model.dtype, DTYPES)
-    _require(bool(cfg.data.path), "data.path", cfg.data.path, "a file, folder or hub dataset id is required")
+    _require(bool(cfg.data.path) != bool(cfg.data.mixture), "data.path", cfg.data.path,
+             "a file, folder or hub dataset id is required, or data.mixture instead" if not cfg.data.path else
+             "give data.path or data.mixture, not both")
+    _validate_mixture(cfg.data)
     _choice("data.format", cfg.data.format, DATA_FORMATS)
     template = cfg.data.chat_template
     _require(not template or template in CHAT_TEMPLATES or Path(template).expanduser().is_file(),
@@ -510,6 +522,33 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
     _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
     _choice("logging.level", cfg.logging.level, LOG_LEVELS)
+
+
+MIXTURE_KEYS = ("path", "format", "subset", "revision", "split", "text_field", "messages_field",
+                "conversations_field", "weight", "eval_fraction")
+
+
+def _validate_mixture(d: DataConfig) -> None:
+    for i, source in enumerate(d.mixture):
+        where = f"data.mixture[{i}]"
+        unknown = [k for k in source if k not in MIXTURE_KEYS]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], MIXTURE_KEYS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{where}.{unknown[0]} is not a field{hint}: expected {', '.join(MIXTURE_KEYS)}")
+        path = source.get("path")
+        _require(isinstance(path, str) and bool(path), f"{where}.path", path, "a file, folder or hub dataset id")
+        for key in ("format", "subset", "revision", "split", "text_field", "messages_field", "conversations_field"):
+            _require(isinstance(source.get(key, ""), str), f"{where}.{key}", source.get(key), "expected a string")
+        _choice(f"{where}.format", source.get("format", d.format), DATA_FORMATS)
+        weight = source.get("weight", 1.0)
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                 and weight > 0, f"{where}.weight", weight, "expected a number > 0")
+        share = source.get("eval_fraction", 0.0)
+        _require(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1,
+                 f"{where}.eval_fraction", share, "expected in [0, 1)")
+    _require(not (d.mixture and d.eval_fraction), "data.eval_fraction", d.eval_fraction,
+             "with data.mixture, give each source its eval_fraction (or data.eval_path)")
 
 
 def _validate_eval(cfg: Config) -> None:

@@ -2,6 +2,7 @@
 and each rank's micro-batches (`batching`)."""
 from lisa_dist.data.batching import ShardedBatches, collate, collate_rows, flatten_packed
 from lisa_dist.data.chat import use_chat_template
+from lisa_dist.data.mixture import Mixture, MixtureOrder, load_mixture
 from lisa_dist.data.packing import best_fit_decreasing, fill_rate, pack_examples, split_heldout
 from lisa_dist.data.sources import (
     ALPACA_PROMPT,
@@ -15,6 +16,9 @@ from lisa_dist.data.sources import (
 )
 
 __all__ = [
+    "Mixture",
+    "MixtureOrder",
+    "load_mixture",
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "alpaca_prompt",

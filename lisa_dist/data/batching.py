@@ -2,6 +2,8 @@
 rank and a resumed run agree without communicating."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import datasets
 import torch
 
@@ -64,7 +66,8 @@ class ShardedBatches:
     """
 
     def __init__(self, dataset: datasets.Dataset, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
-                 grad_accum: int, pad_id: int = 0, flatten: bool = False) -> None:
+                 grad_accum: int, pad_id: int = 0, flatten: bool = False,
+                 order: Callable[[int], torch.Tensor] | None = None, epoch_size: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if micro_batch_size < 1 or grad_accum < 1:
@@ -78,7 +81,10 @@ class ShardedBatches:
         self.pad_id = pad_id
         self.flatten = flatten
         """Packed rows: each micro-batch as one row (`flatten_packed`, for flash attention)."""
-        self.num_examples = len(dataset)
+        self.order = order
+        """Instead of a uniform permutation: epoch -> the dataset indices of that epoch (`epoch_size` of them; a
+        data.mixture's weighted draws)."""
+        self.num_examples = epoch_size if order is not None else len(dataset)
         self.global_batch = world_size * micro_batch_size * grad_accum
         self.steps_per_epoch = self.num_examples // self.global_batch
         if self.steps_per_epoch == 0:
@@ -94,7 +100,9 @@ class ShardedBatches:
         """The order of all examples in `epoch`, identical on every rank."""
         if self._cached is None or self._cached[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._cached = (epoch, torch.randperm(self.num_examples, generator=generator))
+            order = self.order(epoch) if self.order is not None else \
+                torch.randperm(self.num_examples, generator=generator)
+            self._cached = (epoch, order)
         return self._cached[1]
 
     def step_indices(self, step: int) -> list[list[int]]:

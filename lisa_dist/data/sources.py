@@ -87,6 +87,8 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     path = Path(cfg.path).expanduser()
     if path.is_file():
         return [_file_source(path)]
+    if path.is_dir() and (cfg.subset or (path / "README.md").is_file()):
+        return [Source(str(path.resolve()), "hub")]  # a dataset repository (its card names its configs and splits)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FILE_KINDS)
         if not files:
@@ -114,7 +116,8 @@ def _looks_local(path: str) -> bool:
             or path.count("/") > 1)
 
 
-def _read_source(source: Source, split: str, scratch: Path) -> Iterator[tuple[str, Any]]:
+def _read_source(source: Source, split: str, scratch: Path, subset: str = "", revision: str = "",
+                 ) -> Iterator[tuple[str, Any]]:
     """(where, row) for every row of `source`, `where` as the user finds it in the file (1-based line or record);
     a row that cannot even be read (not UTF-8, malformed JSON) comes as a `_BadRow` in its place."""
     if source.kind == "json":
@@ -125,10 +128,12 @@ def _read_source(source: Source, split: str, scratch: Path) -> Iterator[tuple[st
         return
     if source.kind == "hub":
         try:
-            rows = datasets.load_dataset(source.name, split=split)
+            rows = datasets.load_dataset(source.name, name=subset or None, revision=revision or None, split=split)
         except Exception as exc:
+            where = f"split {split!r}" + (f", subset {subset!r}" if subset else "") + \
+                (f", revision {revision!r}" if revision else "")
             raise DataError(f"data.path {source.name!r} is neither a local file or folder nor a dataset reachable "
-                            f"on the hub (split {split!r}): {_root_cause(exc)}") from exc
+                            f"on the hub ({where}): {_root_cause(exc)}") from exc
     else:
         try:
             # The builder's own cache goes to scratch: our tokenized cache is the only one kept.
@@ -337,7 +342,7 @@ def detect_format(cfg: DataConfig, sources: list[Source]) -> DataConfig:
     if source.kind == "text":
         return replace(cfg, format="text")
     with tempfile.TemporaryDirectory() as scratch:
-        for label, row in _read_source(source, cfg.split, Path(scratch)):
+        for label, row in _read_source(source, cfg.split, Path(scratch), cfg.subset, cfg.revision):
             if isinstance(row, Mapping):
                 return replace(cfg, format=_format_of(row, cfg, f"{source.name}, {label}"))
     raise DataError(f"data.format=auto: {source.name} has no row to tell its format from")
@@ -358,7 +363,7 @@ def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratc
     for source in sources:
         encode = _encoder(cfg, tokenizer, source)
         skipped = 0
-        for label, row in _read_source(source, cfg.split, scratch):
+        for label, row in _read_source(source, cfg.split, scratch, cfg.subset, cfg.revision):
             stats.rows += 1
             try:
                 if isinstance(row, _BadRow):
@@ -450,15 +455,18 @@ def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> s
 def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
     """Each source of data.path and data.eval_path -> the sha256 of its bytes (a hub dataset -> its split): what a
     checkpoint records so that a resume on edited data is refused."""
-    sources = resolve_sources(cfg)
+    configs = [replace(cfg, mixture=[], path=entry["path"], **{k: entry[k] for k in ("split", "subset", "revision")
+                                                            if k in entry}) for entry in cfg.mixture] or [cfg]
     if cfg.eval_path:
-        sources += resolve_sources(replace(cfg, path=cfg.eval_path))
-    return {s.name: f"hub:{cfg.split}" if s.kind == "hub" else file_digest(s.name) for s in sources}
+        configs.append(replace(cfg, mixture=[], path=cfg.eval_path))
+    return {s.name: ":".join(["hub", c.split, *filter(None, [c.subset, c.revision])]) if s.kind == "hub"
+            else file_digest(s.name) for c in configs for s in resolve_sources(c)}
 
 
 def cache_key(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
     """sha256 over what determines the tokenized examples: sources (by their content), options, tokenizer."""
-    located = [[s.name, cfg.split] if s.kind == "hub" else [s.name, file_digest(s.name)] for s in sources]
+    located = [[s.name, cfg.split, cfg.subset, cfg.revision] if s.kind == "hub" else [s.name, file_digest(s.name)]
+               for s in sources]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     identity = {
         "version": CACHE_VERSION,
@@ -467,6 +475,7 @@ def cache_key(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
         "max_length": cfg.max_length,
         "text_field": cfg.text_field,
         "messages_field": cfg.messages_field,
+        "conversations_field": cfg.conversations_field,
         # A skipping build holds fewer rows than a strict one would accept, so the two never share a cache.
         "skip_bad_rows": cfg.skip_bad_rows,
         "tokenizer": [type(tokenizer).__name__, len(tokenizer), hashlib.sha256(vocab.encode()).hexdigest(),

@@ -46,7 +46,7 @@ CHECKPOINT_FAILURES = (Exception, CheckpointException)
 EXACTNESS_FIELDS = (
     "model.name", "model.preset_overrides", "model.layers_path", "model.dtype",
     "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
-    "data.conversations_field", "data.chat_template",
+    "data.conversations_field", "data.chat_template", "data.mixture", "data.subset", "data.revision",
     "data.packing", "data.eval_fraction",
     "lisa.enabled", "lisa.gamma", "lisa.interval", "lisa.strategy", "lisa.weights", "lisa.fixed_layers", "lisa.seed",
     "lisa.importance_floor", "lisa.importance_decay", "lisa.frozen_storage", "lisa.host_dtype", "lisa.train_embeddings",

@@ -47,6 +47,8 @@ class Run:
     """The evaluation micro-batches (`run.evaluation.EvalSet`), None without evaluation data."""
     evals: list[dict[str, Any]] = field(default_factory=list)
     data_files: dict[str, str] = field(default_factory=dict)
+    data_sources: list[dict[str, Any]] = field(default_factory=list)
+    """data.mixture: each source's counts (summary.json)."""
     """The main rank's data files (data.path, data.eval_path) -> sha256: saved, and compared at resume."""
     compile_watch: Any = None
     """train.compile: the `models.CompileWatch` that warns when a decoder block breaks its graph."""

@@ -19,10 +19,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lisa_dist.backends import Backend, build_backend
 from lisa_dist.config import Config, validate_for_model
 from lisa_dist.data import (
+    MixtureOrder,
     ShardedBatches,
     data_fingerprint,
     fill_rate,
     load_examples,
+    load_mixture,
     pack_examples,
     split_heldout,
     use_chat_template,
@@ -102,8 +104,9 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
         if not cfg.lisa.train_embeddings and layout.embedding is not None and layout.head is None:
             lookup_without_grad(layout.embedding)  # tied: the shared matrix learns as the head only
-    dataset, held_out = load_data(cfg, tokenizer, backend)
-    batches = _batches(cfg, dataset, backend, tokenizer.pad_token_id)
+    data = load_data(cfg, tokenizer, backend)
+    held_out = data.held_out
+    batches = _batches(cfg, data, backend, tokenizer.pad_token_id)
     if cfg.train.epochs:  # as `train` resolved it before planning the resume; here too for callers of build alone
         cfg.train.steps = cfg.train.epochs * batches.steps_per_epoch
     backend.prepare(model, trainable)
@@ -114,6 +117,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     run.peers = PeerReport() if backend.world_size > 1 else None
     run.compile_watch = CompileWatch() if cfg.train.compile else None
     run.data_files = data_fingerprint(cfg.data) if backend.is_main else {}
+    run.data_sources = data.sources
     if held_out is not None:
         run.eval_set = EvalSet(held_out, cfg.train.micro_batch_size, backend.rank, backend.world_size,
                                tokenizer.pad_token_id, cfg.train.eval_batches, flatten=_flatten(cfg))
@@ -124,21 +128,35 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     return run
 
 
-def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> tuple[Any, Any]:
-    """(training examples, evaluation examples or None): data.path less the held-out data.eval_fraction, or
-    data.eval_path; both packed into rows with data.packing (the held-out examples are drawn before packing)."""
+@dataclasses.dataclass
+class TrainingData:
+    train: Any
+    held_out: Any = None
+    order: MixtureOrder | None = None
+    """data.mixture's weighted draws per epoch (None: every example once per epoch)."""
+    sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """data.mixture: what each source gave (logged at start, written to summary.json)."""
+
+
+def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> TrainingData:
+    """The training examples and the evaluation examples or None: data.path less the held-out data.eval_fraction,
+    or data.eval_path, or data.mixture's sources; packed into rows with data.packing (the held-out examples are
+    drawn before packing)."""
     use_chat_template(tokenizer, cfg.data.chat_template)  # before tokenizing; saved with the tokenizer
     data = cfg.data
+    if data.mixture:
+        mixture = load_mixture(data, tokenizer, cfg.train.seed, is_main=backend.is_main, barrier=backend.barrier)
+        out = TrainingData(mixture.train, mixture.held_out, mixture.order, mixture.sources)
+        if data.eval_path:
+            out.held_out = _eval_file(cfg, tokenizer, backend)
+            out.held_out = pack_examples(out.held_out, data.max_length) if data.packing else out.held_out
+        return out
     dataset = load_examples(data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
     held_out = None
     if data.eval_fraction:
         dataset, held_out = split_heldout(dataset, data.eval_fraction, cfg.train.seed)
     elif data.eval_path:
-        try:
-            held_out = load_examples(dataclasses.replace(data, path=data.eval_path), tokenizer,
-                                     is_main=backend.is_main, barrier=backend.barrier)
-        except DataError as exc:  # the loader names the field it reads, data.path: here it read data.eval_path
-            raise DataError(str(exc).replace("data.path", "data.eval_path")) from None
+        held_out = _eval_file(cfg, tokenizer, backend)
     if data.packing:
         examples = len(dataset)
         dataset = pack_examples(dataset, data.max_length)
@@ -146,20 +164,29 @@ def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> tuple[Any, Any]:
         if backend.is_main:
             log.info("data.packing: %d examples in %d rows of up to %d tokens (best-fit decreasing), %.1f%% full",
                      examples, len(dataset), data.max_length, 100 * fill_rate(dataset, data.max_length))
-    return dataset, held_out
+    return TrainingData(dataset, held_out)
+
+
+def _eval_file(cfg: Config, tokenizer: Any, backend: Backend) -> Any:
+    data = cfg.data
+    try:
+        return load_examples(dataclasses.replace(data, path=data.eval_path, mixture=[]), tokenizer,
+                             is_main=backend.is_main, barrier=backend.barrier)
+    except DataError as exc:  # the loader names the field it reads, data.path: here it read data.eval_path
+        raise DataError(str(exc).replace("data.path", "data.eval_path")) from None
 
 
 def steps_from_epochs(cfg: Config, backend: Backend) -> int:
     """train.epochs x the optimizer steps of one pass over the training examples (as `build` will load them)."""
     _, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
-    dataset, _ = load_data(cfg, tokenizer, backend)
-    return cfg.train.epochs * _batches(cfg, dataset, backend, tokenizer.pad_token_id).steps_per_epoch
+    data = load_data(cfg, tokenizer, backend)
+    return cfg.train.epochs * _batches(cfg, data, backend, tokenizer.pad_token_id).steps_per_epoch
 
 
-def _batches(cfg: Config, dataset: Any, backend: Backend, pad_id: int) -> ShardedBatches:
-    return ShardedBatches(dataset, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
+def _batches(cfg: Config, data: TrainingData, backend: Backend, pad_id: int) -> ShardedBatches:
+    return ShardedBatches(data.train, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
                           micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, pad_id=pad_id,
-                          flatten=_flatten(cfg))
+                          flatten=_flatten(cfg), order=data.order, epoch_size=data.order.size if data.order else 0)
 
 
 def _flatten(cfg: Config) -> bool:
@@ -468,6 +495,7 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
         "switches": run.switches, "layers_visited": sorted(run.layers_visited),
         "resumed_at_step": run.start_step or None,
         "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in train), default=0),
+        **({"data_sources": run.data_sources} if run.data_sources else {}),
         **{f"peak_{k[len('cuda_max_'):]}_bytes": v for k, v in _device_memory(run.backend.device).items()
            if k.startswith("cuda_max_")},
     }
