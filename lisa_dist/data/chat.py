@@ -94,6 +94,10 @@ def encode_messages(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[lis
     template = tokenizer.chat_template or ""
     if "{% generation %}" in template or "{%- generation %}" in template:
         return _by_markers(messages, tokenizer)
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadRow(f"{type(tokenizer).__name__} gives no character offsets, which locating the assistant turns "
+                     "needs: load the fast tokenizer (tokenizers), or use a chat template with {% generation %} "
+                     "markers", skippable=False)
     text = _render(tokenizer, messages, generation_prompt=False)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]

@@ -208,3 +208,13 @@ def test_chat_template_option_replaces_or_gives_the_template(tmp_path):
     with pytest.raises(ConfigError, match=r"data.chat_template='llama9' is not allowed: expected a Jinja file or one "
                                           r"of chatml"):
         load_config(None, [f"--data.path={tmp_path / 'gemma.jinja'}", "--data.chat_template=llama9"])
+
+
+def test_a_tokenizer_without_offsets_is_named():
+    class SlowTokenizer:
+        chat_template, is_fast = CHATML_TEMPLATE, False
+
+    with pytest.raises(BadRow, match="SlowTokenizer gives no character offsets, which locating the assistant turns "
+                                     "needs") as failure:
+        encode_messages([dict(m) for m in CONVERSATION], SlowTokenizer())
+    assert not failure.value.skippable  # every row would fail alike: not a row to skip
