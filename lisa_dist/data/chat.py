@@ -190,8 +190,8 @@ def _turn(text: str, place: tuple[int, int] | None, low: int, high: int, header:
           ) -> tuple[int, int]:
     """One assistant turn's span, between the previous message's end `low` and the next one's start `high`."""
     if place is None:  # only tool calls: from the header to the end of turn
-        start = text.find(header, low, high) + len(header) if header and text.find(header, low, high) >= 0 else low
-        end = start
+        opened = text.find(header, low, high) if header else -1
+        start = end = opened + len(header) if opened >= 0 else low
     else:
         start, end = place
         opened = text.rfind(header, low, start) if header else -1
