@@ -165,12 +165,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "trained_now": sum(p.numel() for p in run.layout.model.parameters() if p.requires_grad),
     }
     if method in PLANNED:  # the methods of lisa_dist.tools.memory.METHODS
-        setup = Setup(backend="local", world_size=1, precision=cfg.train.precision, param_dtype=cfg.model.dtype,
-                      frozen_storage=cfg.lisa.frozen_storage, train_embeddings=cfg.lisa.train_embeddings,
-                      adam_8bit=cfg.optim.adam_8bit,
-                      loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
-                      micro_batch=cfg.train.micro_batch_size, seq_len=args.seq_len,
-                      activation_checkpointing=cfg.train.activation_checkpointing)
+        setup = Setup.from_config(cfg)  # its data.max_length is --seq-len
         planned = PLANNED[method]
         result["predicted_last"] = estimate(shapes, planned, setup, active=steps[-1]["active"]).as_dict()
         # naive LISA's worst case: every layer visited

@@ -15,13 +15,16 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from refresh_lock import normalize, read_lock  # noqa: E402 - the lock's reader, beside `make lock`'s writer
+
 LOCK = REPO / "constraints.txt"
 # The lent machine's image has torch, transformers, accelerate, peft, pyarrow, pandas, xxhash, msgpack, ninja,
 # einops, py-cpuinfo, nvidia-ml-py, numpy, packaging, tqdm and pyyaml; these it lacks (or has too old for datasets
@@ -32,22 +35,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
-def pins(lock: Path = LOCK) -> dict[str, str]:
-    """name -> version from the lock (names normalized as pip does)."""
-    found = {}
-    for line in lock.read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
-        if match:
-            found[_norm(match.group(1))] = match.group(2)
-    return found
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def requirement(name: str, locked: dict[str, str]) -> str:
-    version = locked.get(_norm(name))
+    version = locked.get(normalize(name))
     return f"{name}=={version}" if version else name
 
 
@@ -71,7 +60,7 @@ def manifest(out: Path) -> list[dict]:
     for wheel in sorted(out.glob("*.whl")):
         rows.append({"wheel": wheel.name, "bytes": wheel.stat().st_size,
                      "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()})
-    names = [_norm(r["wheel"].split("-")[0]) for r in rows]
+    names = [normalize(r["wheel"].split("-")[0]) for r in rows]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise SystemExit(f"prepare.py: two versions of {', '.join(twice)} in {out}: pip --no-deps stops on that")
@@ -87,7 +76,7 @@ def main() -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)  # one version per package: nothing left from an earlier lock
     out.mkdir(parents=True)
-    locked = pins()
+    locked = read_lock(LOCK)
     download(WHEELS, out, args.python_version, locked)
     build_deepspeed(out, locked)
     rows = manifest(out)

@@ -131,20 +131,8 @@ def _planned(run, cfg) -> dict:
     """The planner's figures for this run, beside what it measured."""
     from lisa_dist.tools import Setup, estimate, shapes_of_model
 
-    setup = Setup(backend="local", world_size=1, precision=cfg.train.precision, param_dtype=cfg.model.dtype,
-                  frozen_storage=cfg.lisa.frozen_storage, host_dtype=cfg.lisa.host_dtype,
-                  train_embeddings=cfg.lisa.train_embeddings, adam_8bit=cfg.optim.adam_8bit,
-                  loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
-                  gamma=cfg.lisa.gamma, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                  activation_checkpointing=cfg.train.activation_checkpointing)
-    return estimate(shapes_of_model(run.layout.model), "lisa", setup, active=list(run.active)).as_dict()
-
-
-def _memory(device: str) -> dict:
-    if device != "cuda":
-        return {}
-    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-            "max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+    return estimate(shapes_of_model(run.layout.model), "lisa", Setup.from_config(cfg),
+                    active=list(run.active)).as_dict()
 
 
 def _train(run, steps: range, syncs_at: int | None = None) -> tuple[list[dict], list[str]]:
@@ -165,6 +153,8 @@ def _train(run, steps: range, syncs_at: int | None = None) -> tuple[list[dict], 
 def local(device: str, work: Path) -> dict:
     """bf16, chunked loss, packed Alpaca rows: host syncs of a step inside a LISA period (step 2) at grad_accum 1
     and 8, which must be equal; finite losses; memory against the planner."""
+    from lisa_dist.run import device_memory
+
     out = {}
     for accum in (1, 8):
         argv = overrides(device, work / f"accum{accum}", "--train.precision=bf16", "--train.loss=chunked",
@@ -179,7 +169,8 @@ def local(device: str, work: Path) -> dict:
         wall = time.perf_counter() - start
         out[f"grad_accum_{accum}"] = {
             "losses": [r["loss"] for r in records], "syncs_step_2": len(where), "syncs_where": where,
-            "tokens_per_s": records[-1]["tokens_per_s"], "wall_s": round(wall, 2), "memory": _memory(device),
+            "tokens_per_s": records[-1]["tokens_per_s"], "wall_s": round(wall, 2),
+            "memory": device_memory(run.backend.device),
             "state_bytes": records[-1]["state_bytes"], "planned": _planned(run, cfg)}
         run.backend.close()
     one, eight = out["grad_accum_1"], out["grad_accum_8"]
@@ -192,6 +183,8 @@ def local(device: str, work: Path) -> dict:
 def quantized(device: str, work: Path) -> dict:
     """NF4 frozen layers, 8-bit Adam for all, frozen embeddings, bf16, chunked loss: the first step's loss beside
     fp32 storage's, finite losses, host copies against the planner, memory."""
+    from lisa_dist.run import device_memory
+
     lean = ["--lisa.frozen_storage=nf4", "--optim.adam_8bit=all", "--lisa.train_embeddings=false"]
     common = ["--train.precision=bf16", "--train.loss=chunked", "--train.loss_chunk_tokens=512"]
     results = {}
@@ -202,7 +195,7 @@ def quantized(device: str, work: Path) -> dict:
         records, _ = _train(run, range(4))
         store = getattr(run.backend, "store", None)
         results[name] = {"losses": [r["loss"] for r in records], "state_bytes": records[-1]["state_bytes"],
-                         "memory": _memory(device), "planned": _planned(run, cfg),
+                         "memory": device_memory(run.backend.device), "planned": _planned(run, cfg),
                          "host_pinned": bool(store and store.buffers and store.buffers[0].flat.is_pinned())}
         run.backend.close()
     lean_r, exact = results["lean"], results["fp32_storage"]

@@ -39,13 +39,8 @@ def parse_messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
     """The row's messages, checked: each a {role, content} mapping (an assistant's content may be empty when it
     carries `tool_calls`); `tool_calls`, `name`, `tool_call_id` and `reasoning_content` go to the template as they
     are."""
-    value = row.get(field)
-    if value is None:
-        raise BadRow(f"missing field '{field}'")
-    if not isinstance(value, list) or not value:
-        raise BadRow(f"field '{field}' is {type(value).__name__}, not a non-empty list of messages")
     messages = []
-    for number, message in enumerate(value, start=1):
+    for number, message in enumerate(_listed(row, field, "messages"), start=1):
         if not isinstance(message, Mapping):
             raise BadRow(f"message {number} is {type(message).__name__}, not a {{role, content}} mapping")
         role, content = message.get("role"), message.get("content")
@@ -67,13 +62,8 @@ def parse_messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
 
 def sharegpt_messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
     """A ShareGPT row's `field` turns ({from, value}) as messages, checked as `parse_messages` checks them."""
-    value = row.get(field)
-    if value is None:
-        raise BadRow(f"missing field '{field}'")
-    if not isinstance(value, list) or not value:
-        raise BadRow(f"field '{field}' is {type(value).__name__}, not a non-empty list of turns")
     messages = []
-    for number, turn in enumerate(value, start=1):
+    for number, turn in enumerate(_listed(row, field, "turns"), start=1):
         if not isinstance(turn, Mapping):
             raise BadRow(f"turn {number} is {type(turn).__name__}, not a {{from, value}} mapping")
         role = SHAREGPT_ROLES.get(turn.get("from"))
@@ -81,6 +71,16 @@ def sharegpt_messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]
             raise BadRow(f"turn {number} is from {turn.get('from')!r}, expected one of {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": role, "content": turn.get("value")})
     return parse_messages({field: messages}, field)
+
+
+def _listed(row: Mapping[str, Any], field: str, items: str) -> list[Any]:
+    """The row's non-empty list under `field` (of `items`, for the error)."""
+    value = row.get(field)
+    if value is None:
+        raise BadRow(f"missing field '{field}'")
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"field '{field}' is {type(value).__name__}, not a non-empty list of {items}")
+    return value
 
 
 def use_chat_template(tokenizer: Any, spec: str) -> None:

@@ -6,7 +6,7 @@ from lisa_dist.run.metrics import TensorBoardSink, WandbSink, read_jsonl
 from lisa_dist.run.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP, LauncherWatch, mark_preempted, mark_status
 from lisa_dist.run.resume import plan, restore, save
 from lisa_dist.run.state import Run
-from lisa_dist.run.trainer import build, load_data, maybe_switch, train, train_step
+from lisa_dist.run.trainer import build, device_memory, load_data, maybe_switch, train, train_step
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -20,6 +20,7 @@ __all__ = [
     "build",
     "checkpoint",
     "evaluate",
+    "device_memory",
     "load_data",
     "mark_preempted",
     "mark_status",

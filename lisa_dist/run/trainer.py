@@ -299,12 +299,12 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
         "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
         "trainable_params": run.trainable.num_params(run.active),
         "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
-        **_device_memory(backend.device),
+        **device_memory(backend.device),
     }
 
 
-def _device_memory(device: torch.device) -> dict[str, int]:
-    """CUDA: what the caching allocator holds now and at its peak (host-side counters: no sync)."""
+def device_memory(device: torch.device) -> dict[str, int]:
+    """CUDA: what the caching allocator holds now and at its peak (host-side counters: no sync); {} elsewhere."""
     if device.type != "cuda":
         return {}
     return {"cuda_allocated": torch.cuda.memory_allocated(device), "cuda_reserved": torch.cuda.memory_reserved(device),
@@ -496,7 +496,7 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
         "resumed_at_step": run.start_step or None,
         "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in train), default=0),
         **({"data_sources": run.data_sources} if run.data_sources else {}),
-        **{f"peak_{k[len('cuda_max_'):]}_bytes": v for k, v in _device_memory(run.backend.device).items()
+        **{f"peak_{k[len('cuda_max_'):]}_bytes": v for k, v in device_memory(run.backend.device).items()
            if k.startswith("cuda_max_")},
     }
     evals = [r for r in history if "eval_loss" in r]

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,6 +135,17 @@ class Setup:
     activation_checkpointing: bool = True
     rank: int = 0
     """Which rank (FSDP shards are uneven: rank 0 holds the most)."""
+
+    @classmethod
+    def from_config(cls, cfg: Any, backend: str = "local", world_size: int = 1, rank: int = 0) -> Setup:
+        """The Setup of a run's config (a `lisa_dist.config.Config`) on `world_size` ranks of `backend`."""
+        return cls(backend=backend, world_size=world_size, replicate=cfg.backend.replicate,
+                   precision=cfg.train.precision, param_dtype=cfg.model.dtype, frozen_storage=cfg.lisa.frozen_storage,
+                   host_dtype=cfg.lisa.host_dtype, train_embeddings=cfg.lisa.train_embeddings,
+                   adam_8bit=cfg.optim.adam_8bit,
+                   loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
+                   gamma=cfg.lisa.gamma, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
+                   activation_checkpointing=cfg.train.activation_checkpointing, rank=rank)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
