@@ -29,7 +29,7 @@ def step_time(layer: int, train_embeddings: bool, args, out: Path) -> float:
     cfg = load_config(None, [
         f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=256", "--data.skip_bad_rows=true",
         f"--data.cache_dir={out / 'cache'}", "--model.name=tiny-llama",
-        f'--model.preset_overrides={{"num_hidden_layers":{args.layers},"hidden_size":256,"intermediate_size":688,'
+        f'--model.config_overrides={{"num_hidden_layers":{args.layers},"hidden_size":256,"intermediate_size":688,'
         '"vocab_size":8192}',
         "--train.micro_batch_size=4", f"--train.steps={args.steps}", "--lisa.gamma=1", "--lisa.strategy=fixed",
         f"--lisa.fixed_layers=[{layer}]", f"--lisa.train_embeddings={str(train_embeddings).lower()}",

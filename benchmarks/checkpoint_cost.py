@@ -42,7 +42,7 @@ SHAPES = {
 
 def measure(name: str, out: Path, shape: str) -> dict:
     base = [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
-            f"--model.preset_overrides={SHAPES[shape]}", "--train.micro_batch_size=1", "--train.steps=4",
+            f"--model.config_overrides={SHAPES[shape]}", "--train.micro_batch_size=1", "--train.steps=4",
             "--logging.progress=false", "--logging.level=WARNING", "--lisa.interval=1",
             f"--train.output_dir={out / name}", "--checkpoint.keep_last=1", "--lisa.gamma=2",
             "--train.overwrite=true", *BACKENDS[name]]

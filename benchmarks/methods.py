@@ -64,7 +64,7 @@ def overrides(method: str, args: argparse.Namespace) -> list[str]:
     size = json.dumps(SIZES[args.size])
     # The demo data's responses packed into blocks of seq_len tokens: every step the same number of tokens.
     base = [f"--data.path={DATA}", "--data.format=text", "--data.text_field=output",
-            f"--data.max_length={args.seq_len}", "--model.name=tiny-llama", f"--model.preset_overrides={size}",
+            f"--data.max_length={args.seq_len}", "--model.name=tiny-llama", f"--model.config_overrides={size}",
             f"--train.micro_batch_size={args.micro_batch}", f"--train.steps={args.steps}",
             f"--train.device={args.device}", f"--train.precision={args.precision}",
             f"--train.output_dir={REPO / 'runs' / 'bench_methods' / method}", "--checkpoint.save_final=false",

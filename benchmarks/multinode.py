@@ -45,7 +45,7 @@ def overrides(name: str, steps: int, run_dir: Path) -> list[str]:
     replicate, lisa = CONFIGS[name]
     return [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
             f"--data.cache_dir={run_dir.parent / 'cache'}", "--model.name=tiny-llama",
-            "--model.preset_overrides={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 8}",
+            "--model.config_overrides={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 8}",
             "--train.micro_batch_size=4", f"--train.steps={steps}", f"--train.output_dir={run_dir / 'run'}",
             "--logging.progress=false", "--logging.level=WARNING", "--backend.name=fsdp",
             f"--backend.replicate={replicate}", f"--lisa.enabled={str(lisa).lower()}", "--lisa.gamma=2",

@@ -29,7 +29,7 @@ def arm(packing: bool, args, tokenizer_dir: str, out: Path) -> dict:
         f"--data.path={DATA}", "--data.format=alpaca", f"--data.max_length={args.max_length}",
         "--data.skip_bad_rows=true", f"--data.packing={str(packing).lower()}", f"--data.cache_dir={out / 'cache'}",
         "--model.name=tiny-llama", f"--model.tokenizer={tokenizer_dir}",
-        '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":256,"intermediate_size":688,'
+        '--model.config_overrides={"num_hidden_layers":4,"hidden_size":256,"intermediate_size":688,'
         '"vocab_size":49152}',
         f"--train.micro_batch_size={args.micro}", f"--train.steps={args.steps}", "--lisa.gamma=1",
         f"--train.output_dir={out / ('packed' if packing else 'padded')}", "--logging.progress=false",

@@ -222,7 +222,7 @@ class Study:
         self.arms = {a.name: a for a in chosen}
         if args.quick:
             self.model = ["--model.name=tiny-llama",
-                          '--model.preset_overrides={"num_hidden_layers": 4, "hidden_size": 64}']
+                          '--model.config_overrides={"num_hidden_layers": 4, "hidden_size": 64}']
         else:
             from lisa_dist.tools import prepare_model
 

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--name", default="switch_overhead", help="output file stem")
     args = parser.parse_args()
     base = [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
-            f"--model.preset_overrides={json.dumps(MODEL)}",
+            f"--model.config_overrides={json.dumps(MODEL)}",
             "--train.micro_batch_size=4", "--logging.progress=false", "--logging.level=WARNING",
             "--logging.log_every=1", "--checkpoint.save_final=false", "--train.output_dir=runs/bench_switch",
             "--lisa.gamma=2", f"--lisa.interval={INTERVAL}"]

@@ -79,7 +79,7 @@ def _synchronize(run) -> None:
 def measure(backend: str, size: str, steps: int) -> dict:
     cfg = load_config(None, [
         f"--data.path={DATA}", "--data.format=text", "--data.text_field=output", "--data.max_length=128",
-        "--model.name=tiny-llama", f"--model.preset_overrides={json.dumps(SIZES[size])}",
+        "--model.name=tiny-llama", f"--model.config_overrides={json.dumps(SIZES[size])}",
         "--train.micro_batch_size=1", f"--train.steps={steps}", "--logging.progress=false",
         "--logging.level=WARNING", "--logging.log_every=1", "--checkpoint.save_final=false",
         f"--train.output_dir={REPO / 'runs' / 'bench_switch_scaling'}", "--train.overwrite=true",

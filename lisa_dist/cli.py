@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from lisa_dist.config import Config, load_config
+from lisa_dist.config import EXPORT_DTYPES, Config, load_config
 from lisa_dist.errors import ConfigError, first_line
 
 # Exit statuses, one per kind of stop: a launcher or workflow engine can tell them apart.
@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a step-N checkpoint folder, or a checkpoints folder (its newest good one)")
     export.add_argument("out_dir", help="the Hugging Face folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace out_dir if it is not empty")
+    export.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
+                        help="dtype of the weights written (default: the dtype the source model is published in)")
+    export.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                        help="largest safetensors file, e.g. 5GB or 500MB (default: the run's "
+                             "checkpoint.max_shard_size); the export holds about one shard in memory")
     layers = sub.add_parser("layers", help="print the decoder layers and always-trained modules of a model")
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
@@ -100,33 +105,48 @@ def _parser() -> argparse.ArgumentParser:
 def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     from lisa_dist.tools import BACKENDS, MODEL_PRESETS
 
+    # A flag not given leaves no attribute: its dest is the planner's Setup field, whose default applies with --model
+    # and the config's value with --config.
     p = sub.add_parser("estimate", help="per-GPU memory of full fine-tuning, LoRA, naive LISA and LISA",
+                       argument_default=argparse.SUPPRESS,
                        description="Print per-rank params, grads, fp32 masters, Adam moments (exact) and "
-                                   "activations and buffers (estimates) of every method, and which fit the GPU.")
-    p.add_argument("--model", required=True,
-                   help=f"{', '.join(MODEL_PRESETS)}, a tiny-* preset, or a config.json (or its folder)")
-    p.add_argument("--gpus", type=positive(int), default=8, help="world size (all nodes)")
-    p.add_argument("--backend", default="fsdp", choices=BACKENDS)
-    p.add_argument("--gamma", type=positive(int), default=2, help="LISA: decoder layers active at once")
-    p.add_argument("--lora-r", type=positive(int), default=8, help="LoRA rank (peft's default target modules)")
-    p.add_argument("--gpu-mem", type=positive(float), default=80.0, help="GiB per GPU")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
-    p.add_argument("--frozen-storage", default="float32", choices=("float32", "bfloat16", "int8", "nf4"),
-                   help="storage of the layers not active (lisa.frozen_storage; int8/nf4: backend local)")
-    p.add_argument("--host-dtype", default="float32", choices=("float32", "bfloat16"),
+                                   "activations and buffers (estimates) of every method, and which fit the GPU. "
+                                   "With --config, a run's config gives the model and every setting; a flag given "
+                                   "replaces the config's value.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help=f"{', '.join(MODEL_PRESETS)}, a hub id known offline, a tiny-* preset, or a "
+                                      "config.json (or its folder)")
+    what.add_argument("--config", help="a run's YAML/JSON config (e.g. configs/recipes/*.yaml): its model (a hub id "
+                                       "known offline, a local folder or a preset), backend (ZeRO stage from "
+                                       "backend.ds_config), precision, memory options, gamma, micro-batch and "
+                                       "data.max_length")
+    p.add_argument("--gpus", dest="world_size", type=positive(int), metavar="N",
+                   help="world size (all nodes); default 8 with --model; with --config 1 for backend local, "
+                        "required for the others")
+    p.add_argument("--backend", choices=BACKENDS, help="default fsdp")
+    p.add_argument("--gamma", type=positive(int), metavar="N", help="LISA: decoder layers active at once (default 2)")
+    p.add_argument("--lora-r", dest="lora_r", type=positive(int), metavar="R",
+                   help="LoRA rank (default 8; peft's default target modules)")
+    p.add_argument("--gpu-mem", type=positive(float), default=80.0, metavar="GIB", help="GiB per GPU (default 80)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="default bf16")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="model.dtype (default float32)")
+    p.add_argument("--frozen-storage", choices=("float32", "bfloat16", "int8", "nf4"),
+                   help="storage of the layers not active (lisa.frozen_storage; int8/nf4: local and fsdp)")
+    p.add_argument("--host-dtype", choices=("float32", "bfloat16"),
                    help="int8/nf4: the exact host copies (lisa.host_dtype)")
-    p.add_argument("--frozen-embeddings", action="store_true", help="lisa.train_embeddings=false")
-    p.add_argument("--adam-8bit", default="none", choices=("none", "always", "all"), help="optim.adam_8bit")
-    p.add_argument("--loss-chunk", type=positive(int), default=None, metavar="TOKENS",
+    p.add_argument("--frozen-embeddings", dest="train_embeddings", action="store_false",
+                   help="lisa.train_embeddings=false")
+    p.add_argument("--adam-8bit", choices=("none", "always", "all"), help="optim.adam_8bit (default none)")
+    p.add_argument("--loss-chunk", dest="loss_chunk_tokens", type=positive(int), metavar="TOKENS",
                    help="train.loss=chunked with train.loss_chunk_tokens=TOKENS (default: the plain loss)")
-    p.add_argument("--replicate", type=positive(int), default=1, help="fsdp: HSDP replicas (e.g. the number of nodes)")
-    p.add_argument("--micro-batch", type=positive(int), default=1)
-    p.add_argument("--seq-len", type=positive(int), default=2048)
-    p.add_argument("--no-activation-checkpointing", action="store_true")
-    p.add_argument("--longest-seq", action="store_true",
+    p.add_argument("--replicate", type=positive(int), metavar="N",
+                   help="fsdp: HSDP replicas (e.g. the number of nodes)")
+    p.add_argument("--micro-batch", dest="micro_batch", type=positive(int), metavar="N", help="default 1")
+    p.add_argument("--seq-len", dest="seq_len", type=positive(int), metavar="TOKENS", help="default 2048")
+    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    p.add_argument("--longest-seq", action="store_true", default=False,
                    help="instead: the longest sequence per GPU (multiples of 256 tokens) each method fits in --gpu-mem")
-    p.add_argument("--json", action="store_true", help="print the breakdown as JSON instead of a table")
+    p.add_argument("--json", action="store_true", default=False, help="print the breakdown as JSON instead of a table")
 
 
 def _generate_parsers(sub: argparse._SubParsersAction) -> None:
@@ -148,7 +168,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     # The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment instead.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     # Everything from the first --section.key on is an override (argparse would take a value with a space in it,
-    # such as --model.preset_overrides={a: 1}, for the positional config path).
+    # such as --model.config_overrides={a: 1}, for the positional config path).
     for i, arg in enumerate(argv):
         if arg.startswith("--") and "." in arg.split("=", 1)[0]:
             return argv[:i], argv[i:]
@@ -185,11 +205,13 @@ def _main(argv: list[str] | None) -> int:
             return _train(load_config(args.config, overrides))
         if args.command == "config":
             return _config(args, overrides)
+        if args.command == "estimate" and getattr(args, "config", None):  # the recipe's fields, changed
+            return _estimate(args, overrides)
         _no_overrides(overrides)
         _setup_logging()
         commands = {"layers": lambda: _show_layers(args.model, args.layers_path),
-                    "export": lambda: _export(args.checkpoint, args.out_dir, args.overwrite),
-                    "estimate": lambda: _estimate(args),
+                    "export": lambda: _export(args),
+                    "estimate": lambda: _estimate(args, []),
                     "generate": lambda: _generate(args),
                     "chat": lambda: _chat(args),
                     "prepare-model": lambda: _prepare_model(args.model, args.cache),
@@ -256,45 +278,31 @@ def _train(cfg: Config) -> int:
     return 0
 
 
-def _export(source: str, out_dir: str, overwrite: bool) -> int:
+def _export(args: argparse.Namespace) -> int:
     from lisa_dist.tools import export
 
-    export(Path(source), Path(out_dir), overwrite=overwrite)
+    export(Path(args.checkpoint), Path(args.out_dir), overwrite=args.overwrite, dtype=args.dtype,
+           max_shard_size=args.max_shard_size)
     return 0
 
 
-def _estimate(args: argparse.Namespace) -> int:
+def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
-    from lisa_dist.tools import (
-        METHOD_NAMES,
-        METHODS,
-        Setup,
-        estimate,
-        longest_seq_len,
-        model_config,
-        plan,
-        shapes_of,
-        table,
-    )
+    from lisa_dist.tools import METHOD_NAMES, METHODS, estimate, longest_seq_len, plan, table
 
-    setup = Setup(backend=args.backend, world_size=args.gpus, replicate=args.replicate, precision=args.precision,
-                  param_dtype=args.param_dtype, frozen_storage=args.frozen_storage, host_dtype=args.host_dtype,
-                  train_embeddings=not args.frozen_embeddings, adam_8bit=args.adam_8bit,
-                  loss_chunk_tokens=args.loss_chunk or 0, gamma=args.gamma,
-                  lora_r=args.lora_r, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                  activation_checkpointing=not args.no_activation_checkpointing)
-    shapes = shapes_of(model_config(args.model), args.model, lora_r=args.lora_r)
-    if not 1 <= args.gamma <= len(shapes.layers):
-        raise ConfigError(f"--gamma {args.gamma}: expected in 1..{len(shapes.layers)} (the model's layers)")
+    shapes, setup = _estimate_plan(args, overrides)
+    if not 1 <= setup.gamma <= len(shapes.layers):
+        raise ConfigError(f"--gamma {setup.gamma}: expected in 1..{len(shapes.layers)} (the model's layers)")
     if args.longest_seq:
         longest = {m: longest_seq_len(shapes, setup, m, args.gpu_mem) if estimate(shapes, m, setup).supported
                    else None for m in METHODS}
         if args.json:
             print(json.dumps(longest, indent=2))
             return 0
-        print(f"{shapes.name} on {args.gpus} x {args.gpu_mem:g} GiB ({args.backend}), micro-batch {args.micro_batch}: "
-              "the longest sequence per GPU that fits (90% of its memory)\n\n| method | tokens |\n| --- | --- |")
+        print(f"{shapes.name} on {setup.world_size} x {args.gpu_mem:g} GiB ({setup.backend}), micro-batch "
+              f"{setup.micro_batch}: the longest sequence per GPU that fits (90% of its memory)\n\n"
+              "| method | tokens |\n| --- | --- |")
         for method, tokens in longest.items():
             print(f"| {METHOD_NAMES[method]} | {tokens or ('does not fit' if tokens == 0 else 'not supported')} |")
     elif args.json:
@@ -302,6 +310,21 @@ def _estimate(args: argparse.Namespace) -> int:
     else:
         print(table(shapes, setup, args.gpu_mem))
     return 0
+
+
+def _estimate_plan(args: argparse.Namespace, overrides: list[str]):
+    """The model's shapes and the planner's Setup: from --model and the flags, or from --config (with its
+    `--section.key=value` overrides) with the flags given replacing the config's values."""
+    from dataclasses import fields
+
+    from lisa_dist.tools import Setup, config_world_size, model_config, plan_config, shapes_of
+
+    given = {f.name: getattr(args, f.name) for f in fields(Setup) if hasattr(args, f.name)}
+    if hasattr(args, "model"):
+        setup = Setup(**given)
+        return shapes_of(model_config(args.model), args.model, lora_r=setup.lora_r), setup
+    cfg = load_config(args.config, overrides)
+    return plan_config(cfg, config_world_size(cfg, given.pop("world_size", None)), **given)
 
 
 def _prepare_model(name: str, cache: str | None) -> int:

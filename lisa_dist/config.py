@@ -5,10 +5,12 @@ the model (gamma against the number of decoder layers). Every error names the fi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,8 +32,13 @@ class ModelConfig:
     """Tokenizer folder or hub id; defaults to the model's own (presets use a built-in byte-level tokenizer)."""
     dtype: str = "float32"
     """Storage dtype of the weights: float32 or bfloat16."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the model's Hugging Face config changed at load, for a preset, a local folder or a hub id alike:
+    e.g. {max_position_embeddings: 65536, rope_scaling: {rope_type: yarn, factor: 4.0}, attention_dropout: 0.1};
+    attn_implementation here sets model.attn_implementation. A field the config lacks is refused, with the closest
+    name. A nested config's fields (a vision-language model's text_config) are merged, not replaced."""
     preset_overrides: dict[str, Any] = field(default_factory=dict)
-    """Config fields changed on a preset, e.g. {num_hidden_layers: 8}."""
+    """The old name of config_overrides (earlier runs' configs still load); give one of the two."""
     trust_remote_code: bool = False
     """Passed to transformers when loading a folder or hub id."""
     attn_implementation: str = "sdpa"
@@ -71,8 +78,9 @@ class DataConfig:
     each epoch draws examples, or packed rows, in proportion to the weights, from train.seed), eval_fraction (its
     held-out share)}."""
     chat_template: str = ""
-    """chat/sharegpt: a Jinja file, or a built-in (chatml), replacing the tokenizer's chat template (or giving one
-    to a tokenizer without); saved with the tokenizer in final/ and exports."""
+    """chat/sharegpt: a Jinja file, or a built-in (chatml; llama3: Llama 3.1's, for a base model's tokenizer without
+    one), replacing the tokenizer's chat template (or giving one to a tokenizer without); saved with the tokenizer in
+    final/ and exports."""
     packing: bool = False
     """alpaca/chat: put several examples in one row of up to max_length tokens; position_ids restart at each
     example and no token attends across examples (transformers' packed-sequence masks)."""
@@ -245,6 +253,14 @@ class CheckpointConfig:
     """On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved and the run exits with 75."""
 
 
+    export_dtype: str = ""
+    """dtype of the weights save_final writes: bfloat16, float16 or float32; empty: the dtype the source model is
+    published in (its config's dtype; model.dtype for a preset)."""
+    max_shard_size: str | int = "5GB"
+    """Largest safetensors file of save_final (and the default of lisa-dist export): bytes or a size such as 5GB,
+    500MB or 2GiB; the writer holds about one such shard in CPU memory, never the model."""
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = 1
@@ -286,12 +302,13 @@ class Config:
 
 BACKENDS = ("local", "fsdp", "deepspeed")
 DATA_FORMATS = ("text", "alpaca", "chat", "sharegpt", "auto")
-CHAT_TEMPLATES = ("chatml",)
+CHAT_TEMPLATES = ("chatml", "llama3")
 """The built-in chat templates data.chat_template names (lisa_dist.data.chat)."""
 STRATEGIES = ("uniform", "weighted", "fixed", "grad_norm")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = ("float32", "bfloat16")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")
 ADAM_8BIT = ("none", "always", "all")
@@ -301,13 +318,31 @@ LOSSES = ("plain", "chunked")
 CHOICES = {"lisa.frozen_storage": FROZEN_STORAGE, "lisa.host_dtype": DTYPES, "optim.adam_8bit": ADAM_8BIT,
            "optim.implementation": ADAM_IMPLEMENTATIONS,
            "train.loss": LOSSES, "train.precision": PRECISIONS, "model.dtype": DTYPES,
-           "lisa.strategy": STRATEGIES, "optim.schedule": SCHEDULES, "backend.name": BACKENDS}
+           "lisa.strategy": STRATEGIES, "optim.schedule": SCHEDULES, "backend.name": BACKENDS,
+           "checkpoint.export_dtype": EXPORT_DTYPES}
 # Fields that moved: the old name's error says where to.
 MOVED = {"backend.frozen_dtype": "lisa.frozen_storage"}
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 WANDB_MODES = ("offline", "online")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int, field_name: str) -> int:
+    """Bytes of `value`: an int, or digits with a unit (5GB, 500MB, 2GiB; GB = 10^9 bytes, as transformers reads
+    max_shard_size). ConfigError naming `field_name` otherwise."""
+    size = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if size is None:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value).upper())
+        if match and match.group(2) in _SIZE_UNITS:
+            size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size is None or size <= 0:
+        raise ConfigError(f"{field_name}={value!r}: expected a size above 0, in bytes or such as 5GB, 500MB or 2GiB")
+    return size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,7 +467,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        for hint_ in inner[:-1]:  # the first type the value is (str | int: "5GB" or 5000000000)
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, hint_, name)
+        return _coerce(value, inner[-1], name)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r}: expected a list")
@@ -519,6 +557,16 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "expected >= 1")
     _require(bool(cfg.checkpoint.resume), "checkpoint.resume", cfg.checkpoint.resume,
              "expected auto, none or the path of a step-N checkpoint folder")
+    _require(not cfg.checkpoint.export_dtype or cfg.checkpoint.export_dtype in EXPORT_DTYPES,
+             "checkpoint.export_dtype", cfg.checkpoint.export_dtype,
+             f"allowed values are {', '.join(EXPORT_DTYPES)}, or empty for the source model's dtype")
+    parse_size(cfg.checkpoint.max_shard_size, "checkpoint.max_shard_size")
+    _require(not (cfg.model.config_overrides and cfg.model.preset_overrides), "model.preset_overrides",
+             cfg.model.preset_overrides, "is the old name of model.config_overrides: give only config_overrides")
+    _require(isinstance(cfg.model.config_overrides.get("attn_implementation", "sdpa"), str)
+             and cfg.model.config_overrides.get("attn_implementation", "sdpa") in ATTENTION,
+             "model.config_overrides.attn_implementation", cfg.model.config_overrides.get("attn_implementation"),
+             f"allowed values are {', '.join(ATTENTION)}")
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
     _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
     _choice("logging.level", cfg.logging.level, LOG_LEVELS)

@@ -26,7 +26,7 @@ def tiny_overrides(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
     return [
         f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
         f"--data.cache_dir={tmp_path / 'cache'}",
-        "--model.name=tiny-llama", '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64}',
+        "--model.name=tiny-llama", '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64}',
         "--train.micro_batch_size=4", "--train.steps=6", f"--train.output_dir={tmp_path / 'run'}", "--train.device=cpu",
         "--optim.lr=3e-3", "--lisa.gamma=1", "--lisa.interval=2", "--logging.progress=false", *extra,
     ]
@@ -111,7 +111,7 @@ def local_eval(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4, wor
 
 
 # The tiny Llama with its LM head tied to the input embedding (as SmolLM2, Gemma and small Qwen2 models are).
-TIED = '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'
+TIED = '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'
 
 
 def tied_param_count() -> int:
@@ -133,8 +133,10 @@ def load_tied_export(folder: Path):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        names = set(f.keys())
+    names = set()
+    for file in folder.glob("*.safetensors"):  # one file, or the shards of save_final's writer
+        with safe_open(str(file), framework="pt") as f:
+            names |= set(f.keys())
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names, sorted(names)[:5]
     records = []
     handler = logging.Handler()

@@ -60,7 +60,7 @@ def overrides(device: str, out: Path, *extra: str, data_format: str = "text") ->
     """A run of the kit's model for `device` writing to `out`: 6 steps, 2 of the layers switched every 2 steps."""
     data = [f"--data.format={data_format}"] + (["--data.text_field=output"] if data_format == "text" else [])
     return [f"--data.path={DATA}", *data, f"--data.max_length={SEQ[device]}", f"--data.cache_dir={out}/cache",
-            "--model.name=tiny-llama", f"--model.preset_overrides={json.dumps(MODELS[device])}",
+            "--model.name=tiny-llama", f"--model.config_overrides={json.dumps(MODELS[device])}",
             "--train.micro_batch_size=2", "--train.steps=6", f"--train.output_dir={out}/run",
             f"--train.device={device}", "--optim.lr=1e-3", "--optim.schedule=constant", "--lisa.gamma=2",
             "--lisa.interval=2", "--logging.progress=false", "--logging.level=WARNING", *extra]

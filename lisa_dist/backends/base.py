@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lisa_dist.method import TrainableSet
-from lisa_dist.models import ModelLayout, WeightSource
+from lisa_dist.models import FolderSpec, ModelLayout, WeightSource
 
 
 class Backend(Protocol):
@@ -73,7 +73,8 @@ class Backend(Protocol):
     def load_state(self, folder: Path) -> None:
         """Collective: restore `save_state`'s folder; the layers active at save time must be active now."""
 
-    def save_model(self, path: str) -> None:
-        """Write the full model as a Hugging Face folder (from the main rank)."""
+    def save_model(self, path: str, spec: FolderSpec) -> None:
+        """Collective: the full model as a Hugging Face folder in `spec.dtype`, shards of at most
+        `spec.max_shard_bytes`, written by the main rank a shard at a time."""
 
     def close(self) -> None: ...

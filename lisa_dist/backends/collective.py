@@ -1,13 +1,16 @@
 """What every multi-process backend does the same way: the main rank, sums over ranks, the barrier, the export."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lisa_dist.dist import io_barrier, raise_together
+from lisa_dist.errors import DistError
 from lisa_dist.method import TrainableSet
-from lisa_dist.models import share_tied
+from lisa_dist.models import Fetch, FolderSpec, is_adapter_model, save_hf_folder, share_tied
 
 
 class ProcessGroupBackend:
@@ -35,20 +38,36 @@ class ProcessGroupBackend:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def save_model(self, path: str) -> None:
-        """Gather the full model on rank 0 in CPU memory and write a Hugging Face folder there."""
+    def full_fetch(self) -> Fetch:
+        """Collective, per call: the whole tensors of the names asked for, on the main rank's CPU (empty elsewhere)."""
+        raise NotImplementedError
+
+    def save_model(self, path: str, spec: FolderSpec) -> None:
+        """Collective: the model as a Hugging Face folder written by the main rank a shard at a time, each tensor
+        gathered whole as its shard fills (a LoRA model: its adapters, as peft saves them)."""
+        if is_adapter_model(self.model):
+            self._save_adapters(path, spec)
+            return
+        error = None
+        try:
+            save_hf_folder(Path(path), self.model, self.full_fetch(), spec, write=self.is_main)
+        except DistError:
+            raise  # a peer died: no agreement is possible
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = exc
+        # Not a barrier: the others would wait in it for the I/O timeout while a main rank that failed to write
+        # (a full disk) waits in its error's report. save_hf_folder fetches to the end even after a failed write.
+        raise_together(error)
+
+    def _save_adapters(self, path: str, spec: FolderSpec) -> None:
         state = self.full_state_dict()
         error = None
         if self.is_main:
             try:
-                # Frozen blocks may be stored in another dtype: export in the always-trained params' dtype.
-                dtype = self.trainable.always[0][1].dtype
-                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+                state = {k: v.to(spec.dtype) if v.is_floating_point() else v for k, v in state.items()}
                 self.model.save_pretrained(path, state_dict=share_tied(self.model, state))
             except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
-        # Not a barrier: the others would wait in it for the I/O timeout while a main rank that failed to write
-        # (a full disk) waits in its error's report.
         raise_together(error)
 
     def close_process_group(self) -> None:

@@ -39,7 +39,7 @@ from lisa_dist.method import (
     set_requires_grad,
     storage_bytes,
 )
-from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full, to_device
+from lisa_dist.models import Fetch, ModelLayout, WeightSource, lm_loss_sum, materialize_full, to_device
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,25 @@ class DeepSpeedBackend(ProcessGroupBackend):
                           if name in self.model.state_dict()})
         return state
 
+
+    def full_fetch(self) -> Fetch:
+        """Each param asked for gathered whole (ZeRO-3: one at a time) onto rank 0's CPU; buffers as they are."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+
+        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            out = {}
+            for name in names:
+                if name not in params:
+                    if self.is_main:
+                        out[name] = buffers[name].detach().cpu()
+                    continue
+                with self.deepspeed.zero.GatheredParameters([params[name]], enabled=self.stage == 3):
+                    if self.is_main:
+                        out[name] = params[name].detach().cpu().clone()
+            return out
+
+        return fetch
 
     def save_state(self, folder: Path) -> None:
         """DeepSpeed's own sharded checkpoint of the current engine (model, active optimizer partitions)."""

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from lisa_dist.backends.collective import ProcessGroupBackend
 from lisa_dist.backends.fsdp_frozen import ShardedFrozenStore
@@ -45,6 +46,7 @@ from lisa_dist.method import (
     storage_bytes,
 )
 from lisa_dist.models import (
+    Fetch,
     ModelLayout,
     SafetensorsWeights,
     WeightSource,
@@ -69,10 +71,14 @@ def build_mesh(env: DistEnv, replicate: int) -> DeviceMesh:
 
 def apply_fsdp(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True) -> None:
-    """Shard each decoder block, then [final norm, LM head] (when untied), then the root (embeddings)."""
+    """Shard each decoder block, then [final norm, LM head] (when untied), then the root (embeddings); a module
+    frozen always (a vision tower) is a unit of its own."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in layout.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for module in layout.frozen.values():
+        # Training on text never runs it, so its own unit is never gathered; in the root's it would be, every step.
+        fully_shard(module, mesh=mesh, mp_policy=mp)
     tail = [m for m in (layout.final_norm, layout.head) if m is not None]
     if layout.head is not None:
         # The root runs the head last: resharding it right after forward would only re-gather it for backward.
@@ -251,6 +257,23 @@ class FSDPBackend(ProcessGroupBackend):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_fetch(self) -> Fetch:
+        """Each tensor asked for all-gathered from its shards (a frozen block's host-kept shards on the device
+        first: NCCL gathers device memory) and kept on rank 0's CPU."""
+        state = self.model.state_dict()
+
+        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            out = {}
+            for name in names:
+                tensor = state[name]
+                if isinstance(tensor, DTensor):
+                    tensor = tensor.to(self.device).full_tensor()
+                if self.is_main:
+                    out[name] = tensor.detach().cpu()
+            return out
+
+        return fetch
 
 
     def close(self) -> None:

@@ -28,7 +28,16 @@ from lisa_dist.method import (
     set_lr,
     storage_bytes,
 )
-from lisa_dist.models import ModelLayout, WeightSource, lm_loss_sum, materialize_full, to_device
+from lisa_dist.models import (
+    FolderSpec,
+    ModelLayout,
+    WeightSource,
+    is_adapter_model,
+    lm_loss_sum,
+    materialize_full,
+    save_hf_folder,
+    to_device,
+)
 
 
 class LocalBackend:
@@ -159,8 +168,13 @@ class LocalBackend:
         state = self.model.state_dict()
         return self.store.exact_state_dict(state) if self.store else state
 
-    def save_model(self, path: str) -> None:
-        self.model.save_pretrained(path, state_dict=self.exact_state_dict())
+    def save_model(self, path: str, spec: FolderSpec) -> None:
+        """The model as a Hugging Face folder, a shard at a time (a LoRA model: its adapters, as peft saves them)."""
+        state = self.exact_state_dict()
+        if is_adapter_model(self.model):
+            self.model.save_pretrained(path, state_dict=state)
+            return
+        save_hf_folder(Path(path), self.model, lambda names: {name: state[name] for name in names}, spec)
 
     def close(self) -> None:
         self.optimizer = None

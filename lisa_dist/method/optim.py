@@ -28,6 +28,8 @@ class TrainableSet:
 
     always: NamedParams
     layers: list[NamedParams] = field(default_factory=list)
+    frozen: NamedParams = field(default_factory=list)
+    """Params that never train (a vision-language model's vision tower): kept frozen at every switch."""
 
     def layer_params(self, indices: Sequence[int]) -> NamedParams:
         return [named for i in indices for named in self.layers[i]]
@@ -99,8 +101,10 @@ def freeze_except_always(model: nn.Module, trainable: TrainableSet) -> None:
 
 
 def set_requires_grad(trainable: TrainableSet, indices: Sequence[int]) -> list[nn.Parameter]:
-    """Make the always-trained params and exactly the layers `indices` trainable; returns the params that left
-    (now frozen, their gradients dropped)."""
+    """Make the always-trained params and exactly the layers `indices` trainable, the params frozen always not;
+    returns the params that left (now frozen, their gradients dropped)."""
+    for _, p in trainable.frozen:  # a model handed over as built (the Trainer integration) has them trainable
+        p.requires_grad_(False)
     active = trainable.layer_params(indices)
     keep = {id(p) for _, p in active}
     left = []

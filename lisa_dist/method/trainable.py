@@ -6,7 +6,7 @@ from torch import nn
 from lisa_dist.config import LoraConfig
 from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.method.optim import NamedParams, TrainableSet
-from lisa_dist.models import ModelLayout
+from lisa_dist.models import ModelLayout, frozen_modules
 
 
 def layer_named_params(layout: ModelLayout) -> list[NamedParams]:
@@ -18,18 +18,21 @@ def layer_named_params(layout: ModelLayout) -> list[NamedParams]:
 
 def lisa_trainable(layout: ModelLayout, train_embeddings: bool = True) -> TrainableSet:
     """Always-trained modules (less the input embedding without `train_embeddings`), plus every decoder layer as a
-    unit that can be switched on and off."""
-    return TrainableSet(always=layout.always_trained_params(train_embeddings), layers=layer_named_params(layout))
+    unit that can be switched on and off; a vision-language model's vision tower is frozen always."""
+    return TrainableSet(always=layout.always_trained_params(train_embeddings), layers=layer_named_params(layout),
+                        frozen=layout.frozen_params())
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableSet]:
-    """Wrap `model` with peft LoRA adapters; only the adapters train, at every step."""
+    """Wrap `model` with peft LoRA adapters; only the adapters train, at every step. A vision-language model's
+    vision tower gets none: it is frozen always (`frozen_modules`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    frozen = {id(m) for tower in frozen_modules(model).values() for m in tower.modules()}
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
+        exclude_modules=[name for name, m in model.named_modules() if id(m) in frozen] or None, task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, peft_cfg)

@@ -1,12 +1,24 @@
-"""Models: loading by name, tiny presets, weight sources, the layout (which modules are the decoder layers and
-which are always trained), activation checkpointing, compilation per block and the loss."""
+"""Models: loading by name, tiny presets, the published configs of hub models (offline), weight sources, the layout
+(which modules are the decoder layers and which are always trained), Hugging Face folders written a shard at a time,
+activation checkpointing, compilation per block and the loss."""
 from lisa_dist.models.ac import apply_activation_checkpointing
 from lisa_dist.models.compile import CompileWatch, compile_blocks, compiled_graphs
 from lisa_dist.models.embedding import lookup_without_grad
-from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, resolve_path
-from lisa_dist.models.loading import build_skeleton, load_model, open_model
+from lisa_dist.models.hub_configs import HUB_CONFIGS, MODEL_ALIASES, hub_config, hub_id
+from lisa_dist.models.layout import FAMILIES, ModelLayout, find_layout, frozen_modules, resolve_path
+from lisa_dist.models.loading import build_skeleton, generation_config, load_model, open_model, source_dtype
 from lisa_dist.models.loss import IGNORE_INDEX, lm_loss_sum, supervised_tokens, to_device
-from lisa_dist.models.presets import PRESETS, build_preset, preset_config, tiny_config
+from lisa_dist.models.presets import PRESETS, build_preset, override_config, preset_config, tiny_config
+from lisa_dist.models.saving import (
+    EXPORT_DTYPES,
+    Fetch,
+    FolderSpec,
+    export_dtype,
+    human_bytes,
+    is_adapter_model,
+    save_hf_folder,
+    saved_names,
+)
 from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import (
     SafetensorsWeights,
@@ -19,9 +31,21 @@ from lisa_dist.models.weights import (
 )
 
 __all__ = [
+    "EXPORT_DTYPES",
+    "Fetch",
+    "FolderSpec",
+    "human_bytes",
+    "is_adapter_model",
+    "export_dtype",
+    "generation_config",
+    "save_hf_folder",
+    "saved_names",
+    "source_dtype",
     "CompileWatch",
     "FAMILIES",
+    "HUB_CONFIGS",
     "IGNORE_INDEX",
+    "MODEL_ALIASES",
     "ModelLayout",
     "PRESETS",
     "SafetensorsWeights",
@@ -34,12 +58,16 @@ __all__ = [
     "compile_blocks",
     "compiled_graphs",
     "find_layout",
+    "hub_config",
+    "hub_id",
+    "frozen_modules",
     "lm_loss_sum",
     "load_model",
     "lookup_without_grad",
     "load_rows_into",
     "materialize_full",
     "open_model",
+    "override_config",
     "preset_config",
     "require_complete",
     "resolve_path",

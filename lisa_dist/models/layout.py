@@ -3,6 +3,8 @@
 FSDP wrapping, activation checkpointing and the LISA sampler all go through `find_layout`. Families are looked up by
 Hugging Face `config.model_type` in `FAMILIES`; anything else falls back to the longest homogeneous `nn.ModuleList`,
 and `model.layers_path` overrides both. Paths are attribute chains resolved with getattr, never eval'd or matched.
+A vision-language family also names the modules it keeps frozen always (its vision tower and projector): LISA
+samples the language model's layers only, and training on text never runs the vision tower.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ class Family:
     norm: str
     extra: tuple[str, ...] = ()
     """Further always-trained modules (learned position embeddings, projections); a path that is None is skipped."""
+    frozen: tuple[str, ...] = ()
+    """Modules frozen always, outside the layers and the always-trained set: a vision-language model's vision tower
+    and multi-modal projector (no gradients, no optimizer state)."""
 
 
 _LLAMA_LIKE = Family("model.layers", "model.norm")
@@ -28,9 +33,12 @@ _LLAMA_LIKE = Family("model.layers", "model.norm")
 FAMILIES: dict[str, Family] = {
     **dict.fromkeys(
         ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "phi3"),
+         "phi3", "olmo2"),
         _LLAMA_LIKE,
     ),
+    # Gemma-3 4B-27B (Gemma3ForConditionalGeneration, which AutoModelForCausalLM builds for model_type gemma3).
+    "gemma3": Family("model.language_model.layers", "model.language_model.norm",
+                     frozen=("model.vision_tower", "model.multi_modal_projector")),
     "phi": Family("model.layers", "model.final_layernorm"),
     "gpt2": Family("transformer.h", "transformer.ln_f", ("transformer.wpe",)),
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm"),
@@ -76,6 +84,8 @@ class ModelLayout:
     """The LM head, None when it is tied to the input embedding."""
     embedding: nn.Module | None = None
     """The input embedding (when tied, its weight is also the head's)."""
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    """Modules frozen always, by name (a vision tower, `Family.frozen`): neither sampled nor always trained."""
 
     @property
     def num_layers(self) -> int:
@@ -85,24 +95,34 @@ class ModelLayout:
         return list(self.layers[i].parameters())
 
     def always_trained_params(self, train_embeddings: bool = True) -> list[tuple[str, nn.Parameter]]:
-        """Every parameter of the model outside the decoder layers, each once (tied weights appear once); without
-        `train_embeddings`, less the input embedding's (a tied embedding stays: it trains as the head)."""
-        out = {id(p) for p in self.layers.parameters()}
+        """Every parameter of the model outside the decoder layers and the modules frozen always, each once (tied
+        weights appear once); without `train_embeddings`, less the input embedding's (a tied embedding stays: it
+        trains as the head)."""
+        out = {id(p) for p in self.layers.parameters()} | self._frozen_ids()
         out |= {id(p) for _, p in self.frozen_embedding_params(train_embeddings)}
         return [(name, p) for name, p in self.model.named_parameters() if id(p) not in out]
 
+    def frozen_params(self) -> list[tuple[str, nn.Parameter]]:
+        """The params of the modules frozen always (`frozen`), each once; empty for a text-only model."""
+        frozen = self._frozen_ids()
+        return [(name, p) for name, p in self.model.named_parameters() if id(p) in frozen]
+
+    def _frozen_ids(self) -> set[int]:
+        return {id(p) for module in self.frozen.values() for p in module.parameters()}
+
     def frozen_embedding_params(self, train_embeddings: bool) -> list[tuple[str, nn.Parameter]]:
-        """Without `train_embeddings`, the params of every input embedding outside the decoder layers: the token
-        embedding unless it is tied to the head (then it trains as the head), and any other `nn.Embedding`, such
-        as learned position embeddings (GPT-2's `wpe`, OPT's `embed_positions`) or token-type embeddings, in any
-        family. Frozen, they leave backward nothing to do below the lowest active layer."""
+        """Without `train_embeddings`, the params of every input embedding outside the decoder layers and the
+        modules frozen always: the token embedding unless it is tied to the head (then it trains as the head), and
+        any other `nn.Embedding`, such as learned position embeddings (GPT-2's `wpe`, OPT's `embed_positions`) or
+        token-type embeddings, in any family. Frozen, they leave backward nothing to do below the lowest active
+        layer."""
         if train_embeddings:
             return []
         in_layers = {id(p) for p in self.layers.parameters()}
         embeddings = [m for m in self.model.modules() if isinstance(m, nn.Embedding)]
         if self.embedding is not None and not isinstance(self.embedding, nn.Embedding):
             embeddings.append(self.embedding)
-        mine = {id(p) for m in embeddings for p in m.parameters()} - in_layers
+        mine = {id(p) for m in embeddings for p in m.parameters()} - in_layers - self._frozen_ids()
         if self.head is None and self.embedding is not None:  # tied: the shared matrix trains as the head
             mine -= {id(p) for p in self.embedding.parameters()}
         if self.head is not None:
@@ -114,19 +134,31 @@ class ModelLayout:
         max_position_embeddings); None for a model without one (rotary embeddings extrapolate)."""
         config = getattr(self.model, "config", None)
         limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        in_layers = {id(m) for m in self.layers.modules()}
+        # A vision tower's patch positions are not the text's (and the tower never sees a text token).
+        skip = {id(m) for m in self.layers.modules()} | {id(m) for f in self.frozen.values() for m in f.modules()}
         learned = [m for m in self.model.modules()
-                   if isinstance(m, nn.Embedding) and m is not self.embedding and id(m) not in in_layers]
+                   if isinstance(m, nn.Embedding) and m is not self.embedding and id(m) not in skip]
         return int(limit) if learned and limit else None
 
     def describe(self) -> str:
+        """One line: the model, its layers and its params by role; for a vision-language model, what stays frozen."""
         total = sum(p.numel() for p in self.model.parameters())
         always = sum(p.numel() for _, p in self.always_trained_params())
+        frozen = sum(p.numel() for _, p in self.frozen_params())
         block = type(self.layers[0]).__name__ if self.num_layers else "-"
-        return (
+        line = (
             f"{type(self.model).__name__} ({self.family}): L={self.num_layers} x {block} at {self.layers_path}, "
-            f"{total:,} params ({always:,} always trained, {total - always:,} in layers; tied weights once)"
+            f"{total:,} params ({always:,} always trained, {total - always - frozen:,} in layers"
+            f"{f', {frozen:,} frozen always' if frozen else ''}; tied weights once)"
         )
+        return f"{line}; {self.frozen_summary()}" if self.frozen else line
+
+    def frozen_summary(self) -> str:
+        """What a vision-language model trains, in words: the language tower's layers and not the vision tower."""
+        parts = [f"{name} ({sum(p.numel() for p in m.parameters()):,} params)" for name, m in self.frozen.items()]
+        return (f"vision-language model {type(self.model).__name__}: LISA samples the language tower's "
+                f"{self.num_layers} layers at {self.layers_path}; {' and '.join(parts)} stay frozen (no gradients, "
+                "no optimizer state; training on text never runs them)")
 
 
 def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout:
@@ -153,6 +185,8 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
     # An unknown family: every module outside the blocks that holds parameters itself (the final norm among them).
     extra = [_optional(base, path) for path in family.extra] if family else _owners_outside(base, layers)
     always = list({id(m): m for m in (embed, *extra, norm, head) if m is not None and id(m) in names}.values())
+    frozen = frozen_modules(model)
+    _refuse_frozen_layers(layers, frozen)
     return ModelLayout(
         model=model,
         layers_path=names[id(layers)],
@@ -162,7 +196,25 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
         final_norm=norm,
         head=head,
         embedding=embed,
+        frozen=frozen,
     )
+
+
+def frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules `model`'s family keeps frozen always (`Family.frozen`: a vision tower and its projector), named
+    relative to `model` (a peft wrapper too); empty for a text-only or unregistered family."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
+    found = [m for m in (_optional(base, path) for path in (family.frozen if family else ())) if m is not None]
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(m)]: m for m in found}
+
+
+def _refuse_frozen_layers(layers: nn.ModuleList, frozen: dict[str, nn.Module]) -> None:
+    for name, module in frozen.items():
+        if any(m is layers for m in module.modules()):
+            raise ConfigError(f"the decoder layers chosen lie inside {name}, which this family keeps frozen always: "
+                              "set model.layers_path to the language model's layers")
 
 
 def _resolve_override(base: nn.Module, path: str) -> nn.ModuleList:

@@ -17,12 +17,20 @@ import torch
 from accelerate import init_empty_weights
 from huggingface_hub.errors import HFValidationError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lisa_dist.config import ModelConfig
 from lisa_dist.errors import ConfigError, first_line
-from lisa_dist.models.presets import PRESETS, build_preset, preset_config, torch_dtype
+from lisa_dist.models.presets import PRESETS, build_preset, override_config, preset_config, torch_dtype
+from lisa_dist.models.saving import EXPORT_DTYPES
 from lisa_dist.models.tokenizer import byte_tokenizer
 from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSource, matches_model, materialize_full
 
@@ -38,19 +46,19 @@ def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractCon
     `cfg.tokenizer`, when set, replaces the model's own tokenizer; a tokenizer without a pad token pads with eos.
     """
     dtype = torch_dtype(cfg.dtype)
+    overrides = config_overrides(cfg)
+    attention = overrides.pop("attn_implementation", cfg.attn_implementation)
     build = partial(build_skeleton, dtype=dtype, trust_remote_code=cfg.trust_remote_code, empty_init=empty_init,
-                    attn_implementation=cfg.attn_implementation)
+                    attn_implementation=attention)
     if cfg.name in PRESETS:
-        config = preset_config(cfg.name, cfg.preset_overrides)
+        config = preset_config(cfg.name, overrides)
         tokenizer = byte_tokenizer()
         source: WeightSource = FullWeights(
-            f"preset {cfg.name} (seed {seed})", lambda: build_preset(cfg.name, cfg.preset_overrides, seed, dtype)[0]
+            f"preset {cfg.name} (seed {seed})", lambda: build_preset(cfg.name, overrides, seed, dtype)[0]
         )
         skeleton = build(config)
-    elif cfg.preset_overrides:
-        raise ConfigError(f"model.preset_overrides only apply to presets ({', '.join(PRESETS)}), not {cfg.name!r}")
     else:
-        skeleton, tokenizer, source = _open_pretrained(cfg, dtype, build)
+        skeleton, tokenizer, source = _open_pretrained(cfg, overrides, dtype, build)
     if cfg.tokenizer is not None:
         tokenizer = _tokenizer(cfg.tokenizer, {"trust_remote_code": cfg.trust_remote_code}, field="model.tokenizer")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -62,6 +70,30 @@ def load_model(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PreTrainedTokeni
     """The model `cfg` names, with its weights, in CPU memory (single process)."""
     skeleton, tokenizer, source = open_model(cfg, seed)
     return materialize_full(skeleton, source, torch.device("cpu")), tokenizer
+
+
+def source_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype the model is published in (its config's `dtype`: bfloat16 for most hub models); model.dtype for a
+    preset, a .gguf file or a config that names none. What an export writes unless told otherwise."""
+    config = _published(cfg, AutoConfig)
+    published = getattr(config, "dtype", None) if config is not None else None
+    name = str(published).removeprefix("torch.") if published is not None else ""
+    return EXPORT_DTYPES.get(name) or torch_dtype(cfg.dtype)
+
+
+def generation_config(cfg: ModelConfig) -> GenerationConfig | None:
+    """The model's published generation config (its eos ids and sampling defaults), None when it has none."""
+    return _published(cfg, GenerationConfig)
+
+
+def _published(cfg: ModelConfig, kind: type) -> Any:
+    """`kind.from_pretrained` of the folder or hub id cfg.name; None for a preset, a .gguf file or a failure."""
+    if cfg.name in PRESETS or cfg.name.endswith(".gguf"):
+        return None
+    try:
+        return kind.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False,
@@ -99,7 +131,12 @@ def _from_config(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
 
 
-def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
+def config_overrides(cfg: ModelConfig) -> dict[str, Any]:
+    """model.config_overrides (or its old name, model.preset_overrides), as a new dict."""
+    return dict(cfg.config_overrides or cfg.preset_overrides)
+
+
+def _open_pretrained(cfg: ModelConfig, overrides: dict[str, Any], dtype: torch.dtype,
                      build: Callable[[PretrainedConfig], nn.Module]) -> tuple[nn.Module, Any, WeightSource]:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     location = cfg.name
@@ -113,6 +150,9 @@ def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
                           "config.json (a Hugging Face model folder holds config.json, the weights and the tokenizer)")
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
+        if overrides:
+            raw, _ = PretrainedConfig.get_config_dict(location, **kwargs)
+            config = override_config(config, raw, overrides, cfg.name)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name, exc) from None
     skeleton = build(config)
@@ -122,7 +162,7 @@ def _open_pretrained(cfg: ModelConfig, dtype: torch.dtype,
         if files.files and matches_model(files, skeleton):
             return skeleton, tokenizer, files
     # transformers' own loading: GGUF dequantization, renamed or fused checkpoint keys, hub downloads.
-    load = partial(_from_pretrained, location, dtype, kwargs)
+    load = partial(_from_pretrained, location, dtype, {**kwargs, "config": config} if overrides else kwargs)
     return skeleton, tokenizer, FullWeights(f"from_pretrained({cfg.name})", load)
 
 

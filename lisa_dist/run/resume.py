@@ -44,7 +44,7 @@ CHECKPOINT_FAILURES = (Exception, CheckpointException)
 
 # Changing any of these changes what the remaining steps compute: refused at resume unless checkpoint.override.
 EXACTNESS_FIELDS = (
-    "model.name", "model.preset_overrides", "model.layers_path", "model.dtype",
+    "model.name", "model.config_overrides", "model.layers_path", "model.dtype",
     "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
     "data.conversations_field", "data.chat_template", "data.mixture", "data.subset", "data.revision",
     "data.packing", "data.eval_fraction",
@@ -215,6 +215,9 @@ def _free(folder: Path) -> str:
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
     section, key = dotted.split(".")
+    if dotted == "model.config_overrides":  # under its old name in earlier runs' configs
+        model = cfg.get("model", {})
+        return model.get("config_overrides") or model.get("preset_overrides") or {}
     return cfg.get(section, {}).get(key)
 
 

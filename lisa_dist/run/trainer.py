@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_dist.backends import Backend, build_backend
-from lisa_dist.config import Config, validate_for_model
+from lisa_dist.config import Config, parse_size, validate_for_model
 from lisa_dist.data import (
     MixtureOrder,
     ShardedBatches,
@@ -42,12 +42,16 @@ from lisa_dist.errors import CheckpointError, ConfigError, DataError, DistError,
 from lisa_dist.method import GradNormImportance, LayerSampler, apply_lora, lisa_trainable, lr_at
 from lisa_dist.models import (
     CompileWatch,
+    FolderSpec,
     apply_activation_checkpointing,
     compile_blocks,
     compiled_graphs,
+    export_dtype,
     find_layout,
+    generation_config,
     lookup_without_grad,
     open_model,
+    source_dtype,
     supervised_tokens,
 )
 from lisa_dist.run import outputs
@@ -446,6 +450,14 @@ def _checkpoint(run: Run, done: int) -> Path | None:
     return save_checkpoint(run, done)
 
 
+def folder_spec(cfg: Config) -> FolderSpec:
+    """How save_final writes: checkpoint.export_dtype (default: the source model's), checkpoint.max_shard_size."""
+    c = cfg.checkpoint
+    dtype = export_dtype(c.export_dtype, "checkpoint.export_dtype") if c.export_dtype else source_dtype(cfg.model)
+    return FolderSpec(dtype, parse_size(c.max_shard_size, "checkpoint.max_shard_size"),
+                      generation_config(cfg.model), progress=cfg.logging.progress)
+
+
 def _save_final(run: Run, final: Path) -> None:
     """checkpoint.save_final: the model and tokenizer written beside `final` (the same name on every rank), then put
     in its place whole, so no file of an earlier final/ (a stale safetensors index) changes how it loads."""
@@ -465,7 +477,7 @@ def _save_final(run: Run, final: Path) -> None:
 
     try:
         run_together(clear)
-        run.backend.save_model(str(staging))
+        run.backend.save_model(str(staging), folder_spec(run.cfg))
         run_together(finish)
     except DistError:
         raise  # a peer died: not a write that failed

@@ -1,5 +1,5 @@
-"""Tools around runs: the memory planner, export, trying a model (generate), plots of runs, prepare-model, the
-baselines, collective byte counting and host-sync counting."""
+"""Tools around runs: the memory planner (and its reading of a run's config), export, trying a model (generate),
+plots of runs, prepare-model, the baselines, collective byte counting and host-sync counting."""
 from lisa_dist.tools.baselines import NaiveLisaBackend, build_baseline
 from lisa_dist.tools.comm import count_collectives
 from lisa_dist.tools.exporter import export
@@ -18,6 +18,7 @@ from lisa_dist.tools.memory import (
     shapes_of_model,
     table,
 )
+from lisa_dist.tools.planning import config_world_size, plan_config, planner_backend
 from lisa_dist.tools.plot import load_run, plot_runs
 from lisa_dist.tools.prepare import prepare_model
 from lisa_dist.tools.syncs import SyncLog, count_syncs
@@ -33,6 +34,7 @@ __all__ = [
     "build_baseline",
     "continue_ids",
     "count_collectives",
+    "config_world_size",
     "count_syncs",
     "estimate",
     "export",
@@ -42,6 +44,8 @@ __all__ = [
     "longest_seq_len",
     "model_config",
     "plan",
+    "plan_config",
+    "planner_backend",
     "plot_runs",
     "prepare_model",
     "shapes_of",

@@ -1,8 +1,10 @@
-"""`lisa-dist export CHECKPOINT OUT_DIR`: a Hugging Face folder from any backend's checkpoint, in one process.
+"""`lisa-dist export CHECKPOINT OUT_DIR`: a Hugging Face folder from any backend's checkpoint, a shard at a time.
 
-Only this process holds the model: local checkpoints are read directly, FSDP ones through torch.distributed.checkpoint
-without a process group (resharded onto one full copy), DeepSpeed ones with DeepSpeed's zero_to_fp32 consolidation.
-`load_checkpoint` gives the same model in memory, without writing a folder (`lisa-dist generate`).
+The model is built as a skeleton (no weights) and `save_hf_folder` asks the checkpoint for one module's tensors at a
+time (`lisa_dist.tools.readers`): local checkpoints are mapped and copied from tensor by tensor, FSDP ones read
+through torch.distributed.checkpoint without a process group, DeepSpeed ones through zero_to_fp32 (lazy mode). The
+process holds about one output shard (`--max-shard-size`), written in `--dtype` (default: the dtype the source model
+is published in). `load_checkpoint` gives the same model whole in memory, without writing (`lisa-dist generate`).
 """
 from __future__ import annotations
 
@@ -15,12 +17,25 @@ import yaml
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lisa_dist.config import from_dict
+from lisa_dist.config import Config, from_dict, parse_size
 from lisa_dist.data import use_chat_template
-from lisa_dist.errors import ConfigError, first_line
+from lisa_dist.errors import ConfigError
 from lisa_dist.method import apply_lora
-from lisa_dist.models import allocate, open_model, require_complete
+from lisa_dist.models import (
+    Fetch,
+    FolderSpec,
+    allocate,
+    export_dtype,
+    generation_config,
+    human_bytes,
+    open_model,
+    require_complete,
+    save_hf_folder,
+    saved_names,
+    source_dtype,
+)
 from lisa_dist.run import checkpoint, outputs
+from lisa_dist.tools.readers import CheckpointReader, DcpReader, DeepSpeedReader, LocalReader, LoraMerge
 
 log = logging.getLogger(__name__)
 
@@ -92,64 +107,70 @@ def _refuse_base_model(out: Path, ckpt: Path) -> None:
                           "was trained from (its config and tokenizer are read from there): choose another folder")
 
 
-def _state_dict(backend: str, state: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+def _reader(backend: str, state: Path) -> CheckpointReader:
     if backend == "local":
-        return torch.load(state / "model.pt", map_location="cpu")
+        return LocalReader(state / "model.pt")
     if backend == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        wanted = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
-        try:
-            dcp.load(wanted, checkpoint_id=str(state), no_dist=True)
-        except CheckpointException as exc:  # a BaseException: it would pass every `except Exception`
-            raise ConfigError(f"checkpoint {state.parent} does not load into its model: {first_line(exc)}") from None
-        return wanted["model"]
+        return DcpReader(state)
     if backend == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from lisa_dist.backends import DS_TAG
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(state), tag=DS_TAG)
+        return DeepSpeedReader(state)
     raise ConfigError(f"cannot export a checkpoint of backend {backend!r}")
 
 
-def _load(ckpt: Path) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
-    """The model of checkpoint folder `ckpt` on the CPU (LoRA merged), its tokenizer and the backend that saved it."""
+def _open(ckpt: Path) -> tuple[Config, nn.Module, PreTrainedTokenizerBase, Fetch]:
+    """The run's config, its model as a skeleton (LoRA merged: the base model's names), its tokenizer, and the
+    fetch that reads the checkpoint's tensors under the skeleton's names."""
     cfg = from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()), source=str(ckpt / "config.yaml"))
     model, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
     use_chat_template(tokenizer, cfg.data.chat_template)  # the template the run trained with
-    allocate(model, "cpu")
+    reader = _reader(cfg.backend.name, ckpt / "state")
     if cfg.lora.enabled:
-        model, _ = apply_lora(model, cfg.lora)
-    state = _state_dict(cfg.backend.name, ckpt / "state", model)
-    result = model.load_state_dict(state, strict=False)
-    require_complete(model, result.missing_keys, f"checkpoint {ckpt}")
-    if cfg.lora.enabled:
-        model = model.merge_and_unload()
-    return model, tokenizer, cfg.backend.name
+        with torch.device("meta"):  # peft builds the adapters beside the base weights: nothing is allocated
+            adapted, _ = apply_lora(open_model(cfg.model, seed=cfg.train.seed)[0], cfg.lora)
+        fetch: Fetch = LoraMerge(reader, adapted)
+    else:
+        fetch = reader
+    wanted = saved_names(model)
+    missing = [name for name in (fetch.source_names(wanted) if isinstance(fetch, LoraMerge) else wanted)
+               if name not in reader.names()]
+    if missing:
+        raise ConfigError(f"checkpoint {ckpt} does not match its model: it lacks {len(missing)} tensor(s), e.g. "
+                          f"{', '.join(missing[:3])}")
+    return cfg, model, tokenizer, fetch
 
 
 def load_checkpoint(source: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The model (on the CPU, LoRA merged) and tokenizer of checkpoint `source`, as `export` would write them."""
-    model, tokenizer, _ = _load(resolve(source))
+    _, model, tokenizer, fetch = _open(resolve(source))
+    allocate(model, "cpu")
+    result = model.load_state_dict(fetch(saved_names(model)), strict=False)
+    require_complete(model, result.missing_keys, f"checkpoint {source}")
     return model, tokenizer
 
 
-def export(source: Path, out: Path, overwrite: bool = False) -> Path:
-    """Write `out` (safetensors, config, tokenizer) from checkpoint `source`; returns the checkpoint used.
+def export(source: Path, out: Path, overwrite: bool = False, dtype: str | None = None,
+           max_shard_size: str | int | None = None) -> Path:
+    """Write `out` (safetensors shards of at most `max_shard_size`, default the run's checkpoint.max_shard_size, in
+    `dtype`, default the source model's; config; tokenizer) from checkpoint `source`, one shard at a time; returns
+    the checkpoint used.
 
     A non-empty `out` is refused unless `overwrite`: then the export is written beside it and replaces it whole."""
+    wanted = export_dtype(dtype, "--dtype") if dtype else None
+    max_bytes = parse_size(max_shard_size, "--max-shard-size") if max_shard_size is not None else None
     ckpt = resolve(source)
     _refuse_base_model(out, ckpt)
     target = _prepare_out(out, overwrite, (source, ckpt))
-    model, tokenizer, backend = _load(ckpt)
+    cfg, model, tokenizer, fetch = _open(ckpt)
+    wanted = wanted or source_dtype(cfg.model)
+    max_bytes = max_bytes or parse_size(cfg.checkpoint.max_shard_size, "checkpoint.max_shard_size")
     try:
-        model.save_pretrained(target)
+        spec = FolderSpec(wanted, max_bytes, generation_config(cfg.model))
+        plan = save_hf_folder(target, model, fetch, spec)
         tokenizer.save_pretrained(target)
         outputs.replace_dir(target, out)
     finally:
         if target != out and target.exists():
             shutil.rmtree(target, ignore_errors=True)
-    log.info("exported %s (%s backend) to %s", ckpt, backend, out)
+    log.info("exported %s (%s backend) to %s: %s of %s in %d shard(s)", ckpt, cfg.backend.name, out,
+             human_bytes(plan.total_size), str(wanted).removeprefix("torch."), len(plan.shards))
     return ckpt

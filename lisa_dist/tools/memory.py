@@ -38,6 +38,7 @@ from torch import nn
 from lisa_dist.config import FROZEN_STORAGE, QUANTIZED
 from lisa_dist.errors import ConfigError
 from lisa_dist.method import quantizable, quantized_bytes
+from lisa_dist.models import MODEL_ALIASES
 
 GIB = 1024**3
 BACKENDS = ("local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
@@ -51,23 +52,9 @@ ADAM8_MIN, ADAM8_BLOCK, ADAM8_QMAP = 4096, 256, 256  # torchao AdamW8bit: smalle
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 NCCL_ALIGNMENT = 2  # ZeRO-1/2 pad each group to a multiple of this x W
 
-# Hugging Face configs of the models people fine-tune at 7B-70B, as published with each checkpoint.
-MODEL_PRESETS: dict[str, tuple[str, dict]] = {
-    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
-    "llama-2-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                  num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)),
-    "llama-2-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)),
-    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
-    "llama-3-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)),
-    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
-    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)),
-}
+# The short names of `lisa-dist estimate --model`: aliases of hub ids whose published configs the models' offline
+# registry holds (lisa_dist.models.HUB_CONFIGS, the one table of them).
+MODEL_PRESETS: dict[str, str] = MODEL_ALIASES
 
 
 @dataclass(frozen=True)
@@ -93,6 +80,8 @@ class ModelShapes:
     """Of `always`, the input embedding's params when untied (frozen by lisa.train_embeddings=false)."""
     lora: list[Param] = field(default_factory=list)
     """LoRA adapters (only when built with a rank)."""
+    frozen: list[Param] = field(default_factory=list)
+    """Frozen always by every method (a vision-language model's vision tower and projector): stored, never trained."""
     hidden: int = 0
     intermediate: int = 0
     heads: int = 0
@@ -101,7 +90,7 @@ class ModelShapes:
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel for p in self.always) + sum(p.numel for layer in self.layers for p in layer)
+        return sum(p.numel for p in self.always + self.frozen) + sum(p.numel for layer in self.layers for p in layer)
 
 
 @dataclass(frozen=True)
@@ -210,23 +199,25 @@ class Breakdown:
 # -- shapes -----------------------------------------------------------------------------------------------------
 
 
-def model_config(model: str):
-    """A preset name of MODEL_PRESETS, a lisa_dist tiny preset, a config.json or a folder holding one."""
+def model_config(model: str, field: str = "--model"):
+    """A hub id the offline registry knows or its short name (MODEL_PRESETS), a lisa_dist tiny preset, a
+    config.json or a folder holding one; `field` names the argument in errors."""
     from transformers import AutoConfig
 
-    from lisa_dist.models import PRESETS, preset_config
+    from lisa_dist.models import HUB_CONFIGS, PRESETS, hub_config, hub_id, preset_config
 
-    if model in MODEL_PRESETS:
-        model_type, fields = MODEL_PRESETS[model]
-        return AutoConfig.for_model(model_type, tie_word_embeddings=False, **fields)
+    if hub_id(model):
+        return hub_config(model)
     if model in PRESETS:
         return preset_config(model)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(f"--model {model!r}: not a preset ({', '.join(MODEL_PRESETS)}, {', '.join(PRESETS)}) "
-                          "and no such config.json")
+        raise ConfigError(f"{field} {model!r}: not a preset ({', '.join(PRESETS)}), a short name "
+                          f"({', '.join(MODEL_PRESETS)}) or a hub id known offline ({', '.join(HUB_CONFIGS)}), and "
+                          "no such config.json or folder: a local folder holding the model's config.json works for "
+                          "any model")
     try:
         fields = json.loads(path.read_text())
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -245,7 +236,7 @@ def shapes_of(config, name: str = "model", lora_r: int | None = None,
     layout = find_layout(model, layers_path)
     trainable = lisa_trainable(layout)
     shapes = ModelShapes(name=name, always=_params(trainable.always),
-                         embedding=_params(layout.frozen_embedding_params(False)),
+                         embedding=_params(layout.frozen_embedding_params(False)), frozen=_params(trainable.frozen),
                          layers=[_params(layer) for layer in trainable.layers], **_dims(config))
     if lora_r:
         with torch.device("meta"), warnings.catch_warnings():
@@ -270,11 +261,13 @@ def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[
         return _params([(n, p) for n, p in named if id(p) not in adapters])
 
     return ModelShapes(name=name, always=base(trainable.always), embedding=base(layout.frozen_embedding_params(False)),
-                       layers=[base(layer) for layer in trainable.layers], lora=_params(lora), **_dims(model.config))
+                       layers=[base(layer) for layer in trainable.layers], lora=_params(lora),
+                       frozen=base(trainable.frozen), **_dims(model.config))
 
 
 def _dims(config) -> dict[str, int]:
-    """The sizes the activation estimate needs."""
+    """The sizes the activation estimate needs (a vision-language model's: its language model's)."""
+    config = config.get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return {"hidden": config.hidden_size, "heads": heads, "vocab": config.vocab_size,
@@ -337,8 +330,9 @@ def _roles(shapes: ModelShapes, method: str, active: Sequence[int], train_embedd
     """(trainable params, params with optimizer state, params stored as frozen) of `method`."""
     every = [p for layer in shapes.layers for p in layer]
     if method in ("lora", "qlora"):
-        return shapes.lora, shapes.lora, shapes.always + every
-    frozen_embedding = [] if train_embeddings else shapes.embedding
+        return shapes.lora, shapes.lora, shapes.always + every + shapes.frozen
+    # Stored like a frozen embedding: a vision tower, and the input embedding with lisa.train_embeddings=false.
+    frozen_embedding = shapes.frozen + ([] if train_embeddings else shapes.embedding)
     always = [p for p in shapes.always if p not in frozen_embedding]
     if method == "full":
         return always + every, always + every, frozen_embedding
@@ -380,7 +374,7 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
     if b in ("local", "ddp", "fsdp"):
         shards = s.world_size // s.replicate if b == "fsdp" else 1
         stored = _stored_bytes(shapes, method, s, frozen)
-        every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
+        every = shapes.always + shapes.frozen + [p for layer in shapes.layers for p in layer] + adapters
         eight_bit = _eight_bit(shapes, s)
         return Breakdown(
             params=sum(stored(p, _local_shape(p, shards, s.rank, padded=True)) for p in every),
@@ -390,7 +384,7 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
             host=_host_bytes(shapes, method, s, frozen, shards))
     # DeepSpeed: in bf16 mode the engine stores every param in bf16; masters and moments are fp32 partitions.
     ds_storage = 2 if s.precision == "bf16" else storage
-    every = shapes.always + [p for layer in shapes.layers for p in layer] + adapters
+    every = shapes.always + shapes.frozen + [p for layer in shapes.layers for p in layer] + adapters
     if b in ("zero1", "zero2"):
         always_names = {p.name for p in shapes.always + adapters}
         always = [p for p in with_state if p.name in always_names]
@@ -429,7 +423,7 @@ def _stored_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param
     layer matrices in NF4, the rest of its base in bf16."""
     storage = DTYPE_BYTES[s.param_dtype]
     layer_names = {p.name for layer in shapes.layers for p in layer}
-    embedding = {p.name for p in shapes.embedding}
+    embedding = {p.name for p in shapes.embedding + shapes.frozen}  # both stored by `freeze_outside`
     frozen_names = {p.name for p in frozen}
     exact = s.frozen_storage if s.frozen_storage not in QUANTIZED else "bfloat16"
     base = min(storage, DTYPE_BYTES[exact])

@@ -92,7 +92,7 @@ def _declared_layers(run_dir: Path) -> int | None:
         return None
     if name in PRESETS:
         try:
-            return preset_config(name, model.get("preset_overrides")).num_hidden_layers
+            return preset_config(name, model.get("config_overrides") or model.get("preset_overrides")).num_hidden_layers
         except (ConfigError, TypeError, ValueError):
             return None
     folder_config = Path(name) / "config.json"

@@ -4,11 +4,13 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lisa_dist import cli
 from lisa_dist.config import load_config
-from lisa_dist.run import build
+from lisa_dist.run import build, checkpoint
 
 from ..helpers import (
     TIED,
@@ -78,6 +80,11 @@ def test_fp32_matches_local_across_switches_and_exports(tmp_path, data_file):
     with torch.no_grad():
         logits = exported(input_ids=probe).logits
     assert torch.allclose(logits, torch.load(out / "logits.pt"), atol=1e-5, rtol=0)
+    # Written a shard at a time as the ranks gathered each tensor: bitwise the reference's weights.
+    files = sorted((out / "hf").glob("*.safetensors"))
+    written = {k: v for f in files for k, v in load_file(f).items()}
+    assert len(files) > 3 and written.keys() == ref_weights.keys()
+    assert all(torch.equal(written[k], ref_weights[k]) for k in written)
 
 
 def check_bitwise_local(out, ranks, ref, ref_weights):
@@ -145,7 +152,7 @@ def test_8bit_adam_on_sharded_params(tmp_path, data_file):
     """torchao's AdamW8bit on FSDP2's DTensor shards: its blocks are cut from each rank's shard, so the losses
     follow the local 8-bit run closely rather than bitwise (the per-rank bytes: test_memory)."""
     eight = ("--optim.adam_8bit=all", "--train.steps=4",
-             '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+             '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
     ref, _ = reference(tmp_path, data_file, *eight)
     _, ranks = fsdp(tmp_path, data_file, *eight)
     for result in ranks:
@@ -220,8 +227,15 @@ def test_exact_resume_and_export(tmp_path, data_file):
     assert saved["losses"] + resumed["losses"] == losses(ref)  # bitwise, mid-period (interval 2)
     # One process turns the sharded (DCP) checkpoint into a Hugging Face folder.
     hf = tmp_path / "hf"
-    assert cli.main(["export", str(tmp_path / "run" / "checkpoints"), str(hf)]) == 0
-    assert AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
+    assert cli.main(["export", str(tmp_path / "run" / "checkpoints"), str(hf), "--max-shard-size=100KB"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(hf)
+    assert exported.config.num_hidden_layers == 4
+    # Read a few tensors at a time: bitwise what one whole load of the DCP checkpoint gives.
+    whole = {"model": {k: torch.empty_like(v) for k, v in exported.state_dict().items()}}
+    newest = checkpoint.checkpoints(tmp_path / "run" / "checkpoints")[0][1]
+    dcp.load(whole, checkpoint_id=str(newest / "state"), no_dist=True)
+    assert len(list(hf.glob("*.safetensors"))) > 3
+    assert all(torch.equal(v, whole["model"][k]) for k, v in exported.state_dict().items())
 
 
 def check_resume_repeats_straight_run(tmp_path, args):
@@ -244,7 +258,7 @@ def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_
     """8-bit moments (DTensor-wrapped torchao state) go through DCP: the resumed run repeats the straight one."""
     args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--optim.adam_8bit=all",
                      "--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
-                     '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+                     '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
     check_resume_repeats_straight_run(tmp_path, args)
 
 

@@ -118,7 +118,7 @@ def tiny_model():
     from lisa_dist.config import ModelConfig
     from lisa_dist.models import load_model
 
-    model, _ = load_model(ModelConfig(name="tiny-llama", preset_overrides={"num_hidden_layers": 4}), seed=0)
+    model, _ = load_model(ModelConfig(name="tiny-llama", config_overrides={"num_hidden_layers": 4}), seed=0)
     return model
 
 
@@ -160,7 +160,7 @@ def test_the_example_fine_tunes_and_resumes(tmp_path):
     from ..helpers import REPO
 
     cfg = yaml.safe_load((REPO / "examples" / "hf_trainer_lisa.yaml").read_text())
-    cfg["model"]["preset_overrides"] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4}
+    cfg["model"]["config_overrides"] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4}
     cfg["data"]["path"] = str(REPO / cfg["data"]["path"])
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     cfg["trainer"].update(output_dir=str(tmp_path / "run"), max_steps=3, save_steps=2, logging_steps=1)

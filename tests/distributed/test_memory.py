@@ -28,7 +28,7 @@ def test_presets_have_the_published_sizes(name, billions):
 
 def trained(tmp_path, data, *extra, steps=5):
     # Odd sizes (vocabulary 261, intermediate 130) so that any padding would show.
-    cfg = load_config(None, tiny_overrides(tmp_path, data, '--model.preset_overrides={"num_hidden_layers":4,'
+    cfg = load_config(None, tiny_overrides(tmp_path, data, '--model.config_overrides={"num_hidden_layers":4,'
                                            '"intermediate_size":130}', f"--train.steps={steps}", *extra))
     run = build(cfg)
     for step in range(steps):
@@ -54,7 +54,7 @@ BF16 = "--train.precision=bf16"
     ("lisa", ["--lisa.frozen_storage=bfloat16", BF16]),
     ("lisa", ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", BF16]),
     ("lisa", ["--lisa.train_embeddings=false"]), ("full", ["--lisa.enabled=false", "--lisa.train_embeddings=false"]),
-    pytest.param("lisa", ["--optim.adam_8bit=always", '--model.preset_overrides={"num_hidden_layers":4,'
+    pytest.param("lisa", ["--optim.adam_8bit=always", '--model.config_overrides={"num_hidden_layers":4,'
                           '"hidden_size":64,"intermediate_size":130,"vocab_size":512}'], marks=pytest.mark.slow),
     pytest.param("lisa", ["--optim.adam_8bit=all", "--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false"],
                  marks=pytest.mark.slow),  # 22 s; the GPU kit's quantized stage checks its host bytes too

@@ -15,7 +15,7 @@ from lisa_dist.run.evaluation import evaluate
 
 from ..helpers import DEMO_DATA
 
-TINY = ('--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64}', "--model.name=tiny-llama")
+TINY = ('--model.config_overrides={"num_hidden_layers":4,"hidden_size":64}', "--model.name=tiny-llama")
 
 
 def overrides(tmp_path, *extra):

@@ -100,7 +100,7 @@ def test_frozen_embeddings_stay_while_the_head_trains(tmp_path, data_file):
 
 def test_a_tied_embedding_trains_as_the_head(tmp_path, data_file):
     run = build(cfg_for(tmp_path, data_file, "--lisa.train_embeddings=false",
-                        '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'))
+                        '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'))
     weight = run.layout.embedding.weight
     before = weight.detach().clone()
     train_step(run, 0)
@@ -108,7 +108,7 @@ def test_a_tied_embedding_trains_as_the_head(tmp_path, data_file):
 
 
 def test_8bit_moments_are_smaller_and_training_matches_closely(tmp_path, data_file):
-    wide = '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}'
+    wide = '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}'
     plain = build(cfg_for(tmp_path / "plain", data_file, wide))
     eight = build(cfg_for(tmp_path / "eight", data_file, wide, "--optim.adam_8bit=always"))
     a = [train_step(plain, s)["loss"] for s in range(3)]

@@ -13,7 +13,7 @@ from lisa_dist.run import build, train
 
 from ..helpers import DEMO_DATA
 
-TINY = ["--model.name=tiny-llama", '--model.preset_overrides={"num_hidden_layers":4,"hidden_size":64}']
+TINY = ["--model.name=tiny-llama", '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64}']
 
 
 def write_jsonl(path, rows):

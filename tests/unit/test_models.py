@@ -35,6 +35,8 @@ EXPECTED = {
     "gemma": ("model.layers", "GemmaDecoderLayer", "model.norm"),
     "gemma2": ("model.layers", "Gemma2DecoderLayer", "model.norm"),
     "gemma3_text": ("model.layers", "Gemma3DecoderLayer", "model.norm"),
+    "gemma3": ("model.language_model.layers", "Gemma3DecoderLayer", "model.language_model.norm"),
+    "olmo2": ("model.layers", "Olmo2DecoderLayer", "model.norm"),
     "phi": ("model.layers", "PhiDecoderLayer", "model.final_layernorm"),
     "phi3": ("model.layers", "Phi3DecoderLayer", "model.norm"),
     "gpt2": ("transformer.h", "GPT2Block", "transformer.ln_f"),
@@ -78,10 +80,12 @@ def test_layout_of_family(model_type):
         assert all(named[f"{path}.{i}.{n}"] is p for n, p in layer.named_parameters())
 
     always = layout.always_trained_params()
-    assert {n for n, _ in always} == {n for n in named if not n.startswith(f"{path}.")}
+    frozen = {n for n, _ in layout.frozen_params()}  # a vision-language model's vision tower
+    assert {n for n, _ in always} == {n for n in named if not n.startswith(f"{path}.")} - frozen
     layer_params = [p for i in range(3) for p in layout.layer_params(i)]
     assert not {id(p) for p in layer_params} & {id(p) for _, p in always}
-    assert _numel(p for _, p in always) + _numel(layer_params) == _numel(model.parameters())
+    assert _numel(p for _, p in always) + _numel(layer_params) + _numel(named[n] for n in frozen) == \
+        _numel(model.parameters())
 
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     always_ids = {id(p) for _, p in always}
@@ -204,7 +208,7 @@ def test_preset_is_deterministic_and_runs(name):
     model, tokenizer = build_preset(name, {}, seed=3)
     again, _ = build_preset(name, {}, seed=3)
     assert _same_weights(model, again)
-    assert model.config.vocab_size == len(tokenizer) == VOCAB
+    assert model.config.get_text_config().vocab_size == len(tokenizer) == VOCAB
     assert find_layout(model).num_layers == 4
     ids = tokenizer("hello", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], VOCAB)
@@ -224,7 +228,7 @@ def test_preset_seed_dtype_and_caller_rng():
     assert _same_weights(model.to(torch.bfloat16), bf16)
 
 
-def test_preset_overrides():
+def test_config_overrides():
     model, _ = build_preset("tiny-qwen2", {"num_hidden_layers": 2, "intermediate_size": 96}, seed=0)
     assert find_layout(model).num_layers == 2 and model.config.intermediate_size == 96
     with pytest.raises(ConfigError, match="'no_such_field'"):
@@ -234,7 +238,7 @@ def test_preset_overrides():
 
 
 def test_load_preset_through_config():
-    model, tokenizer = load_model(ModelConfig(name="tiny-gpt2", preset_overrides={"n_layer": 3}), seed=5)
+    model, tokenizer = load_model(ModelConfig(name="tiny-gpt2", config_overrides={"n_layer": 3}), seed=5)
     assert find_layout(model).num_layers == 3 and tokenizer.pad_token == "<pad>"
     assert _same_weights(model, build_preset("tiny-gpt2", {"n_layer": 3}, seed=5)[0])
 
@@ -273,8 +277,6 @@ def test_unknown_name_error():
 def test_other_load_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such .gguf file"):
         load_model(ModelConfig(name=str(tmp_path / "missing.gguf")), seed=0)
-    with pytest.raises(ConfigError, match="preset_overrides"):
-        load_model(ModelConfig(name=str(tmp_path), preset_overrides={"n_layer": 2}), seed=0)
     with pytest.raises(ConfigError, match="cannot load a causal language model"):
         load_model(ModelConfig(name=str(tmp_path)), seed=0)
     with pytest.raises(ConfigError, match="model.dtype"):

@@ -27,7 +27,7 @@ def fake_run(folder, loss_scale=1.0, num_hidden_layers=None):
                         "tokens": 128 * step, "eval_s": 0.05})
     sink.close()
     if num_hidden_layers:
-        model = {"name": "tiny-llama", "preset_overrides": {"num_hidden_layers": num_hidden_layers}}
+        model = {"name": "tiny-llama", "config_overrides": {"num_hidden_layers": num_hidden_layers}}
         (folder / "config.yaml").write_text(yaml.safe_dump({"model": model}))
     return folder
 

@@ -21,7 +21,7 @@ from lisa_dist.run import build, outputs, preemption, save, train, train_step
 
 from ..helpers import tiny_overrides, write_text_data
 
-GPT2 = '--model.preset_overrides={"n_embd": 64, "n_layer": 4, "n_head": 4}'
+GPT2 = '--model.config_overrides={"n_embd": 64, "n_layer": 4, "n_head": 4}'
 
 
 def _train(tmp_path, data_file, *extra, steps=4):
@@ -69,7 +69,7 @@ def test_d6_save_final_replaces_an_earlier_final_folder_whole(tmp_path, data_fil
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not list(final.parent.glob(".final*"))  # no staging or replaced folder left beside it
     cfg = load_config(None, tiny_overrides(tmp_path / "again", data_file, f"--model.name={final}",
-                                           "--model.preset_overrides={}"))
+                                           "--model.config_overrides={}"))
     assert cfg.model.name == str(final)
     from lisa_dist.models import load_model
 
@@ -120,12 +120,12 @@ def test_d21_a_model_change_that_does_not_load_says_so_and_keeps_the_checkpoints
     before = _files(tmp_path / "run" / "checkpoints")
     with caplog.at_level(logging.ERROR, logger="lisa_dist"):
         code = _train(tmp_path, data_file, "--checkpoint.every=2", "--checkpoint.override=true",
-                      '--model.preset_overrides={"num_hidden_layers":6,"hidden_size":64}', steps=6)
+                      '--model.config_overrides={"num_hidden_layers":6,"hidden_size":64}', steps=6)
     assert code == 2  # bad input, not "could not write" (5)
     text = caplog.text
     assert "does not load into this run's model" in text
     assert "size mismatch" in text or "Missing key(s)" in text or "Unexpected key(s)" in text  # the detail kept
-    assert "checkpoint.override let these changes through: model.preset_overrides" in text
+    assert "checkpoint.override let these changes through: model.config_overrides" in text
     assert "train.overwrite" not in text
     assert _files(tmp_path / "run" / "checkpoints") == before
 
@@ -347,7 +347,7 @@ def test_d13_a_model_folder_without_tokenizer_files_is_one_line(tmp_path, capsys
 
 def test_d14_max_length_beyond_learned_positions_names_both(tmp_path, data_file):
     cfg = load_config(None, tiny_overrides(tmp_path, data_file, "--model.name=tiny-gpt2",
-                                           '--model.preset_overrides={"n_embd": 64, "n_layer": 4, "n_head": 4, '
+                                           '--model.config_overrides={"n_embd": 64, "n_layer": 4, "n_head": 4, '
                                            '"n_positions": 128}', "--data.max_length=256"))
     with pytest.raises(ConfigError, match=r"data.max_length=256 is not allowed: expected <= 128: the model's learned "
                                           "position embedding has 128 positions"):
@@ -398,11 +398,11 @@ def test_d18_lora_target_modules_that_match_nothing_name_the_model_s_layers(tmp_
     assert "lora.target_modules=['nope_proj']" in caplog.text and "q_proj" in caplog.text
 
 
-def test_d19_preset_overrides_transformers_refuses_are_one_line(tmp_path, data_file, caplog):
+def test_d19_config_overrides_transformers_refuses_are_one_line(tmp_path, data_file, caplog):
     with caplog.at_level(logging.ERROR, logger="lisa_dist"):
         assert _train(tmp_path, data_file,
-                      '--model.preset_overrides={"hidden_size": 60, "num_attention_heads": 7}') == 2
-    assert "model.preset_overrides of tiny-llama" in caplog.text and "not a multiple" in caplog.text
+                      '--model.config_overrides={"hidden_size": 60, "num_attention_heads": 7}') == 2
+    assert "model.config_overrides of tiny-llama" in caplog.text and "not a multiple" in caplog.text
 
 
 # -- D24: switching a file's steps to epochs ---------------------------------------------------------------------------
@@ -470,7 +470,7 @@ def test_export_never_replaces_the_model_its_checkpoint_was_trained_from(tmp_pat
     base.mkdir()
     for path in exported.iterdir():
         (base / path.name).write_bytes(path.read_bytes())
-    assert _train(tmp_path, data_file, f"--model.name={base}", "--model.preset_overrides={}",
+    assert _train(tmp_path, data_file, f"--model.name={base}", "--model.config_overrides={}",
                   "--checkpoint.every=2") == 0
     before = _files(base)
     for out in (base, tmp_path):

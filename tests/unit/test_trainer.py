@@ -129,7 +129,7 @@ def test_train_writes_per_step_metrics_and_summary(tmp_path, data_file):
 def test_cli_train_and_errors(tmp_path, data_file, capsys):
     args = ["train", f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
             f"--data.cache_dir={tmp_path / 'c'}",
-            "--model.preset_overrides={num_hidden_layers: 2, hidden_size: 32}", "--train.steps=2",
+            "--model.config_overrides={num_hidden_layers: 2, hidden_size: 32}", "--train.steps=2",
             f"--train.output_dir={tmp_path / 'run'}", "--logging.progress=false", "--lisa.gamma=1"]
     assert cli.main(args) == 0
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
@@ -163,7 +163,7 @@ def test_shipped_example_configs_train(tmp_path, name):
     cfg = load_config(REPO / "configs" / name, [
         f"--data.path={data}", f"--data.cache_dir={tmp_path / 'c'}", "--train.steps=2",
         f"--train.output_dir={tmp_path / 'run'}", "--logging.progress=false",
-        "--model.preset_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64}",
+        "--model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64}",
     ])
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["last_loss"] > 0

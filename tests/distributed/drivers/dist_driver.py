@@ -10,6 +10,7 @@ after the last step. Rank 0 also writes the gathered final weights
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -23,6 +24,7 @@ from lisa_dist.config import load_config
 from lisa_dist.method import param_groups
 from lisa_dist.run import build, maybe_switch, train_step
 from lisa_dist.run.evaluation import evaluate
+from lisa_dist.run.trainer import folder_spec
 
 FP32 = 4
 
@@ -118,7 +120,8 @@ def main() -> None:
     if rank == 0:
         torch.save({k: v.float() for k, v in state.items()}, out / "weights.pt")
         torch.save(logits, out / "logits.pt")
-    run.backend.save_model(str(out / "hf"))
+    # save_final's writer, in shards small enough that every file is filled as the ranks gather its tensors.
+    run.backend.save_model(str(out / "hf"), dataclasses.replace(folder_spec(run.cfg), max_shard_bytes=100_000))
     run.backend.close()
 
 

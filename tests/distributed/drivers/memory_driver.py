@@ -15,7 +15,7 @@ from lisa_dist.run import build, train_step
 from lisa_dist.tools import Setup, estimate, shapes_of
 
 REPO = Path(__file__).resolve().parents[3]
-TIED = '--model.preset_overrides={"num_hidden_layers":4,"intermediate_size":130,"tie_word_embeddings":true}'
+TIED = '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130,"tie_word_embeddings":true}'
 DS = {stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}"
       for stage in ("zero1", "zero2", "zero3", "zero3_offload")}
 # name -> (memory-model backend, extra overrides)
@@ -28,7 +28,7 @@ SETUPS = {
     "fsdp-bf16-frozen-bf16-embeddings": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16",
                                                   "--lisa.frozen_storage=bfloat16", "--lisa.train_embeddings=false"]),
     "fsdp-adam8": ("fsdp", ["--backend.name=fsdp", "--optim.adam_8bit=all", "--train.loss=chunked",
-                            '--model.preset_overrides={"num_hidden_layers":4,"intermediate_size":130,'
+                            '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130,'
                             '"vocab_size":1031}']),
     # int8 / NF4 frozen blocks: each rank's padded shards quantized on the device, exact on the host.
     "fsdp-nf4": ("fsdp", ["--backend.name=fsdp", "--lisa.frozen_storage=nf4"]),
@@ -53,7 +53,7 @@ SETUPS = {
 def overrides(out: Path, data: str) -> list[str]:
     # Odd sizes (vocabulary 261, intermediate 130) so that FSDP's row padding and ZeRO's group padding show.
     return [f"--data.path={data}", "--data.format=text", "--data.max_length=64", f"--data.cache_dir={out / 'cache'}",
-            "--model.name=tiny-llama", '--model.preset_overrides={"num_hidden_layers":4,"intermediate_size":130}',
+            "--model.name=tiny-llama", '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130}',
             "--train.micro_batch_size=2", "--train.steps=3", f"--train.output_dir={out / 'run'}",
             "--lisa.gamma=2", "--lisa.interval=2", "--logging.progress=false", "--logging.level=WARNING"]
 
@@ -74,7 +74,7 @@ def main() -> None:
                       train_embeddings=cfg.lisa.train_embeddings,
                       adam_8bit=cfg.optim.adam_8bit, rank=run.backend.rank)
         # The shapes from the config alone, as `lisa-dist estimate` sees them, not from the model that trained.
-        shapes = shapes_of(preset_config(cfg.model.name, cfg.model.preset_overrides), cfg.model.name)
+        shapes = shapes_of(preset_config(cfg.model.name, cfg.model.config_overrides), cfg.model.name)
         predicted = estimate(shapes, method, setup, active=run.active)
         results[name] = {"measured": run.backend.state_bytes(), "predicted": predicted.as_dict(),
                          "active": list(run.active)}
