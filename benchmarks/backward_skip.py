@@ -1,23 +1,22 @@
 """Step time against the lowest active layer, with the paper's trained embeddings and with lisa.train_embeddings=false.
 
-    python benchmarks/backward_skip.py [--layers 12] [--steps 4] [--ac]
+    python -m benchmarks.backward_skip [--layers 12] [--steps 4] [--ac]
 
 With frozen embeddings no layer below the lowest active one needs a gradient, so autograd stops there
 (`tests/unit/test_backward_skip.py` checks that it does): the backward shrinks with the lowest active layer's
 index. One active layer (lisa.strategy=fixed) at several depths, a Llama of --layers blocks (width 256, vocabulary
 8,192), 4 x 256 tokens, local backend, fp32, 2 threads; medians of the steps after the first, one run side by side.
-Writes benchmarks/results/backward_skip.md.
+Writes benchmarks/results/<date>_<hardware>_backward_skip[_ac].md and .json.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from results_io import write_results
 
+from benchmarks import harness
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
 
@@ -45,7 +44,7 @@ def step_time(layer: int, train_embeddings: bool, args, out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "backward_skip")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
@@ -58,7 +57,7 @@ def main() -> None:
         trained, frozen = step_time(layer, True, args, out), step_time(layer, False, args, out)
         rows.append({"lowest_active": layer, "train_embeddings": trained, "frozen_embeddings": frozen})
     lines = [f"# Step time against the lowest active layer ({args.layers} layers, gamma 1)", "",
-             f"`python benchmarks/backward_skip.py --layers {args.layers} --steps {args.steps}"
+             f"`python -m benchmarks.backward_skip --layers {args.layers} --steps {args.steps}"
              f"{' --ac' if args.ac else ''}`: width 256, vocabulary 8,192, 4 x 256 tokens, local, fp32, 2 threads, "
              "medians of the steps after the first, one run side by side.", "",
              "| lowest active layer | step (s), embeddings trained | step (s), lisa.train_embeddings=false | ratio |",
@@ -66,7 +65,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['lowest_active']} | {r['train_embeddings']:.3f} | {r['frozen_embeddings']:.3f} | "
                      f"{r['frozen_embeddings'] / r['train_embeddings']:.2f} |")
-    write_results("backward_skip_ac" if args.ac else "backward_skip", lines, rows)
+    harness.write_results(args.out, f"{args.name}_ac" if args.ac else args.name, lines, rows)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """Checkpoint size and save/resume time per backend, the LISA switch time beside them, and what hashing costs.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/checkpoint_cost.py [--backends fsdp zero2 zero3] \
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.checkpoint_cost [--backends fsdp zero2 zero3] \
         [--shape demo|smollm2]
-    python benchmarks/checkpoint_cost.py --backends local
-    python benchmarks/checkpoint_cost.py --hash-gb 1      # SHA-256 of a 1 GiB checkpoint file, cold and warm
+    python -m benchmarks.checkpoint_cost --backends local
+    python -m benchmarks.checkpoint_cost --hash-gb 1      # SHA-256 of a 1 GiB checkpoint file, cold and warm
 
 Medians of 3 saves and 3 resumes (a fresh build that verifies, hashing every byte, and loads the newest checkpoint)
 and of the LISA switches of 4 steps (K=1). These are the longest waits of one rank on another in a run: they size
-backend.timeout_s (the switch) and backend.io_timeout_s (saves). Writes checkpoint_cost_<backends>_<shape>.md.
+backend.timeout_s (the switch) and backend.io_timeout_s (saves). Writes
+<date>_<hardware>_checkpoint_cost_<backends>_<shape>.md (--hash-gb: <date>_<hardware>_checkpoint_cost_hash.md).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from benchmarks import harness
 from lisa_dist.config import load_config
 from lisa_dist.run import build, checkpoint, save, train_step
 
@@ -92,18 +93,15 @@ def hash_cost(gib: float, folder: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "checkpoint_cost")
     parser.add_argument("--backends", nargs="+", default=["fsdp", "zero2", "zero3"], choices=list(BACKENDS))
     parser.add_argument("--shape", default="demo", choices=list(SHAPES))
     parser.add_argument("--work", default="runs/bench_ckpt")
     parser.add_argument("--hash-gb", type=float, default=None, help="only measure hashing a file of this many GiB")
     args = parser.parse_args()
-    results_dir = REPO / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
     if args.hash_gb:
         text = hash_cost(args.hash_gb, Path(args.work) / "hash")
-        print(text)
-        (results_dir / "checkpoint_hash_cost.md").write_text(text + "\n")
+        harness.write_results(args.out, f"{args.name}_hash", text.splitlines(), {"hash_gib": args.hash_gb})
         return
     results = {name: measure(name, Path(args.work), args.shape) for name in args.backends}
     if not next(iter(results.values()))["main"]:
@@ -114,8 +112,8 @@ def main() -> None:
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {n} | {r['bytes']:,} | {r['save_s']:.3f} | {r['resume_build_s']:.2f} | {r['switch_s']:.3f} |"
               for n, r in results.items()]
-    print("\n".join(lines))
-    (results_dir / f"checkpoint_cost_{'_'.join(args.backends)}_{args.shape}.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(args.out, f"{args.name}_{'_'.join(args.backends)}_{args.shape}", lines,
+                          {"shape": args.shape, "results": results})
     if dist.is_initialized():
         dist.barrier()
 

@@ -1,7 +1,7 @@
 """The abort at exit, made frequent: a run that ends right after gloo collectives of tensors Python created.
 
-    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python benchmarks/exit_race.py [--lisa-dist] &
-    RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python benchmarks/exit_race.py [--lisa-dist]
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python -m benchmarks.exit_race [--lisa-dist] &
+    RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python -m benchmarks.exit_race [--lisa-dist]
 
 Each rank all-reduces a few tensors that only the collectives hold (as a loss reduction or an object gather leaves
 them), waits for them and exits, as a Trainer script does, without destroying the process group. A gloo worker

@@ -1,6 +1,6 @@
 """Does a finished run exit 0 every time? Launch each 2-rank path N times and count non-zero exits and aborts.
 
-    python benchmarks/exit_stress.py [--runs 30] [--paths fsdp zero2 ...] [--minutes 20] [--name exit_stress]
+    python -m benchmarks.exit_stress [--runs 30] [--paths fsdp zero2 ...] [--minutes 20] [--name exit_stress]
 
 Paths: local (one process), fsdp (torchrun; also saving a checkpoint at each step), zero2 and zero3 (the deepspeed
 launcher; ZeRO-3 also under torchrun saving checkpoints), mpirun (FSDP), the
@@ -9,13 +9,11 @@ checkpoint driver (torchrun, saving through `resume.save` and closing the backen
 frequent (benchmarks/exit_race.py: plain torch as gloo-race, through lisa_dist.dist as gloo-race-lisa-dist). Each
 run trains 2 steps of the tiny Llama (the race: a few all-reduces) and must exit 0; a run counts as an abort when
 any rank died of SIGABRT or printed "terminate called". A path stops early when its `--minutes` are spent. Writes
-benchmarks/results/<name>.md and .json, and keeps the output of every failed run under runs/exit_stress/; a rank
-that aborts leaves a core dump where `kernel.core_pattern` says (the runs allow cores).
+benchmarks/results/<date>_<hardware>_<name>.md and .json, and keeps the output of every failed run under
+runs/exit_stress/; a rank that aborts leaves a core dump where `kernel.core_pattern` says (the runs allow cores).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import resource
 import shutil
@@ -25,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks import harness
+from tests.helpers import DRIVERS, exit_race_command, free_port, launcher_env, tiny_overrides, write_text_data
 
-from tests.helpers import DRIVERS, exit_race_command, free_port, launcher_env, tiny_overrides, write_text_data  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 DS = {stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}" for stage in ("zero2", "zero3")}
@@ -101,11 +99,10 @@ def stress(path: str, runs: int, minutes: float, data: Path, keep: Path) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "exit_stress")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--minutes", type=float, default=20.0, help="time budget per path")
-    parser.add_argument("--name", default="exit_stress")
     args = parser.parse_args()
     if shutil.which("mpirun", path=launcher_env()["PATH"]) is None and "mpirun" in args.paths:
         args.paths.remove("mpirun")
@@ -113,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_text_data(Path(tmp) / "data.jsonl")
         results = {path: stress(path, args.runs, args.minutes, data, keep) for path in args.paths}
-    lines = [f"`python benchmarks/exit_stress.py --runs {args.runs} --paths {' '.join(args.paths)}` ({args.name}): "
+    lines = [f"`python -m benchmarks.exit_stress --runs {args.runs} --paths {' '.join(args.paths)}` ({args.name}): "
              "each run trains 2 steps on 2 ranks (local: one process; gloo-race: a few all-reduces) and must exit 0.",
              "",
              "| path | runs | non-zero exits | aborts (SIGABRT / terminate called) | exit codes | s per run |",
@@ -122,11 +119,7 @@ def main() -> None:
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(r["codes"].items()))
         lines.append(f"| {path} | {r['runs']} | {r['nonzero']} | {r['aborts']} | {codes} | "
                      f"{r['seconds'] / max(1, r['runs']):.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    out = REPO / "benchmarks" / "results"
-    (out / f"{args.name}.md").write_text(text + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    harness.write_results(args.out, args.name, lines, results)
 
 
 if __name__ == "__main__":

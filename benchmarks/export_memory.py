@@ -1,6 +1,6 @@
 """Peak resident memory of exporting a checkpoint of a model of over 1B parameters, before and after streaming.
 
-    python benchmarks/export_memory.py [--layers 22] [--keep WORKDIR]
+    python -m benchmarks.export_memory [--layers 22] [--keep WORKDIR]
 
 Trains a randomly initialised Llama of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32,000-token vocabulary) for
 one LISA step on the local backend and saves its checkpoint (fp32, 4.7 GB), then exports that checkpoint in fresh
@@ -12,11 +12,10 @@ processes, each measured on its own:
 
 Each process reports its peak resident set (VmHWM: anonymous memory plus the file pages it mapped) and the peak of
 its anonymous memory alone (RssAnon, sampled every 20 ms), both less what the same process held after its imports.
-Results: benchmarks/results/export_memory.{md,json}.
+Results: benchmarks/results/<date>_<hardware>_export_memory.{md,json}.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -24,9 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.results_io import write_results  # noqa: E402
+from benchmarks import harness
 
 GIB = 1024**3
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -103,7 +100,7 @@ def measure(mode: str, ckpt: Path, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "export_memory")
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--keep", default=None, help="a folder to keep the checkpoint in (default: a temporary one)")
     args = parser.parse_args()
@@ -122,17 +119,17 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     params = model_bytes / 4
     lines = [f"# Export memory: a {params / 1e9:.2f}B-parameter Llama (fp32 checkpoint {model_bytes / GIB:.2f} GiB)",
-             "", f"`python benchmarks/export_memory.py --layers {args.layers}`, 2-core CPU machine, each export in a "
+             "", f"`python -m benchmarks.export_memory --layers {args.layers}`, 2-core CPU machine, each export in a "
              "fresh process. Peaks are less the process's own after its imports "
              f"(about {rows[0]['baseline'] / GIB:.2f} GiB of anonymous memory).", "",
              "| export | dtype | --max-shard-size | files | peak RSS (VmHWM) GiB | peak anonymous GiB | "
              "x model size | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        kind, dtype, shard = (row["mode"].split(":") + ["", ""])[:3] if row["mode"] != "before" else \
+        kind, dtype, shard = ([*row["mode"].split(":"), "", ""])[:3] if row["mode"] != "before" else \
             ("before (8fa5159)", "float32", "50GB (save_pretrained's)")
         lines.append(f"| {kind} | {dtype} | {shard} | {row['files']} | {row['vm_hwm'] / GIB:.2f} | "
                      f"{row['peak_anon'] / GIB:.2f} | {row['vm_hwm'] / model_bytes:.2f} | {row['seconds']:.0f} |")
-    write_results("export_memory", lines, {"model_bytes": model_bytes, "rows": rows})
+    harness.write_results(args.out, args.name, lines, {"model_bytes": model_bytes, "rows": rows})
 
 
 if __name__ == "__main__":

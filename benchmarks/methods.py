@@ -1,13 +1,14 @@
 """Full fine-tuning, LoRA (peft), QLoRA, naive LISA, BAdam and lisa_dist LISA (with each frozen storage and the lean
 options) on the same model, data and steps.
 
-    python benchmarks/methods.py [--steps 24] [--device cpu|cuda] [--preset bench|<size>] [--out benchmarks/results]
+    python -m benchmarks.methods [--steps 24] [--device cpu|cuda] [--size bench|<size>] [--out benchmarks/results]
+        [--name methods]
 
 Each method runs in a fresh process (so that its peak memory is its own) through the one trainer loop. Per step it
 records the bytes the method holds (params, grads before the update, fp32 masters, Adam moments), the step time
-and tokens. Writes methods.json: medians of tokens/s, the state series (naive LISA's grows with every switch), peak
-memory (CPU: peak RSS minus the RSS before the model was built; CUDA: torch.cuda.max_memory_allocated) and, next to
-it, lisa_dist.tools.memory's prediction for the same run.
+and tokens. Writes <date>_<hardware>_<name>.json (and a .md naming it): medians of tokens/s, the state series
+(naive LISA's grows with every switch), peak memory (CPU: peak RSS minus the RSS before the model was built;
+CUDA: torch.cuda.max_memory_allocated) and, next to it, lisa_dist.tools.memory's prediction for the same run.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
@@ -117,9 +120,10 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     for module in LIBRARIES["all"] + LIBRARIES.get(method, []):
         importlib.import_module(module)
 
+    from benchmarks.lib import build_baseline
     from lisa_dist.config import load_config
     from lisa_dist.run import build, train_step
-    from lisa_dist.tools import Setup, build_baseline, estimate, shapes_of_model
+    from lisa_dist.tools import Setup, estimate, shapes_of_model
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, overrides(method, args))
@@ -174,7 +178,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "methods")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--size", default="bench", choices=list(SIZES))
@@ -184,8 +188,6 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--name", default="methods", help="output file stem")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print its JSON
     args = parser.parse_args()
     if args.one:
@@ -196,12 +198,11 @@ def main() -> None:
             "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gamma": GAMMA,
             "interval": INTERVAL, "precision": args.precision, "threads": args.threads,
             "activation_checkpointing": args.activation_checkpointing}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stem = harness.reserve(args.out, args.name)
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--one", method, f"--steps={args.steps}", f"--size={args.size}",
-               f"--device={args.device}", f"--precision={args.precision}", f"--seq-len={args.seq_len}",
-               f"--micro-batch={args.micro_batch}", f"--threads={args.threads}"]
+        cmd = [sys.executable, "-m", "benchmarks.methods", "--one", method, f"--steps={args.steps}",
+               f"--size={args.size}", f"--device={args.device}", f"--precision={args.precision}",
+               f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}", f"--threads={args.threads}"]
         cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -219,9 +220,10 @@ def main() -> None:
                   f"{sum(v for k, v in r['steps'][-1]['state'].items() if k != 'host'):>12,} B"
                   f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})", flush=True)
         # Written after every method: a run stopped part way keeps what it measured.
-        (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        harness.write_json(stem, {"meta": meta, "results": results})
+    harness.write_stem(stem, None, {"meta": meta, "results": results})
     if failed:
-        sys.exit(f"methods.py: {', '.join(failed)} failed (their errors are in {out / f'{args.name}.json'})")
+        sys.exit(f"methods: {', '.join(failed)} failed (their errors are in {stem}.json)")
 
 
 if __name__ == "__main__":

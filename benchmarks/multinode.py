@@ -1,6 +1,6 @@
 """FSDP against HSDP on two "nodes" of 2 ranks, with LISA and with full fine-tuning: tokens/s and bytes per step.
 
-    python benchmarks/multinode.py [--steps 12] [--warmup 2] [--rate 1gbit] [--out benchmarks/results]
+    python -m benchmarks.multinode [--steps 12] [--warmup 2] [--rate 1gbit] [--out benchmarks/results]
 
 Needs root and iproute2 (prints "skipped: ..." and exits 0 without them). The two nodes are network namespaces
 joined by a veth pair whose both ends are limited with `tc qdisc ... tbf` to `--rate` (this kernel has no netem, so
@@ -8,11 +8,12 @@ no added delay). Per config, one torchrun per namespace with c10d rendezvous acr
 launch/torchrun.sh takes from NNODES, NODE_RANK, MASTER_ADDR, LOCAL_ADDR and RDZV_CONF (is_host=1 on the first node)
 plus GLOO_SOCKET_IFNAME=<its veth>, runs this file's `measure` role:
 
-    torchrun ... benchmarks/multinode.py measure OUT.json WARMUP_STEPS [--section.key=value ...]
+    torchrun ... -m benchmarks.multinode measure OUT.json WARMUP_STEPS [--section.key=value ...]
 
-which trains with lisa_dist's FSDP backend, counts every step's collectives with lisa_dist.tools.comm, and has rank 0
+which trains with lisa_dist's FSDP backend, counts every step's collectives with benchmarks.lib.comm, and has rank 0
 write the raw per-rank, per-step figures and the link counters of the two nodes (veth: inter-node, lo: intra-node).
-The driver summarizes them into multinode.json and multinode.md under --out, and deletes the namespaces at the end.
+The driver summarizes them into <date>_<hardware>_multinode.json and .md under --out, and deletes the namespaces
+at the end.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import contextlib
 import json
 import os
 import platform
-import shlex
 import signal
 import socket
 import statistics
@@ -30,6 +30,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
@@ -64,9 +66,9 @@ def measure(out: Path, args: list[str], warmup: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from benchmarks.lib import count_collectives
     from lisa_dist.config import load_config
     from lisa_dist.run import build, train_step
-    from lisa_dist.tools import count_collectives
 
     run = build(load_config(None, args))
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -157,8 +159,8 @@ def launch(nodes: list[tuple[str, str, str]], name: str, steps: int, warmup: int
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--node-rank", str(rank), "--nproc-per-node", str(NPROC), "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"{nodes[0][2]}:{port}", "--rdzv-id", f"multinode-{port}", "--local-addr", addr,
-               "--rdzv-conf", f"is_host={int(rank == 0)}", __file__, "measure", str(result), str(warmup),
-               *overrides(name, steps, run_dir)]
+               "--rdzv-conf", f"is_host={int(rank == 0)}", "-m", "benchmarks.multinode", "measure",
+               str(result), str(warmup),               *overrides(name, steps, run_dir)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=env | {"GLOO_SOCKET_IFNAME": dev}, cwd=REPO, start_new_session=True))
     try:
@@ -203,11 +205,10 @@ def mb(x: float) -> str:
     return f"{x / 1e6:.2f}"
 
 
-def write_results(out: Path, results: dict, meta: dict) -> None:
-    (out / "multinode.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+def write_report(out: Path, name: str, results: dict, meta: dict) -> None:
     lines = [
         f"# FSDP vs HSDP on two nodes x {NPROC} ranks, LISA vs full fine-tuning ({meta['params'] / 1e6:.1f}M params)",
-        "", f"Command: `{meta['command']}`", "",
+        "",
         f"torch {meta['torch']}; {meta['machine']}; link: {meta['link']}. FSDP shards over all 4 ranks; HSDP "
         f"(backend.replicate=2) shards within a node and all-reduces the shards across nodes. {meta['steps']} steps, "
         f"micro batch 4 per rank, LISA gamma 2 of 8 layers, K = {INTERVAL}; medians over the steps after "
@@ -217,7 +218,7 @@ def write_results(out: Path, results: dict, meta: dict) -> None:
         "| --- | --- | --- | --- |",
         *(f"| {n} | {r['tokens_per_s_median']:.0f} | {r['tokens_per_s_overall']:.0f} | {r['step_s_median']:.3f} |"
           for n, r in results.items()),
-        "", "MB per step per rank. Counted: message bytes of the collectives lisa_dist.tools.comm saw (all-gathers "
+        "", "MB per step per rank. Counted: message bytes of the collectives benchmarks.lib.comm saw (all-gathers "
         "count their output), and the bytes a ring would send for them, split by whether the process group stays "
         "within a node; median over steps without a LISA switch. Wire: bytes the veth (inter-node) and loopback "
         "(intra-node) devices sent, per rank and measured step, switches included, next to the counted ring bytes "
@@ -238,10 +239,9 @@ def write_results(out: Path, results: dict, meta: dict) -> None:
         "gloo:all_reduce), so its wire bytes are about 2 (W-1)/W of the message, not (W-1)/W. Wire bytes also "
         "include TCP/IP headers and, on a shaped link, retransmissions. A LISA switch in the FSDP backend "
         "unshards every FSDP unit once (to re-run FSDP's lazy init), a whole-model all-gather: the mean columns "
-        "include it.", "",
+        "include it.",
     ]
-    (out / "multinode.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    harness.write_results(out, name, lines, {"meta": meta, "results": results})
 
 
 def machine(link: str) -> str:
@@ -266,23 +266,21 @@ def drive(args: argparse.Namespace) -> None:
         print(f"skipped: cannot create network namespaces here (needs root and iproute2): {str(exc).strip()}")
         return
     first = next(iter(raw.values()))
-    meta = {"command": shlex.join(["python", "benchmarks/multinode.py", *sys.argv[1:]]), "torch": first["torch"],
+    meta = {"command": harness.command(), "torch": first["torch"],
             "machine": machine(link), "link": link, "steps": args.steps, "warmup": args.warmup,
             "world": first["world"], "ranks_per_node": first["ranks_per_node"], "params": first["params"]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_results(args.out, {name: summarize(r) for name, r in raw.items()}, meta)
+    write_report(args.out, args.name, {name: summarize(r) for name, r in raw.items()}, meta)
 
 
 def main() -> None:
     if sys.argv[1:2] == ["measure"]:
         measure(Path(sys.argv[2]), sys.argv[4:], int(sys.argv[3]))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "multinode")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
     parser.add_argument("--rate", default="1gbit", help="tbf rate of the inter-node link; '' leaves it unshaped")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per config")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     drive(parser.parse_args())
 
 

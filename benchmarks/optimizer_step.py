@@ -1,21 +1,20 @@
 """The optimizer step on SmolLM2-135M's shape: torch AdamW's per-param loop, foreach and fused kernels, and torchao's
 8-bit AdamW, over LISA's trained set (tied embedding + final norm + gamma layers) and over every param (full).
 
-    python benchmarks/optimizer_step.py [--repeats 10] [--gamma 2] [--threads 2]
+    python -m benchmarks.optimizer_step [--repeats 10] [--gamma 2] [--threads 2]
 
 Random gradients, the same for every kernel; medians of --repeats steps after 2 warm-up steps, side by side in one
-process. Writes benchmarks/results/optimizer_step.md and .json.
+process. Writes benchmarks/results/<date>_<hardware>_optimizer_step.md and .json.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from methods import SIZES
-from results_io import write_results
 
+from benchmarks import harness
+from benchmarks.methods import SIZES
 from lisa_dist.config import OptimConfig
 from lisa_dist.method import build_adamw, lisa_trainable
 from lisa_dist.models import build_preset, find_layout
@@ -41,8 +40,7 @@ def time_steps(always, active, kernel: dict, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = harness.parser(__doc__, "optimizer_step", repeats=10)
     parser.add_argument("--gamma", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -63,12 +61,12 @@ def main() -> None:
         rows += [f"| {name} ({elements / 1e6:.1f}M params) | {kernel} | {s * 1e3:.1f} | {loop / s:.2f} |"
                  for kernel, s in data[name].items()]
     lines = ["# The optimizer step on SmolLM2-135M's shape", "",
-             f"`python benchmarks/optimizer_step.py --repeats {args.repeats} --gamma {args.gamma} --threads "
+             f"`python -m benchmarks.optimizer_step --repeats {args.repeats} --gamma {args.gamma} --threads "
              f"{args.threads}`: torch {torch.__version__}, CPU, {args.threads} threads; medians of {args.repeats} "
              "steps after 2 warm-up steps, one run side by side. LISA: the tied embedding, the final norm and "
              f"{args.gamma} layers; optim.implementation=auto picks fused here.", "",
              "| trained set | kernel | step (ms) | speed-up over the loop |", "| --- | --- | --- | --- |", *rows]
-    write_results("optimizer_step", lines, {"meta": vars(args), "results": data})
+    harness.write_results(args.out, args.name, lines, {"meta": vars(args), "results": data})
 
 
 if __name__ == "__main__":

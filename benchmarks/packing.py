@@ -1,21 +1,21 @@
 """Padding and throughput with and without data.packing on the Alpaca-GPT4 data, side by side in one run.
 
-    python benchmarks/packing.py [--steps 12] [--micro 4] [--max-length 512]
+    python -m benchmarks.packing [--steps 12] [--micro 4] [--max-length 512]
 
 SmolLM2-135M-Instruct's tokenizer (`lisa-dist prepare-model smollm2-135m-instruct`) on a small Llama of its
 vocabulary (4 layers, width 256: the loop's cost without the real model's), LISA gamma 1, the local backend. Per
 arm: the padding fraction of the micro-batches trained (padding / all positions) and the median real (not padding)
-tokens per second over the steps after the first. Writes benchmarks/results/packing.md.
+tokens per second over the steps after the first. Writes benchmarks/results/<date>_<hardware>_packing.md and
+.json.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
-from results_io import write_results
 
+from benchmarks import harness
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
 from lisa_dist.tools import prepare_model
@@ -49,7 +49,7 @@ def arm(packing: bool, args, tokenizer_dir: str, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "packing")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
@@ -60,7 +60,7 @@ def main() -> None:
     results = [arm(False, args, tokenizer_dir, out), arm(True, args, tokenizer_dir, out)]
     base = results[0]["tokens_per_s"]
     lines = ["# data.packing on Alpaca-GPT4 (999 rows)", "",
-             f"`python benchmarks/packing.py --steps {args.steps} --micro {args.micro} --max-length "
+             f"`python -m benchmarks.packing --steps {args.steps} --micro {args.micro} --max-length "
              f"{args.max_length}`: SmolLM2's tokenizer, a 4-layer width-256 Llama of its vocabulary, LISA gamma 1, "
              "local backend, 2 threads, one run side by side; tokens/s counts real tokens (median of the steps "
              "after the first).", "",
@@ -69,7 +69,7 @@ def main() -> None:
     for r in results:
         lines.append(f"| {str(r['packing']).lower()} | {r['rows']} | {r['padding_fraction']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} |")
-    write_results("packing", lines, results)
+    harness.write_results(args.out, args.name, lines, results)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,27 @@
 """Where a training step's time goes: full fine-tuning, LoRA and LISA (the paper's trained embeddings, and
 lisa.train_embeddings=false) on SmolLM2-135M's shape, under torch.profiler.
 
-    python benchmarks/profile_step.py [--steps 4] [--seq-len 256] [--micro-batch 4] [--threads 2] [--layers 9 20]
+    python -m benchmarks.profile_step [--steps 4] [--seq-len 256] [--micro-batch 4] [--threads 2] [--layers 9 20]
 
 Per method, the model and data of benchmarks/methods.py (local backend, fp32), LISA's two layers fixed (--layers,
 so that every profiled step is alike), one method after the other in one process. Module hooks stamp the phases
 of every profiled step: forward (embedding, blocks, head), the loss and head's backward, each block's backward
 (from its output gradient to the next one's), the embedding's backward, the optimizer step (clipping included)
 and the switch; torch.profiler gives the top operators by self CPU time. Medians over the steps after the first.
-Writes benchmarks/results/profile.md and .json.
+Writes benchmarks/results/<date>_<hardware>_profile.md and .json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from collections import defaultdict
 
 import torch
-from methods import SIZES, overrides
-from results_io import write_results
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from benchmarks import harness
+from benchmarks.methods import SIZES, overrides
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
 
@@ -56,18 +55,18 @@ class Stamps:
 
     def phases(self, end: float) -> dict[str, float]:
         """Seconds per phase of the micro-batch that ended at `end`."""
-        t, L = self.t, self.num_layers
+        t, n_layers = self.t, self.num_layers
         out = {"forward": t["head.fwd1"] - t["embedding.fwd0"], "forward.embedding": t["embedding.fwd1"] -
-               t["embedding.fwd0"], "forward.blocks": t[f"block{L - 1}.fwd1"] - t["block0.fwd0"],
+               t["embedding.fwd0"], "forward.blocks": t[f"block{n_layers - 1}.fwd1"] - t["block0.fwd0"],
                "forward.head": t["head.fwd1"] - t["head.fwd0"]}
-        # Backward runs from the top: the loss and head first, then block L-1, ..., the lowest that needs it.
-        starts = [(f"block{i}", t[f"block{i}.bwd"]) for i in reversed(range(L)) if f"block{i}.bwd" in t]
+        # Backward runs from the top: the loss and head first, then block n_layers-1, ..., the lowest that needs it.
+        starts = [(f"block{i}", t[f"block{i}.bwd"]) for i in reversed(range(n_layers)) if f"block{i}.bwd" in t]
         if "embedding.bwd" in t:
             starts.append(("embedding", t["embedding.bwd"]))
         out["backward.loss_and_head"] = (starts[0][1] if starts else end) - t["head.fwd1"]
         for (name, start), nxt in zip(starts, [s for _, s in starts[1:]] + [end], strict=True):
             out[f"backward.{name}"] = nxt - start
-        for i in range(L):
+        for i in range(n_layers):
             out.setdefault(f"backward.block{i}", 0.0)
         return out
 
@@ -132,7 +131,7 @@ def profile_method(method: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "profile")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seq-len", type=int, default=256)
@@ -146,10 +145,10 @@ def main() -> None:
     # methods.overrides' other fields
     args.size, args.device, args.precision, args.activation_checkpointing = "smollm2-135m", "cpu", "fp32", False
     results = {m: profile_method(m, args) for m in args.methods}
-    L = SIZES["smollm2-135m"]["num_hidden_layers"]
+    n_layers = SIZES["smollm2-135m"]["num_hidden_layers"]
     cols = list(results)
     lines = ["# Where the step's time goes, SmolLM2-135M's shape", "",
-             f"`python benchmarks/profile_step.py --steps {args.steps} --seq-len {args.seq_len} --micro-batch "
+             f"`python -m benchmarks.profile_step --steps {args.steps} --seq-len {args.seq_len} --micro-batch "
              f"{args.micro_batch} --threads {args.threads} --layers {' '.join(map(str, args.layers))}`: "
              f"torch {torch.__version__}, CPU, {args.threads} threads, "
              f"local backend, fp32, {args.micro_batch} x {args.seq_len} tokens a step; medians "
@@ -164,8 +163,8 @@ def main() -> None:
     row("forward", lambda p: p["forward"])
     row("  of which the head (logits)", lambda p: p["forward.head"])
     row("backward: loss and head", lambda p: p["backward.loss_and_head"])
-    row("backward: all blocks", lambda p: sum(p[f"backward.block{i}"] for i in range(L)))
-    row("backward: blocks with no gradient (0 ms)", lambda p: sum(p[f"backward.block{i}"] == 0 for i in range(L)) / 1e3)
+    row("backward: all blocks", lambda p: sum(p[f"backward.block{i}"] for i in range(n_layers)))
+    row("backward: blocks with no gradient (0 ms)", lambda p: sum(p[f"backward.block{i}"] == 0 for i in range(n_layers)) / 1e3)
     row("backward: embedding", lambda p: p.get("backward.embedding", 0.0))
     row("optimizer step (clipping included)", lambda p: p["optimizer"])
     row("switch (steps that switch)", lambda p: p["switch_when_switching"])
@@ -173,12 +172,12 @@ def main() -> None:
               "Backward per block (ms), block 0 first:", ""]
     for m in cols:
         p = results[m]["phases"]
-        lines.append(f"- {METHODS[m]}: " + ", ".join(f"{p[f'backward.block{i}'] * 1e3:.0f}" for i in range(L)))
+        lines.append(f"- {METHODS[m]}: " + ", ".join(f"{p[f'backward.block{i}'] * 1e3:.0f}" for i in range(n_layers)))
     lines += ["", f"Top {args.top} operators by self CPU time in the last step (torch.profiler):", ""]
     for m in cols:
         lines.append(f"- {METHODS[m]}: " + "; ".join(f"{t['op']} {t['self_ms']:,.0f} ms ({t['calls']})"
                                                     for t in results[m]["top"]))
-    write_results("profile", lines, {"meta": vars(args), "results": results})
+    harness.write_results(args.out, args.name, lines, {"meta": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Does LISA beat LoRA where the paper says it should? Instruction tuning and continued pretraining, with seeds.
 
-    python benchmarks/quality.py                  # the study on SmolLM2-135M-Instruct (time: README, "Quality")
-    python benchmarks/quality.py --quick          # a tiny random model, 2 steps a run: the pipeline only (make test)
-    python benchmarks/quality.py --report-only    # quality.md and the PNGs again from the runs already done
+    python -m benchmarks.quality                  # the study on SmolLM2-135M-Instruct (time: README, "Quality")
+    python -m benchmarks.quality --quick          # a tiny random model, 2 steps a run: the pipeline only (make test)
+    python -m benchmarks.quality --report-only    # the report and the PNGs again from the runs already done
 
 Two studies, every run through the one trainer loop (`lisa_dist.run.train`) with its evaluation and packing:
 
@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -145,11 +147,12 @@ def run_one(spec: dict) -> dict:
     """Train one run (spec: key, method, overrides, prompts) through the trainer loop and collect its numbers."""
     import torch
 
+    from benchmarks.lib import build_baseline
     from lisa_dist.backends import build_backend
     from lisa_dist.config import load_config
     from lisa_dist.models import find_layout, open_model
     from lisa_dist.run import EvalSet, evaluate, load_data, read_jsonl, train
-    from lisa_dist.tools import build_baseline, generate
+    from lisa_dist.tools import generate
 
     torch.set_num_threads(spec["threads"])
     cfg = load_config(None, spec["overrides"])
@@ -300,8 +303,8 @@ class Study:
 
     def subprocess_run(self, spec: dict) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              cwd=REPO, env=env)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--one", json.dumps(spec)],
+                              capture_output=True, text=True, cwd=REPO, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             raise RuntimeError(f"{spec['key']} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
@@ -422,15 +425,14 @@ def report(study: Study, elapsed_s: float) -> None:
     import matplotlib.pyplot as plt
 
     a, res = study.args, study.results
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "quality_quick" if a.quick else "quality"
+    path = harness.reserve(a.out, a.name)
+    out, stem = path.parent, path.name
     sft, cpt = study.data["sft"], study.data["cpt"]
     model = "tiny-llama (4 layers, width 64, random init)" if a.quick else \
         "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 134,515,008 params, 30 layers, tied head)"
     lines = [
         f"# Quality: LISA against full fine-tuning, LoRA and BAdam{' (--quick)' if a.quick else ''}", "",
-        f"{model}. Command: `python benchmarks/quality.py{' --quick' if a.quick else ''}`; the study took "
+        f"{model}. Command: `python -m benchmarks.quality{' --quick' if a.quick else ''}`; the study took "
         f"{elapsed_s / 60:.1f} minutes on 2 CPU cores ({a.workers} runs at a time, {a.threads} thread each; a run's "
         "wall time is measured beside another run). Every run: "
         f"{a.steps} steps of {a.micro_batch} rows of {a.seq_len} tokens (warmup {max(1, a.steps // 10)}, cosine), "
@@ -549,11 +551,10 @@ def report(study: Study, elapsed_s: float) -> None:
             prompt = " ".join(qa["prompt"].split())
             lines += [f"- **{prompt[:300]}**", f"  {qa['answer']!r}"]
         lines.append("")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({
+    harness.write_stem(path, lines, {
         "elapsed_s": elapsed_s, "data": study.data, "verdicts": verdicts,
         "best": {"sft": {m: list(s) for m, s in sft_best.items()}, "cpt": {m: list(s) for m, s in cpt_best.items()}},
-        "results": res}, indent=1))
+        "results": res}, echo=False)
 
     # -- plots: each method's best setting, mean over its seeds (band: min-max)
     def band(ax, runs: list[dict], field: str, pick, label: str, window: int = 1) -> None:
@@ -584,7 +585,6 @@ def report(study: Study, elapsed_s: float) -> None:
                     [statistics.fmean(r["heldout_ppl"] for r in quantized)], "x", color=ax.lines[-1].get_color(),
                     markersize=9)
     finish(fig, ax, "held-out perplexity", "Continued pretraining on tinyshakespeare", out / f"{stem}_cpt.png")
-    print(f"wrote {out / f'{stem}.md'}")
 
 
 def finish(fig, ax, ylabel: str, title: str, path: Path) -> None:
@@ -608,8 +608,7 @@ DEFAULTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random model, 2 steps a run: the pipeline only")
+    parser = harness.parser(__doc__, "quality", quick=True)
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the runs done")
     helps = {"interval": "K: steps between LISA's (and BAdam's) switches",
              "top": "instruction-tuning settings per method given all seeds", "workers": "runs at a time",
@@ -617,10 +616,11 @@ def main() -> None:
     for name, (full, quick) in DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"{helps.get(name, name.replace('_', ' '))} (default {full}; --quick: {quick})")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work", help="runs, data and results.jsonl (default: runs/quality or runs/quality_quick)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick and args.name == "quality":
+        args.name = "quality_quick"
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))))
         return

@@ -1,25 +1,23 @@
-"""Assemble benchmarks/results/report.md and its PNG plots from the JSON the benchmarks wrote.
+"""Assemble the benchmarks' report (<date>_<hardware>_report.md) and its PNG plots from the JSON they wrote.
 
-    python benchmarks/report.py [--results benchmarks/results]
+    python -m benchmarks.report [--results benchmarks/results] [--out DIR (default: --results)]
 
-Reads methods*.json (benchmarks/methods.py), switch_overhead.json and switch_overhead_world1.json
-(benchmarks/switch_overhead.py on 2 ranks and on 1) and, when
-present, multinode.json (benchmarks/multinode.py); adds lisa_dist.tools.memory's predictions for larger worlds and for
+Reads the newest result of each methods* name (benchmarks.methods), of switch_overhead and
+switch_overhead_world1 (benchmarks.switch_overhead on 2 ranks and on 1) and, when present, of multinode
+(benchmarks.multinode); adds lisa_dist.tools.memory's predictions for larger worlds and for
 70B models, and the versions and machine facts.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-from importlib import metadata
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("params", "grads", "masters", "moments")
@@ -30,21 +28,6 @@ LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft, r 8)", "qlora": "QLoR
           "lisa_int8": "lisa_dist LISA, int8 frozen layers", "lisa_nf4": "lisa_dist LISA, NF4 frozen layers",
           "lisa_lean": "lisa_dist LISA, NF4 + frozen embeddings + 8-bit Adam + chunked loss"}
 MB = 1e6
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "deepspeed", "transformers", "peft", "badam"))
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; {versions}"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def describe(model: dict) -> str:
@@ -132,10 +115,10 @@ def switch_section(data: dict) -> list[str]:
             f"| {name} | {lisa['step_s']:.4f} | {full['step_s']:.4f} | {lisa['step_s'] / full['step_s']:.2f} | "
             f"{lisa['switch_s']:.4f} | {lisa['switch_s'] / (meta['interval'] * lisa['step_s']):.3f} | "
             f"{ls / MB:.2f} | {fs / MB:.2f} | {ls / fs:.2f} | {traffic} | {lisa['active_fraction']:.3f} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
-def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list[str]:
+def scaling_section(switch: dict | None, world1: dict | None, out: Path, prefix: str) -> list[str]:
     from lisa_dist.models import preset_config
     from lisa_dist.tools import Setup, estimate, model_config, shapes_of
 
@@ -180,9 +163,9 @@ def scaling_section(switch: dict | None, world1: dict | None, out: Path) -> list
     ax.set_title("Llama-3-70B state per rank (lisa_dist.tools.memory)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
+    fig.savefig(out / f"{prefix}_scaling.png", dpi=120)
     plt.close(fig)
-    return lines + ["", "![scaling](scaling.png)", ""]
+    return [*lines, "", f"![scaling]({prefix}_scaling.png)", ""]
 
 
 def estimate_section() -> list[str]:
@@ -198,31 +181,33 @@ def estimate_section() -> list[str]:
 
 
 def multinode_section(results: Path) -> list[str]:
-    md = results / "multinode.md"
-    return ["## Two nodes (network namespaces)", "", "See [multinode.md](multinode.md).", ""] if md.exists() else []
+    md = harness.latest("multinode", results, ".md")
+    return ["## Two nodes (network namespaces)", "", f"See [{md.name}]({md.name}).", ""] if md else []
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser = harness.parser(__doc__, "report")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="where the benchmarks' JSON is")
+    parser.set_defaults(out=None)
     args = parser.parse_args()
-    out = Path(args.results)
-    runs = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("methods*.json"))}
-    switch, world1 = (json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else None
-                      for name in ("switch_overhead", "switch_overhead_world1"))
-    lines = ["# lisa_dist benchmarks", "", f"Machine: {machine()}.", "",
-             "Produced by `make bench` (benchmarks/methods.py, benchmarks/switch_overhead.py on 2 ranks and on 1, "
-             "benchmarks/report.py).",
+    results = args.results
+    path = harness.reserve(args.out or results, args.name)
+    names = sorted({harness.name_of(p) for p in results.glob("*_methods*.json")} - {None})
+    sources = {name: harness.latest(name, results) for name in [*names, "switch_overhead", "switch_overhead_world1"]}
+    data = {name: json.loads(p.read_text()) if p else None for name, p in sources.items()}
+    lines = ["# lisa_dist benchmarks", "",
+             "Produced by `make bench` (benchmarks.methods, benchmarks.switch_overhead on 2 ranks and on 1, "
+             "benchmarks.report) from " + ", ".join(f"`{p.name}`" for p in sources.values() if p) + ".",
              ""]
-    for stem, data in runs.items():
-        lines += methods_section(data, out, stem)
+    for name in names:
+        lines += methods_section(data[name], path.parent, f"{path.name}_{name}")
+    switch, world1 = data["switch_overhead"], data["switch_overhead_world1"]
     if switch:
         lines += switch_section(switch)
-    lines += scaling_section(switch, world1, out)
+    lines += scaling_section(switch, world1, path.parent, path.name)
     lines += estimate_section()
-    lines += multinode_section(out)
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'report.md'}")
+    lines += multinode_section(results)
+    harness.write_stem(path, lines, {"sources": {n: p.name for n, p in sources.items() if p}})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What a LISA switch costs with quantized frozen layers: per block, writing a leaving block's trained weights to
 its host copy and re-quantizing it (freeze), and loading an entering block's exact weights (thaw).
 
-    python benchmarks/requant_cost.py [--repeats 5] [--out benchmarks/results]
+    python -m benchmarks.requant_cost [--repeats 5] [--out benchmarks/results]
 
 Blocks of two real shapes (SmolLM2-135M's and Llama-3-8B's decoder layer, built from their configs) go through
 lisa_dist.method.FrozenStore on this machine's device, for int8 and nf4 (and bfloat16, a cast, for comparison).
@@ -10,13 +10,13 @@ requant_cost.json and requant_cost.md: medians over the repeats.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -69,17 +69,15 @@ def sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = harness.parser(__doc__, "requant_cost", repeats=5)
     parser.add_argument("--gamma", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = {name: [measure(shape, s, args.repeats, device) for s in ("bfloat16", "int8", "nf4")]
             for name, shape in SHAPES.items()}
     lines = ["# Re-quantization cost of a LISA switch", "",
-             f"`python benchmarks/requant_cost.py --repeats {args.repeats}` on {device.type} "
+             f"`python -m benchmarks.requant_cost --repeats {args.repeats}` on {device.type} "
              f"({torch.get_num_threads()} threads, torch {torch.__version__}); medians. freeze: a leaving block's "
              "weights to its host copy, then re-quantized (bfloat16: a cast); thaw: an entering block's exact "
              f"weights loaded in fp32. A switch at gamma {args.gamma} moves {args.gamma} blocks each way.", "",
@@ -90,12 +88,7 @@ def main() -> None:
             lines.append(f"| {name} | {r['block_params'] / 1e6:.1f}M | {r['storage']} | {r['freeze_s']:.4f} | "
                          f"{r['thaw_s']:.4f} | {args.gamma * (r['freeze_s'] + r['thaw_s']):.3f} | "
                          f"{r['freeze_gb_per_s']:.2f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "requant_cost.json").write_text(json.dumps({"device": device.type, "gamma": args.gamma, "rows": rows},
-                                                      indent=1))
-    (out / "requant_cost.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.write_results(args.out, args.name, lines, {"device": device.type, "gamma": args.gamma, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """The quality cost of each frozen storage: held-out loss of LISA on SmolLM2-135M-Instruct after the same steps and
 data with its frozen layers in fp32, bf16, int8 and NF4, and with frozen embeddings.
 
-    python benchmarks/storage_quality.py [--steps 20] [--out benchmarks/results]
+    python -m benchmarks.storage_quality [--steps 20] [--out benchmarks/results]
 
-The split, the held-out loss and the runner are benchmarks/quality.py's (90/10 split of the Alpaca-GPT4 sample,
-each run a fresh process, seed 0); every arm is LISA gamma 2, K 5 at the lr the quality study found best for it.
-bfloat16 storage needs bf16 compute, so it is compared with fp32 storage under bf16 compute as well. SmolLM2 ties
-its head to the input embedding: lisa.train_embeddings=false then still trains the tied matrix (as the head), so
-that arm measures the option's no-op on tied models. Writes storage_quality.json and storage_quality.md, including
-each run's switch time (the re-quantization) from its metrics.
+The split and the held-out loss are those of the quality study before its rewrite (a fixed 90/10 split of the
+Alpaca-GPT4 sample; each run a fresh process, seed 0); every arm is LISA gamma 2, K 5 at the lr the quality study
+found best for it. bfloat16 storage needs bf16 compute, so it is compared with fp32 storage under bf16 compute as
+well. SmolLM2 ties its head to the input embedding: lisa.train_embeddings=false then still trains the tied matrix
+(as the head), so that arm measures the option's no-op on tied models. Writes
+<date>_<hardware>_storage_quality.json and .md, including each run's switch time (the re-quantization) from its
+metrics.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import harness
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from quality import ALPACA, heldout_loss, split  # noqa: E402
+ALPACA = REPO.parent / "shared" / "data" / "alpaca_gpt4_en_999.json"
+HELDOUT_SHARE, SPLIT_SEED = 0.1, 0
 
 ARMS = {
     "fp32 storage (fp32 compute)": [],
@@ -32,6 +35,45 @@ ARMS = {
     "fp32 storage (bf16 compute)": ["--train.precision=bf16"],
     "bf16 storage (bf16 compute)": ["--train.precision=bf16", "--lisa.frozen_storage=bfloat16"],
 }
+
+
+def split(source: Path, out: Path) -> tuple[Path, Path]:
+    """The fixed 90/10 split of `source` into out/train.json and out/heldout.json."""
+    import torch
+
+    text = source.read_text()
+    rows = json.loads(text) if source.suffix == ".json" else [json.loads(line) for line in text.splitlines()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    cut = round(len(rows) * HELDOUT_SHARE)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout, train = out / "heldout.json", out / "train.json"
+    heldout.write_text(json.dumps([rows[i] for i in order[:cut]]))
+    train.write_text(json.dumps([rows[i] for i in order[cut:]]))
+    return train, heldout
+
+
+def heldout_loss(run, heldout: Path, batch: int = 16) -> float:
+    """Mean token loss of the held-out responses (the same prompt template and truncation as training)."""
+    from dataclasses import replace
+
+    import torch
+
+    from lisa_dist.data import collate, load_examples
+    from lisa_dist.models import lm_loss_sum, supervised_tokens
+
+    cfg = replace(run.cfg.data, path=str(heldout), skip_bad_rows=True)
+    dataset = load_examples(cfg, run.tokenizer)
+    model = run.backend.model
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch):
+            rows = dataset[start:start + batch]
+            b = collate(rows["input_ids"], rows["labels"], run.tokenizer.pad_token_id)
+            total += float(lm_loss_sum(model, b))
+            tokens += supervised_tokens(b)
+    model.train()
+    return total / tokens
 
 
 def run_arm(spec: dict) -> dict:
@@ -63,11 +105,10 @@ def run_arm(spec: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "storage_quality")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1.5e-4)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--resume", action="store_true", help="keep the arms already in storage_quality.json")
+    parser.add_argument("--resume", action="store_true", help="keep the arms already in the newest result of --name")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
     args = parser.parse_args()
     if args.one:
@@ -78,9 +119,9 @@ def main() -> None:
     work = REPO / "runs" / "storage_quality"
     train, heldout = split(ALPACA, work / "data")
     model = prepare_model("smollm2-135m-instruct")
-    out = Path(args.out)
-    saved = out / "storage_quality.json"
-    results = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
+    earlier = harness.read_latest(args.name, args.out) if args.resume else None
+    results = {k: v for k, v in earlier.items() if k != "run"} if earlier else {}
+    stem = harness.reserve(args.out, args.name)
     start = time.perf_counter() - sum(r["wall_s"] for r in results.values())
     for name, extra in ARMS.items():
         if name in results:
@@ -93,20 +134,20 @@ def main() -> None:
                      f"--optim.lr={args.lr}", "--lisa.gamma=2", "--lisa.interval=5", "--logging.progress=false",
                      "--logging.level=WARNING", "--checkpoint.save_final=false", "--train.overwrite=true", *extra]
         spec = {"overrides": overrides, "heldout": str(heldout)}
-        done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
+        done = subprocess.run([sys.executable, "-m", "benchmarks.storage_quality", "--one", json.dumps(spec)],
                               capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         result = json.loads(lines[-1][len("RESULT "):])
         results[name] = result
-        saved.write_text(json.dumps(results, indent=1))
+        harness.write_json(stem, results)  # after each arm: --resume goes on from here
         print(f"{name:30s} held-out {result['heldout_loss']:.4f} (as trained {result['heldout_as_trained']:.4f})  "
               f"{result['wall_s']:6.1f} s  "
               f"switch {result['switch_s_median']:.3f} s", flush=True)
     base = results["fp32 storage (fp32 compute)"]["heldout_loss"]
     lines = ["# Quality cost of the frozen storage (SmolLM2-135M-Instruct)", "",
-             f"`python benchmarks/storage_quality.py --steps {args.steps}`: LISA gamma 2, K 5, lr {args.lr:g}, "
+             f"`python -m benchmarks.storage_quality --steps {args.steps}`: LISA gamma 2, K 5, lr {args.lr:g}, "
              f"{args.steps} steps of 4 x 192 tokens of the Alpaca-GPT4 split, seed 0, one process on CPU; "
              f"{(time.perf_counter() - start) / 60:.1f} min in all. Held-out: mean response-token loss of the "
              "held-out 10%, of the exact weights (what the export writes: every block from its host copy) and as "
@@ -121,8 +162,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['heldout_loss']:.4f} | {r['heldout_loss'] - base:+.4f} | "
                      f"{r['heldout_as_trained']:.4f} | {device:.1f} | {s.get('host', 0) / 1e6:.1f} | "
                      f"{r['peak_rss'] / 1e6:.0f} | {r['switch_s_median']:.3f} | {r['wall_s']:.0f} |")
-    (out / "storage_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.write_stem(stem, lines, results)
 
 
 if __name__ == "__main__":

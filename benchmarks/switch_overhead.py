@@ -1,16 +1,15 @@
 """LISA against full-parameter fine-tuning on each distributed backend, side by side in one torchrun job.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/switch_overhead.py [--steps 30] [--backends fsdp zero2 ...]
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.switch_overhead [--steps 30] [--backends fsdp zero2 ...]
 
 Per backend, medians over the measured steps: step time without switches (LISA and full, and their ratio), the
 time of a LISA switch (FSDP: flip requires_grad and swap optimizer groups; DeepSpeed: rebuild the engine and its ZeRO
 partitions), the bytes rank 0 holds (params, grads, fp32 masters, Adam moments) and the bytes it hands to gradient
-reductions per step (reduce-scatter, all-reduce, reduce; counted through torch.distributed by lisa_dist.tools.comm)
+reductions per step (reduce-scatter, all-reduce, reduce; counted through torch.distributed by benchmarks.lib.comm)
 against the fraction of params that trains. Writes <name>.json and <name>.md (--name, default switch_overhead).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import harness
+from benchmarks.lib import count_collectives
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
-from lisa_dist.tools import count_collectives
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
@@ -40,7 +40,7 @@ def _synchronize(run) -> None:
 
 
 def measure(overrides: list[str], steps: int) -> dict:
-    cfg = load_config(None, overrides + [f"--train.steps={steps}"])
+    cfg = load_config(None, [*overrides, f"--train.steps={steps}"])
     run = build(cfg)
     step_s, switch_s, state, traffic, gathered = [], [], [], [], []
     for step in range(steps):
@@ -74,11 +74,9 @@ def row(name: str, lisa: dict, full: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "switch_overhead")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--name", default="switch_overhead", help="output file stem")
     args = parser.parse_args()
     base = [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
             f"--model.config_overrides={json.dumps(MODEL)}",
@@ -93,12 +91,9 @@ def main() -> None:
     first = next(iter(results.values()))["lisa"]
     if first["rank"] != 0:
         return
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.machine(), "threads_per_rank": torch.get_num_threads(),
             "steps": args.steps, "world": first["world"], "params": first["params"], "interval": INTERVAL,
             "model": MODEL}
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = [
         f"# LISA vs full fine-tuning per backend ({first['world']} ranks, {first['params'] / 1e6:.1f}M params)",
         "",
@@ -109,10 +104,8 @@ def main() -> None:
         "LISA Adam bytes rank 0 | full Adam bytes rank 0 | ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(row(name, r["lisa"], r["full"]) for name, r in results.items()),
-        "",
     ]
-    (out / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    harness.write_results(args.out, args.name, lines, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The cost of a LISA switch against model size, per backend (FSDP2, ZeRO-1/2/3), on 2 ranks, with DeepSpeed's
 rebuild broken into its parts, and a projection to 7B and 70B.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/switch_scaling.py [--sizes 5m 34m 135m 370m]
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.switch_scaling [--sizes 5m 34m 135m 370m]
         [--backends fsdp zero1 zero2 zero3] [--steps 6] [--merge]
 
 Per backend and size: Llama-shaped random models (the tiny-llama preset), LISA gamma 2, a switch every 2 steps
@@ -11,11 +11,10 @@ the changed units; DeepSpeed rebuilds the engine: carry the always-trained maste
 requires_grad, initialize, which flattens and partitions, carry back in) and the median step without a switch. The
 fraction is the switch over a K = 20 period of such steps. Medians of the switches after the first activation.
 The projection fits switch seconds = a + b x params (least squares over the sizes measured) per backend. Writes
-benchmarks/results/switch_scaling.md and .json (rank 0).
+benchmarks/results/<date>_<hardware>_switch_scaling.md and .json (rank 0).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -24,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import RESULTS, write_results
 
+from benchmarks import harness
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
 
@@ -126,12 +125,12 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "switch_scaling")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--merge", action="store_true",
-                        help="add these backends to the results already in switch_scaling.json (one launch per "
+                        help="add these backends to the newest switch_scaling result's (one launch per "
                              "backend keeps each launch's memory its own: ZeRO-3 at 370M after the others ran out)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -147,11 +146,11 @@ def main() -> None:
     first = results[args.backends[0]][args.sizes[0]]
     if first["rank"] != 0:
         return
-    saved = RESULTS / "switch_scaling.json"
-    commands = json.loads(saved.read_text())["meta"].get("commands", []) if args.merge and saved.exists() else []
-    if args.merge and saved.exists():
-        results = {**json.loads(saved.read_text())["results"], **results}
-    commands.append("`torchrun --standalone --nproc-per-node 2 benchmarks/switch_scaling.py --sizes "
+    saved = harness.read_latest(args.name, args.out) if args.merge else None
+    commands = saved["meta"].get("commands", []) if saved else []
+    if saved:
+        results = {**saved["results"], **results}
+    commands.append("`torchrun --standalone --nproc-per-node 2 -m benchmarks.switch_scaling --sizes "
                     f"{' '.join(args.sizes)} --backends {' '.join(args.backends)} --steps {args.steps}"
                     f"{' --merge' if args.merge else ''}`")
     command = ", then ".join(commands)
@@ -186,9 +185,8 @@ def main() -> None:
         projection[backend] = {"a": a, "b": b, "r2": r2, **{k: a + b * v for k, v in TARGETS.items()}}
         lines.append(f"| {backend} | {a:.3f} | {b * 1e9:.3f} | {r2:.3f} | {a + b * TARGETS['7B']:.2f} | "
                      f"{a + b * TARGETS['70B']:.1f} | {TARGETS['7B'] / largest:.0f} / {TARGETS['70B'] / largest:.0f} |")
-    write_results("switch_scaling", lines, {"meta": {**vars(args), "torch": torch.__version__, "sizes": SIZES,
-                                                     "commands": commands},
-                                            "results": results, "projection": projection})
+    meta = {**vars(args), "torch": torch.__version__, "sizes": SIZES, "commands": commands}
+    harness.write_results(args.out, args.name, lines, {"meta": meta, "results": results, "projection": projection})
 
 
 if __name__ == "__main__":

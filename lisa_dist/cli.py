@@ -11,7 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from lisa_dist.config import EXPORT_DTYPES, Config, load_config
+from lisa_dist.config import (
+    ADAM_8BIT,
+    DTYPES,
+    EXPORT_DTYPES,
+    FROZEN_STORAGE,
+    PRECISIONS,
+    Config,
+    backends_with,
+    load_config,
+)
 from lisa_dist.errors import ConfigError, first_line
 
 # Exit statuses, one per kind of stop: a launcher or workflow engine can tell them apart.
@@ -128,15 +137,16 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-r", dest="lora_r", type=positive(int), metavar="R",
                    help="LoRA rank (default 8; peft's default target modules)")
     p.add_argument("--gpu-mem", type=positive(float), default=80.0, metavar="GIB", help="GiB per GPU (default 80)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="default bf16")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="model.dtype (default float32)")
-    p.add_argument("--frozen-storage", choices=("float32", "bfloat16", "int8", "nf4"),
-                   help="storage of the layers not active (lisa.frozen_storage; int8/nf4: local and fsdp)")
-    p.add_argument("--host-dtype", choices=("float32", "bfloat16"),
+    p.add_argument("--precision", choices=PRECISIONS, help="default bf16")
+    p.add_argument("--param-dtype", choices=DTYPES, help="model.dtype (default float32)")
+    p.add_argument("--frozen-storage", choices=FROZEN_STORAGE,
+                   help=f"storage of the layers not active (lisa.frozen_storage; other than float32: "
+                        f"{backends_with('frozen_storage')})")
+    p.add_argument("--host-dtype", choices=DTYPES,
                    help="int8/nf4: the exact host copies (lisa.host_dtype)")
     p.add_argument("--frozen-embeddings", dest="train_embeddings", action="store_false",
                    help="lisa.train_embeddings=false")
-    p.add_argument("--adam-8bit", choices=("none", "always", "all"), help="optim.adam_8bit (default none)")
+    p.add_argument("--adam-8bit", choices=ADAM_8BIT, help="optim.adam_8bit (default none)")
     p.add_argument("--loss-chunk", dest="loss_chunk_tokens", type=positive(int), metavar="TOKENS",
                    help="train.loss=chunked with train.loss_chunk_tokens=TOKENS (default: the plain loss)")
     p.add_argument("--replicate", type=positive(int), metavar="N",

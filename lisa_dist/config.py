@@ -11,15 +11,52 @@ import difflib
 import json
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from lisa_dist.errors import ConfigError
+
+# The allowed values of every string field with a fixed set, declared once: the fields' annotations, validation,
+# the CLI's choices and the generated configuration reference all read these (typing.get_args).
+BackendName = Literal["local", "fsdp", "deepspeed"]
+DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "auto"]
+Strategy = Literal["uniform", "weighted", "fixed", "grad_norm"]
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16"]
+Dtype = Literal["float32", "bfloat16"]
+ExportDtype = Literal["float32", "bfloat16", "float16"]
+FrozenStorage = Literal["float32", "bfloat16", "int8", "nf4"]
+Quantized = Literal["int8", "nf4"]
+Adam8bit = Literal["none", "always", "all"]
+AdamImplementation = Literal["auto", "fused", "foreach", "for_loop"]
+Loss = Literal["plain", "chunked"]
+Device = Literal["auto", "cpu", "cuda"]
+Attention = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+WandbMode = Literal["offline", "online"]
+
+BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+EXPORT_DTYPES: tuple[str, ...] = typing.get_args(ExportDtype)
+FROZEN_STORAGE: tuple[str, ...] = typing.get_args(FrozenStorage)
+QUANTIZED: tuple[str, ...] = typing.get_args(Quantized)
+ADAM_8BIT: tuple[str, ...] = typing.get_args(Adam8bit)
+ADAM_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(AdamImplementation)
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+ATTENTION: tuple[str, ...] = typing.get_args(Attention)
+LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
+WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
 
 
 @dataclass
@@ -30,7 +67,7 @@ class ModelConfig:
     """Dotted attribute path of the decoder block list (e.g. `model.layers`), overriding the built-in registry."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id; defaults to the model's own (presets use a built-in byte-level tokenizer)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Storage dtype of the weights: float32 or bfloat16."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the model's Hugging Face config changed at load, for a preset, a local folder or a hub id alike:
@@ -41,7 +78,7 @@ class ModelConfig:
     """The old name of config_overrides (earlier runs' configs still load); give one of the two."""
     trust_remote_code: bool = False
     """Passed to transformers when loading a folder or hub id."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Attention = "sdpa"
     """Attention kernel, passed to transformers: sdpa, eager, flash_attention_2 (CUDA, the flash-attn package) or
     flex_attention. Packed rows (data.packing) keep their examples apart under each (flash_attention_2: each
     packed micro-batch goes as one row of its real tokens, the only batch its varlen kernel reads as packed)."""
@@ -51,7 +88,7 @@ class ModelConfig:
 class DataConfig:
     path: str = ""
     """A local .json/.jsonl/.parquet/.txt file, a folder of them, or a hub dataset id."""
-    format: str = "alpaca"
+    format: DataFormat = "alpaca"
     """text (packed raw text), alpaca (instruction/input/output), chat (OpenAI messages: system, user, assistant
     with tool_calls, tool), sharegpt (conversations of from/value turns), or auto (from the first row's fields)."""
     max_length: int = 512
@@ -99,7 +136,7 @@ class LisaConfig:
     """Decoder layers active at once, in 1..L."""
     interval: int = 20
     """Steps per sampling period (K in the paper)."""
-    strategy: str = "uniform"
+    strategy: Strategy = "uniform"
     """uniform (the paper's Algorithm 1), weighted (lisa.weights), fixed (lisa.fixed_layers) or grad_norm (layers
     drawn in proportion to their gradient norm while they trained, all-reduced over ranks; local and fsdp)."""
     weights: list[float] | None = None
@@ -112,11 +149,11 @@ class LisaConfig:
     """grad_norm: share of the probability spread evenly over all layers, so that every layer is still visited."""
     importance_decay: float = 0.5
     """grad_norm: weight of a layer's previous norm estimate when a step observes it again."""
-    frozen_storage: str = "float32"
+    frozen_storage: FrozenStorage = "float32"
     """How decoder layers that are not active are stored: float32, bfloat16 (cast; needs train.precision=bf16), int8
     or nf4 (torchao-quantized on the device, the exact weights kept in host memory in lisa.host_dtype). A layer
     trains in fp32 from its exact weights; local and fsdp (fsdp: each rank quantizes and keeps its own shard)."""
-    host_dtype: str = "float32"
+    host_dtype: Dtype = "float32"
     """int8/nf4: dtype of the exact host copies of the frozen weights, float32 or bfloat16 (bfloat16 rounds a
     layer's trained weights when it leaves)."""
     train_embeddings: bool = True
@@ -151,7 +188,7 @@ class OptimConfig:
     """Adam beta1, beta2, each in [0, 1)."""
     eps: float = 1e-8
     """Adam epsilon, > 0."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """cosine, linear or constant, after warmup."""
     warmup_steps: int = 0
     """Linear warmup steps from 0 to lr."""
@@ -159,10 +196,10 @@ class OptimConfig:
     """Final learning rate as a fraction of lr, in [0, 1]."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clipping over trainable params; 0 disables."""
-    adam_8bit: str = "none"
+    adam_8bit: Adam8bit = "none"
     """Adam moments in 8 bits (torchao's AdamW8bit, blockwise; params under 4,096 elements keep fp32 moments):
     none, always (the always-trained params: embeddings, final norm, head) or all (the active layers too)."""
-    implementation: str = "auto"
+    implementation: AdamImplementation = "auto"
     """torch AdamW's kernel: fused (one kernel per step over all params; CPU and CUDA), foreach (batched per param
     group), for_loop (one param at a time), or auto: fused where the params' device supports it, else foreach on
     GPUs and for_loop elsewhere. The same arithmetic each way; not the 8-bit moments (torchao's compiled update)."""
@@ -189,19 +226,19 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     seed: int = 42
     """Seed of model init, data order and (by default) the layer sampler."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32, or bf16 (autocast compute, fp32 weights and optimizer state)."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward."""
     compile: bool = False
     """torch.compile each decoder block (inductor; local and fsdp backends). All blocks share two graphs, trainable
     and frozen, so LISA switches do not recompile; each step's record counts the graphs (compiled_graphs)."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto, cpu or cuda."""
     tf32: bool = False
     """CUDA: fp32 matmuls on TF32 tensor cores (about 8x faster on an A100/H100, 10-bit mantissa products): what
     train.precision=fp32 runs at near bf16 speed with. false keeps fp32 matmuls exact (IEEE fp32)."""
-    loss: str = "plain"
+    loss: Loss = "plain"
     """plain (the head's logits for every token, then cross-entropy) or chunked (head and cross-entropy over
     train.loss_chunk_tokens supervised tokens at a time, recomputed in backward: the full logits never exist; Liger's
     fused kernel on CUDA when liger-kernel is installed)."""
@@ -216,7 +253,7 @@ class TrainConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "local"
+    name: BackendName = "local"
     """local (one process), fsdp (FSDP2) or deepspeed (ZeRO-1/2/3), the last two under a launcher."""
     timeout_s: float = 300.0
     """Seconds a collective of a training step may wait (for a dead or stuck rank) before every rank fails. The
@@ -230,6 +267,63 @@ class BackendConfig:
     """fsdp: replicas of the sharded model (HSDP); 1 shards over all ranks, N shards within groups of WORLD/N."""
     reshard_after_forward: bool = True
     """fsdp: free a block's gathered params after its forward (re-gathered in backward)."""
+
+
+CheckpointFormat = Literal["torch", "dcp", "deepspeed"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports, as data: validation, resume and export ask this instead of comparing names. Each
+    backend class declares its own (`LocalBackend.capabilities`), the entry of `CAPABILITIES` under its name."""
+
+    frozen_storage: bool = False
+    """lisa.frozen_storage other than float32: frozen layers cast or quantized apart from the trained ones."""
+    eight_bit_state: bool = False
+    """optim.adam_8bit: the backend builds its own optimizer, which may keep 8-bit moments."""
+    compile: bool = False
+    """train.compile: the decoder blocks stay plain modules the backend runs (no engine of its own around them)."""
+    grad_norm_sampling: bool = False
+    """lisa.strategy=grad_norm: per-layer gradient norms after backward."""
+    lora: bool = False
+    """The LoRA baseline (lora.enabled)."""
+    reshards_checkpoints: bool = False
+    """A checkpoint loads on another world size than the one that wrote it."""
+    launched: bool = True
+    """Runs under a launcher (torchrun, deepspeed, mpirun, srun), possibly over several ranks."""
+    engine_config: bool = False
+    """Reads an engine JSON (backend.ds_config)."""
+    checkpoint_format: CheckpointFormat = "torch"
+    """How its checkpoints' model state is stored: torch (one torch.save file), dcp (torch.distributed.checkpoint)
+    or deepspeed (DeepSpeed's own files); what `lisa-dist export` reads."""
+
+
+CAPABILITIES: dict[str, Capabilities] = {
+    "local": Capabilities(frozen_storage=True, eight_bit_state=True, compile=True, grad_norm_sampling=True,
+                          lora=True, reshards_checkpoints=True, launched=False, checkpoint_format="torch"),
+    "fsdp": Capabilities(frozen_storage=True, eight_bit_state=True, compile=True, grad_norm_sampling=True,
+                         reshards_checkpoints=True, checkpoint_format="dcp"),
+    "deepspeed": Capabilities(engine_config=True, checkpoint_format="deepspeed"),
+}
+"""backend.name -> what that backend supports, one entry per value of BackendName."""
+
+
+def loss_chunk_tokens(cfg: Config) -> int:
+    """Supervised tokens per chunk of the loss (0: the plain loss), as every backend takes it."""
+    return cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0
+
+
+def capabilities(name: str) -> Capabilities:
+    """What backend `name` supports, without building it; ConfigError naming backend.name for an unknown one."""
+    if name not in CAPABILITIES:
+        raise ConfigError(f"backend.name={name!r} is not allowed: expected one of {', '.join(CAPABILITIES)}")
+    return CAPABILITIES[name]
+
+
+def backends_with(capability: str) -> str:
+    """The backends that have `capability`, in words ("local or fsdp"), for error messages."""
+    names = [name for name, caps in CAPABILITIES.items() if getattr(caps, capability)]
+    return " or ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 @dataclass
@@ -253,7 +347,7 @@ class CheckpointConfig:
     """On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved and the run exits with 75."""
 
 
-    export_dtype: str = ""
+    export_dtype: Literal[ExportDtype, ""] = ""
     """dtype of the weights save_final writes: bfloat16, float16 or float32; empty: the dtype the source model is
     published in (its config's dtype; model.dtype for a preset)."""
     max_shard_size: str | int = "5GB"
@@ -273,14 +367,14 @@ class LoggingConfig:
     """Also log the metrics to Weights & Biases (the wandb extra)."""
     wandb_project: str = "lisa_dist"
     """logging.wandb: the project."""
-    wandb_mode: str = "offline"
+    wandb_mode: WandbMode = "offline"
     """logging.wandb: offline (a local run folder under <output_dir>/wandb, synced later with `wandb sync`) or
     online."""
     jsonl: str | None = None
     """Metrics JSONL path; defaults to <output_dir>/metrics.jsonl."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
-    level: str = "INFO"
+    level: LogLevel = "INFO"
     """Python logging level."""
 
 
@@ -300,32 +394,25 @@ class Config:
         return dataclasses.asdict(self)
 
 
-BACKENDS = ("local", "fsdp", "deepspeed")
-DATA_FORMATS = ("text", "alpaca", "chat", "sharegpt", "auto")
 CHAT_TEMPLATES = ("chatml", "llama3")
 """The built-in chat templates data.chat_template names (lisa_dist.data.chat)."""
-STRATEGIES = ("uniform", "weighted", "fixed", "grad_norm")
-SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16")
-DTYPES = ("float32", "bfloat16")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
-FROZEN_STORAGE = ("float32", "bfloat16", "int8", "nf4")
-QUANTIZED = ("int8", "nf4")
-ADAM_8BIT = ("none", "always", "all")
-ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
-LOSSES = ("plain", "chunked")
-# String fields with a fixed set of values.
-CHOICES = {"lisa.frozen_storage": FROZEN_STORAGE, "lisa.host_dtype": DTYPES, "optim.adam_8bit": ADAM_8BIT,
-           "optim.implementation": ADAM_IMPLEMENTATIONS,
-           "train.loss": LOSSES, "train.precision": PRECISIONS, "model.dtype": DTYPES,
-           "lisa.strategy": STRATEGIES, "optim.schedule": SCHEDULES, "backend.name": BACKENDS,
-           "checkpoint.export_dtype": EXPORT_DTYPES}
 # Fields that moved: the old name's error says where to.
 MOVED = {"backend.frozen_dtype": "lisa.frozen_storage"}
-DEVICES = ("auto", "cpu", "cuda")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
-WANDB_MODES = ("offline", "online")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """section.key -> allowed values of every Literal field (an empty string allowed shows as '')."""
+    found = {}
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory)
+        for key, hint in hints.items():
+            if typing.get_origin(hint) is Literal:
+                found[f"{section.name}.{key}"] = typing.get_args(hint)
+    return found
+
+
+# String fields with a fixed set of values (from their Literal types).
+CHOICES = _choices()
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -446,8 +533,6 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     _check_known(key, fields, f"unknown key in section '{section_name}':", prefix=f"{section_name}.")
     hint = typing.get_type_hints(type(section))[key]
-    if dotted in CHOICES and not isinstance(value, str):  # YAML reads yes/no/on/off/true as booleans
-        raise ConfigError(f"{dotted}={value!r}: expected one of {', '.join(CHOICES[dotted])} (a string)")
     setattr(section, key, _coerce(value, hint, dotted))
 
 
@@ -480,6 +565,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name}={value!r}: expected a mapping")
         return dict(value)
     if hint is Any:
+        return value
+    if origin is Literal:  # a string from a fixed set; YAML reads yes/no/on/off/true as booleans
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected one of {_listing(args)} (a string)")
+        _choice(name, value, args)
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -516,7 +606,11 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, name, value, f"expected one of {', '.join(allowed)}")
+    _require(value in allowed, name, value, f"expected one of {_listing(allowed)}")
+
+
+def _listing(allowed: tuple[str, ...]) -> str:
+    return ", ".join(value or "'' (empty)" for value in allowed)
 
 
 def validate(cfg: Config) -> None:
@@ -550,8 +644,8 @@ def validate(cfg: Config) -> None:
     _validate_backend(cfg)
     _validate_storage(cfg)
     if cfg.train.compile:
-        _require(cfg.backend.name in ("local", "fsdp"), "train.compile", True,
-                 f"needs backend.name=local or fsdp: DeepSpeed wraps the model in its own engine "
+        _require(capabilities(cfg.backend.name).compile, "train.compile", True,
+                 f"needs backend.name={backends_with('compile')}: DeepSpeed wraps the model in its own engine "
                  f"(backend.name={cfg.backend.name})")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "expected >= 0 (0: off)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "expected >= 1")
@@ -621,20 +715,22 @@ def _validate_eval(cfg: Config) -> None:
 def _validate_backend(cfg: Config) -> None:
     b = cfg.backend
     _choice("backend.name", b.name, BACKENDS)
+    caps = capabilities(b.name)
     _require(b.replicate >= 1, "backend.replicate", b.replicate, "expected >= 1")
     _require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "expected > 0 seconds")
     _require(b.io_timeout_s > 0, "backend.io_timeout_s", b.io_timeout_s, "expected > 0 seconds")
     if cfg.lisa.enabled and cfg.lisa.strategy == "grad_norm":
-        _require(b.name in ("local", "fsdp"), "lisa.strategy", cfg.lisa.strategy,
-                 f"grad_norm needs per-layer gradient norms: backend.name=local or fsdp, not {b.name}")
+        _require(caps.grad_norm_sampling, "lisa.strategy", cfg.lisa.strategy,
+                 f"grad_norm needs per-layer gradient norms: backend.name={backends_with('grad_norm_sampling')}, "
+                 f"not {b.name}")
     if cfg.lora.enabled:
-        _require(b.name == "local", "backend.name", b.name, "the LoRA baseline runs on backend.name=local")
-    if b.name == "deepspeed":
+        _require(caps.lora, "backend.name", b.name, f"the LoRA baseline runs on backend.name={backends_with('lora')}")
+    if caps.engine_config:
         _require(b.ds_config is not None, "backend.ds_config", b.ds_config,
                  "a DeepSpeed JSON is required with backend.name=deepspeed (see ds_configs/)")
         from lisa_dist.ds_config import fill_ds_config, read_ds_config
 
-        fill_ds_config(read_ds_config(b.ds_config), micro_batch_size=cfg.train.micro_batch_size,
+        fill_ds_config(read_ds_config(b.ds_config or ""), micro_batch_size=cfg.train.micro_batch_size,
                        grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.optim.max_grad_norm,
                        precision=cfg.train.precision, world_size=None, source=f"backend.ds_config={b.ds_config}")
 
@@ -642,13 +738,14 @@ def _validate_backend(cfg: Config) -> None:
 def _validate_storage(cfg: Config) -> None:
     """Frozen storage, frozen embeddings and 8-bit moments against the backend and method."""
     lisa, name = cfg.lisa, cfg.backend.name
+    caps = capabilities(name)
     _choice("lisa.frozen_storage", lisa.frozen_storage, FROZEN_STORAGE)
     _choice("lisa.host_dtype", lisa.host_dtype, DTYPES)
     _choice("optim.adam_8bit", cfg.optim.adam_8bit, ADAM_8BIT)
     if lisa.frozen_storage != "float32":
-        _require(name in ("local", "fsdp"), "lisa.frozen_storage", lisa.frozen_storage,
-                 f"needs backend.name=local or fsdp: DeepSpeed ZeRO keeps every param in the engine's own dtype "
-                 f"(backend.name={name})")
+        _require(caps.frozen_storage, "lisa.frozen_storage", lisa.frozen_storage,
+                 f"needs backend.name={backends_with('frozen_storage')}: DeepSpeed ZeRO keeps every param in the "
+                 f"engine's own dtype (backend.name={name})")
         _require(not cfg.lora.enabled, "lisa.frozen_storage", lisa.frozen_storage,
                  "the LoRA baseline trains adapters over its own base model")
         _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
@@ -660,8 +757,9 @@ def _validate_storage(cfg: Config) -> None:
         _require(cfg.train.precision == "bf16", "lisa.frozen_storage", lisa.frozen_storage,
                  "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
     if cfg.optim.adam_8bit != "none":
-        _require(name in ("local", "fsdp"), "optim.adam_8bit", cfg.optim.adam_8bit,
-                 f"needs backend.name=local or fsdp: DeepSpeed builds its own optimizer (backend.name={name})")
+        _require(caps.eight_bit_state, "optim.adam_8bit", cfg.optim.adam_8bit,
+                 f"needs backend.name={backends_with('eight_bit_state')}: DeepSpeed builds its own optimizer "
+                 f"(backend.name={name})")
 
 
 def _validate_lisa(lisa: LisaConfig) -> None:
@@ -669,12 +767,13 @@ def _validate_lisa(lisa: LisaConfig) -> None:
     _require(lisa.gamma >= 1, "lisa.gamma", lisa.gamma, "expected >= 1 (and <= the number of decoder layers)")
     _require(lisa.interval >= 1, "lisa.interval", lisa.interval, "expected >= 1")
     if lisa.strategy == "weighted":
+        weights = lisa.weights or []
         _require(lisa.weights is not None, "lisa.weights", lisa.weights, "required by lisa.strategy=weighted")
-        _require(all(w >= 0 for w in lisa.weights) and sum(lisa.weights) > 0, "lisa.weights", lisa.weights,
+        _require(all(w >= 0 for w in weights) and sum(weights) > 0, "lisa.weights", lisa.weights,
                  "expected non-negative weights with a positive sum")
     if lisa.strategy == "fixed":
-        layers = lisa.fixed_layers
-        _require(bool(layers), "lisa.fixed_layers", layers, "required by lisa.strategy=fixed")
+        layers = lisa.fixed_layers or []
+        _require(bool(layers), "lisa.fixed_layers", lisa.fixed_layers, "required by lisa.strategy=fixed")
         _require(len(set(layers)) == len(layers), "lisa.fixed_layers", layers, "expected distinct layer indices")
         _require(len(layers) == lisa.gamma, "lisa.fixed_layers", layers,
                  f"expected exactly lisa.gamma={lisa.gamma} layers")
@@ -714,13 +813,14 @@ def validate_lisa_layers(lisa: LisaConfig, num_layers: int) -> None:
     _validate_lisa(lisa)
     _require(1 <= lisa.gamma <= num_layers, "lisa.gamma", lisa.gamma, f"expected in 1..{num_layers} (the model's L)")
     if lisa.strategy == "weighted":
-        _require(len(lisa.weights) == num_layers, "lisa.weights", lisa.weights,
+        weights = lisa.weights or []
+        _require(len(weights) == num_layers, "lisa.weights", lisa.weights,
                  f"expected {num_layers} weights, one per decoder layer")
-        positive = sum(w > 0 for w in lisa.weights)
+        positive = sum(w > 0 for w in weights)
         _require(positive >= lisa.gamma, "lisa.weights", lisa.weights,
                  f"expected at least lisa.gamma={lisa.gamma} positive weights")
     if lisa.strategy == "fixed":
-        _require(all(0 <= i < num_layers for i in lisa.fixed_layers), "lisa.fixed_layers", lisa.fixed_layers,
+        _require(all(0 <= i < num_layers for i in lisa.fixed_layers or []), "lisa.fixed_layers", lisa.fixed_layers,
                  f"expected indices in 0..{num_layers - 1}")
 
 
@@ -733,15 +833,17 @@ def field_docs() -> dict[str, list[tuple[str, str, str]]]:
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
+    tree = ast.parse(inspect.getsource(sys.modules[Config.__module__]))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     docs: dict[str, list[tuple[str, str, str]]] = {}
     for section in dataclasses.fields(Config):
         node = classes[type(getattr(Config(), section.name)).__name__]
         defaults = dataclasses.asdict(getattr(Config(), section.name))
         entries = []
-        for stmt, after in zip(node.body, node.body[1:] + [None], strict=True):
+        for stmt, after in zip(node.body, [*node.body[1:], None], strict=True):
             if not isinstance(stmt, ast.AnnAssign):
+                continue
+            if not isinstance(stmt.target, ast.Name):
                 continue
             key = stmt.target.id
             text = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""

@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lisa_dist.errors import CollectiveFailure, ConfigError, DistError, first_line
 from lisa_dist.teardown import guard_exit, wait_for_idle_gloo_workers
+
+T = TypeVar("T")
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -207,7 +210,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_
         backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout_s)
         # NCCL bound to this rank's GPU at init: communicators are made eagerly on the right device, not guessed
         # from the current device at the first collective.
-        extra = {"device_id": dev} if use_cuda else {}
+        extra: dict[str, Any] = {"device_id": dev} if use_cuda else {}
         if place.launcher in ("torchrun", "env"):
             # env:// joins the store the launcher's agent already serves.
             dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, init_method="env://",
@@ -314,7 +317,7 @@ def all_gather_objects(value: object) -> list:
     return gathered
 
 
-def from_main(value: object) -> object:
+def from_main(value: T) -> T:
     """The main rank's `value`, on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value

@@ -28,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
 
 
-class Preempted(Exception):  # noqa: N818 - it is an outcome, not an error
+class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint."""
 
     def __init__(self, step: int, checkpoint: Path | None) -> None:

@@ -1,14 +1,14 @@
 """Leaving a process cleanly: the workaround for the abort at exit ("terminate called without an active exception").
 
-The cause, from a core dump of an aborted rank (benchmarks/results/exit_stress.md has the backtrace): a gloo worker
-thread (`pt_gloo_runloop`) drops its reference to a finished collective after the main thread has moved on. When it
-holds the last reference to a tensor that Python created, destroying the tensor takes the GIL. If the interpreter
-has begun to finalize by then, CPython 3.11 ends the thread with `pthread_exit`, whose forced unwind runs into a
-`noexcept` C++ destructor, and libstdc++ calls `std::terminate`: SIGABRT after the run finished. Nothing on the
-Python side prevents it: `destroy_process_group()` does not stop gloo's worker threads (`shutdown()` and `abort()`
-do not join them either); only the C++ process group's destructor does, and FSDP's mesh, DeepSpeed's groups and
-accelerate keep references to the groups until the interpreter tears them down. (torch PR 179291 proposed
-destroying the groups at exit and was abandoned.)
+The cause, from a core dump of an aborted rank (benchmarks/results/2026-12-01_cpu2_exit_stress.md has the
+backtrace): a gloo worker thread (`pt_gloo_runloop`) drops its reference to a finished collective after the main
+thread has moved on. When it holds the last reference to a tensor that Python created, destroying the tensor takes
+the GIL. If the interpreter has begun to finalize by then, CPython 3.11 ends the thread with `pthread_exit`, whose
+forced unwind runs into a `noexcept` C++ destructor, and libstdc++ calls `std::terminate`: SIGABRT after the run
+finished. Nothing on the Python side prevents it: `destroy_process_group()` does not stop gloo's worker threads
+(`shutdown()` and `abort()` do not join them either); only the C++ process group's destructor does, and FSDP's mesh,
+DeepSpeed's groups and accelerate keep references to the groups until the interpreter tears them down. (torch PR
+179291 proposed destroying the groups at exit and was abandoned.)
 
 The workaround: before the interpreter finalizes (in `shutdown()` and in an `atexit` handler, which runs while the
 interpreter is whole), wait until every gloo worker thread of this process is idle. A worker counts as idle when it
@@ -66,7 +66,7 @@ def wait_for_idle_gloo_workers(timeout_s: float = 5.0) -> bool:
         time.sleep(WINDOW_S)
         after = {task: _sample(task) for task in workers}
         busy = [task for task in workers
-                if after[task] is not None and (after[task] != before[task] or after[task][0] != "S")]
+                if (now := after[task]) is not None and (now != before[task] or now[0] != "S")]
         if not busy:
             return True
         if time.monotonic() > deadline:

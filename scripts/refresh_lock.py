@@ -1,6 +1,6 @@
 """Refresh constraints.txt, the lock that `make venv`, CI and `make demo` install through (`make lock`).
 
-Installs the newest releases that setup.py allows into a scratch venv (torch from TORCH_PIN first, as `make venv`
+Installs the newest releases that pyproject.toml allows into a scratch venv (torch from TORCH_PIN first, as `make venv`
 does, so no CUDA build is fetched), runs the test suite there (`make test`'s selection, or --pytest-args), and only
 if it passes writes the scratch venv's exact versions to the lock and prints what changed. A failing run leaves
 the lock as it was and says so (exit 1)."""
@@ -19,7 +19,7 @@ LOCK = ROOT / "constraints.txt"
 HEADER = """\
 # The exact versions `make test` passed on, on this project's CPU machine (Python {python}, {date}).
 # `make venv` (so `make test`, `make demo` and CI) installs through it: pip install -c constraints.txt.
-# Users' `pip install lisa_dist` reads setup.py's lower bounds instead. Refresh with `make lock`, which installs
+# Users' `pip install lisa_dist` reads pyproject.toml's lower bounds instead. Refresh with `make lock`, which installs
 # the newest releases in a scratch venv, runs the tests there and rewrites this file only when they pass.
 """
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch held where it is: a newer torch on the index is a CUDA build of several GB, never wanted here.
     hold = args.venv / "torch-constraint.txt"
     hold.write_text(args.torch + "\n")
-    run([str(python), "-m", "pip", "install", "-q", "-c", str(hold), "-e", ".[all,test]"])
+    run([str(python), "-m", "pip", "install", "-q", "-c", str(hold), "-e", ".[all,test,docs]"])
     new = freeze(python)
     old = read_lock(LOCK)
     diff = changes(old, new)

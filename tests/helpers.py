@@ -43,8 +43,10 @@ def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -
 def launcher_env() -> dict[str, str]:
     # The venv's launchers first on PATH; DeepSpeed's CPU comm op compiled once into the repo's ignored cache.
     # No GPU for the ranks even on a GPU host: these tests compare gloo ranks on the CPU with a CPU reference.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
+    # The repo first on the path: drivers started by file import benchmarks.lib (the counters kept out of the wheel).
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
 

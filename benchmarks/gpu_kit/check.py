@@ -1,12 +1,12 @@
 """The one-shot GPU check: every stage of the CUDA reading's last section, each in its own process, each result
 written the moment it ends; a failed or timed-out stage does not stop the next.
 
-    python benchmarks/gpu_kit/check.py --device cuda --out DIR [--budget-s 450] [--stages local zero2 ...]
-    python benchmarks/gpu_kit/check.py --device cpu --out DIR [--quick]     # the same stages at tiny sizes
+    python -m benchmarks.gpu_kit.check --device cuda --out DIR [--budget-s 450] [--stages local zero2 ...]
+    python -m benchmarks.gpu_kit.check --device cpu --out DIR [--quick]     # the same stages at tiny sizes
 
 DIR gets results.jsonl (a line per stage: name, status ok|failed|skipped|timeout, error, wall_s, figures),
-check.log (every stage's output) and summary.md. benchmarks/gpu_kit/check.sh installs the carried wheels first;
-benchmarks/README.md says how to read the results.
+check.log (every stage's output), machine.json (harness.machine()) and summary.md. benchmarks/gpu_kit/check.sh
+installs the carried wheels first; benchmarks/README.md says how to read the results.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from stages import REPO, STAGES, run_stage
+from benchmarks import harness
+from benchmarks.gpu_kit.stages import REPO, STAGES, run_stage
 
 # Each stage's limit in seconds (CUDA), in the order they run: the cheapest and most telling first.
 LIMITS = {"versions": 60, "local": 90, "quantized": 90, "liger": 60, "fsdp_nf4": 120, "zero2": 90, "zero3": 90,
@@ -30,19 +31,21 @@ QUICK = ("versions", "local")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_kit"))
-    parser.add_argument("--work", help="scratch folder for the stages' runs (default: OUT/../gpu_kit_work)")
+    parser.add_argument("--out", help="results folder (default: a fresh benchmarks/results/<date>_<hardware>_gpu_kit)")
+    parser.add_argument("--work", help="scratch folder for the stages' runs (default: OUT_work beside "
+                        "--out, else runs/gpu_kit_work)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting stages after this many seconds")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), help="these stages only (default: all)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (make test's form)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = Path(args.out)
-    work = Path(args.work) if args.work else out.parent / f"{out.name}_work"
     if args.stage:
-        run_stage(args.stage, args.device, work / args.stage, Path(args.result))
+        run_stage(args.stage, args.device, Path(args.work) / args.stage, Path(args.result))
         return 0
+    out = Path(args.out) if args.out else harness.reserve(harness.RESULTS, "gpu_kit")
+    scratch = out.parent / f"{out.name}_work" if args.out else REPO / "runs" / "gpu_kit_work"
+    work = Path(args.work) if args.work else scratch
     names = [n for n in LIMITS if n in (args.stages or (QUICK if args.quick else LIMITS))]
     return run_all(names, args.device, out, work, args.budget_s)
 
@@ -53,6 +56,7 @@ def run_all(names: list[str], device: str, out: Path, work: Path, budget_s: floa
     results, log = out / "results.jsonl", out / "check.log"
     results.write_text("")
     log.write_text("")
+    (out / "machine.json").write_text(json.dumps(harness.machine(), indent=1))
     env = _env(device)
     start, rows = time.monotonic(), []
     for name in names:
@@ -89,7 +93,7 @@ def _env(device: str) -> dict[str, str]:
 def _run(name: str, device: str, work: Path, env: dict[str, str], limit: float, log: Path) -> dict:
     result = work / f"{name}.result.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--device", device, "--work", str(work),
+    cmd = [sys.executable, "-m", "benchmarks.gpu_kit.check", "--stage", name, "--device", device, "--work", str(work),
            "--result", str(result)]
     began = time.monotonic()
     with log.open("a") as f:

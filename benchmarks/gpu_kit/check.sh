@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check in one call on a machine whose python3 has CUDA torch but no registry: installs the wheels that
-# benchmarks/gpu_kit/prepare.py put in .gpu_kit/wheels (pip --no-index --no-deps --target, beside the system's
-# packages, nothing replaced), then runs every stage of benchmarks/gpu_kit/check.py. Results in OUT (default
-# benchmarks/results/gpu_kit): results.jsonl, check.log, summary.md.
+# `python -m benchmarks.gpu_kit.prepare` put in .gpu_kit/wheels (pip --no-index --no-deps --target, beside the system's
+# packages, nothing replaced), then runs every stage of `python -m benchmarks.gpu_kit.check`. Results in OUT (default
+# a fresh benchmarks/results/<date>_<hardware>_gpu_kit): results.jsonl, check.log, machine.json, summary.md.
 #
-#   benchmarks/gpu_kit/check.sh [check.py arguments: --budget-s 450, --stages local zero2, ...]
+#   benchmarks/gpu_kit/check.sh [benchmarks.gpu_kit.check arguments: --budget-s 450, --stages local zero2, ...]
 #   OUT=dir PYTHON=python3 benchmarks/gpu_kit/check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 PYTHON=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results/gpu_kit}
+OUT=${OUT:-$("$PYTHON" -m benchmarks.harness reserve gpu_kit)}
 WHEELS=${WHEELS:-.gpu_kit/wheels}
 SITE=${SITE:-/tmp/lisa_dist_gpu_kit_site}
 mkdir -p "$OUT"
@@ -22,8 +22,8 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     fi
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-    echo "gpu_kit: no wheels in $WHEELS (run benchmarks/gpu_kit/prepare.py where a registry is reachable)" >&2
+    echo "gpu_kit: no wheels in $WHEELS (run python -m benchmarks.gpu_kit.prepare where a registry is reachable)" >&2
 fi
 export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
-exec "$PYTHON" benchmarks/gpu_kit/check.py --device cuda --out "$OUT" --work "${WORK:-/tmp/lisa_dist_gpu_kit_work}" "$@"
+exec "$PYTHON" -m benchmarks.gpu_kit.check --device cuda --out "$OUT" --work "${WORK:-/tmp/lisa_dist_gpu_kit_work}" "$@"

@@ -1,6 +1,6 @@
 """Prepare the GPU kit's wheels on a machine with a package registry, for a GPU machine without one.
 
-    python benchmarks/gpu_kit/prepare.py [--out .gpu_kit/wheels] [--python-version 3.12]
+    python -m benchmarks.gpu_kit.prepare [--out .gpu_kit/wheels] [--python-version 3.12]
 
 Downloads, for CPython 3.12 on manylinux x86_64, the wheels the lent GPU machine lacks and the check needs
 (datasets and its pure-Python dependencies, torchao, liger-kernel, DeepSpeed's dependencies), at the versions of
@@ -20,10 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
+from scripts.refresh_lock import normalize, read_lock  # the lock's reader, beside `make lock`'s writer
 
-from refresh_lock import normalize, read_lock  # noqa: E402 - the lock's reader, beside `make lock`'s writer
+REPO = Path(__file__).resolve().parents[2]
 
 LOCK = REPO / "constraints.txt"
 # The lent machine's image has torch, transformers, accelerate, peft, pyarrow, pandas, xxhash, msgpack, ninja,

@@ -1,4 +1,4 @@
-"""The GPU check's stages (benchmarks/gpu_kit/check.py runs each in its own process): each returns its figures as a
+"""The GPU check's stages (benchmarks.gpu_kit.check runs each in its own process): each returns its figures as a
 dict, or raises. Sizes by device: a width-1024, 8-layer Llama on 1,024-token blocks on CUDA; the tests' 4-layer,
 width-64 Llama on 64-token blocks on the CPU."""
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
@@ -136,8 +138,8 @@ def _planned(run, cfg) -> dict:
 
 
 def _train(run, steps: range, syncs_at: int | None = None) -> tuple[list[dict], list[str]]:
+    from benchmarks.lib import count_syncs
     from lisa_dist.run import train_step
-    from lisa_dist.tools import count_syncs
 
     records, where = [], []
     for step in steps:
@@ -309,15 +311,15 @@ def liger(device: str, work: Path) -> dict:
 
 
 def methods(device: str, work: Path) -> dict:
-    """benchmarks/methods.py at 1B (CUDA) for lisa, lisa_nf4 and lisa_lean: peak memory and tokens/s, with the
+    """benchmarks.methods at 1B (CUDA) for lisa, lisa_nf4 and lisa_lean: peak memory and tokens/s, with the
     planner's figure beside each."""
     size = "1b" if device == "cuda" else "tiny"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "methods.py"), "--device", device, "--size", size,
+    cmd = [sys.executable, "-m", "benchmarks.methods", "--device", device, "--size", size,
            "--steps", "6", "--methods", "lisa", "lisa_nf4", "lisa_lean", "--out", str(work), "--name", "methods"]
     if device == "cuda":
         cmd += ["--precision", "bf16", "--seq-len", "1024", "--micro-batch", "2", "--activation-checkpointing"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    data = json.loads((work / "methods.json").read_text()) if (work / "methods.json").is_file() else {}
+    data = harness.read_latest("methods", work) or {}
     results = {}
     for name, r in data.get("results", {}).items():
         keep = ("tokens_per_s", "peak_bytes", "peak_reserved_bytes", "load_peak_bytes", "error", "oom")

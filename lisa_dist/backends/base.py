@@ -4,13 +4,39 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 
+from lisa_dist.config import Capabilities
 from lisa_dist.method import TrainableSet
 from lisa_dist.models import FolderSpec, ModelLayout, WeightSource
+
+T = TypeVar("T")
+
+
+def required(value: T | None, what: str) -> T:
+    """`value`, a field a backend sets up in `materialize`/`prepare`; a clear error where it is not set (yet)."""
+    if value is None:
+        raise RuntimeError(f"the backend's {what} is not set up (materialize and prepare set it, close drops it)")
+    return value
+
+
+class HoldsModel:
+    """Checked reads of the model and trainable set a backend sets up: a clear RuntimeError, not an AttributeError
+    on None, before they are set or after close."""
+
+    model: nn.Module | None
+    trainable: TrainableSet | None
+
+    @property
+    def _model(self) -> nn.Module:
+        return required(self.model, "model")
+
+    @property
+    def _trainable(self) -> TrainableSet:
+        return required(self.trainable, "trainable set")
 
 
 class Backend(Protocol):
@@ -21,6 +47,8 @@ class Backend(Protocol):
     then per step `forward_backward` for each micro-batch and `step`.
     """
 
+    capabilities: Capabilities
+    """What this backend supports (a class attribute: `lisa_dist.config.CAPABILITIES` under its name)."""
     rank: int
     world_size: int
     device: torch.device
@@ -52,15 +80,16 @@ class Backend(Protocol):
         """After the backward passes of a step: the L2 norm of each layer's whole gradient (all ranks' shards),
         the same on every rank (lisa.strategy=grad_norm)."""
 
-    def step(self, lr: float) -> float:
-        """Clip the global grad norm, take one optimizer step at `lr`, clear grads; returns the pre-clip norm."""
+    def step(self, lr: float, measure: bool = True) -> float:
+        """Clip the global grad norm, take one optimizer step at `lr`, clear grads; returns the pre-clip norm.
+        `measure`: also record what `state_bytes` reports (the trainer asks on logging steps only)."""
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of Adam moments this rank holds."""
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this rank held at the last step, by kind: params, grads (just before the update), fp32 masters and
-        Adam moments; what `lisa_dist.tools.memory` predicts."""
+        """Bytes this rank held at the last measured step, by kind: params, grads (just before the update), fp32
+        masters and Adam moments; what `lisa_dist.tools.memory` predicts."""
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one process)."""

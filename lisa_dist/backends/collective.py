@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist.backends.base import HoldsModel
 from lisa_dist.dist import io_barrier, raise_together
 from lisa_dist.errors import DistError
 from lisa_dist.method import TrainableSet
 from lisa_dist.models import Fetch, FolderSpec, is_adapter_model, save_hf_folder, share_tied
 
 
-class ProcessGroupBackend:
+class ProcessGroupBackend(HoldsModel):
     """Shared verbs of the FSDP and DeepSpeed backends; they set rank, world_size, device, model and trainable."""
 
     rank: int
@@ -45,12 +47,13 @@ class ProcessGroupBackend:
     def save_model(self, path: str, spec: FolderSpec) -> None:
         """Collective: the model as a Hugging Face folder written by the main rank a shard at a time, each tensor
         gathered whole as its shard fills (a LoRA model: its adapters, as peft saves them)."""
-        if is_adapter_model(self.model):
+        model = self._model
+        if is_adapter_model(model):
             self._save_adapters(path, spec)
             return
         error = None
         try:
-            save_hf_folder(Path(path), self.model, self.full_fetch(), spec, write=self.is_main)
+            save_hf_folder(Path(path), model, self.full_fetch(), spec, write=self.is_main)
         except DistError:
             raise  # a peer died: no agreement is possible
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
@@ -61,11 +64,12 @@ class ProcessGroupBackend:
 
     def _save_adapters(self, path: str, spec: FolderSpec) -> None:
         state = self.full_state_dict()
+        model: Any = self._model  # a peft model: save_pretrained is not nn.Module's
         error = None
         if self.is_main:
             try:
                 state = {k: v.to(spec.dtype) if v.is_floating_point() else v for k, v in state.items()}
-                self.model.save_pretrained(path, state_dict=share_tied(self.model, state))
+                model.save_pretrained(path, state_dict=share_tied(model, state))
             except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
         raise_together(error)

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -25,9 +25,10 @@ from torch import nn
 
 from lisa_dist.backends.build_locks import clear_stale_build_locks
 from lisa_dist.backends.collective import ProcessGroupBackend
-from lisa_dist.config import OptimConfig
+from lisa_dist.config import CAPABILITIES, Config, OptimConfig, backends_with, loss_chunk_tokens
 from lisa_dist.dist import DistEnv
 from lisa_dist.ds_config import fill_ds_config, read_ds_config, zero_stage
+from lisa_dist.errors import ConfigError
 from lisa_dist.method import (
     ALWAYS,
     TrainableSet,
@@ -48,6 +49,16 @@ DS_TAG = "lisa"
 
 
 class DeepSpeedBackend(ProcessGroupBackend):
+    capabilities = CAPABILITIES["deepspeed"]
+
+    @classmethod
+    def from_config(cls, cfg: Config, env: DistEnv) -> DeepSpeedBackend:
+        """The backend `cfg` describes (its ZeRO JSON backend.ds_config), over the process group of `env`."""
+        t = cfg.train
+        ds_config = cast(str, cfg.backend.ds_config)  # validated: required with backend.name=deepspeed
+        return cls(env, ds_config, t.precision, cfg.optim, t.micro_batch_size, t.grad_accum,
+                   loss_chunk_tokens=loss_chunk_tokens(cfg))
+
     def __init__(self, env: DistEnv, ds_config: str, precision: str, optim: OptimConfig, micro_batch_size: int,
                  grad_accum: int, loss_chunk_tokens: int = 0) -> None:
         import deepspeed
@@ -66,7 +77,8 @@ class DeepSpeedBackend(ProcessGroupBackend):
         self.optim_cfg = optim
         self.model: nn.Module | None = None
         self.trainable: TrainableSet | None = None
-        self.engine = None
+        self.engine: Any = None
+        """The DeepSpeedEngine over the active layers (rebuilt at each switch), once activated."""
         self._micro = 0
         self.last_state: dict[str, int] = {}
         self.switch_phases: dict[str, float] = {}
@@ -126,7 +138,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
                 self.engine = None
             with phases("gc"):
                 gc.collect()  # the old engine's cycles: its partitions go before the new engine allocates its own
-        self.engine = build_engine(self.model, self.trainable, layers, self.optim_cfg, self.config, carried, phases)
+        self.engine = build_engine(self._model, self._trainable, layers, self.optim_cfg, self.config, carried, phases)
         self.switch_phases = phases.seconds
 
     # -- the step ------------------------------------------------------------------------------------------------
@@ -147,15 +159,17 @@ class DeepSpeedBackend(ProcessGroupBackend):
             return lm_loss_sum(self.engine, batch, self.loss_chunk_tokens).float()
 
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
-        raise NotImplementedError("lisa.strategy=grad_norm runs on backend.name=local or fsdp (ZeRO keeps gradients "
-                                  "in flat partitions, not per layer)")
+        raise ConfigError(f"lisa.strategy='grad_norm' is not allowed: it runs on backend.name="
+                          f"{backends_with('grad_norm_sampling')} (ZeRO keeps gradients in flat partitions, not per "
+                          "layer)")
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float, measure: bool = True) -> float:
         set_lr(self.engine.optimizer, lr)
-        grads = self._grad_bytes()
+        grads = self._grad_bytes() if measure else 0
         self.engine.step()
-        self.last_state = measured_state(self._param_tensors(), grads, self._master_bytes(),
-                                         self.optimizer_state_bytes())
+        if measure:
+            self.last_state = measured_state(self._param_tensors(), grads, self._master_bytes(),
+                                             self.optimizer_state_bytes())
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -169,7 +183,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
         return dict(self.last_state)
 
     def _param_tensors(self) -> list[torch.Tensor]:
-        params = list(self.model.parameters())
+        params: list[Any] = list(self._model.parameters())  # ZeRO-3 gives each param its partition, ds_tensor
         return [p.ds_tensor for p in params] if self.stage == 3 else params
 
     def _grad_bytes(self) -> int:
@@ -179,7 +193,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
         # After the boundary backward ZeRO-1/2 hold each group's gradient partition as a list of tensors (views into
         # the gradients of the params that overlap the partition, or into one contiguous buffer).
         partitions = [t for group in zero.averaged_gradients.values() if group is not None for t in group]
-        return storage_bytes([p.grad for p in self.model.parameters()] + partitions
+        return storage_bytes([p.grad for p in self._model.parameters()] + partitions
                              + [getattr(zero, "grads_in_partition", None)])
 
     def _master_bytes(self) -> int:
@@ -194,22 +208,24 @@ class DeepSpeedBackend(ProcessGroupBackend):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on rank 0 in CPU memory (ZeRO-3 gathers one parameter at a time); empty elsewhere."""
         if self.stage < 3:
-            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.is_main else {}
+            return {k: v.detach().cpu() for k, v in self._model.state_dict().items()} if self.is_main else {}
+        model = self._model
         state = {}
-        for name, param in self.model.named_parameters():
+        for name, param in model.named_parameters():
             with self.deepspeed.zero.GatheredParameters([param]):
                 if self.is_main:
                     state[name] = param.detach().cpu().clone()
         if self.is_main:
-            state.update({name: b.detach().cpu() for name, b in self.model.named_buffers()
-                          if name in self.model.state_dict()})
+            state.update({name: b.detach().cpu() for name, b in model.named_buffers()
+                          if name in model.state_dict()})
         return state
 
 
     def full_fetch(self) -> Fetch:
         """Each param asked for gathered whole (ZeRO-3: one at a time) onto rank 0's CPU; buffers as they are."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        model = self._model
+        params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
 
         def fetch(names: list[str]) -> dict[str, torch.Tensor]:
             out = {}
@@ -307,7 +323,7 @@ def own_storage(leaving: list[nn.Parameter], stage: int) -> None:
             if stage < 3:
                 param.data = param.data.clone()
             else:
-                param.ds_tensor.data = param.ds_tensor.data.clone()
+                param.ds_tensor.data = param.ds_tensor.data.clone()  # type: ignore[attr-defined]  # set by ZeRO-3
 
 
 def unlink_shm_at_exit(rank: int) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,21 +28,18 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from lisa_dist.backends.collective import ProcessGroupBackend
+from lisa_dist.backends.eager import EagerCore
 from lisa_dist.backends.fsdp_frozen import ShardedFrozenStore
-from lisa_dist.config import QUANTIZED, OptimConfig
+from lisa_dist.config import CAPABILITIES, QUANTIZED, Config, OptimConfig, loss_chunk_tokens
 from lisa_dist.dist import DistEnv, io_group
+from lisa_dist.errors import ConfigError
 from lisa_dist.method import (
     FrozenStore,
     TrainableSet,
-    build_adamw,
     clip_grad_norm,
-    freeze_except_always,
-    freeze_outside,
-    layer_named_params,
     layer_sq_norms,
     measured_state,
     moment_bytes,
-    set_active_params,
     set_lr,
     storage_bytes,
 )
@@ -51,9 +49,7 @@ from lisa_dist.models import (
     SafetensorsWeights,
     WeightSource,
     allocate,
-    lm_loss_sum,
     load_rows_into,
-    to_device,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +58,8 @@ log = logging.getLogger(__name__)
 def build_mesh(env: DistEnv, replicate: int) -> DeviceMesh:
     """1-D (shard) mesh, or 2-D (replicate x shard) for HSDP: nodes replicate, a node's GPUs shard."""
     if env.world_size % replicate:
-        raise ValueError(f"backend.replicate={replicate} does not divide the world size {env.world_size}")
+        raise ConfigError(f"backend.replicate={replicate} is not allowed: expected a divisor of the world size "
+                          f"{env.world_size} (HSDP: replicas of {env.world_size} // replicate ranks each)")
     if replicate == 1:
         return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
     return init_device_mesh(env.device.type, (replicate, env.world_size // replicate),
@@ -116,7 +113,17 @@ def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = (), seen: dict
             seen[id(module)] = signature
 
 
-class FSDPBackend(ProcessGroupBackend):
+class FSDPBackend(EagerCore, ProcessGroupBackend):
+    capabilities = CAPABILITIES["fsdp"]
+
+    @classmethod
+    def from_config(cls, cfg: Config, env: DistEnv) -> FSDPBackend:
+        """The backend `cfg` describes, over the process group of `env`."""
+        b, lisa = cfg.backend, cfg.lisa
+        return cls(env, cfg.train.precision, cfg.optim, replicate=b.replicate, frozen_storage=lisa.frozen_storage,
+                   reshard_after_forward=b.reshard_after_forward, loss_chunk_tokens=loss_chunk_tokens(cfg),
+                   host_dtype=lisa.host_dtype)
+
     def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
                  frozen_storage: str = "float32", reshard_after_forward: bool = True, loss_chunk_tokens: int = 0,
                  host_dtype: str = "float32") -> None:
@@ -150,7 +157,7 @@ class FSDPBackend(ProcessGroupBackend):
             load_rows_into(model, source)
             how = "each rank read its own rows"
         else:
-            full = source.full_state_dict() if self.is_main else {}
+            full: dict[str, Any] = source.full_state_dict() if self.is_main else {}
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                       broadcast_from_rank0=True, strict=False))
             del full
@@ -168,60 +175,44 @@ class FSDPBackend(ProcessGroupBackend):
         self.model, self.layout = model, layout
         return model
 
-    def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
-        self.model, self.trainable = model, trainable
-        model.train()
-        freeze_except_always(model, trainable)
-        if trainable.layers:  # a frozen embedding is stored like the frozen layers
-            freeze_outside(model, trainable, self.frozen_storage, self.precision)
+    def _before_optimizer(self, model: nn.Module) -> None:
         for module in fsdp_modules(model):
             # The loss is already scaled by 1 / (global supervised tokens): gradients must be summed, not averaged.
             # A plain SUM (no PREMUL_SUM, which gloo lacks) with nothing to divide afterwards.
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-        self.optimizer = build_adamw(trainable.always, [], self.optim_cfg)
 
     def activate(self, layers: Sequence[int]) -> None:
-        # First drop the state of leaving layers while the optimizer still knows their params...
-        set_active_params(self.optimizer, self.trainable, layers)
-        if self.store is not None and self.store.set_active(layers):
-            # ...then hand it the re-created params of blocks whose storage dtype changed.
-            self.trainable.layers[:] = layer_named_params(self.layout)
-            set_active_params(self.optimizer, self.trainable, layers)
+        super().activate(layers)  # the params of blocks whose storage dtype changed are re-created there
         self.active = tuple(layers)
-        rerun_lazy_init(self.model, self._out_of_units(), self.unit_signatures)
+        rerun_lazy_init(self._model, self._out_of_units(), self.unit_signatures)
 
     def _out_of_units(self) -> list[nn.Module]:
         return self.store.frozen_units() if isinstance(self.store, ShardedFrozenStore) else []
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        batch = to_device(batch, self.device, self.loss_chunk_tokens)
-        loss_sum = lm_loss_sum(self.model, batch, self.loss_chunk_tokens)
-        (loss_sum * scale).backward()
-        return loss_sum.detach()
-
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = to_device(batch, self.device, self.loss_chunk_tokens)
-        with torch.no_grad():
-            return lm_loss_sum(self.model, batch, self.loss_chunk_tokens).float()
-
-    def step(self, lr: float) -> float:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+    def step(self, lr: float, measure: bool = True) -> float:
+        optimizer = self._optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = clip_grad_norm(params, self.optim_cfg.max_grad_norm, self._sum_over_shards, self.device)
-        grads = storage_bytes(p.grad for p in self.model.parameters())
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        params, host = list(self.model.parameters()), 0
+        grads = storage_bytes(p.grad for p in self._model.parameters()) if measure else 0
+        set_lr(optimizer, lr)
+        optimizer.step()
+        if measure:
+            self._measure(grads)
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _measure(self, grads: int) -> None:
+        params: list[torch.Tensor] = list(self._model.parameters())
+        host = 0
         if isinstance(self.store, ShardedFrozenStore):  # the frozen matrices: quantized on the device, exact on host
             hosted = {id(p) for p in self.store.hosted()}
             params = [p for p in params if id(p) not in hosted] + self.store.device_tensors()
             host = self.store.host_bytes()
-        self.last_state = measured_state(params, grads, 0, moment_bytes(self.optimizer), host)
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        self.last_state = measured_state(params, grads, 0, moment_bytes(self._optimizer), host)
 
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
-        return self._sum_over_shards(layer_sq_norms(self.trainable, layers, self.device)).cpu().sqrt().tolist()
+        return self._sum_over_shards(layer_sq_norms(self._trainable, layers, self.device)).cpu().sqrt().tolist()
 
     def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         # Replicas (HSDP) hold the same shards: add up only the ranks of one shard group.
@@ -229,7 +220,7 @@ class FSDPBackend(ProcessGroupBackend):
         return value
 
     def optimizer_state_bytes(self) -> int:
-        return moment_bytes(self.optimizer)
+        return moment_bytes(self._optimizer)
 
     def state_bytes(self) -> dict[str, int]:
         """The sharded params (their padded storage), grads and moments this rank holds; the params are the
@@ -241,34 +232,37 @@ class FSDPBackend(ProcessGroupBackend):
         parameter name, so it reshards onto another world size)."""
         import torch.distributed.checkpoint as dcp
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), process_group=io_group())
 
     def load_state(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        model, optimizer = self._model, self._optimizer
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(folder), process_group=io_group())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if isinstance(self.store, ShardedFrozenStore):
             self.store.refresh()  # the exact shards were loaded: quantize them again
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Gathered in full: plain tensors, not the DTensors, lists or sharded tensors the stub's ValueType allows.
+        return cast("dict[str, torch.Tensor]", get_model_state_dict(
+            self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
     def full_fetch(self) -> Fetch:
         """Each tensor asked for all-gathered from its shards (a frozen block's host-kept shards on the device
         first: NCCL gathers device memory) and kept on rank 0's CPU."""
-        state = self.model.state_dict()
+        state = self._model.state_dict()
 
         def fetch(names: list[str]) -> dict[str, torch.Tensor]:
             out = {}
             for name in names:
                 tensor = state[name]
                 if isinstance(tensor, DTensor):
-                    tensor = tensor.to(self.device).full_tensor()
+                    tensor = cast(DTensor, tensor.to(self.device)).full_tensor()  # .to keeps a DTensor
                 if self.is_main:
                     out[name] = tensor.detach().cpu()
             return out

@@ -17,17 +17,23 @@ recomputes the block's class forward without them gathered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from lisa_dist.method import PinnedShards, dequantize, quantizable, quantize
 from lisa_dist.models import ModelLayout
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.utils._python_dispatch import TensorWithFlatten
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,8 @@ class GatheredWeight:
 
     def __init__(self, shard: torch.Tensor, rows: int, group: dist.ProcessGroup) -> None:
         self.shard, self.rows, self.group = shard, rows, group
-        self.names, self.meta = shard.__tensor_flatten__()
+        # A torchao tensor subclass: it has the flatten protocol of traceable subclasses, which Tensor's stubs lack.
+        self.names, self.meta = cast("TensorWithFlatten", shard).__tensor_flatten__()
 
     def full(self, dtype: torch.dtype) -> torch.Tensor:
         inner = [getattr(self.shard, name) for name in self.names]
@@ -53,7 +60,8 @@ class GatheredWeight:
         for buffer in gathered:
             parts = {name: part[: r.numel()].view(t.dtype).view(t.shape)
                      for name, t, r, part in zip(self.names, inner, raw, buffer.split(sizes), strict=True)}
-            shard = type(self.shard).__tensor_unflatten__(parts, self.meta, self.shard.shape, self.shard.stride())
+            subclass = cast("type[TensorWithFlatten]", type(self.shard))
+            shard = subclass.__tensor_unflatten__(parts, self.meta, self.shard.shape, self.shard.stride())
             pieces.append(dequantize(shard, dtype))
         return torch.cat(pieces)[: self.rows]
 
@@ -82,7 +90,7 @@ def _frozen_forward(module: nn.Module, others: list[tuple[str, nn.Parameter]], w
     outside module hooks)."""
     with torch.no_grad():
         for name, param in others:
-            module._parameters[name] = nn.Parameter(param.full_tensor().to(dtype), requires_grad=False)
+            module._parameters[name] = nn.Parameter(cast(DTensor, param).full_tensor().to(dtype), requires_grad=False)
     try:
         if weight is None:
             return forward(*args, **kwargs)
@@ -99,9 +107,9 @@ class _FrozenBlock:
 
     def __init__(self) -> None:
         self.weights: dict[nn.Module, GatheredWeight] = {}
-        self.wrapped: list[tuple[nn.Module, object]] = []
+        self.wrapped: list[tuple[nn.Module, Callable[..., Any] | None]] = []
         """(module, the instance forward it had before, or None)."""
-        self.compiled = None
+        self.compiled: Callable[..., Any] | None = None
         """train.compile: the block's compiled call, set aside while it is frozen (its quantized shards are gathered
         by collectives in Python, which dynamo would recompile for every block: a frozen block runs eagerly)."""
 
@@ -139,12 +147,12 @@ class ShardedFrozenStore:
             for fp in self._matrices(i):
                 frozen.weights[fp._module_info.module].shard = self._quantize(fp)
 
-    def frozen_units(self) -> list[FSDPModule]:
+    def frozen_units(self) -> list[nn.Module]:
         return [self.layout.layers[i] for i in self.frozen]
 
-    def hosted(self) -> list[torch.Tensor]:
+    def hosted(self) -> list[DTensor]:
         """The exact host shards (DTensor params) of the frozen blocks' quantized matrices."""
-        return [module.weight for block in self.frozen.values() for module in block.weights]
+        return [cast(DTensor, module.weight) for block in self.frozen.values() for module in block.weights]
 
     def device_tensors(self) -> list[torch.Tensor]:
         """What the frozen blocks hold on the device for their matrices: the quantized shards."""
@@ -155,7 +163,8 @@ class ShardedFrozenStore:
 
     def _params(self, i: int) -> list:
         """FSDP's records of block i's params (module, name, padded local shard)."""
-        return self.layout.layers[i]._get_fsdp_state()._fsdp_param_group.fsdp_params
+        group = cast(FSDPModule, self.layout.layers[i])._get_fsdp_state()._fsdp_param_group
+        return cast("FSDPParamGroup", group).fsdp_params  # a block has params: its unit has their group
 
     def _matrices(self, i: int) -> list:
         return [fp for fp in self._params(i)
@@ -163,16 +172,17 @@ class ShardedFrozenStore:
                 and quantizable(fp.padded_sharded_param_size, self.storage)]
 
     def _freeze(self, i: int) -> None:
-        block: FSDPModule = self.layout.layers[i]
-        block.reshard()
-        state = block._get_fsdp_state()
+        block = self.layout.layers[i]
+        unit = cast(FSDPModule, block)  # fully_shard made the block an FSDPModule too
+        unit.reshard()
+        state = unit._get_fsdp_state()
         state._pre_forward_hook_handle.remove()
         state._post_forward_hook_handle.remove()
         matrices = self._matrices(i)
         # Quantized from the shards where they are, on the device, before they move: quantizing the host copy
         # would copy every shard back to the device first.
         quantized = {fp._module_info.module: self._quantize(fp) for fp in matrices}
-        self._move(block, matrices, HOST, self.host_dtype)
+        self._move(unit, matrices, HOST, self.host_dtype)
         frozen = _FrozenBlock()
         frozen.compiled, block._compiled_call_impl = block._compiled_call_impl, None
         if frozen.compiled is not None and not self.warned_eager:
@@ -202,7 +212,8 @@ class ShardedFrozenStore:
         return quantize(padded.to(self.device).to(self.host_dtype).to(torch.float32), self.storage)
 
     def _thaw(self, i: int) -> None:
-        block: FSDPModule = self.layout.layers[i]
+        block = self.layout.layers[i]
+        unit = cast(FSDPModule, block)  # fully_shard made the block an FSDPModule too
         frozen = self.frozen.pop(i)
         for module, previous in frozen.wrapped:
             if previous is None:
@@ -210,8 +221,8 @@ class ShardedFrozenStore:
             else:
                 module.forward = previous
         block._compiled_call_impl = frozen.compiled
-        self._move(block, self._matrices(i), self.device, torch.float32)
-        state = block._get_fsdp_state()
+        self._move(unit, self._matrices(i), self.device, torch.float32)
+        state = unit._get_fsdp_state()
         state._pre_forward_hook_handle = block.register_forward_pre_hook(state._pre_forward, prepend=True,
                                                                          with_kwargs=True)
         state._post_forward_hook_handle = block.register_forward_hook(state._post_forward, prepend=False)

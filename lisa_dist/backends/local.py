@@ -4,27 +4,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from lisa_dist.config import OptimConfig
-from lisa_dist.dist import resolve_device
+from lisa_dist.backends.eager import EagerCore
+from lisa_dist.config import CAPABILITIES, Config, OptimConfig, loss_chunk_tokens
+from lisa_dist.dist import DistEnv, resolve_device
 from lisa_dist.method import (
     FrozenStore,
     TrainableSet,
-    build_adamw,
     clip_grad_norm,
-    freeze_except_always,
-    freeze_outside,
-    layer_named_params,
     layer_sq_norms,
     load_named_optimizer_state,
     measured_state,
     moment_bytes,
     named_optimizer_state,
-    set_active_params,
     set_lr,
     storage_bytes,
 )
@@ -33,14 +30,13 @@ from lisa_dist.models import (
     ModelLayout,
     WeightSource,
     is_adapter_model,
-    lm_loss_sum,
     materialize_full,
     save_hf_folder,
-    to_device,
 )
 
 
-class LocalBackend:
+class LocalBackend(EagerCore):
+    capabilities = CAPABILITIES["local"]
     rank = 0
     world_size = 1
 
@@ -57,6 +53,13 @@ class LocalBackend:
         self.trainable: TrainableSet | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_state: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, env: DistEnv | None = None) -> LocalBackend:
+        """The backend `cfg` describes (one process: no `env`)."""
+        t, lisa = cfg.train, cfg.lisa
+        return cls(t.device, t.precision, cfg.optim, frozen_storage=lisa.frozen_storage, host_dtype=lisa.host_dtype,
+                   loss_chunk_tokens=loss_chunk_tokens(cfg))
 
     @property
     def is_main(self) -> bool:
@@ -75,54 +78,30 @@ class LocalBackend:
         self.store.place(model)
         return model
 
-    def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
-        self.model = model if self.store else model.to(self.device)
-        self.model.train()
-        self.trainable = trainable
-        freeze_except_always(model, trainable)
-        if trainable.layers:  # LISA or full fine-tuning: a frozen embedding is stored like the frozen layers
-            freeze_outside(model, trainable, self.frozen_storage, self.precision)
-        self.optimizer = build_adamw(trainable.always, [], self.optim_cfg)
-
-    def activate(self, layers: Sequence[int]) -> None:
-        # First drop the state of leaving layers while the optimizer still knows their params...
-        set_active_params(self.optimizer, self.trainable, layers)
-        if self.store is not None and self.store.set_active(layers):
-            # ...then hand it the params of the blocks that moved (new objects when they were quantized).
-            self.trainable.layers[:] = layer_named_params(self.layout)
-            set_active_params(self.optimizer, self.trainable, layers)
+    def _placed(self, model: nn.Module) -> nn.Module:
+        return model if self.store else model.to(self.device)  # a frozen store placed the model block by block
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        batch = to_device(batch, self.device, self.loss_chunk_tokens)
-        with self._autocast():
-            loss_sum = lm_loss_sum(self.model, batch, self.loss_chunk_tokens)
-        (loss_sum * scale).backward()
-        return loss_sum.detach()
-
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = to_device(batch, self.device, self.loss_chunk_tokens)
-        with torch.no_grad(), self._autocast():
-            return lm_loss_sum(self.model, batch, self.loss_chunk_tokens).float()
-
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
-        return layer_sq_norms(self.trainable, layers).sqrt().tolist()
+        return layer_sq_norms(self._trainable, layers).sqrt().tolist()
 
     def trainable_params(self) -> list[nn.Parameter]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return [p for group in self._optimizer.param_groups for p in group["params"]]
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float, measure: bool = True) -> float:
+        model, optimizer = self._model, self._optimizer
         norm = clip_grad_norm(self.trainable_params(), self.optim_cfg.max_grad_norm)
-        grads = storage_bytes(p.grad for p in self.model.parameters())
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.last_state = measured_state(self.model.parameters(), grads, self.master_bytes(),
-                                         self.optimizer_state_bytes(), self.store.host_bytes() if self.store else 0)
-        self.optimizer.zero_grad(set_to_none=True)
+        grads = storage_bytes(p.grad for p in model.parameters()) if measure else 0
+        set_lr(optimizer, lr)
+        optimizer.step()
+        if measure:
+            self.last_state = measured_state(model.parameters(), grads, self.master_bytes(),
+                                             self.optimizer_state_bytes(), self.store.host_bytes() if self.store else 0)
+        optimizer.zero_grad(set_to_none=True)
         return norm
 
     def master_bytes(self) -> int:
@@ -130,7 +109,7 @@ class LocalBackend:
         return 0
 
     def optimizer_state_bytes(self) -> int:
-        return moment_bytes(self.optimizer)
+        return moment_bytes(self._optimizer)
 
     def state_bytes(self) -> dict[str, int]:
         return dict(self.last_state)
@@ -145,7 +124,7 @@ class LocalBackend:
         """Model and optimizer state (keyed by parameter name) into `folder`."""
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.exact_state_dict(), folder / "model.pt")
-        torch.save(named_optimizer_state(self.optimizer, self.trainable), folder / "optim.pt")
+        torch.save(named_optimizer_state(self._optimizer, self._trainable), folder / "optim.pt")
 
     def load_state(self, folder: Path) -> None:
         """Restore what `save_state` wrote; the same layers must be active."""
@@ -153,28 +132,30 @@ class LocalBackend:
         # exact model does not fit the device, which is why that storage was chosen.
         state = torch.load(folder / "model.pt", map_location="cpu", mmap=True)
         if self.store is None:
-            self.model.load_state_dict(state)
+            self._model.load_state_dict(state)
         else:
-            result = self.model.load_state_dict(self.store.load_exact(state), strict=False)
+            result = self._model.load_state_dict(self.store.load_exact(state), strict=False)
             if result.unexpected_keys or set(result.missing_keys) != set(self.store.quantized_names()):
                 raise KeyError(f"{folder / 'model.pt'} does not match the model: missing {result.missing_keys}, "
                                f"unexpected {result.unexpected_keys}")
         saved = torch.load(folder / "optim.pt", map_location=self.device)
-        self.optimizer.state.clear()  # nothing of an earlier, failed load stays
-        load_named_optimizer_state(self.optimizer, self.trainable, saved)
+        optimizer = self._optimizer
+        optimizer.state.clear()  # nothing of an earlier, failed load stays
+        load_named_optimizer_state(optimizer, self._trainable, saved)
 
     def exact_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with exact weights: a quantized frozen block's come from its host copies."""
-        state = self.model.state_dict()
+        state = self._model.state_dict()
         return self.store.exact_state_dict(state) if self.store else state
 
     def save_model(self, path: str, spec: FolderSpec) -> None:
         """The model as a Hugging Face folder, a shard at a time (a LoRA model: its adapters, as peft saves them)."""
         state = self.exact_state_dict()
-        if is_adapter_model(self.model):
-            self.model.save_pretrained(path, state_dict=state)
+        model: Any = self._model  # a transformers / peft model: save_pretrained is not nn.Module's
+        if is_adapter_model(model):
+            model.save_pretrained(path, state_dict=state)
             return
-        save_hf_folder(Path(path), self.model, lambda names: {name: state[name] for name in names}, spec)
+        save_hf_folder(Path(path), model, lambda names: {name: state[name] for name in names}, spec)
 
     def close(self) -> None:
         self.optimizer = None

@@ -132,7 +132,7 @@ def sharegpt_messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]
     for number, turn in enumerate(_listed(row, field, "turns"), start=1):
         if not isinstance(turn, Mapping):
             raise BadRow(f"turn {number} is {type(turn).__name__}, not a {{from, value}} mapping")
-        role = SHAREGPT_ROLES.get(turn.get("from"))
+        role = SHAREGPT_ROLES.get(str(turn.get("from")))
         if role is None:
             raise BadRow(f"turn {number} is from {turn.get('from')!r}, expected one of {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": role, "content": turn.get("value")})
@@ -203,7 +203,7 @@ def _markup(tokenizer: Any) -> tuple[str, str]:
     try:
         bare = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False)
         prompted = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE_ASSISTANT}],
+        whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": PROBE_ASSISTANT}],
                                               tokenize=False, add_generation_prompt=False)
     except jinja2.TemplateError as exc:
         raise BadRow(f"the chat template rejects a user turn followed by an assistant turn: {exc}") from exc

@@ -62,7 +62,8 @@ def load_mixture(data: DataConfig, tokenizer: Any, seed: int, *, is_main: bool =
                  barrier: Callable[[], None] | None = None) -> Mixture:
     """Every source of data.mixture loaded (a source's error names it), its eval_fraction held out, packed alone
     with data.packing (a row holds one source's examples), then concatenated."""
-    trains, helds, sources = [], [], []
+    trains, helds = [], []
+    sources: list[dict[str, Any]] = []
     for i, (entry, sub) in enumerate(zip(data.mixture, source_configs(data), strict=True)):
         try:
             examples, stats = load_examples_with_stats(sub, tokenizer, is_main=is_main, barrier=barrier)

@@ -48,7 +48,9 @@ def pack_examples(dataset: datasets.Dataset, max_length: int, window: int = PACK
     for start in range(0, len(dataset), window):
         chunk = dataset[start:start + window]
         for members in best_fit_decreasing([len(ids) for ids in chunk["input_ids"]], max_length):
-            ids, labels, positions = [], [], []
+            ids: list[int] = []
+            labels: list[int] = []
+            positions: list[int] = []
             for n, i in enumerate(members):
                 new_ids, new_labels = chunk["input_ids"][i], chunk["labels"][i]
                 if n:  # predicted from the previous example's last token: not a target

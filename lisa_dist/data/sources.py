@@ -24,7 +24,7 @@ from typing import Any
 
 import datasets
 
-from lisa_dist.config import DataConfig
+from lisa_dist.config import DataConfig, DataFormat
 from lisa_dist.data.chat import encode_messages, parse_messages, sharegpt_messages
 from lisa_dist.data.rows import BadRow as _BadRow
 from lisa_dist.errors import DataError
@@ -145,8 +145,8 @@ def _read_source(source: Source, split: str, scratch: Path, subset: str = "", re
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
     return exc
 
 
@@ -269,7 +269,7 @@ def encode_text(row: Mapping[str, Any], field: str, tokenizer: Any) -> list[int]
     ids = _tokenize(tokenizer, _str_field(row, field, blank_ok=True))
     if not ids:
         raise _BadRow(f"field '{field}' is empty after tokenization")
-    return ids + [tokenizer.eos_token_id]
+    return [*ids, tokenizer.eos_token_id]
 
 
 def alpaca_prompt(tokenizer: Any, instruction: str, context: str = "") -> list[int]:
@@ -286,7 +286,7 @@ def encode_alpaca(row: Mapping[str, Any], tokenizer: Any, max_length: int) -> tu
     output = _str_field(row, "output")
     prompt = alpaca_prompt(tokenizer, instruction, context)
     # Tokenized apart so that the mask falls exactly on the response, whatever the tokenizer merges.
-    response = _tokenize(tokenizer, output) + [tokenizer.eos_token_id]
+    response = [*_tokenize(tokenizer, output), tokenizer.eos_token_id]
     ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
     return _truncated(ids, labels, max_length) if max_length else (ids, labels)
 
@@ -348,9 +348,11 @@ def detect_format(cfg: DataConfig, sources: list[Source]) -> DataConfig:
     raise DataError(f"data.format=auto: {source.name} has no row to tell its format from")
 
 
-def _format_of(row: Mapping[str, Any], cfg: DataConfig, where: str) -> str:
-    for fmt, fields in (("chat", [cfg.messages_field]), ("sharegpt", [cfg.conversations_field]),
-                        ("alpaca", ["instruction", "output"]), ("text", [cfg.text_field])):
+def _format_of(row: Mapping[str, Any], cfg: DataConfig, where: str) -> DataFormat:
+    candidates: tuple[tuple[DataFormat, list[str]], ...] = (
+        ("chat", [cfg.messages_field]), ("sharegpt", [cfg.conversations_field]),
+        ("alpaca", ["instruction", "output"]), ("text", [cfg.text_field]))
+    for fmt, fields in candidates:
         if all(f in row for f in fields):
             return fmt
     raise DataError(f"data.format=auto: {where} has fields {', '.join(map(repr, row)) or 'none'}; expected "
@@ -370,8 +372,9 @@ def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratc
                     raise row
                 encoded = encode(row)
                 if cfg.format != "text":
-                    cut = len(encoded[0]) > cfg.max_length
-                    encoded = _truncated(*encoded, cfg.max_length)
+                    ids, labels = encoded
+                    cut = len(ids) > cfg.max_length
+                    encoded = _truncated(ids, labels, cfg.max_length)
                     stats.truncated_rows += cut
             except _BadRow as bad:
                 where = f"{source.name}, {label}"
@@ -553,7 +556,7 @@ def load_examples_with_stats(cfg: DataConfig, tokenizer: Any, *, is_main: bool =
         if is_main and not target.is_dir():
             _build_cache(cfg, tokenizer, sources, target)
             built = True
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - raised on every rank after the barrier
         # Held until after the barrier, so that a failing main rank never leaves the others waiting forever.
         failure = exc
     if barrier is not None:

@@ -84,10 +84,16 @@ class LisaCallback(TrainerCallback):
             raise ValueError(f"LisaCallback: {exc}") from None
         self.trainer = trainer
 
+    def _bound(self) -> tuple[LayerSampler, LisaTrainer]:
+        if self.sampler is None or self.trainer is None:
+            raise RuntimeError("LisaCallback is not bound: LisaTrainer binds it when it is built")
+        return self.sampler, self.trainer
+
     def layers_at(self, step: int) -> tuple[int, ...]:
         """Make the period of optimizer step `step` (0-based) current; returns its layers, the same on every rank."""
-        self.period = self.sampler.period_of(step)
-        self.active = self.sampler.agreed_layers(self.period)
+        sampler, _ = self._bound()
+        self.period = sampler.period_of(step)
+        self.active = sampler.agreed_layers(self.period)
         self.schedule.append((step, self.active))
         return self.active
 
@@ -98,12 +104,13 @@ class LisaCallback(TrainerCallback):
                                "or the DeepSpeed engine. Use LisaTrainer(..., callbacks=[LisaCallback(...)]).")
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
-        if self.sampler.period_of(state.global_step) == self.period:
+        sampler, trainer = self._bound()
+        if sampler.period_of(state.global_step) == self.period:
             return
-        self.trainer.activate_layers(self.layers_at(state.global_step))
+        trainer.activate_layers(self.layers_at(state.global_step))
         if state.is_world_process_zero:
             log.info("step %d: LISA period %d trains layers %s (%d of %d)", state.global_step + 1, self.period,
-                     list(self.active), len(self.active), self.sampler.num_layers)
+                     list(self.active), len(self.active), sampler.num_layers)
 
 
 class LisaTrainer(Trainer):
@@ -122,7 +129,14 @@ class LisaTrainer(Trainer):
             raise ValueError(f"LisaTrainer needs exactly one LisaCallback in callbacks=[...], got {len(found)}")
         self.lisa = found[0]
         self._check_supported()
-        self.lisa.bind(self, find_layout(self.model, self.lisa.layers_path).num_layers)
+        self.lisa.bind(self, find_layout(self._plain_model, self.lisa.layers_path).num_layers)
+
+    @property
+    def _plain_model(self) -> nn.Module:
+        """The model being trained (Trainer's `model`, set from construction on)."""
+        if self.model is None:
+            raise RuntimeError("LisaTrainer has no model")
+        return self.model
 
     def _check_supported(self) -> None:
         if self.optimizer is not None or self.lr_scheduler is not None:
@@ -153,7 +167,7 @@ class LisaTrainer(Trainer):
 
     def _trainable(self) -> TrainableSet:
         # Read again at every switch: FSDP2 and ZeRO-3 replace or partition the params after the optimizer is built.
-        return lisa_trainable(find_layout(self.model, self.lisa.layers_path))
+        return lisa_trainable(find_layout(self._plain_model, self.lisa.layers_path))
 
     def create_optimizer(self, model: nn.Module | None = None):
         """AdamW over the always-trained params and the layers of the current period (on resume: of the step before
@@ -172,11 +186,12 @@ class LisaTrainer(Trainer):
         if self.is_deepspeed_enabled:
             self._rebuild_engine(trainable, layers)
             return
-        set_active_params(getattr(self.optimizer, "optimizer", self.optimizer), trainable, layers)
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper, or torch's
+        set_active_params(optimizer, trainable, layers)
         if isinstance(self.model_wrapped, DistributedDataParallel):
             rebuild_reducer(self.model_wrapped)
         if self.is_fsdp_enabled:
-            rerun_lazy_init(self.model)
+            rerun_lazy_init(self._plain_model)
 
     # -- DeepSpeed ---------------------------------------------------------------------------------------------------
 
@@ -188,18 +203,19 @@ class LisaTrainer(Trainer):
         return model, train_dataloader
 
     def _rebuild_engine(self, trainable: TrainableSet, layers: Sequence[int]) -> None:
-        old = self.model_wrapped
+        old: Any = self.model_wrapped  # the DeepSpeed engine
+        wrapper: Any = self.optimizer  # accelerate's DeepSpeedOptimizerWrapper
         lrs = [group["lr"] for group in old.optimizer.param_groups]  # set by the LR scheduler for this step
         counters = {name: getattr(old, name) for name in ("global_steps", "global_samples", "micro_steps")}
         carried = carry_out(old)
         destroy_engine(old)
         self.accelerator._models = [m for m in self.accelerator._models if m is not old]
-        self.optimizer.optimizer = None
-        self.model_wrapped = self.deepspeed = self.accelerator.deepspeed_engine_wrapped.engine = None
+        wrapper.optimizer = None
+        self.model_wrapped = self.deepspeed = self.accelerator.deepspeed_engine_wrapped.engine = None  # type: ignore[assignment]
         del old
         gc.collect()
-        engine = build_engine(self.model, trainable, layers, self._optim_config(), self.accelerator.deepspeed_config,
-                              carried)
+        engine = build_engine(self._plain_model, trainable, layers, self._optim_config(),
+                              self.accelerator.deepspeed_config, carried)
         groups = engine.optimizer.param_groups  # ZeRO steps with its client optimizer's groups
         if len(groups) != len(lrs):
             raise RuntimeError(f"LISA switch changed the number of optimizer groups: {len(lrs)} -> {len(groups)}")
@@ -208,7 +224,7 @@ class LisaTrainer(Trainer):
         for name, value in counters.items():
             setattr(engine, name, value)
         # Trainer's scheduler and the loop reach ZeRO through these (DeepSpeedOptimizerWrapper, the engine wrapper).
-        self.optimizer.optimizer = engine.optimizer
+        wrapper.optimizer = engine.optimizer
         self.model_wrapped = self.deepspeed = self.accelerator.deepspeed_engine_wrapped.engine = engine
         self.accelerator._models.append(engine)
 

@@ -7,6 +7,8 @@ serves both, and the LISA switch swaps its layer groups as for torch's AdamW.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 
@@ -24,8 +26,9 @@ def adamw_8bit(groups: list[dict], layers_too: bool, layer_role: str, **kwargs) 
                 if hasattr(p, "to_local"):
                     from torch.distributed.tensor import DTensor
 
-                    out = DTensor.from_local(out, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                             stride=p.stride())
+                    sharded = cast(DTensor, p)
+                    out = DTensor.from_local(out, sharded.device_mesh, sharded.placements, run_check=False,
+                                             shape=p.shape, stride=p.stride())
                 return out
             return super()._new_buffer(p, signed)
 

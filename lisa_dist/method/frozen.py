@@ -61,7 +61,7 @@ def quantize(weight: torch.Tensor, storage: str) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The plain weight a torchao quantized tensor stands for, in `dtype` (NF4: what its linear computes with)."""
-    return q.dequantize(dtype) if hasattr(q, "qdata") else q.to(dtype)
+    return q.dequantize(dtype) if hasattr(q, "qdata") else q.to(dtype)  # type: ignore[call-arg]  # torchao's
 
 
 def quantized_bytes(shape: Sequence[int], storage: str) -> int:
@@ -72,7 +72,10 @@ def quantized_bytes(shape: Sequence[int], storage: str) -> int:
     if storage == "int8":
         return numel + shape[0] * (4 + 1)
     scales = numel // NF4_BLOCK
-    factors = scales // nf4_scaler_block(numel)
+    block = nf4_scaler_block(numel)
+    if block is None:
+        raise ValueError(f"a tensor of {numel} elements is not NF4-quantizable (not a multiple of {NF4_BLOCK})")
+    factors = scales // block
     # torchao takes the factors as a strided view of a (factors, scaler block) tensor and copies it out; a single
     # factor is already contiguous, so it keeps the whole storage of one factor per scale.
     factor_bytes = 4 * (scales if factors == 1 else factors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop
                 ) -> torch.optim.Optimizer:
     """torch's AdamW, or with `cfg.adam_8bit` torchao's AdamW8bit (`lisa_dist.method.adam8bit`)."""
     groups = param_groups(always, active, cfg.weight_decay, drop_empty)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.adam_8bit == "none":
         device = next((p.device for _, p in always + active), torch.device("cpu"))
         return torch.optim.AdamW(groups, **kwargs, **adamw_kernel(cfg.implementation, device))
@@ -77,7 +78,7 @@ def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop
     return adamw_8bit(groups, layers_too=cfg.adam_8bit == "all", layer_role=LAYERS, **kwargs)
 
 
-def adamw_kernel(implementation: str, device: torch.device) -> dict[str, bool]:
+def adamw_kernel(implementation: str, device: torch.device) -> dict[str, Any]:
     """torch AdamW's `fused`/`foreach` arguments for `optim.implementation` on `device` (the params' device: the
     layer groups are refilled at each switch with params on the same one). The fused kernel updates every param of
     a group in one pass; on CPU it is several times faster than the per-param loop, which is torch's CPU default."""

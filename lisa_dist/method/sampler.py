@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
-from lisa_dist.config import LisaConfig, validate_lisa_layers
+from lisa_dist.config import LisaConfig, Strategy, validate_lisa_layers
 from lisa_dist.dist import check_same_on_all_ranks
+from lisa_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class LayerSampler:
         weights: Sequence[float] | None = None,
         fixed_layers: Sequence[int] | None = None,
     ) -> None:
-        validate_lisa_layers(LisaConfig(gamma=gamma, interval=interval, strategy=strategy,
+        validate_lisa_layers(LisaConfig(gamma=gamma, interval=interval, strategy=cast(Strategy, strategy),
                                         weights=list(weights) if weights is not None else None,
                                         fixed_layers=list(fixed_layers) if fixed_layers is not None else None),
                              num_layers)
@@ -46,15 +48,15 @@ class LayerSampler:
         self.seed = seed
         self.strategy = strategy
         self.probs = self._normalized(weights) if strategy == "weighted" else None
-        self.fixed = tuple(sorted(fixed_layers)) if strategy == "fixed" else None
+        self.fixed = tuple(sorted(fixed_layers or ())) if strategy == "fixed" else None
 
     def _normalized(self, weights: Sequence[float] | None) -> np.ndarray:
         # The weights of each grad_norm period arrive with the call (lisa.weights was checked with the config).
         if weights is None or len(weights) != self.num_layers:
-            raise ValueError(f"lisa.weights: expected {self.num_layers} weights, got {weights!r}")
+            raise ConfigError(f"lisa.weights: expected {self.num_layers} weights, got {weights!r}")
         w = np.asarray(weights, dtype=np.float64)
         if (w < 0).any() or np.count_nonzero(w) < self.gamma:
-            raise ValueError(f"lisa.weights={list(weights)}: expected >= 0 with at least gamma positive")
+            raise ConfigError(f"lisa.weights={list(weights)}: expected >= 0 with at least gamma positive")
         return w / w.sum()
 
     def state_dict(self) -> dict:

@@ -1,10 +1,12 @@
 """Activation checkpointing per decoder block, applied to the plain model before any backend wraps it."""
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
+
+from lisa_dist.errors import ConfigError
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: Any) -> None:
     """Recompute each decoder block's activations in backward (non-reentrant, so frozen blocks are fine).
 
     transformers checkpoints at the granularity of its decoder layers, which is LISA's unit too.
@@ -15,7 +17,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise ValueError(f"train.activation_checkpointing=true: {type(model).__name__} does not support it")
+        raise ConfigError(f"train.activation_checkpointing=true: {type(model).__name__} does not support it")
     # transformers also makes the input embedding's output require grad, which only reentrant checkpointing needs:
     # with a frozen embedding it would send backward through every block below the lowest active one.
     if hasattr(model, "disable_input_require_grads"):

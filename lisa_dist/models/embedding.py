@@ -20,7 +20,7 @@ def lookup_without_grad(embedding: nn.Module) -> None:
         try:
             for name, param in params.items():
                 if param is not None:
-                    self._parameters[name] = param.detach()
+                    self._parameters[name] = param.detach()  # type: ignore[assignment]  # a plain tensor, for the call
             return cls_forward(self, *args, **kwargs)
         finally:
             self._parameters.update(params)

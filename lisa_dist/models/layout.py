@@ -55,7 +55,7 @@ def resolve_path(root: nn.Module, path: str) -> object:
     Raises AttributeError naming the part of the path that does not exist.
     """
     obj: object = root
-    walked = []
+    walked: list[str] = []
     for part in path.split("."):
         if not part or not hasattr(obj, part):
             where = ".".join(walked) or "the model"
@@ -119,7 +119,7 @@ class ModelLayout:
         if train_embeddings:
             return []
         in_layers = {id(p) for p in self.layers.parameters()}
-        embeddings = [m for m in self.model.modules() if isinstance(m, nn.Embedding)]
+        embeddings: list[nn.Module] = [m for m in self.model.modules() if isinstance(m, nn.Embedding)]
         if self.embedding is not None and not isinstance(self.embedding, nn.Embedding):
             embeddings.append(self.embedding)
         mine = {id(p) for m in embeddings for p in m.parameters()} - in_layers - self._frozen_ids()
@@ -169,16 +169,14 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
     on its base model, and the returned `layers_path` and `always` names are re-expressed relative to `model` itself.
     Raises ConfigError listing every candidate `nn.ModuleList` when no unambiguous layer list is found.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    family_name = getattr(getattr(base, "config", None), "model_type", None)
-    family = FAMILIES.get(family_name)
-    if layers_path is not None:
-        layers = _resolve_override(base, layers_path)
-    else:
-        layers = _from_family(base, family) if family else None
-        if layers is None:
-            family = None
-            layers = _generic_layers(base)
+    base = _unwrapped(model)
+    family_name = _model_type(base)
+    family = FAMILIES.get(family_name or "")
+    found = _resolve_override(base, layers_path) if layers_path is not None else (
+        _from_family(base, family) if family else None)
+    if found is None:
+        family = None
+    layers = found if found is not None else _generic_layers(base)
     names = {id(module): name for name, module in model.named_modules()}
     embed, head = _embeddings(base)
     norm = _optional(base, family.norm) if family else None
@@ -203,8 +201,8 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
 def frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules `model`'s family keeps frozen always (`Family.frozen`: a vision tower and its projector), named
     relative to `model` (a peft wrapper too); empty for a text-only or unregistered family."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    family = FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
+    base = _unwrapped(model)
+    family = FAMILIES.get(_model_type(base) or "")
     found = [m for m in (_optional(base, path) for path in (family.frozen if family else ())) if m is not None]
     names = {id(module): name for name, module in model.named_modules()}
     return {names[id(m)]: m for m in found}
@@ -215,6 +213,16 @@ def _refuse_frozen_layers(layers: nn.ModuleList, frozen: dict[str, nn.Module]) -
         if any(m is layers for m in module.modules()):
             raise ConfigError(f"the decoder layers chosen lie inside {name}, which this family keeps frozen always: "
                               "set model.layers_path to the language model's layers")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under a peft wrapper; the model itself otherwise."""
+    unwrap = getattr(model, "get_base_model", None)
+    return unwrap() if callable(unwrap) else model
+
+
+def _model_type(base: nn.Module) -> str | None:
+    return getattr(getattr(base, "config", None), "model_type", None)
 
 
 def _resolve_override(base: nn.Module, path: str) -> nn.ModuleList:

@@ -52,7 +52,7 @@ def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractCon
                     attn_implementation=attention)
     if cfg.name in PRESETS:
         config = preset_config(cfg.name, overrides)
-        tokenizer = byte_tokenizer()
+        tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
         source: WeightSource = FullWeights(
             f"preset {cfg.name} (seed {seed})", lambda: build_preset(cfg.name, overrides, seed, dtype)[0]
         )
@@ -86,7 +86,7 @@ def generation_config(cfg: ModelConfig) -> GenerationConfig | None:
     return _published(cfg, GenerationConfig)
 
 
-def _published(cfg: ModelConfig, kind: type) -> Any:
+def _published(cfg: ModelConfig, kind: Any) -> Any:
     """`kind.from_pretrained` of the folder or hub id cfg.name; None for a preset, a .gguf file or a failure."""
     if cfg.name in PRESETS or cfg.name.endswith(".gguf"):
         return None
@@ -124,7 +124,7 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_co
 
 
 def _from_config(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool,
-                 empty_init: Callable[[], AbstractContextManager] | None, attn_implementation: str | None) -> nn.Module:
+                 empty_init: Callable[[], AbstractContextManager] | None, attn_implementation: str | None) -> Any:
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     config = copy.deepcopy(config)  # from_config records the attention it tried on the config, failed or not
     with empty_init() if empty_init else init_empty_weights(include_buffers=False):

@@ -11,11 +11,14 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lisa_dist.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -61,27 +64,27 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
 
 
 @contextlib.contextmanager
-def _head_computes_loss(model: nn.Module, labels: torch.Tensor, chunk_tokens: int,
+def _head_computes_loss(model: Any, labels: torch.Tensor, chunk_tokens: int,
                         kept: torch.Tensor | None = None) -> Iterator[None]:
     """For one forward, the LM head returns the summed loss instead of the logits (the model hands it on as
     `.logits`). The head is still called as a module, so FSDP's hooks gather and reduce its weight as usual."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):  # FSDP2's wrapped class is a subclass
-        raise ValueError(f"train.loss=chunked needs a plain nn.Linear LM head, not {type(head).__name__}")
+        raise ConfigError(f"train.loss=chunked needs a plain nn.Linear LM head, not {type(head).__name__}")
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens,
                                             kept)
 
     previous = head.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) is put back after
-    head.forward = forward
+    head.__dict__["forward"] = forward
     try:
         yield
     finally:
         if previous is None:
-            del head.forward
+            del head.__dict__["forward"]
         else:
-            head.forward = previous
+            head.__dict__["forward"] = previous
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -109,7 +110,7 @@ class FolderSpec:
 
     dtype: torch.dtype
     max_shard_bytes: int
-    generation_config: object | None = None
+    generation_config: Any = None
     """The model's published generation config (eos ids, sampling defaults); None: the one the model has."""
     progress: bool = True
     """A tqdm bar over the bytes written."""
@@ -153,7 +154,7 @@ def _attempt(action: Callable[[], object]) -> Exception | None:
     return None
 
 
-def _write_config(folder: Path, model: nn.Module, spec: FolderSpec) -> None:
+def _write_config(folder: Path, model: Any, spec: FolderSpec) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     config.dtype = str(spec.dtype).removeprefix("torch.")
@@ -173,7 +174,7 @@ def _meta_state(model: nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
         meta[name] = torch.empty(shape, dtype=tensor.dtype, device="meta")
     for pattern in getattr(model, "_keys_to_ignore_on_save", None) or ():
         meta.pop(pattern, None)
-    kept = remove_tied_weights_from_state_dict(meta, model)
+    kept = remove_tied_weights_from_state_dict(meta, model)  # type: ignore[arg-type]  # any PreTrainedModel
     return {name: (t.shape, t.dtype) for name, t in kept.items()}
 
 
@@ -198,7 +199,7 @@ def _module_groups(state: dict[str, tuple[torch.Size, torch.dtype]]) -> list[dic
 def _revert(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not hasattr(model, "config"):
         return tensors
-    return revert_weight_conversion(model, tensors)
+    return revert_weight_conversion(model, tensors)  # type: ignore[arg-type]  # any PreTrainedModel
 
 
 def _out_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:

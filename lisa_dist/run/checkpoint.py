@@ -115,8 +115,8 @@ def verify(folder: Path, names: Sequence[str] | None = None, deep: bool = True) 
     Every listed file must exist with its size; with `deep` the files `names` (default: all) are hashed too.
     """
     files, problem = read_manifest(folder)
-    if problem:
-        return problem
+    if files is None or problem:
+        return problem or "manifest.json lists no files"
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
@@ -219,7 +219,7 @@ def find_resumable(root: Path, explicit: Path | None = None) -> tuple[Path | Non
     if explicit is not None:
         problem = verify(explicit)
         return (None, [Problem(explicit, problem)]) if problem else (explicit, [])
-    problems = []
+    problems: list[Problem] = []
     for _, path in checkpoints(root):
         problem = verify(path)
         if problem is None:

@@ -50,7 +50,7 @@ def describe_os_error(exc: OSError) -> str:
               errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
               errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
               errno.EEXIST: "a file of that name exists"}
-    return causes.get(exc.errno, exc.strerror or str(exc))
+    return causes.get(exc.errno or 0, exc.strerror or str(exc))
 
 
 def check_writable(folder: Path, field: str, probe_bytes: int = 2) -> None:

@@ -84,7 +84,8 @@ def mark_status(name: str) -> bool:
 def _ancestry() -> list[tuple[int, bytes]]:
     """(pid, command line) of the processes above this one, the parent first (Linux /proc; just the parent
     elsewhere)."""
-    found, pid = [], os.getppid()
+    found: list[tuple[int, bytes]] = []
+    pid = os.getppid()
     while pid > 1 and len(found) < 16:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

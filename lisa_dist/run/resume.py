@@ -19,14 +19,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lisa_dist.config import Config
+from lisa_dist.config import Config, backends_with, capabilities
 from lisa_dist.data import data_fingerprint
 from lisa_dist.dist import all_gather_objects, from_main, raise_together, run_together
 from lisa_dist.errors import CheckpointError, ConfigError
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 # a full disk among them) derives from BaseException, so `except Exception` alone would skip the cleanup.
 CHECKPOINT_FAILURES = (Exception, CheckpointException)
 
-# Changing any of these changes what the remaining steps compute: refused at resume unless checkpoint.override.
+# Changing any of these changes what the remaining steps compute: refused at resume unless checkpoint.override. The
+# run's length too: its optimizer steps (train.steps, or what train.epochs resolves to), which the schedule spans.
 EXACTNESS_FIELDS = (
     "model.name", "model.config_overrides", "model.layers_path", "model.dtype",
     "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
@@ -53,7 +54,7 @@ EXACTNESS_FIELDS = (
     "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
     "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.schedule", "optim.warmup_steps",
     "optim.min_lr_ratio", "optim.max_grad_norm", "optim.adam_8bit",
-    "train.seed", "train.steps", "train.precision", "backend.name",
+    "train.seed", "train.precision", "backend.name",
 )
 
 
@@ -169,7 +170,7 @@ def _cause(exc: BaseException, root: Path) -> str:
     """The OSError behind `exc` (DCP wraps every rank's failure), in words; else what writing into `root` says now
     (torch.save reports a full disk without its errno); else `exc` itself."""
     seen: list[BaseException] = []
-    todo = [exc]
+    todo: list[BaseException | None] = [exc]
     while todo:
         current = todo.pop()
         if current is None or current in seen:
@@ -226,22 +227,23 @@ def _global_batch(cfg: dict[str, Any], world: int) -> int:
 
 
 def config_changes(saved: dict[str, Any], cfg: Config, saved_world: int, world: int, saved_step: int | None = None,
-                   ) -> list[str]:
+                   saved_steps: int | None = None, steps: int | None = None) -> list[str]:
     """The changes against a saved config that would break exact continuation.
 
-    Raising train.steps is not one when the saved run had completed (`saved_step` == its train.steps): that run
-    continues, its learning-rate schedule stretched over the new total."""
+    The run's length compares the resolved steps: `saved_steps` (default: the saved train.steps, which earlier runs
+    saved resolved) against `steps` (default: train.steps). Raising it is no change when the saved run had completed
+    (`saved_step` == its steps): that run continues, its learning-rate schedule stretched over the new total."""
     now = cfg.to_dict()
-    changes = []
-    for name in EXACTNESS_FIELDS:
-        before, after = _get(saved, name), _get(now, name)
-        if before == after:
-            continue
-        if name == "train.steps" and saved_step is not None and saved_step == before and after > before:
+    changes = [f"{name}: {_get(saved, name)!r} -> {_get(now, name)!r}" for name in EXACTNESS_FIELDS
+               if _get(saved, name) != _get(now, name)]
+    before = _get(saved, "train.steps") if saved_steps is None else saved_steps
+    after = cfg.train.steps if steps is None else steps
+    if before != after:
+        if saved_step is not None and saved_step == before and after > before:
             log.info("continuing a completed run of %d steps to train.steps=%d: the learning-rate schedule now "
                      "spans %d steps", before, after, after)
-            continue
-        changes.append(f"{name}: {before!r} -> {after!r}")
+        else:
+            changes.append(f"train.steps: {before!r} -> {after!r}")
     before, after = _global_batch(saved, saved_world), _global_batch(now, world)
     if before != after:
         changes.append(f"global batch (train.micro_batch_size x train.grad_accum x world size): {before} -> {after}")
@@ -249,9 +251,10 @@ def config_changes(saved: dict[str, Any], cfg: Config, saved_world: int, world: 
 
 
 def check_compatible(saved: dict[str, Any], cfg: Config, saved_world: int, world: int,
-                     saved_step: int | None = None) -> list[str]:
+                     saved_step: int | None = None, saved_steps: int | None = None, steps: int | None = None,
+                     ) -> list[str]:
     """The changes that would break exact resumption; raise unless checkpoint.override (then log them)."""
-    changes = config_changes(saved, cfg, saved_world, world, saved_step)
+    changes = config_changes(saved, cfg, saved_world, world, saved_step, saved_steps, steps)
     if changes and not cfg.checkpoint.override:
         raise ConfigError("the checkpoint was written with another config; resuming would not continue the same run: "
                           + "; ".join(changes) + " (set checkpoint.override=true to resume anyway)")
@@ -278,23 +281,25 @@ def _candidates(cfg: Config) -> list[Path]:
     return [Path(mode)]
 
 
-def plan(cfg: Config, backend: Backend) -> Start:
-    """Collective: where this run starts. Raises ConfigError for a start that would lose or mix up saved outputs."""
+def plan(cfg: Config, backend: Backend, steps: int | None = None) -> Start:
+    """Collective: where a run of `steps` optimizer steps (default train.steps; `train` resolves train.epochs) starts.
+    Raises ConfigError for a start that would lose or mix up saved outputs."""
+    steps = cfg.train.steps if steps is None else steps
     error: Exception | None = None
     start = Start()
     if backend.is_main:
         try:
-            start = _plan_main(cfg, backend)
+            start = _plan_main(cfg, backend, steps)
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             error = exc
     raise_together(error)
     start = from_main(start)
     if start.path is not None and start.completed is False:
-        return _first_verified(cfg, backend, start)
+        return _first_verified(cfg, backend, start, steps)
     return start
 
 
-def _plan_main(cfg: Config, backend: Backend) -> Start:
+def _plan_main(cfg: Config, backend: Backend, steps: int) -> Start:
     mode = cfg.checkpoint.resume
     if cfg.train.overwrite:
         if mode not in ("auto", "none"):
@@ -309,7 +314,7 @@ def _plan_main(cfg: Config, backend: Backend) -> Start:
                 "of an earlier run: a fresh start there would prune them or be resumed from them later. Resume it "
                 "(checkpoint.resume=auto), choose another train.output_dir or checkpoint.dir, or set "
                 "train.overwrite=true to delete them")
-        return _fresh(cfg, earlier)
+        return _fresh(cfg, earlier, steps)
     candidates = _candidates(cfg)
     if mode not in ("auto", "latest"):
         _, problem = checkpoint.read_manifest(candidates[0])
@@ -321,7 +326,7 @@ def _plan_main(cfg: Config, backend: Backend) -> Start:
     if not candidates:
         if mode == "latest":
             raise ConfigError(f"checkpoint.resume=latest, but {root_of(cfg)} holds no checkpoint")
-        return _fresh(cfg, earlier)
+        return _fresh(cfg, earlier, steps)
     _check_data(cfg, candidates[0])
     return Start(path=candidates[0], older=candidates[1:])
 
@@ -355,14 +360,14 @@ def _data_change(before: str | None, after: str | None) -> str:
     return f"its content changed (sha256 {before[:12]} -> {after[:12]})"
 
 
-def _first_verified(cfg: Config, backend: Backend, start: Start) -> Start:
+def _first_verified(cfg: Config, backend: Backend, start: Start, steps: int) -> Start:
     """Collective: the newest candidate that verifies; the unusable ones reported on the way."""
-    candidates = [start.path, *start.older]
+    candidates = [cast(Path, start.path), *start.older]  # a candidate was found: its path is set
     problems = []
     for i, path in enumerate(candidates):
         problem = _verified(path, backend)
         if problem is None:
-            return _read_step(cfg, Start(path=path, older=candidates[i + 1:]), backend)
+            return _read_step(cfg, Start(path=path, older=candidates[i + 1:]), backend, steps)
         problems.append(f"{path}: {problem}")
         if backend.is_main:
             log.warning("checkpoint %s is unusable: %s; trying the one before it", path, problem)
@@ -380,32 +385,33 @@ def _none_usable(cfg: Config, backend: Backend, problems: list[str]) -> Start:
     return Start()
 
 
-def _read_step(cfg: Config, start: Start, backend: Backend) -> Start:
-    trainer = json.loads((start.path / "trainer.json").read_text())
-    saved_cfg = yaml.safe_load((start.path / "config.yaml").read_text())
+def _read_step(cfg: Config, start: Start, backend: Backend, steps: int) -> Start:
+    path = cast(Path, start.path)  # a verified candidate
+    trainer = json.loads((path / "trainer.json").read_text())
+    saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
     start.changes = check_compatible(saved_cfg, cfg, trainer["world_size"], backend.world_size,
-                                     saved_step=trainer["step"])
-    if trainer["world_size"] != backend.world_size and cfg.backend.name == "deepspeed":
-        raise ConfigError(f"this DeepSpeed checkpoint was written by {trainer['world_size']} ranks and resumes only "
-                          f"on {trainer['world_size']} (now {backend.world_size}); FSDP and local checkpoints "
-                          "reshard onto any world size")
-    if trainer["step"] > cfg.train.steps:
-        raise ConfigError(f"train.steps={cfg.train.steps} is below the step of checkpoint {start.path} "
-                          f"({trainer['step']})")
+                                     saved_step=trainer["step"], saved_steps=trainer.get("steps"), steps=steps)
+    if trainer["world_size"] != backend.world_size and not capabilities(cfg.backend.name).reshards_checkpoints:
+        raise ConfigError(f"this {cfg.backend.name} checkpoint was written by {trainer['world_size']} ranks and "
+                          f"resumes only on {trainer['world_size']} (now {backend.world_size}); "
+                          f"{backends_with('reshards_checkpoints')} checkpoints reshard onto any world size")
+    if trainer["step"] > steps:
+        raise ConfigError(f"train.steps={steps} is below the step of checkpoint {start.path} ({trainer['step']})")
     start.step = trainer["step"]
-    start.completed = start.step >= cfg.train.steps
+    start.completed = start.step >= steps
     return start
 
 
-def _fresh(cfg: Config, earlier: outputs.EarlierRun) -> Start:
+def _fresh(cfg: Config, earlier: outputs.EarlierRun, steps: int) -> Start:
     """Step 0, unless the output folder holds another run's results (then refused) or this very run, completed."""
     out = cfg.train.output_dir
     if earlier.summary is not None:
         saved = _saved_config(Path(out) / "config.yaml")
-        same = saved is not None and not config_changes(saved, cfg, earlier.summary.get("world_size", 1),
-                                                        earlier.summary.get("world_size", 1))
-        if same and earlier.summary.get("steps") == cfg.train.steps:
-            return Start(completed=True, step=cfg.train.steps)
+        world = earlier.summary.get("world_size", 1)
+        same = saved is not None and not config_changes(saved, cfg, world, world,
+                                                        saved_steps=earlier.summary.get("steps"), steps=steps)
+        if same and earlier.summary.get("steps") == steps:
+            return Start(completed=True, step=steps)
         raise ConfigError(
             f"train.output_dir={out!r} holds a finished run ({outputs.SUMMARY}, {earlier.summary.get('steps')} "
             f"steps{'' if same else ', another config'}) and no checkpoint to continue it from: its outputs are "
@@ -449,7 +455,7 @@ def restore(run: Run, start: Start) -> int:
             log.warning("checkpoint %s does not load (%s); trying the one before it", start.path, reason)
         if not start.older:
             raise _unloadable(start, reason)
-        start = _first_verified(run.cfg, run.backend, Start(path=start.older[0], older=start.older[1:]))
+        start = _first_verified(run.cfg, run.backend, Start(path=start.older[0], older=start.older[1:]), run.steps)
     return 0
 
 
@@ -467,7 +473,7 @@ def _unloadable(start: Start, reason: str) -> ConfigError:
                else "")
     return ConfigError(f"checkpoint {start.path} does not load into this run's model ({reason}){changed}. The "
                        "checkpoints verify and are kept as they are: resume with the config they were written with "
-                       f"({start.path / 'config.yaml'}), or start this config in another train.output_dir")
+                       f"({Path(str(start.path)) / 'config.yaml'}), or start this config in another train.output_dir")
 
 
 def _load(run: Run, path: Path) -> None:

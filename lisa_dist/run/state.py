@@ -17,7 +17,8 @@ from lisa_dist.run.metrics import MetricsLogger
 
 @dataclass
 class Run:
-    """Everything a training run holds, built once by `trainer.build()`."""
+    """Everything a training run holds, built once by `trainer.build()`. `cfg` stays what the user asked for; what
+    the run resolves from it (the steps of train.epochs, rank 0's seeds) is held here."""
 
     cfg: Config
     backend: Backend
@@ -27,6 +28,12 @@ class Run:
     sampler: LayerSampler | None
     metrics: MetricsLogger
     tokenizer: Any
+    steps: int = 0
+    """Optimizer steps of the whole run: train.steps, or train.epochs x the steps of one epoch."""
+    seed: int = 0
+    """train.seed as rank 0 has it: model init and data order."""
+    sampler_seed: int = 0
+    """The layer sampler's seed as rank 0 has it: lisa.seed, or by default the run's seed."""
     importance: GradNormImportance | None = None
     """lisa.strategy=grad_norm: the per-layer gradient norms the sampler draws with."""
     active: tuple[int, ...] = ()
@@ -61,8 +68,8 @@ class Run:
 
     def state_dict(self) -> dict[str, Any]:
         """The run's progress after the last finished step (the model and optimizer are the backend's)."""
-        return {"period": self.period, "active_layers": list(self.active), "tokens_seen": self.tokens_seen,
-                "switches": self.switches, "elapsed_s": self.elapsed_s(),
+        return {"steps": self.steps, "period": self.period, "active_layers": list(self.active),
+                "tokens_seen": self.tokens_seen, "switches": self.switches, "elapsed_s": self.elapsed_s(),
                 "layers_visited": sorted(self.layers_visited), "world_size": self.backend.world_size,
                 "sampler": self.sampler.state_dict() if self.sampler else None,
                 "importance": self.importance.state_dict() if self.importance else None,

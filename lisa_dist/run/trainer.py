@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 
 def build(cfg: Config, backend: Backend | None = None, start: Start | None = None) -> Run:
-    """Everything a run needs, on `cfg.backend` (or on `backend`, a baseline's optimizer: `lisa_dist.tools.baselines`),
+    """Everything a run needs, on `cfg.backend` (or on `backend`, a baseline's optimizer: `benchmarks.lib.baselines`),
     resumed from `start` (default: where `resume.plan` says this run starts)."""
     backend = backend or build_backend(cfg)
     start = start or plan(cfg, backend)
@@ -82,17 +82,16 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     if backend.is_main and backend.world_size > 1:
         log.info("%d ranks (rank=host:pid): %s", backend.world_size, ranks)
     # Rank 0's seeds on every rank: model init, data order and the layer schedule must agree.
-    cfg.train.seed = broadcast_seed(cfg.train.seed)
-    if cfg.lisa.seed is not None:
-        cfg.lisa.seed = broadcast_seed(cfg.lisa.seed)
-    torch.manual_seed(cfg.train.seed)
+    seed = broadcast_seed(cfg.train.seed)
+    sampler_seed = seed if cfg.lisa.seed is None else broadcast_seed(cfg.lisa.seed)
+    torch.manual_seed(seed)
     if cfg.model.attn_implementation == "flex_attention" and backend.device.type == "cpu":
         raise ConfigError("model.attn_implementation='flex_attention' trains on CUDA only (torch's FlexAttention has "
                           "no backward on CPU): use sdpa or eager here")
     if backend.is_main and backend.device.type == "cuda" and cfg.train.precision == "fp32" and not cfg.train.tf32:
         log.info("train.precision=fp32 runs exact fp32 matmuls, several times slower than bf16 on this GPU: "
                  "train.tf32=true uses its TF32 tensor cores, train.precision=bf16 autocasts")
-    skeleton, tokenizer, weights = open_model(cfg.model, seed=cfg.train.seed, empty_init=backend.empty_init)
+    skeleton, tokenizer, weights = open_model(cfg.model, seed=seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
     validate_for_model(cfg, layout.num_layers, layout.learned_positions())
     if backend.is_main:
@@ -108,16 +107,18 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
         trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
         if not cfg.lisa.train_embeddings and layout.embedding is not None and layout.head is None:
             lookup_without_grad(layout.embedding)  # tied: the shared matrix learns as the head only
-    data = load_data(cfg, tokenizer, backend)
+    data = load_data(cfg, tokenizer, backend, seed)
     held_out = data.held_out
-    batches = _batches(cfg, data, backend, tokenizer.pad_token_id)
-    if cfg.train.epochs:  # as `train` resolved it before planning the resume; here too for callers of build alone
-        cfg.train.steps = cfg.train.epochs * batches.steps_per_epoch
+    batches = _batches(cfg, data, backend, tokenizer.pad_token_id, seed)
     backend.prepare(model, trainable)
-    sampler = _build_sampler(cfg, layout.num_layers) if cfg.lisa.enabled and not cfg.lora.enabled else None
+    sampler = (_build_sampler(cfg, layout.num_layers, sampler_seed) if cfg.lisa.enabled and not cfg.lora.enabled
+               else None)
     if sampler is None:
         backend.activate(range(len(trainable.layers)))
-    run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer)
+    # train.epochs: as `train` resolved it before planning the resume; here too for callers of build alone.
+    steps = cfg.train.epochs * batches.steps_per_epoch if cfg.train.epochs else cfg.train.steps
+    run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer, steps=steps,
+              seed=seed, sampler_seed=sampler_seed)
     run.peers = PeerReport() if backend.world_size > 1 else None
     run.compile_watch = CompileWatch() if cfg.train.compile else None
     run.data_files = data_fingerprint(cfg.data) if backend.is_main else {}
@@ -128,7 +129,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     if sampler is not None and cfg.lisa.strategy == "grad_norm":
         run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
     run.start_step = restore(run, start) if not (start.completed and start.path is None) else start.step
-    run.metrics = _build_metrics(cfg, backend.is_main, run.start_step, done=run.start_step >= cfg.train.steps)
+    run.metrics = _build_metrics(cfg, backend.is_main, run.start_step, done=run.start_step >= run.steps)
     return run
 
 
@@ -142,14 +143,15 @@ class TrainingData:
     """data.mixture: what each source gave (logged at start, written to summary.json)."""
 
 
-def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> TrainingData:
+def load_data(cfg: Config, tokenizer: Any, backend: Backend, seed: int | None = None) -> TrainingData:
     """The training examples and the evaluation examples or None: data.path less the held-out data.eval_fraction,
     or data.eval_path, or data.mixture's sources; packed into rows with data.packing (the held-out examples are
-    drawn before packing)."""
+    drawn before packing). `seed` (default train.seed) draws the held-out share and the mixture."""
+    seed = cfg.train.seed if seed is None else seed
     use_chat_template(tokenizer, cfg.data.chat_template)  # before tokenizing; saved with the tokenizer
     data = cfg.data
     if data.mixture:
-        mixture = load_mixture(data, tokenizer, cfg.train.seed, is_main=backend.is_main, barrier=backend.barrier)
+        mixture = load_mixture(data, tokenizer, seed, is_main=backend.is_main, barrier=backend.barrier)
         out = TrainingData(mixture.train, mixture.held_out, mixture.order, mixture.sources)
         if data.eval_path:
             out.held_out = _eval_file(cfg, tokenizer, backend)
@@ -158,7 +160,7 @@ def load_data(cfg: Config, tokenizer: Any, backend: Backend) -> TrainingData:
     dataset = load_examples(data, tokenizer, is_main=backend.is_main, barrier=backend.barrier)
     held_out = None
     if data.eval_fraction:
-        dataset, held_out = split_heldout(dataset, data.eval_fraction, cfg.train.seed)
+        dataset, held_out = split_heldout(dataset, data.eval_fraction, seed)
     elif data.eval_path:
         held_out = _eval_file(cfg, tokenizer, backend)
     if data.packing:
@@ -184,11 +186,11 @@ def steps_from_epochs(cfg: Config, backend: Backend) -> int:
     """train.epochs x the optimizer steps of one pass over the training examples (as `build` will load them)."""
     _, tokenizer, _ = open_model(cfg.model, seed=cfg.train.seed)
     data = load_data(cfg, tokenizer, backend)
-    return cfg.train.epochs * _batches(cfg, data, backend, tokenizer.pad_token_id).steps_per_epoch
+    return cfg.train.epochs * _batches(cfg, data, backend, tokenizer.pad_token_id, cfg.train.seed).steps_per_epoch
 
 
-def _batches(cfg: Config, data: TrainingData, backend: Backend, pad_id: int) -> ShardedBatches:
-    return ShardedBatches(data.train, seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
+def _batches(cfg: Config, data: TrainingData, backend: Backend, pad_id: int, seed: int) -> ShardedBatches:
+    return ShardedBatches(data.train, seed=seed, rank=backend.rank, world_size=backend.world_size,
                           micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, pad_id=pad_id,
                           flatten=_flatten(cfg), order=data.order, epoch_size=data.order.size if data.order else 0)
 
@@ -198,10 +200,10 @@ def _flatten(cfg: Config) -> bool:
     return cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"
 
 
-def _build_sampler(cfg: Config, num_layers: int) -> LayerSampler:
+def _build_sampler(cfg: Config, num_layers: int, seed: int) -> LayerSampler:
     lisa = cfg.lisa
     return LayerSampler(
-        num_layers, lisa.gamma, lisa.interval, seed=cfg.train.seed if lisa.seed is None else lisa.seed,
+        num_layers, lisa.gamma, lisa.interval, seed=seed,
         strategy=lisa.strategy, weights=lisa.weights, fixed_layers=lisa.fixed_layers,
     )
 
@@ -285,11 +287,12 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     if run.importance is not None:
         run.importance.observe(run.active, backend.layer_grad_norms(run.active))
     run.doing = f"step {step + 1}: the optimizer step"
-    lr = lr_at(step, cfg.optim, cfg.train.steps)
-    grad_norm = backend.step(lr)
-    run.tokens_seen += int(counts[1])
+    lr = lr_at(step, cfg.optim, run.steps)
     done = step + 1
-    if done % cfg.logging.log_every and done != cfg.train.steps:
+    logging_step = not done % cfg.logging.log_every or done == run.steps
+    grad_norm = backend.step(lr, measure=logging_step)  # the memory it holds: only what a record reports
+    run.tokens_seen += int(counts[1])
+    if not logging_step:
         return None
     # Cross-rank reduction of the loss only on logging steps.
     run.doing = f"step {step + 1}: the loss reduction"
@@ -338,13 +341,12 @@ def train(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - raised on every rank
             error = exc
         raise_together(error)
-        if cfg.train.epochs:
-            cfg.train.steps = steps_from_epochs(cfg, backend)
-            if backend.is_main:
-                log.info("train.epochs=%d: %d optimizer steps", cfg.train.epochs, cfg.train.steps)
-        start = plan(cfg, backend)
+        steps = steps_from_epochs(cfg, backend) if cfg.train.epochs else cfg.train.steps
+        if cfg.train.epochs and backend.is_main:
+            log.info("train.epochs=%d: %d optimizer steps", cfg.train.epochs, steps)
+        start = plan(cfg, backend, steps)
         if start.completed:
-            summary = _completed(cfg, backend, start)
+            summary = _completed(cfg, backend, start, steps)
             backend.close()
             return summary
         return _train(build(cfg, backend, start))
@@ -373,7 +375,7 @@ def _lock_outputs(cfg: Config) -> list[outputs.OutputLock]:
     return taken
 
 
-def _completed(cfg: Config, backend: Backend, start: Start) -> dict[str, Any]:
+def _completed(cfg: Config, backend: Backend, start: Start, steps: int) -> dict[str, Any]:
     path = Path(cfg.train.output_dir) / outputs.SUMMARY
     summary = {"steps": start.step}
     try:
@@ -383,7 +385,7 @@ def _completed(cfg: Config, backend: Backend, start: Start) -> dict[str, Any]:
             log.warning("%s does not read (%s): reporting the completed run from its checkpoint", path, exc)
     if backend.is_main:
         log.info("this run already completed its %d steps (%s): its outputs are left as they are; raise "
-                 "train.steps to continue it", cfg.train.steps, path if path.is_file() else start.path)
+                 "train.steps to continue it", steps, path if path.is_file() else start.path)
     return summary
 
 
@@ -392,14 +394,14 @@ def _train(run: Run) -> dict[str, Any]:
     if run.backend.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("data: %d examples, %d steps per epoch", run.batches.num_examples, run.batches.steps_per_epoch)
-    bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc="train",
+    bar = tqdm(total=run.steps, initial=run.start_step, desc="train",
                disable=not (run.backend.is_main and cfg.logging.progress))
     run.segment_start = time.perf_counter()
     try:
         with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
             if run.start_step == 0 and cfg.train.eval_at_start:
                 _evaluate(run, 0)
-            for step in range(run.start_step, cfg.train.steps):
+            for step in range(run.start_step, run.steps):
                 record = train_step(run, step)
                 if run.preempted:  # the step before this one was the last: checkpoint it and stop
                     raise Preempted(step, _checkpoint(run, step) if step > run.start_step else None)
@@ -409,7 +411,7 @@ def _train(run: Run) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"], refresh=False)
                 bar.update(1)
                 every = cfg.train.eval_every
-                if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
+                if (every and (step + 1) % every == 0) or step + 1 == run.steps:
                     _evaluate(run, step + 1)
                 _maybe_checkpoint(run, step + 1)
         summary = _finish(run, out)
@@ -441,7 +443,7 @@ def _evaluate(run: Run, done: int) -> None:
 
 def _maybe_checkpoint(run: Run, done: int) -> None:
     every = run.cfg.checkpoint.every
-    if every and (done % every == 0 or done == run.cfg.train.steps):
+    if every and (done % every == 0 or done == run.steps):
         _checkpoint(run, done)
 
 
@@ -481,7 +483,7 @@ def _save_final(run: Run, final: Path) -> None:
         run_together(finish)
     except DistError:
         raise  # a peer died: not a write that failed
-    except Exception as exc:  # noqa: BLE001 - every rank has it (run_together): one line, exit 5
+    except Exception as exc:
         with contextlib.suppress(Exception):
             clear()
         cause = outputs.describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
@@ -501,7 +503,7 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
     wall_s = run.elapsed_s()
     summary = {
         "method": "lora" if cfg.lora.enabled else ("lisa" if run.sampler else "full"),
-        "backend": cfg.backend.name, "world_size": run.backend.world_size, "steps": cfg.train.steps,
+        "backend": cfg.backend.name, "world_size": run.backend.world_size, "steps": run.steps,
         "first_loss": train[0]["loss"] if train else None, "last_loss": train[-1]["loss"] if train else None,
         "tokens": run.tokens_seen, "wall_s": wall_s, "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
         "switches": run.switches, "layers_visited": sorted(run.layers_visited),

@@ -1,7 +1,6 @@
 """Tools around runs: the memory planner (and its reading of a run's config), export, trying a model (generate),
-plots of runs, prepare-model, the baselines, collective byte counting and host-sync counting."""
-from lisa_dist.tools.baselines import NaiveLisaBackend, build_baseline
-from lisa_dist.tools.comm import count_collectives
+plots of runs and prepare-model. (The baselines, collective byte counting and host-sync counting, which only the
+benchmarks and tests use, live in benchmarks.lib.)"""
 from lisa_dist.tools.exporter import export
 from lisa_dist.tools.generation import continue_ids, generate, load_for_generation
 from lisa_dist.tools.memory import (
@@ -21,21 +20,15 @@ from lisa_dist.tools.memory import (
 from lisa_dist.tools.planning import config_world_size, plan_config, planner_backend
 from lisa_dist.tools.plot import load_run, plot_runs
 from lisa_dist.tools.prepare import prepare_model
-from lisa_dist.tools.syncs import SyncLog, count_syncs
 
 __all__ = [
     "BACKENDS",
-    "METHOD_NAMES",
     "METHODS",
+    "METHOD_NAMES",
     "MODEL_PRESETS",
-    "NaiveLisaBackend",
     "Setup",
-    "SyncLog",
-    "build_baseline",
-    "continue_ids",
-    "count_collectives",
     "config_world_size",
-    "count_syncs",
+    "continue_ids",
     "estimate",
     "export",
     "generate",

@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lisa_dist.config import Config, from_dict, parse_size
+from lisa_dist.config import Config, capabilities, from_dict, parse_size
 from lisa_dist.data import use_chat_template
 from lisa_dist.errors import ConfigError
 from lisa_dist.method import apply_lora
@@ -54,9 +54,9 @@ def resolve(path: Path) -> Path:
     if found is None:
         detail = "; ".join(f"{p.checkpoint.name}: {p.reason}" for p in problems) or "no step-N folder"
         raise ConfigError(f"{path} holds no usable checkpoint ({detail})")
-    for problem in problems:
-        log.warning("not exporting %s, the newer checkpoint: %s; exporting %s instead", problem.checkpoint,
-                    problem.reason, found.name)
+    for skipped in problems:
+        log.warning("not exporting %s, the newer checkpoint: %s; exporting %s instead", skipped.checkpoint,
+                    skipped.reason, found.name)
     return found
 
 
@@ -108,13 +108,15 @@ def _refuse_base_model(out: Path, ckpt: Path) -> None:
 
 
 def _reader(backend: str, state: Path) -> CheckpointReader:
-    if backend == "local":
+    """The reader of a `backend` checkpoint's model state, by the format the backend declares it writes."""
+    fmt = capabilities(backend).checkpoint_format
+    if fmt == "torch":
         return LocalReader(state / "model.pt")
-    if backend == "fsdp":
+    if fmt == "dcp":
         return DcpReader(state)
-    if backend == "deepspeed":
+    if fmt == "deepspeed":
         return DeepSpeedReader(state)
-    raise ConfigError(f"cannot export a checkpoint of backend {backend!r}")
+    raise ConfigError(f"cannot export a checkpoint of backend {backend!r} (its format {fmt!r} has no reader)")
 
 
 def _open(ckpt: Path) -> tuple[Config, nn.Module, PreTrainedTokenizerBase, Fetch]:

@@ -23,7 +23,7 @@ def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
     """The model (float32, eval mode, on `device`) and tokenizer of `path`: a Hugging Face folder (`lisa-dist
     export`, a run's final/) or a checkpoint (a step-N folder, or a checkpoints folder: its newest good one)."""
     path = Path(path)
-    device = _device(device)
+    target = _device(device)
     if not path.exists():
         raise ConfigError(f"{path} does not exist (expected a Hugging Face model folder or a lisa_dist checkpoint)")
     if (path / "config.json").is_file():
@@ -36,7 +36,7 @@ def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
                           "checkpoint (a step-N folder, or a checkpoints folder holding them)")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device=device, dtype=torch.float32).eval(), tokenizer
+    return model.to(device=target, dtype=torch.float32).eval(), tokenizer
 
 
 def _device(name: str) -> torch.device:
@@ -91,7 +91,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, 
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
-def continue_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *,
+def continue_ids(model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
     """`generate` from prompt token ids already built (e.g. an example's prompt as it was trained)."""
     options = _options(model, tokenizer, max_new_tokens, temperature, top_p)
@@ -101,10 +101,10 @@ def continue_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_id
                                                 device_type=device.type):
         torch.manual_seed(seed)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return str(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
-def _options(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float,
+def _options(model: Any, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float,
              top_p: float) -> dict[str, Any]:
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}: expected at least 1")

@@ -26,22 +26,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lisa_dist.config import FROZEN_STORAGE, QUANTIZED
+from lisa_dist.config import (
+    ADAM_8BIT,
+    DTYPES,
+    FROZEN_STORAGE,
+    PRECISIONS,
+    QUANTIZED,
+    Adam8bit,
+    Dtype,
+    FrozenStorage,
+    Precision,
+)
 from lisa_dist.errors import ConfigError
 from lisa_dist.method import quantizable, quantized_bytes
 from lisa_dist.models import MODEL_ALIASES
 
 GIB = 1024**3
-BACKENDS = ("local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+# backend.name as the planner names it: DeepSpeed by its ZeRO stage, and DDP (the transformers.Trainer integration).
+PlannerBackend = Literal["local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
+BACKENDS: tuple[str, ...] = typing.get_args(PlannerBackend)
 METHODS = ("full", "lora", "qlora", "naive_lisa", "lisa")
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (NF4 base)",
                 "naive_lisa": "naive LISA (all layers visited)", "lisa": "lisa_dist LISA"}
@@ -98,22 +111,22 @@ class Setup:
     """How the run is configured, in the names of `lisa-dist estimate`'s flags (each mirrors a config field:
     backend.name, model.dtype, lisa.frozen_storage, lisa.gamma, lora.r, train.micro_batch_size, ...)."""
 
-    backend: str = "fsdp"
+    backend: PlannerBackend = "fsdp"
     world_size: int = 8
     replicate: int = 1
     """FSDP only: HSDP replicas (nodes); the other ranks of a replica shard."""
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     """Compute: fp32 or bf16 (autocast on local, MixedPrecisionPolicy on FSDP, DeepSpeed's bf16 mode)."""
-    param_dtype: str = "float32"
+    param_dtype: Dtype = "float32"
     """model.dtype: storage of the weights (local, DDP, FSDP; DeepSpeed in bf16 stores bf16 and keeps fp32 masters)."""
-    frozen_storage: str = "float32"
+    frozen_storage: FrozenStorage = "float32"
     """lisa.frozen_storage: the layers not active in float32 (model.dtype), bfloat16, int8 or nf4 (torchao; local
-    only, with exact host copies). LoRA's base is shown in the same dtype (bfloat16 when LISA's is quantized)."""
-    host_dtype: str = "float32"
+    and fsdp, with exact host copies). LoRA's base is shown in the same dtype (bfloat16 when LISA's is quantized)."""
+    host_dtype: Dtype = "float32"
     """lisa.host_dtype: the exact host copies of int8/nf4 frozen weights."""
     train_embeddings: bool = True
     """lisa.train_embeddings: false freezes the untied input embedding (stored like the frozen layers)."""
-    adam_8bit: str = "none"
+    adam_8bit: Adam8bit = "none"
     """optim.adam_8bit: none, always (8-bit moments for the always-trained params) or all (active layers too)."""
     loss_chunk_tokens: int = 0
     """train.loss=chunked with train.loss_chunk_tokens (0: the plain loss, full logits)."""
@@ -126,7 +139,7 @@ class Setup:
     """Which rank (FSDP shards are uneven: rank 0 holds the most)."""
 
     @classmethod
-    def from_config(cls, cfg: Any, backend: str = "local", world_size: int = 1, rank: int = 0) -> Setup:
+    def from_config(cls, cfg: Any, backend: PlannerBackend = "local", world_size: int = 1, rank: int = 0) -> Setup:
         """The Setup of a run's config (a `lisa_dist.config.Config`) on `world_size` ranks of `backend`."""
         return cls(backend=backend, world_size=world_size, replicate=cfg.backend.replicate,
                    precision=cfg.train.precision, param_dtype=cfg.model.dtype, frozen_storage=cfg.lisa.frozen_storage,
@@ -139,11 +152,11 @@ class Setup:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}: allowed values are {', '.join(BACKENDS)}")
-        for name, value, allowed in (("precision", self.precision, ("fp32", "bf16")),
-                                     ("param_dtype", self.param_dtype, tuple(DTYPE_BYTES)),
+        for name, value, allowed in (("precision", self.precision, PRECISIONS),
+                                     ("param_dtype", self.param_dtype, DTYPES),
                                      ("frozen_storage", self.frozen_storage, FROZEN_STORAGE),
-                                     ("host_dtype", self.host_dtype, ("float32", "bfloat16")),
-                                     ("adam_8bit", self.adam_8bit, ("none", "always", "all"))):
+                                     ("host_dtype", self.host_dtype, DTYPES),
+                                     ("adam_8bit", self.adam_8bit, ADAM_8BIT)):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
         lean = self.frozen_storage != "float32" or self.adam_8bit != "none"
@@ -241,7 +254,8 @@ def shapes_of(config, name: str = "model", lora_r: int | None = None,
     if lora_r:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers method
-            _, adapters = apply_lora(model, LoraConfig(enabled=True, r=lora_r, target_modules=lora_targets))
+            targets = list(lora_targets) if lora_targets is not None else None
+            _, adapters = apply_lora(model, LoraConfig(enabled=True, r=lora_r, target_modules=targets))
         shapes.lora = _params(adapters.always)
     return shapes
 
@@ -265,7 +279,7 @@ def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[
                        frozen=base(trainable.frozen), **_dims(model.config))
 
 
-def _dims(config) -> dict[str, int]:
+def _dims(config: Any) -> dict[str, Any]:
     """The sizes the activation estimate needs (a vision-language model's: its language model's)."""
     config = config.get_text_config()
     heads = config.num_attention_heads

@@ -4,23 +4,23 @@ backend.ds_config)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
-from lisa_dist.config import Config, validate_for_model
+from lisa_dist.config import Config, capabilities, validate_for_model
 from lisa_dist.ds_config import read_ds_config
 from lisa_dist.errors import ConfigError
 from lisa_dist.models import override_config
-from lisa_dist.tools.memory import ModelShapes, Setup, model_config, shapes_of
+from lisa_dist.tools.memory import ModelShapes, PlannerBackend, Setup, model_config, shapes_of
 
-ZERO_STAGES = {1: "zero1", 2: "zero2", 3: "zero3"}
+ZERO_STAGES: dict[int, PlannerBackend] = {1: "zero1", 2: "zero2", 3: "zero3"}
 
 
-def planner_backend(cfg: Config) -> str:
+def planner_backend(cfg: Config) -> PlannerBackend:
     """backend.name as the planner names it: local, fsdp, or zero1/zero2/zero3 from the ds_config's ZeRO stage
     (zero3_offload when it offloads the optimizer to the CPU)."""
-    if cfg.backend.name != "deepspeed":
-        return cfg.backend.name
-    zero = read_ds_config(cfg.backend.ds_config).get("zero_optimization") or {}
+    if not capabilities(cfg.backend.name).engine_config:
+        return cast(PlannerBackend, cfg.backend.name)  # local and fsdp: the planner's names too
+    zero = read_ds_config(cfg.backend.ds_config or "").get("zero_optimization") or {}
     stage = zero.get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ConfigError(f"backend.ds_config={cfg.backend.ds_config!r}: zero_optimization.stage={stage!r}; the "
@@ -33,7 +33,7 @@ def config_world_size(cfg: Config, gpus: int | None) -> int:
     """The world size to plan `cfg` for: `gpus`, which a launched backend needs; one rank for the local backend."""
     if gpus is not None:
         return gpus
-    if cfg.backend.name == "local":
+    if not capabilities(cfg.backend.name).launched:
         return 1
     raise ConfigError(f"backend.name={cfg.backend.name} runs under a launcher on several GPUs: give their number "
                       "(the world size, all nodes), e.g. --gpus 8; a recipe's header names the GPUs it is for")
@@ -63,4 +63,5 @@ def _lora_targets(cfg: Config, config: Any) -> list[str] | None:
         return cfg.lora.target_modules
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(text.model_type)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(text.model_type)
+    return list(targets) if targets is not None else None

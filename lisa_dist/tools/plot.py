@@ -134,7 +134,7 @@ def _draw_layers(fig, runs: list[RunMetrics], path: Path) -> Path:
         for column, record in enumerate(run.train):
             active[record.get("active_layers", []), column] = 1
         # A record stands for the steps since the one before it (logging.log_every > 1 logs every few steps).
-        edges = [steps[0] - (steps[1] - steps[0] if len(steps) > 1 else 1)] + steps
+        edges = [steps[0] - (steps[1] - steps[0] if len(steps) > 1 else 1), *steps]
         ax.pcolormesh(edges, np.arange(run.num_layers + 1) - 0.5, active, cmap="Blues", vmin=0, vmax=1.25)
         ax.set(xlabel="step", ylabel="decoder layer",
                title=f"{run.name}: layers trained at each step ({run.num_layers} decoder layers)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -114,14 +114,14 @@ class LoraMerge:
         from peft.tuners.lora import LoraLayer
 
         self.read = read
-        self.layers = {name.removeprefix(LORA_PREFIX): module for name, module in adapted.named_modules()
-                       if isinstance(module, LoraLayer)}
+        self.layers: dict[str, Any] = {name.removeprefix(LORA_PREFIX): module
+                                       for name, module in adapted.named_modules() if isinstance(module, LoraLayer)}
 
     def source_names(self, names: list[str]) -> list[str]:
         """The checkpoint's names behind the base model's `names`."""
         sources: dict[str, None] = {}
         for name in names:
-            owner, leaf = name.rsplit(".", 1)
+            owner = name.rsplit(".", 1)[0]
             layer = self.layers.get(owner)
             keys = [f"{owner}.{key}" for key in layer.state_dict()] if layer is not None else [name]
             sources.update(dict.fromkeys(f"{LORA_PREFIX}{key}" for key in keys))
@@ -132,7 +132,7 @@ class LoraMerge:
 
     def __call__(self, names: list[str]) -> dict[str, torch.Tensor]:
         tensors = self.read(self.source_names(names))
-        merged: dict[str, nn.Module] = {}
+        merged: dict[str, Any] = {}
         out = {}
         for name in names:
             owner, leaf = name.rsplit(".", 1)
@@ -149,7 +149,7 @@ class LoraMerge:
         return out
 
     @staticmethod
-    def _merge(owner: str, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    def _merge(owner: str, layer: Any, tensors: dict[str, torch.Tensor]) -> Any:
         layer.to_empty(device="cpu")
         layer.load_state_dict({key: tensors[f"{LORA_PREFIX}{owner}.{key}"] for key in layer.state_dict()})
         layer.merge()

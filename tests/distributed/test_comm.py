@@ -1,9 +1,9 @@
-"""Bytes counted by lisa_dist.tools.comm on 2 FSDP ranks (drivers/comm_driver.py) against the bytes derived from
+"""Bytes counted by benchmarks.lib.comm on 2 FSDP ranks (drivers/comm_driver.py) against the bytes derived from
 the model's shapes: full fine-tuning reduce-scatters every param's gradient, LISA only the active layer's and the
 always-trained ones."""
 import torch.distributed as dist
 
-from lisa_dist.tools import count_collectives
+from benchmarks.lib import count_collectives
 
 from ..helpers import rank_results, tiny_overrides, torchrun, write_text_data
 

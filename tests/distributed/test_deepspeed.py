@@ -220,8 +220,8 @@ def test_ds_config_contradictions_name_both_values(tmp_path):
         with pytest.raises(ConfigError, match=f"remove the '{section}' section"):
             fill_ds_config({**raw, section: {}}, micro_batch_size=4, grad_accum=1, max_grad_norm=1.0,
                            precision="fp32", world_size=2)
-    with pytest.raises(ConfigError, match="zero_optimization.stage=5"):
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage=5"):
         fill_ds_config({**raw, "zero_optimization": {"stage": 5}}, micro_batch_size=4, grad_accum=1,
                        max_grad_norm=1.0, precision="fp32", world_size=2)
-    with pytest.raises(ConfigError, match="backend.ds_config"):
+    with pytest.raises(ConfigError, match=r"backend.ds_config"):
         load_config(None, ["--data.path=x", "--backend.name=deepspeed"])

@@ -79,7 +79,7 @@ def test_local_state_bytes_are_predicted_exactly(tmp_path, data, method, extra):
 def test_naive_lisa_state_grows_to_full_fine_tuning(tmp_path, data):
     """The reference implementations' LISA keeps the moments of every layer it visited: after the switches that
     visited all 4 layers it holds what full fine-tuning holds; lisa_dist holds the active layers' only."""
-    from lisa_dist.tools import NaiveLisaBackend
+    from benchmarks.lib import NaiveLisaBackend
 
     cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.gamma=1", "--lisa.interval=1",
                                            "--lisa.strategy=fixed", "--lisa.fixed_layers=[0]", "--train.steps=4"))

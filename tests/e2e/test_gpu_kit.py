@@ -1,20 +1,19 @@
 """The GPU kit (benchmarks/gpu_kit) on the CPU, so that it cannot rot while no GPU is lent: the quick form here, the
 whole check at tiny sizes in the slow tier."""
-import importlib
 import json
 import subprocess
 import sys
 
 import pytest
 
-from ..helpers import REPO, launcher_env
+from benchmarks.gpu_kit import check
 
-KIT = REPO / "benchmarks" / "gpu_kit"
+from ..helpers import REPO, launcher_env
 
 
 def _check(out, *args, timeout=600):
-    proc = subprocess.run([sys.executable, str(KIT / "check.py"), "--device", "cpu", "--out", str(out), *args],
-                          capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=timeout)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_kit.check", "--device", "cpu", "--out", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), cwd=REPO, timeout=timeout)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     return proc, {r["stage"]: r for r in rows}
 
@@ -34,8 +33,6 @@ def test_quick_cpu_check_reports_every_stage_with_its_figures(tmp_path):
 
 
 def test_a_stage_past_its_limit_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(KIT))
-    check = importlib.import_module("check")
     monkeypatch.setattr(check, "LIMITS", {"versions": 0.5, "liger": 60})
     monkeypatch.setattr(check, "_env", lambda device: launcher_env())
     out = tmp_path / "out"

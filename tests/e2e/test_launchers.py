@@ -144,7 +144,7 @@ def test_launcher_detection_and_environment_errors():
     assert detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}) == "slurm"
     assert detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) == "single"  # the batch shell, not a task
     assert detect_launcher({}) == "single"
-    with pytest.raises(DistError, match="WORLD_SIZE set but .*MASTER_ADDR"):
+    with pytest.raises(DistError, match=r"WORLD_SIZE set but .*MASTER_ADDR"):
         placement_from_env({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(DistError, match=r"RANK=2 is not in 0..WORLD_SIZE-1=1"):
         placement_from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
@@ -154,7 +154,7 @@ def test_launcher_detection_and_environment_errors():
                                   "SLURM_JOB_ID": "1234", "MASTER_ADDR": "node1"})
     assert (place.rank, place.world_size, place.local_rank, place.master_addr, place.master_port) == \
         (1, 2, 1, "node1", 21234)
-    with pytest.raises(DistError, match="SLURM_PROCID=3 is not in 0..SLURM_STEP_NUM_TASKS-1=1"):
+    with pytest.raises(DistError, match=r"SLURM_PROCID=3 is not in 0..SLURM_STEP_NUM_TASKS-1=1"):
         placement_from_slurm({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "n"})
 
 

@@ -6,24 +6,25 @@ import sys
 
 import pytest
 
+from benchmarks import harness
 from lisa_dist.errors import ConfigError
 from lisa_dist.tools import prepare_model
 
 from ..helpers import REPO
 
-QUALITY = REPO / "benchmarks" / "quality.py"
-
 
 def quick(tmp_path, *extra):
-    done = subprocess.run([sys.executable, str(QUALITY), "--quick", "--out", str(tmp_path / "out"), "--work",
-                           str(tmp_path / "work"), *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work"), *extra], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
 def test_quick_study_runs_both_studies_seeds_and_report_and_resumes(tmp_path):
     quick(tmp_path)
-    study = json.loads((tmp_path / "out" / "quality_quick.json").read_text())
+    written = harness.latest("quality_quick", tmp_path / "out")  # <date>_<hardware>_quality_quick.json
+    study = json.loads(written.read_text())
     results = study["results"].values()
     for name in ("sft", "cpt"):
         mine = [r for r in results if r["spec"]["study"] == name]
@@ -49,17 +50,19 @@ def test_quick_study_runs_both_studies_seeds_and_report_and_resumes(tmp_path):
             assert len(r.get("answers", [])) == (5 if name == "sft" else 0)
     # Exactly one run per study evaluated the weights before training.
     assert sum(1 for r in results if r["evals"][0]["step"] == 0) == 2
-    report = (tmp_path / "out" / "quality_quick.md").read_text()
+    report = written.with_suffix(".md").read_text()
     for section in ("## 1. Instruction tuning", "## 2. Continued pretraining", "**Claim 1", "**Claim 2",
                     "Greedy answers", "confidence"):
         assert section in report
-    assert all((tmp_path / "out" / f"quality_quick_{s}.png").stat().st_size > 0 for s in ("sft", "cpt"))
+    assert all(written.with_name(f"{written.stem}_{s}.png").stat().st_size > 0 for s in ("sft", "cpt"))
     # Resume: drop the last three results; only those run again.
     lines = (tmp_path / "work" / "results.jsonl").read_text().splitlines()
     (tmp_path / "work" / "results.jsonl").write_text("\n".join(lines[:-3]) + "\n")
     out = quick(tmp_path)
     assert "3 runs to go" in out and out.count(" held-out loss ") == 3
-    assert len(json.loads((tmp_path / "out" / "quality_quick.json").read_text())["results"]) == len(lines)
+    again = harness.latest("quality_quick", tmp_path / "out")
+    assert again != written  # a result is never overwritten
+    assert len(json.loads(again.read_text())["results"]) == len(lines)
 
 
 def test_prepare_model_uses_the_converted_folder_and_names_unknown_models(tmp_path):

@@ -91,7 +91,7 @@ def cycle(modules: dict[str, Path]) -> list[str] | None:
         stack.append(m)
         for t in graph[m]:
             if state.get(t) == 1:
-                return stack[stack.index(t):] + [t]
+                return [*stack[stack.index(t):], t]
             if t not in state and (found := visit(t)):
                 return found
         stack.pop()

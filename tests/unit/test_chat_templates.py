@@ -112,7 +112,7 @@ def test_qwen3_renders_earlier_turns_differently_and_still_trains():
     inline = [dict(m) for m in CONVERSATION]
     inline[2] = {"role": "assistant", "content": "<think>\nadding\n</think>\n\n4."}
     ids, labels = encode_messages(inline, tok)
-    assert [tok.decode(r) for r in supervised_runs(ids, labels)][0] == "4.<|im_end|>\n"
+    assert next(tok.decode(r) for r in supervised_runs(ids, labels)) == "4.<|im_end|>\n"
 
 
 def test_a_turn_the_template_rewrites_is_a_bad_row_that_can_be_skipped(tmp_path):
@@ -123,7 +123,7 @@ def test_a_turn_the_template_rewrites_is_a_bad_row_that_can_be_skipped(tmp_path)
     rows = [{"messages": [{"role": "user", "content": "HI"}, {"role": "assistant", "content": "HELLO"}]},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    with pytest.raises(DataError, match="c.jsonl, line 2: message 1 \\(user\\) is not where"):
+    with pytest.raises(DataError, match=r"c.jsonl, line 2: message 1 \(user\) is not where"):
         load_examples(config(tmp_path, path, "chat"), shouting)
     assert len(load_examples(config(tmp_path / "skip", path, "chat", skip_bad_rows=True), shouting)) == 1
 
@@ -168,7 +168,7 @@ def test_sharegpt_turns_by_from_and_value(tmp_path, fmt):
     ds = load_examples(config(tmp_path, write_jsonl(tmp_path / "s.jsonl", SHAREGPT_ROWS), fmt), tok)
     assert _runs(ds, tok) == ['{"name": "add", "arguments": {"a": 2, "b": 2}}<|im_end|>\n', "2+2 is 4.<|im_end|>\n"]
     bad = [{"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]}]
-    with pytest.raises(DataError, match="b.jsonl, line 1: turn 1 is from 'narrator', expected one of human, user, "):
+    with pytest.raises(DataError, match=r"b.jsonl, line 1: turn 1 is from 'narrator', expected one of human, user, "):
         load_examples(config(tmp_path / "bad", write_jsonl(tmp_path / "b.jsonl", bad), fmt), tok)
 
 
@@ -189,7 +189,7 @@ def test_auto_and_explicit_formats_name_the_fields_they_expected(tmp_path):
                                         r"expected 'messages' \(chat\), 'conversations' \(sharegpt\), 'instruction' "
                                         r"and 'output' \(alpaca\) or 'text' \(text\)"):
         load_examples(config(tmp_path, path, "auto"), byte_tokenizer())
-    with pytest.raises(DataError, match="q.jsonl, line 1: missing field 'conversations'"):
+    with pytest.raises(DataError, match=r"q.jsonl, line 1: missing field 'conversations'"):
         load_examples(config(tmp_path, path, "sharegpt"), byte_tokenizer())
 
 

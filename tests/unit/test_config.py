@@ -41,7 +41,7 @@ def test_yaml_json_and_overrides(tmp_path):
 
 def test_override_parsing():
     assert parse_overrides(["--a.b=1", "--c.d", "x", "--e.f=[1, 2]"]) == [("a.b", 1), ("c.d", "x"), ("e.f", [1, 2])]
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section.key=value"):
         parse_overrides(["gamma=2"])
     with pytest.raises(ConfigError, match="no value"):
         parse_overrides(["--lisa.gamma"])
@@ -59,7 +59,7 @@ def test_unknown_keys_name_the_closest_valid_one(override, message):
 
 def test_unknown_key_in_file(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  step: 3\n")
-    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'train.steps'"):
         load_config(tmp_path / "c.yaml")
 
 
@@ -113,12 +113,12 @@ def test_validation_errors_name_field_value_and_allowed(override, field, allowed
 
 
 def test_missing_data_path():
-    with pytest.raises(ConfigError, match="data.path"):
+    with pytest.raises(ConfigError, match=r"data.path"):
         load_config(None, [])
 
 
 def test_fixed_layers_must_match_gamma():
-    with pytest.raises(ConfigError, match="exactly lisa.gamma=2"):
+    with pytest.raises(ConfigError, match=r"exactly lisa.gamma=2"):
         load_config(None, ["--data.path=x", "--lisa.strategy=fixed", "--lisa.fixed_layers=[1, 2, 3]"])
 
 
@@ -137,7 +137,7 @@ def test_weights_and_fixed_layers_checked_against_the_model():
     with pytest.raises(ConfigError, match="expected 4 weights"):
         validate_for_model(cfg, 4)
     cfg = valid(lisa__strategy="weighted", lisa__weights=[1.0, 0.0, 0.0, 0.0])
-    with pytest.raises(ConfigError, match="at least lisa.gamma=2 positive"):
+    with pytest.raises(ConfigError, match=r"at least lisa.gamma=2 positive"):
         validate_for_model(cfg, 4)
     cfg = valid(lisa__strategy="fixed", lisa__fixed_layers=[0, 9])
     with pytest.raises(ConfigError, match=r"0\.\.3"):

@@ -71,7 +71,7 @@ TEXTS = ["The quick brown fox.", "jumps over", "the lazy dog, again and again.",
 def test_text_jsonl_is_packed_into_full_blocks(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
     ds = load_examples(config(tmp_path, path, "text", max_length=16), tok)
-    stream = [i for t in TEXTS for i in ids_of(tok, t) + [tok.eos_token_id]]
+    stream = [i for t in TEXTS for i in [*ids_of(tok, t), tok.eos_token_id]]
     assert len(ds) == len(stream) // 16
     assert all(len(ex["input_ids"]) == 16 and ex["labels"] == ex["input_ids"] for ex in ds)
     assert [i for ex in ds for i in ex["input_ids"]] == stream[: len(ds) * 16]
@@ -81,12 +81,12 @@ def test_text_txt_paragraphs_and_parquet_field(tmp_path, tok):
     (tmp_path / "s.txt").write_text("para one\nline two\n\npara three\n\n" + "x" * 40 + "\n")
     ds = load_examples(config(tmp_path, tmp_path / "s.txt", "text", max_length=8), tok)
     paragraphs = ["para one\nline two", "para three", "x" * 40 + "\n"]
-    stream = [i for p in paragraphs for i in ids_of(tok, p) + [tok.eos_token_id]]
+    stream = [i for p in paragraphs for i in [*ids_of(tok, p), tok.eos_token_id]]
     assert [i for ex in ds for i in ex["input_ids"]] == stream[: len(stream) // 8 * 8]
 
     datasets.Dataset.from_dict({"content": TEXTS}).to_parquet(str(tmp_path / "t.parquet"))
     ds = load_examples(config(tmp_path, tmp_path / "t.parquet", "text", max_length=8, text_field="content"), tok)
-    stream = [i for t in TEXTS for i in ids_of(tok, t) + [tok.eos_token_id]]
+    stream = [i for t in TEXTS for i in [*ids_of(tok, t), tok.eos_token_id]]
     assert [i for ex in ds for i in ex["input_ids"]] == stream[: len(stream) // 8 * 8]
 
 
@@ -96,7 +96,7 @@ def test_folder_reads_its_files_in_sorted_order(tmp_path, tok):
     write_jsonl(folder / "b.jsonl", [{"text": t} for t in TEXTS[2:]])
     write_jsonl(folder / "a.jsonl", [{"text": t} for t in TEXTS[:2]])
     ds = load_examples(config(tmp_path, folder, "text", max_length=4), tok)
-    stream = [i for t in TEXTS for i in ids_of(tok, t) + [tok.eos_token_id]]
+    stream = [i for t in TEXTS for i in [*ids_of(tok, t), tok.eos_token_id]]
     assert [i for ex in ds for i in ex["input_ids"]] == stream[: len(stream) // 4 * 4]
     (folder / "c.txt").write_text("more")
     with pytest.raises(DataError, match="mixes file kinds"):
@@ -120,8 +120,7 @@ def test_alpaca_labels_mask_exactly_the_prompt(tmp_path, tok):
     assert len(ds) == 3
     for row, ex in zip(ALPACA_ROWS, ds, strict=True):
         template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        prompt = [tok.bos_token_id] + ids_of(tok, template.format(instruction=row["instruction"],
-                                                                  input=row.get("input", "")))
+        prompt = [tok.bos_token_id, *ids_of(tok, template.format(instruction=row["instruction"], input=row.get("input", "")))]
         ids, labels = ex["input_ids"], ex["labels"]
         assert ids[: len(prompt)] == prompt
         assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
@@ -192,7 +191,7 @@ def test_chat_template_problems(tmp_path):
     ({"instruction": "Hi", "input": ["a"], "output": "x"}, "field 'input' is list, not str"),
 ])
 def test_bad_alpaca_rows_name_file_and_row(tmp_path, tok, writer, unit, bad, reason):
-    path = writer(tmp_path / f"bad.{'jsonl' if unit == 'line' else 'json'}", ALPACA_ROWS[:2] + [bad, ALPACA_ROWS[2]])
+    path = writer(tmp_path / f"bad.{'jsonl' if unit == 'line' else 'json'}", [*ALPACA_ROWS[:2], bad, ALPACA_ROWS[2]])
     with pytest.raises(DataError, match=f"{path.name}, {unit} 3: {reason}"):
         load_examples(config(tmp_path, path, "alpaca"), tok)
 
@@ -200,7 +199,7 @@ def test_bad_alpaca_rows_name_file_and_row(tmp_path, tok, writer, unit, bad, rea
 def test_jsonl_line_numbers_count_blank_lines(tmp_path, tok):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(ALPACA_ROWS[0]) + "\n\n\n" + json.dumps({"instruction": "x"}) + "\n")
-    with pytest.raises(DataError, match="gaps.jsonl, line 4: missing field 'output'"):
+    with pytest.raises(DataError, match=r"gaps.jsonl, line 4: missing field 'output'"):
         load_examples(config(tmp_path, path, "alpaca"), tok)
 
 
@@ -234,7 +233,7 @@ def test_empty_dataset_is_an_error(tmp_path, tok):
     with pytest.raises(DataError, match="no training examples: 2 rows read, 2 skipped"):
         load_examples(config(tmp_path, path, "alpaca", skip_bad_rows=True), tok)
     short = write_jsonl(tmp_path / "t.jsonl", [{"text": "tiny"}])
-    with pytest.raises(DataError, match="no training examples.*at least 64 tokens"):
+    with pytest.raises(DataError, match=r"no training examples.*at least 64 tokens"):
         load_examples(config(tmp_path, short, "text", max_length=64), tok)
     assert not any((tmp_path / "cache").iterdir())
 

@@ -77,7 +77,7 @@ def test_model_folders_that_do_not_load(tmp_path):
     with pytest.raises(ConfigError, match=rf"{weights} is not a readable safetensors file \(truncated"):
         load_model(ModelConfig(name=str(tmp_path / "m")), seed=0)
     (tmp_path / "m" / "config.json").unlink()
-    with pytest.raises(ConfigError, match="the folder has no config.json"):
+    with pytest.raises(ConfigError, match=r"the folder has no config.json"):
         load_model(ModelConfig(name=str(tmp_path / "m")), seed=0)
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lisa_dist.config import load_config
 from lisa_dist.data import collate_rows, load_examples, pack_examples, split_heldout
@@ -82,7 +83,7 @@ def test_held_out_examples_are_fixed_by_seed_and_never_trained_on(tmp_path):
     cfg = cfg_for(tmp_path)
     examples = load_examples(cfg.data, build(cfg).tokenizer)
     train_a, held_a = split_heldout(examples, 0.25, seed=3)
-    train_b, held_b = split_heldout(examples, 0.25, seed=3)
+    _, held_b = split_heldout(examples, 0.25, seed=3)
     _, held_c = split_heldout(examples, 0.25, seed=4)
     assert held_a["input_ids"] == held_b["input_ids"] != held_c["input_ids"]
     assert len(held_a) == round(0.25 * len(examples)) and len(train_a) + len(held_a) == len(examples)
@@ -124,8 +125,14 @@ def test_epochs_set_the_steps(tmp_path):
     summary = train(load_config(None, args))
     examples = load_examples(cfg_for(tmp_path).data, build(cfg_for(tmp_path / "b")).tokenizer)
     assert summary["steps"] == len(split_heldout(examples, 0.95, seed=42)[0]) // 4 > 1
-    args = [a.replace(str(tmp_path / "run"), str(tmp_path / "built")) for a in args]
-    assert build(load_config(None, args)).cfg.train.steps == summary["steps"]  # build alone resolves them too
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["train"]["epochs"], saved["train"]["steps"]) == (1, 100)  # what was asked: the default steps
+    assert train(load_config(None, args)) == summary  # the same run, recognized as completed
+    built = [a.replace(str(tmp_path / "run"), str(tmp_path / "built")) for a in args]
+    cfg = load_config(None, built)
+    run = build(cfg)  # build alone resolves them too, into the run
+    assert run.steps == summary["steps"] and cfg.train.steps == 100
+    assert (run.seed, run.sampler_seed, cfg.lisa.seed) == (42, 42, None)
 
 
 @pytest.mark.parametrize("extra, match", [

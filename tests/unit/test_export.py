@@ -159,7 +159,7 @@ def test_a_checkpoint_that_lacks_a_tensor_is_named_before_anything_is_read(tmp_p
     state = torch.load(state_file)
     del state["model.layers.2.mlp.up_proj.weight"]
     torch.save(state, state_file)  # (the manifest would refuse it first: this is what stands behind it)
-    with pytest.raises(ConfigError, match="lacks 1 tensor.*model.layers.2.mlp.up_proj.weight"):
+    with pytest.raises(ConfigError, match=r"lacks 1 tensor.*model.layers.2.mlp.up_proj.weight"):
         exporter._open(ckpt / "step-3")
 
 
@@ -168,7 +168,7 @@ def test_a_checkpoint_that_lacks_a_tensor_is_named_before_anything_is_read(tmp_p
 def test_a_bad_shard_size_is_named(tmp_path, data_file, value, message):
     with pytest.raises(ConfigError, match=f"checkpoint.max_shard_size=.*{message}"):
         load_config(None, tiny_overrides(tmp_path, data_file, f"--checkpoint.max_shard_size={value}"))
-    with pytest.raises(ConfigError, match="checkpoint.export_dtype.*float16"):
+    with pytest.raises(ConfigError, match=r"checkpoint.export_dtype.*float16"):
         load_config(None, tiny_overrides(tmp_path, data_file, "--checkpoint.export_dtype=fp8"))
 
 
@@ -185,9 +185,9 @@ def test_config_overrides_apply_to_a_local_folder_and_a_preset(tmp_path):
     assert config.rope_parameters["rope_type"] == "yarn" and config.rope_parameters["factor"] == 4.0
     assert config._attn_implementation == "eager"
     assert AutoConfig.from_pretrained(folder).max_position_embeddings == 2048  # the folder is untouched
-    with pytest.raises(ConfigError, match="no field 'max_position_embedding' .*did you mean 'max_position_embeddings'"):
+    with pytest.raises(ConfigError, match=r"no field 'max_position_embedding' .*mean 'max_position_embeddings'"):
         open_model(ModelConfig(name=str(folder), config_overrides={"max_position_embedding": 4096}), seed=0)
-    with pytest.raises(ConfigError, match="no field 'hiden_size' .*did you mean 'hidden_size'"):
+    with pytest.raises(ConfigError, match=r"no field 'hiden_size' .*did you mean 'hidden_size'"):
         open_model(ModelConfig(name="tiny-llama", config_overrides={"hiden_size": 32}), seed=0)
     preset, _, _ = open_model(ModelConfig(name="tiny-llama", preset_overrides={"num_hidden_layers": 3}), seed=0)
     assert preset.config.num_hidden_layers == 3  # the old name still loads

@@ -182,5 +182,5 @@ def test_lora_leaves_the_vision_tower_alone():
 
 def test_layers_inside_the_vision_tower_are_refused():
     model, _ = build_preset("tiny-gemma3-vl")
-    with pytest.raises(ConfigError, match="model.vision_tower"):
+    with pytest.raises(ConfigError, match=r"model.vision_tower"):
         find_layout(model, "model.vision_tower.vision_model.encoder.layers")

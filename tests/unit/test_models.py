@@ -185,7 +185,7 @@ def test_error_on_bad_override():
     with pytest.raises(ConfigError) as info:
         find_layout(model, "model.layerz")
     assert "'layerz'" in str(info.value) and "model.layers (2 x LlamaDecoderLayer)" in str(info.value)
-    with pytest.raises(ConfigError, match="not an nn.ModuleList"):
+    with pytest.raises(ConfigError, match=r"not an nn.ModuleList"):
         find_layout(model, "model.norm")
 
 
@@ -275,11 +275,11 @@ def test_unknown_name_error():
 
 
 def test_other_load_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no such .gguf file"):
+    with pytest.raises(ConfigError, match=r"no such .gguf file"):
         load_model(ModelConfig(name=str(tmp_path / "missing.gguf")), seed=0)
     with pytest.raises(ConfigError, match="cannot load a causal language model"):
         load_model(ModelConfig(name=str(tmp_path)), seed=0)
-    with pytest.raises(ConfigError, match="model.dtype"):
+    with pytest.raises(ConfigError, match=r"model.dtype"):
         load_model(ModelConfig(name="tiny-llama", dtype="float8"), seed=0)
 
 

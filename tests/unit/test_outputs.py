@@ -86,7 +86,7 @@ def test_a_finished_run_without_checkpoints_is_kept_and_another_config_refused(t
 def test_metrics_of_an_unfinished_run_without_checkpoints_are_not_overwritten(tmp_path, data_file):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
-    with pytest.raises(ConfigError, match="holds the metrics of an earlier run .*train.overwrite=true"):
+    with pytest.raises(ConfigError, match=r"holds the metrics of an earlier run .*train.overwrite=true"):
         train(cfg_for(tmp_path, data_file))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
 
@@ -99,7 +99,7 @@ def test_export_refuses_a_used_folder_and_overwrite_replaces_it_whole(tmp_path, 
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"the base model")
     (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    with pytest.raises(ConfigError, match="base is not empty.*--overwrite"):
+    with pytest.raises(ConfigError, match=r"base is not empty.*--overwrite"):
         export(tmp_path / "run" / "checkpoints", out)
     assert (out / "model.safetensors").read_bytes() == b"the base model"
     assert cli.main(["export", str(tmp_path / "run" / "checkpoints"), str(out)]) == 2
@@ -187,13 +187,13 @@ def test_read_only_output_folders_are_refused_before_the_first_step(tmp_path, da
         with pytest.raises(ConfigError, match=rf"checkpoint.dir='{small_disk}' is not writable: the filesystem is "
                                               "read-only"):
             train(cfg_for(tmp_path, data_file, f"--checkpoint.dir={small_disk}"))
-        with pytest.raises(ConfigError, match="train.output_dir=.* is not writable: the filesystem is read-only"):
+        with pytest.raises(ConfigError, match=r"train.output_dir=.* is not writable: the filesystem is read-only"):
             train(cfg_for(tmp_path, data_file, f"--train.output_dir={small_disk / 'run'}"))
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything was written
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="train.output_dir='.*file' is a file, not a folder"):
+    with pytest.raises(ConfigError, match=r"train.output_dir='.*file' is a file, not a folder"):
         train(cfg_for(tmp_path, data_file, f"--train.output_dir={tmp_path / 'file'}"))
 
 
@@ -290,12 +290,12 @@ def test_no_usable_checkpoint_is_said_before_step_0(tmp_path, data_file, caplog)
     assert "no usable checkpoint in" in caplog.text and "starting from step 0" in caplog.text
     kept = list((tmp_path / "run").glob("metrics.jsonl.before-restart-*"))
     assert len(kept) == 1 and kept[0].read_text() == '{"step": 1, "loss": 5.0}\n'
-    with pytest.raises(ConfigError, match="checkpoint.resume='latest' is not a usable checkpoint"):
+    with pytest.raises(ConfigError, match=r"checkpoint.resume='latest' is not a usable checkpoint"):
         build(cfg_for(tmp_path, data_file, "--checkpoint.resume=latest"))
 
 
 def test_resume_latest_needs_a_checkpoint(tmp_path, data_file):
-    with pytest.raises(ConfigError, match="checkpoint.resume=latest, but .* holds no checkpoint"):
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=latest, but .* holds no checkpoint"):
         build(cfg_for(tmp_path, data_file, "--checkpoint.resume=latest"))
     _two_checkpoints(tmp_path, data_file)
     assert build(cfg_for(tmp_path, data_file, "--checkpoint.resume=latest")).start_step == 4

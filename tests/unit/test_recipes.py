@@ -141,7 +141,7 @@ def test_docs_table_lists_every_recipe_with_its_planned_total():
 def test_short_names_are_aliases_of_hub_ids():
     assert MODEL_PRESETS is MODEL_ALIASES and set(MODEL_ALIASES.values()) <= set(HUB_CONFIGS)
     assert model_config("llama-3-8b").to_dict() == hub_config("meta-llama/Meta-Llama-3-8B").to_dict()
-    with pytest.raises(ConfigError, match="not a hub model known offline .*a local folder holding its config.json"):
+    with pytest.raises(ConfigError, match=r"not a hub model known offline .*a local folder holding its config.json"):
         hub_config("meta-llama/Llama-9-1T")
 
 

@@ -242,7 +242,7 @@ def test_d7_gpt2_with_frozen_embeddings_trains_no_embedding_and_backward_stops_a
         record = train_step(run, 0)
         return run, record
 
-    trained, on = first_record(tmp_path / "on", "true")
+    _, on = first_record(tmp_path / "on", "true")
     frozen, off = first_record(tmp_path / "off", "false")
     wpe = frozen.backend.model.transformer.wpe.weight
     assert not wpe.requires_grad and wpe.grad is None
@@ -421,7 +421,7 @@ def test_d24_the_command_line_switches_a_files_steps_to_epochs_and_back(tmp_path
         load_config(steps_file, ["--train.epochs=2", "--train.steps=3"])
     both = tmp_path / "both.yaml"
     both.write_text("train: {steps: 7, epochs: 2}\ndata: {path: d.jsonl}\n")
-    with pytest.raises(ConfigError, match="both in the config file.*--train.epochs=N trains N epochs"):
+    with pytest.raises(ConfigError, match=r"both in the config file.*--train.epochs=N trains N epochs"):
         load_config(both)
 
 

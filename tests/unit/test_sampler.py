@@ -122,7 +122,7 @@ def test_grad_norm_sampling_follows_the_weights_and_keeps_a_floor():
     counts = Counter(sampler.active_layers(p, weights)[0] for p in range(4000))
     assert chisquare([counts[i] for i in range(4)], [4000 * w for w in weights]).pvalue > 1e-3
     assert sampler.active_layers(7, weights) == sampler.active_layers(7, weights)  # pure in (seed, period, weights)
-    with pytest.raises(ValueError, match="lisa.weights"):
+    with pytest.raises(ValueError, match=r"lisa.weights"):
         sampler.active_layers(0, None)
 
 

@@ -1,12 +1,12 @@
 """Host reads of device results (a host sync each on CUDA) per training step and per evaluation: a fixed number,
-whatever train.grad_accum is. On the CPU a read costs nothing, so `lisa_dist.tools.count_syncs` counts them: every
+whatever train.grad_accum is. On the CPU a read costs nothing, so `benchmarks.lib.count_syncs` counts them: every
 call by lisa_dist's own code that brings a floating-point tensor's value to the host or indexes with a boolean mask.
 transformers' own reads are not lisa_dist's to remove."""
 import pytest
 
+from benchmarks.lib import count_syncs
 from lisa_dist.config import load_config
 from lisa_dist.run import build, evaluate, train_step
-from lisa_dist.tools import count_syncs
 
 from ..helpers import tiny_overrides
 

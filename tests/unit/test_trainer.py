@@ -1,4 +1,5 @@
 """The local backend and the one training loop: optimizer state only for active params, equivalences, metrics."""
+import itertools
 import json
 import shutil
 
@@ -133,7 +134,7 @@ def test_cli_train_and_errors(tmp_path, data_file, capsys):
             f"--train.output_dir={tmp_path / 'run'}", "--logging.progress=false", "--lisa.gamma=1"]
     assert cli.main(args) == 0
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
-    assert cli.main(args + ["--lisa.gamma=3"]) == 2  # the tiny model has 2 layers
+    assert cli.main([*args, "--lisa.gamma=3"]) == 2  # the tiny model has 2 layers
     assert cli.main(["train", "--lisa.gama=2"]) == 2
     assert "did you mean 'lisa.gamma'" in capsys.readouterr().err
     assert cli.main(["config", f"--data.path={data_file}"]) == 0
@@ -144,7 +145,7 @@ def test_warmup_then_cosine_schedule():
     cfg = load_config(None, ["--data.path=x", "--optim.lr=1.0", "--optim.warmup_steps=4", "--optim.min_lr_ratio=0.1"])
     lrs = [lr_at(s, cfg.optim, 24) for s in range(24)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[4] == 1.0 and all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert lrs[14] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
     assert lr_at(24, cfg.optim, 24) == pytest.approx(0.1)
     cfg.optim.schedule = "linear"
@@ -171,7 +172,7 @@ def test_shipped_example_configs_train(tmp_path, name):
 
 @pytest.mark.parametrize("baseline", ["badam", "naive_lisa"])
 def test_baselines_train_through_the_loop_with_the_configured_loss(tmp_path, data_file, baseline):
-    from lisa_dist.tools import build_baseline
+    from benchmarks.lib import build_baseline
 
     losses = {}
     for loss in ("plain", "chunked"):
@@ -184,3 +185,10 @@ def test_baselines_train_through_the_loop_with_the_configured_loss(tmp_path, dat
         assert summary["steps"] == cfg.train.steps and backend.model is not None  # the caller keeps the model
         losses[loss] = [r["loss"] for r in read_jsonl(tmp_path / loss / "metrics.jsonl")]
     assert losses["chunked"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+def test_memory_is_measured_on_logging_steps_only(tmp_path, data_file):
+    run = build(tiny_cfg(tmp_path, data_file, "--logging.log_every=2", "--train.steps=4"))
+    assert train_step(run, 0) is None and run.backend.state_bytes() == {}  # no measurement in between
+    record = train_step(run, 1)
+    assert record["state_bytes"] == run.backend.state_bytes() and record["state_bytes"]["params"] > 0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from benchmarks.lib import count_collectives
 from lisa_dist.config import load_config
 from lisa_dist.run import build, maybe_switch, train_step
-from lisa_dist.tools import count_collectives
 
 
 def main(out: Path, overrides: list[str]) -> None:

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-PACKAGE = str(Path(__file__).resolve().parents[1])
+import lisa_dist
+
+PACKAGE = str(Path(lisa_dist.__file__).resolve().parent)
 TORCH = str(Path(torch.__file__).parent)
 READS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__", "nonzero"}
 
@@ -54,7 +56,7 @@ def _cuda_syncs(found: SyncLog) -> Iterator[None]:
         warnings.simplefilter("always")
         shown = warnings.showwarning
 
-        def count(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' hook
+        def count(message, category, filename, lineno, file=None, line=None):
             if "synchronizing" in str(message):
                 found.where.append(_caller(sys._getframe(1), own_only=False))
             else:
@@ -73,7 +75,7 @@ class _FloatReads(TorchFunctionMode):
         super().__init__()
         self.found = found
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         first = args[0] if args else None
         masked = name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool
@@ -85,7 +87,7 @@ class _FloatReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _flat(items):  # noqa: ANN001, ANN202
+def _flat(items):
     for item in items:
         if isinstance(item, (tuple, list)):
             yield from _flat(item)
@@ -93,7 +95,7 @@ def _flat(items):  # noqa: ANN001, ANN202
             yield item
 
 
-def _caller(frame, own_only: bool) -> str:  # noqa: ANN001 - a frame
+def _caller(frame, own_only: bool) -> str:
     """The innermost lisa_dist frame as `file:line`; else '' (own_only: another library's read, not counted) or
     `other`."""
     while frame is not None:
