@@ -10,6 +10,7 @@ and of the LISA switches of 4 steps (K=1). These are the longest waits of one ra
 backend.timeout_s (the switch) and backend.io_timeout_s (saves). Writes
 <date>_<hardware>_checkpoint_cost_<backends>_<shape>.md (--hash-gb: <date>_<hardware>_checkpoint_cost_hash.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,23 +31,37 @@ DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
 BACKENDS = {
     "local": ["--backend.name=local"],
     "fsdp": ["--backend.name=fsdp"],
-    **{f"zero{s}": ["--backend.name=deepspeed", f"--backend.ds_config={REPO / 'ds_configs' / f'zero{s}.json'}"]
-       for s in (2, 3)},
+    **{
+        f"zero{s}": ["--backend.name=deepspeed", f"--backend.ds_config={REPO / 'ds_configs' / f'zero{s}.json'}"]
+        for s in (2, 3)
+    },
 }
 # On the tiny-llama preset: the demo's model, and SmolLM2-135M's shape (tied embeddings, 134.5M params).
 SHAPES = {
     "demo": "{hidden_size: 128, intermediate_size: 256, num_hidden_layers: 8}",
     "smollm2": "{hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, "
-               "num_key_value_heads: 3, head_dim: 64, vocab_size: 49152, tie_word_embeddings: true}",
+    "num_key_value_heads: 3, head_dim: 64, vocab_size: 49152, tie_word_embeddings: true}",
 }
 
 
 def measure(name: str, out: Path, shape: str) -> dict:
-    base = [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
-            f"--model.config_overrides={SHAPES[shape]}", "--train.micro_batch_size=1", "--train.steps=4",
-            "--logging.progress=false", "--logging.level=WARNING", "--lisa.interval=1",
-            f"--train.output_dir={out / name}", "--checkpoint.keep_last=1", "--lisa.gamma=2",
-            "--train.overwrite=true", *BACKENDS[name]]
+    base = [
+        f"--data.path={DATA}",
+        "--data.format=alpaca",
+        "--data.max_length=512",
+        "--data.skip_bad_rows=true",
+        f"--model.config_overrides={SHAPES[shape]}",
+        "--train.micro_batch_size=1",
+        "--train.steps=4",
+        "--logging.progress=false",
+        "--logging.level=WARNING",
+        "--lisa.interval=1",
+        f"--train.output_dir={out / name}",
+        "--checkpoint.keep_last=1",
+        "--lisa.gamma=2",
+        "--train.overwrite=true",
+        *BACKENDS[name],
+    ]
     run = build(load_config(None, base))
     switches = [train_step(run, s)["switch_s"] for s in range(4)][1:]  # the first activation is no switch
     saves, folder = [], None
@@ -64,9 +79,15 @@ def measure(name: str, out: Path, shape: str) -> dict:
     size = None
     if run.backend.is_main:
         size = sum(e["bytes"] for e in json.loads((folder / "manifest.json").read_text())["files"].values())
-    return {"save_s": statistics.median(saves), "resume_build_s": statistics.median(loads), "bytes": size,
-            "switch_s": statistics.median(switches), "world": run.backend.world_size, "main": run.backend.is_main,
-            "params": run.trainable.num_params(range(len(run.trainable.layers)))}
+    return {
+        "save_s": statistics.median(saves),
+        "resume_build_s": statistics.median(loads),
+        "bytes": size,
+        "switch_s": statistics.median(switches),
+        "world": run.backend.world_size,
+        "main": run.backend.is_main,
+        "params": run.trainable.num_params(range(len(run.trainable.layers))),
+    }
 
 
 def hash_cost(gib: float, folder: Path) -> str:
@@ -86,8 +107,12 @@ def hash_cost(gib: float, folder: Path) -> str:
         checkpoint.sha256(path)
         timings[label] = time.perf_counter() - start
     path.unlink()
-    lines = [f"SHA-256 of a {gib:g} GiB file ({size:,} bytes), one core:", "", "| read | s | s per GB | GB/s |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        f"SHA-256 of a {gib:g} GiB file ({size:,} bytes), one core:",
+        "",
+        "| read | s | s per GB | GB/s |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += [f"| {label} | {t:.2f} | {t / (size / 1e9):.2f} | {size / 1e9 / t:.2f} |" for label, t in timings.items()]
     return "\n".join(lines)
 
@@ -107,13 +132,22 @@ def main() -> None:
     if not next(iter(results.values()))["main"]:
         return
     first = next(iter(results.values()))
-    lines = [f"Shape {args.shape} ({first['params']:,} params), {first['world']} rank(s), LISA gamma 2.", "",
-             "| backend | checkpoint bytes | save + hash (s) | verify + build + resume (s) | LISA switch (s) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {n} | {r['bytes']:,} | {r['save_s']:.3f} | {r['resume_build_s']:.2f} | {r['switch_s']:.3f} |"
-              for n, r in results.items()]
-    harness.write_results(args.out, f"{args.name}_{'_'.join(args.backends)}_{args.shape}", lines,
-                          {"shape": args.shape, "results": results})
+    lines = [
+        f"Shape {args.shape} ({first['params']:,} params), {first['world']} rank(s), LISA gamma 2.",
+        "",
+        "| backend | checkpoint bytes | save + hash (s) | verify + build + resume (s) | LISA switch (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {n} | {r['bytes']:,} | {r['save_s']:.3f} | {r['resume_build_s']:.2f} | {r['switch_s']:.3f} |"
+        for n, r in results.items()
+    ]
+    harness.write_results(
+        args.out,
+        f"{args.name}_{'_'.join(args.backends)}_{args.shape}",
+        lines,
+        {"shape": args.shape, "results": results},
+    )
     if dist.is_initialized():
         dist.barrier()
 

@@ -12,6 +12,7 @@ worker then takes the GIL during finalization, CPython ends the thread inside a 
 lisa_dist.dist.init_distributed, whose exit guard (lisa_dist/teardown.py) waits for idle gloo workers first.
 `benchmarks/exit_stress.py --paths gloo-race gloo-race-lisa-dist` counts the aborts of each.
 """
+
 from __future__ import annotations
 
 import sys

@@ -12,6 +12,7 @@ any rank died of SIGABRT or printed "terminate called". A path stops early when 
 benchmarks/results/<date>_<hardware>_<name>.md and .json, and keeps the output of every failed run under
 runs/exit_stress/; a rank that aborts leaves a core dump where `kernel.core_pattern` says (the runs allow cores).
 """
+
 from __future__ import annotations
 
 import re
@@ -46,17 +47,43 @@ def command(path: str, work: Path, data: Path) -> list[str]:
     if path == "zero3-checkpoint":
         return [*TORCHRUN, *train, *over, "--backend.name=deepspeed", DS["zero3"], "--checkpoint.every=1"]
     if path in DS:
-        return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "lisa_dist.cli",
-                "train", *over, "--backend.name=deepspeed", DS[path]]
+        return [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "lisa_dist.cli",
+            "train",
+            *over,
+            "--backend.name=deepspeed",
+            DS[path],
+        ]
     if path == "mpirun":
         return ["mpirun", "-n", "2", sys.executable, *train, *over, "--backend.name=fsdp"]
     if path.startswith("trainer-"):
         backend = path.split("-", 1)[1]
-        return [*TORCHRUN, str(DRIVERS / "hf_driver.py"), str(work / "out"), "--backend", backend, "--",
-                *tiny_overrides(work, data, "--train.steps=2", "--lisa.interval=1")]
+        return [
+            *TORCHRUN,
+            str(DRIVERS / "hf_driver.py"),
+            str(work / "out"),
+            "--backend",
+            backend,
+            "--",
+            *tiny_overrides(work, data, "--train.steps=2", "--lisa.interval=1"),
+        ]
     if path == "checkpoint-driver":
-        return [*TORCHRUN, str(DRIVERS / "ckpt_driver.py"), str(work), "save", "2", *over,
-                "--backend.name=fsdp", "--train.steps=4"]
+        return [
+            *TORCHRUN,
+            str(DRIVERS / "ckpt_driver.py"),
+            str(work),
+            "save",
+            "2",
+            *over,
+            "--backend.name=fsdp",
+            "--train.steps=4",
+        ]
     if path.startswith("gloo-race"):
         return exit_race_command(*(["--lisa-dist"] if path.endswith("lisa-dist") else []))
     if path == "comm":
@@ -69,8 +96,22 @@ def _allow_cores() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
-PATHS = ("local", "fsdp", "fsdp-checkpoint", "zero2", "zero3", "zero3-checkpoint", "mpirun", "trainer-ddp",
-         "trainer-fsdp", "trainer-zero3", "comm", "checkpoint-driver", "gloo-race", "gloo-race-lisa-dist")
+PATHS = (
+    "local",
+    "fsdp",
+    "fsdp-checkpoint",
+    "zero2",
+    "zero3",
+    "zero3-checkpoint",
+    "mpirun",
+    "trainer-ddp",
+    "trainer-fsdp",
+    "trainer-zero3",
+    "comm",
+    "checkpoint-driver",
+    "gloo-race",
+    "gloo-race-lisa-dist",
+)
 
 
 def stress(path: str, runs: int, minutes: float, data: Path, keep: Path) -> dict:
@@ -82,8 +123,15 @@ def stress(path: str, runs: int, minutes: float, data: Path, keep: Path) -> dict
         with tempfile.TemporaryDirectory(prefix=f"exit_{path}_") as tmp:
             work = Path(tmp)
             start = time.monotonic()
-            proc = subprocess.run(command(path, work, data), cwd=REPO, env=launcher_env() | {"PYTHONFAULTHANDLER": "1"},
-                                  capture_output=True, text=True, timeout=600, preexec_fn=_allow_cores)
+            proc = subprocess.run(
+                command(path, work, data),
+                cwd=REPO,
+                env=launcher_env() | {"PYTHONFAULTHANDLER": "1"},
+                capture_output=True,
+                text=True,
+                timeout=600,
+                preexec_fn=_allow_cores,
+            )
             outcomes["seconds"] += time.monotonic() - start
         output = proc.stdout + proc.stderr
         aborted = bool(ABORT.search(output)) or proc.returncode == -6
@@ -110,15 +158,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_text_data(Path(tmp) / "data.jsonl")
         results = {path: stress(path, args.runs, args.minutes, data, keep) for path in args.paths}
-    lines = [f"`python -m benchmarks.exit_stress --runs {args.runs} --paths {' '.join(args.paths)}` ({args.name}): "
-             "each run trains 2 steps on 2 ranks (local: one process; gloo-race: a few all-reduces) and must exit 0.",
-             "",
-             "| path | runs | non-zero exits | aborts (SIGABRT / terminate called) | exit codes | s per run |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"`python -m benchmarks.exit_stress --runs {args.runs} --paths {' '.join(args.paths)}` ({args.name}): "
+        "each run trains 2 steps on 2 ranks (local: one process; gloo-race: a few all-reduces) and must exit 0.",
+        "",
+        "| path | runs | non-zero exits | aborts (SIGABRT / terminate called) | exit codes | s per run |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for path, r in results.items():
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(r["codes"].items()))
-        lines.append(f"| {path} | {r['runs']} | {r['nonzero']} | {r['aborts']} | {codes} | "
-                     f"{r['seconds'] / max(1, r['runs']):.1f} |")
+        lines.append(
+            f"| {path} | {r['runs']} | {r['nonzero']} | {r['aborts']} | {codes} | "
+            f"{r['seconds'] / max(1, r['runs']):.1f} |"
+        )
     harness.write_results(args.out, args.name, lines, results)
 
 

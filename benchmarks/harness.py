@@ -12,6 +12,7 @@ the newest result of a name, for the scripts that read another's.
     python -m benchmarks.harness machine        # this machine's description, as JSON
     python -m benchmarks.harness reserve NAME   # a fresh result path (no suffix) for NAME, e.g. a folder of files
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,22 @@ PACKAGES = ("torch", "transformers", "deepspeed", "peft", "torchao")
 _STEM = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9]+)_(.+?)(?:-(\d+))?$")
 
 
-def parser(doc: str | None, name: str, *, quick: bool = False, repeats: int | None = None,
-           ) -> argparse.ArgumentParser:
+def parser(
+    doc: str | None,
+    name: str,
+    *,
+    quick: bool = False,
+    repeats: int | None = None,
+) -> argparse.ArgumentParser:
     """The benchmark's argument parser with the shared options: --out (the results folder), --name (the result's
     name), and --quick or --repeats N where the benchmark has one."""
-    found = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0],
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    found = argparse.ArgumentParser(
+        description=(doc or name).strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     found.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files (default: %(default)s)")
-    found.add_argument("--name", default=name, help="result name: <date>_<hardware>_<name>.md/.json (default: "
-                                                    "%(default)s)")
+    found.add_argument(
+        "--name", default=name, help="result name: <date>_<hardware>_<name>.md/.json (default: %(default)s)"
+    )
     if quick:
         found.add_argument("--quick", action="store_true", help="a tiny form that checks the pipeline only")
     if repeats is not None:
@@ -52,10 +60,17 @@ def parser(doc: str | None, name: str, *, quick: bool = False, repeats: int | No
 def machine() -> dict[str, Any]:
     """CPU model and cores, RAM, GPUs (through torch.cuda), OS, Python, the packages' versions, the git commit."""
     gpus = _gpus()
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": round(_ram_bytes() / 2**30, 1),
-            "gpus": gpus, "hardware": hardware(gpus), "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "versions": {p: _version(p) for p in PACKAGES},
-            "commit": _commit()}
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(_ram_bytes() / 2**30, 1),
+        "gpus": gpus,
+        "hardware": hardware(gpus),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "commit": _commit(),
+    }
 
 
 def hardware(gpus: list[str] | None = None) -> str:
@@ -71,8 +86,10 @@ def describe(info: dict[str, Any]) -> str:
     """One line for a report: hardware, CPU, RAM, GPUs, versions and commit."""
     gpus = f"{len(info['gpus'])} x {info['gpus'][0]}" if info["gpus"] else "no GPU"
     versions = ", ".join(f"{p} {v}" for p, v in info["versions"].items() if v)
-    return (f"{info['hardware']}: {info['cpu']}, {info['cores']} cores, {info['ram_gib']:g} GiB RAM, {gpus}; "
-            f"{info['os']}, Python {info['python']}; {versions}; commit {info['commit']}")
+    return (
+        f"{info['hardware']}: {info['cpu']}, {info['cores']} cores, {info['ram_gib']:g} GiB RAM, {gpus}; "
+        f"{info['os']}, Python {info['python']}; {versions}; commit {info['commit']}"
+    )
 
 
 def command() -> str:
@@ -111,8 +128,11 @@ def write_stem(stem: Path, lines: list[str] | None, data: Any, echo: bool = True
     """Write stem.md (`lines`, then the command and the machine) and stem.json (`data` with "run"); prints the
     Markdown when `echo`, and the files' names."""
     info = machine()
-    run = {"command": command(), "machine": info,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    run = {
+        "command": command(),
+        "machine": info,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     lines = lines if lines is not None else [f"# {stem.name}", "", f"The figures are in {stem.name}.json."]
     footer = ["", "---", f"Command: `{run['command']}`", "", f"Machine: {describe(info)}."]
     text = "\n".join([*lines, *footer]) + "\n"
@@ -168,8 +188,10 @@ def _gpus() -> list[str]:
 def _cpu_model() -> str:
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
+    return next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
 
 
 def _ram_bytes() -> int:
@@ -185,10 +207,16 @@ def _version(package: str) -> str | None:
 
 def _commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=REPO, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if head.returncode != 0:

@@ -10,6 +10,7 @@ and tokens. Writes <date>_<hardware>_<name>.json (and a .md naming it): medians 
 (naive LISA's grows with every switch), peak memory (CPU: peak RSS minus the RSS before the model was built;
 CUDA: torch.cuda.max_memory_allocated) and, next to it, lisa_dist.tools.memory's prediction for the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,19 @@ from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
-METHODS = ("full", "lora", "qlora", "naive_lisa", "badam", "lisa", "lisa_frozen_emb", "lisa_compiled", "lisa_int8",
-           "lisa_nf4", "lisa_lean")
+METHODS = (
+    "full",
+    "lora",
+    "qlora",
+    "naive_lisa",
+    "badam",
+    "lisa",
+    "lisa_frozen_emb",
+    "lisa_compiled",
+    "lisa_int8",
+    "lisa_nf4",
+    "lisa_lean",
+)
 # lisa_dist LISA's memory options, by benchmark name (lisa_lean: everything that saves memory at once).
 LISA_OPTIONS = {
     "lisa": [],
@@ -36,44 +48,109 @@ LISA_OPTIONS = {
     "lisa_nf4": ["--lisa.frozen_storage=nf4"],
     "lisa_frozen_emb": ["--lisa.train_embeddings=false"],
     "lisa_compiled": ["--train.compile=true"],
-    "lisa_lean": ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", "--optim.adam_8bit=all",
-                  "--train.loss=chunked", "--train.loss_chunk_tokens=128"],
+    "lisa_lean": [
+        "--lisa.frozen_storage=nf4",
+        "--lisa.train_embeddings=false",
+        "--optim.adam_8bit=all",
+        "--train.loss=chunked",
+        "--train.loss_chunk_tokens=128",
+    ],
 }
 # The memory model's name for each benchmark method (BAdam has none).
-PLANNED = {"full": "full", "lora": "lora", "qlora": "qlora", "naive_lisa": "naive_lisa",
-           **{name: "lisa" for name in LISA_OPTIONS}}
+PLANNED = {
+    "full": "full",
+    "lora": "lora",
+    "qlora": "qlora",
+    "naive_lisa": "naive_lisa",
+    **{name: "lisa" for name in LISA_OPTIONS},
+}
 # Llama-shaped models by name: the CPU default, and larger ones for one GPU (benchmarks/gpu.sh).
 SIZES = {
     "tiny": {"hidden_size": 64, "num_hidden_layers": 4},  # the GPU kit's CPU run (benchmarks/gpu_kit)
-    "bench": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
-              "num_key_value_heads": 8, "head_dim": 64},
+    "bench": {
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+    },
     # SmolLM2-135M-Instruct's shape (tied embeddings, 134.5M params): the speed targets of make bench.
-    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True},
-    "1b": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16,
-           "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128},
-    "3b": {"vocab_size": 32000, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 24,
-           "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
-    "7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128},
+    "smollm2-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
+    "1b": {
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 5504,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "head_dim": 128,
+    },
+    "3b": {
+        "vocab_size": 32000,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
+    "7b": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+    },
 }
 GAMMA, INTERVAL = 2, 2
 # The libraries each method needs beyond lisa_dist's own (datasets, transformers).
-LIBRARIES = {"all": ["datasets"], "lora": ["peft"], "qlora": ["peft", "bitsandbytes"], "badam": ["badam"],
-             "lisa_int8": ["torchao"], "lisa_nf4": ["torchao"], "lisa_lean": ["torchao", "torchao.optim"]}
+LIBRARIES = {
+    "all": ["datasets"],
+    "lora": ["peft"],
+    "qlora": ["peft", "bitsandbytes"],
+    "badam": ["badam"],
+    "lisa_int8": ["torchao"],
+    "lisa_nf4": ["torchao"],
+    "lisa_lean": ["torchao", "torchao.optim"],
+}
 
 
 def overrides(method: str, args: argparse.Namespace) -> list[str]:
     size = json.dumps(SIZES[args.size])
     # The demo data's responses packed into blocks of seq_len tokens: every step the same number of tokens.
-    base = [f"--data.path={DATA}", "--data.format=text", "--data.text_field=output",
-            f"--data.max_length={args.seq_len}", "--model.name=tiny-llama", f"--model.config_overrides={size}",
-            f"--train.micro_batch_size={args.micro_batch}", f"--train.steps={args.steps}",
-            f"--train.device={args.device}", f"--train.precision={args.precision}",
-            f"--train.output_dir={REPO / 'runs' / 'bench_methods' / method}", "--checkpoint.save_final=false",
-            "--logging.progress=false", "--logging.level=WARNING", "--logging.log_every=1", f"--lisa.gamma={GAMMA}",
-            f"--lisa.interval={INTERVAL}", "--optim.warmup_steps=0",
-            f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+    base = [
+        f"--data.path={DATA}",
+        "--data.format=text",
+        "--data.text_field=output",
+        f"--data.max_length={args.seq_len}",
+        "--model.name=tiny-llama",
+        f"--model.config_overrides={size}",
+        f"--train.micro_batch_size={args.micro_batch}",
+        f"--train.steps={args.steps}",
+        f"--train.device={args.device}",
+        f"--train.precision={args.precision}",
+        f"--train.output_dir={REPO / 'runs' / 'bench_methods' / method}",
+        "--checkpoint.save_final=false",
+        "--logging.progress=false",
+        "--logging.level=WARNING",
+        "--logging.log_every=1",
+        f"--lisa.gamma={GAMMA}",
+        f"--lisa.interval={INTERVAL}",
+        "--optim.warmup_steps=0",
+        f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+    ]
     if method in ("full", "badam"):
         base.append("--lisa.enabled=false")
     if method in ("lora", "qlora"):
@@ -88,8 +165,13 @@ def quantize_lora_base(layers: torch.nn.ModuleList) -> int:
     from peft.tuners.lora import LoraLayer
 
     def nf4(base: torch.nn.Linear) -> torch.nn.Module:
-        quantized = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
-                                      compute_dtype=base.weight.dtype, quant_type="nf4")
+        quantized = bnb.nn.Linear4bit(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            compute_dtype=base.weight.dtype,
+            quant_type="nf4",
+        )
         quantized.weight = bnb.nn.Params4bit(base.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
         if base.bias is not None:
             quantized.bias = torch.nn.Parameter(base.bias.detach(), requires_grad=False)
@@ -129,8 +211,11 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     cfg = load_config(None, overrides(method, args))
     cuda = cfg.train.device == "cuda"
     before = torch.cuda.memory_allocated() if cuda else rss_bytes()
-    backend = build_baseline(method, cfg, "model.layers", SIZES[args.size]["num_hidden_layers"]) \
-        if method in ("naive_lisa", "badam") else None
+    backend = (
+        build_baseline(method, cfg, "model.layers", SIZES[args.size]["num_hidden_layers"])
+        if method in ("naive_lisa", "badam")
+        else None
+    )
     run = build(cfg, backend)
     # The planner's shapes are those of the model as built (QLoRA's bitsandbytes params are packed).
     lora = run.trainable.always if method in ("lora", "qlora") else ()
@@ -139,8 +224,10 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         raise RuntimeError("QLoRA: peft wrapped no nn.Linear to quantize")
     loaded = {}
     if cuda:  # the training peak, not the loading's (a whole layer's fp32 copy on its way to NF4, say)
-        loaded = {"load_peak_bytes": torch.cuda.max_memory_allocated() - before,
-                  "loaded_bytes": torch.cuda.memory_allocated() - before}
+        loaded = {
+            "load_peak_bytes": torch.cuda.max_memory_allocated() - before,
+            "loaded_bytes": torch.cuda.memory_allocated() - before,
+        }
         torch.cuda.reset_peak_memory_stats()
     steps, seen = [], 0
     for step in range(cfg.train.steps):
@@ -150,10 +237,17 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         record = train_step(run, step)
         if cuda:
             torch.cuda.synchronize()
-        steps.append({"step": step + 1, "s": time.perf_counter() - start, "tokens": record["tokens"] - seen,
-                      "switched": record["switched"], "state": record["state_bytes"],
-                      "active": getattr(run.backend, "active_block", None) or record["active_layers"],
-                      "compiled_graphs": record.get("compiled_graphs")})
+        steps.append(
+            {
+                "step": step + 1,
+                "s": time.perf_counter() - start,
+                "tokens": record["tokens"] - seen,
+                "switched": record["switched"],
+                "state": record["state_bytes"],
+                "active": getattr(run.backend, "active_block", None) or record["active_layers"],
+                "compiled_graphs": record.get("compiled_graphs"),
+            }
+        )
         seen = record["tokens"]
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if cuda:  # what the caching allocator held at its peak, fragmentation included: what must fit the card
@@ -161,7 +255,10 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     measured = steps[2:]  # warm-up
     result = {
         **loaded,
-        "method": method, "steps": steps, "peak_bytes": peak - before, "peak_kind": "cuda" if cuda else "rss",
+        "method": method,
+        "steps": steps,
+        "peak_bytes": peak - before,
+        "peak_kind": "cuda" if cuda else "rss",
         "median_step_s": statistics.median(s["s"] for s in measured),
         "tokens_per_s": statistics.median(s["tokens"] / s["s"] for s in measured),
         "mean_tokens_per_s": sum(s["tokens"] for s in measured) / sum(s["s"] for s in measured),
@@ -194,15 +291,36 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.one, args)))
         return
     results, failed = {}, []
-    meta = {"torch": torch.__version__, "device": args.device, "size": args.size, "model": SIZES[args.size],
-            "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "gamma": GAMMA,
-            "interval": INTERVAL, "precision": args.precision, "threads": args.threads,
-            "activation_checkpointing": args.activation_checkpointing}
+    meta = {
+        "torch": torch.__version__,
+        "device": args.device,
+        "size": args.size,
+        "model": SIZES[args.size],
+        "steps": args.steps,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "gamma": GAMMA,
+        "interval": INTERVAL,
+        "precision": args.precision,
+        "threads": args.threads,
+        "activation_checkpointing": args.activation_checkpointing,
+    }
     stem = harness.reserve(args.out, args.name)
     for method in args.methods:
-        cmd = [sys.executable, "-m", "benchmarks.methods", "--one", method, f"--steps={args.steps}",
-               f"--size={args.size}", f"--device={args.device}", f"--precision={args.precision}",
-               f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}", f"--threads={args.threads}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.methods",
+            "--one",
+            method,
+            f"--steps={args.steps}",
+            f"--size={args.size}",
+            f"--device={args.device}",
+            f"--precision={args.precision}",
+            f"--seq-len={args.seq_len}",
+            f"--micro-batch={args.micro_batch}",
+            f"--threads={args.threads}",
+        ]
         cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -212,13 +330,18 @@ def main() -> None:
         elif done.returncode or not lines:  # recorded, and the next method still runs
             failed.append(method)
             results[method] = {"method": method, "error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
-            print(f"{method:10s} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}",
-                  flush=True)
+            print(
+                f"{method:10s} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}",
+                flush=True,
+            )
         else:
-            results[method] = r = json.loads(lines[-1][len("RESULT "):])
-            print(f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  device state "
-                  f"{sum(v for k, v in r['steps'][-1]['state'].items() if k != 'host'):>12,} B"
-                  f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})", flush=True)
+            results[method] = r = json.loads(lines[-1][len("RESULT ") :])
+            print(
+                f"{method:10s} {r['tokens_per_s']:9.1f} tok/s  device state "
+                f"{sum(v for k, v in r['steps'][-1]['state'].items() if k != 'host'):>12,} B"
+                f"  peak {r['peak_bytes']:>12,} B ({r['peak_kind']})",
+                flush=True,
+            )
         # Written after every method: a run stopped part way keeps what it measured.
         harness.write_json(stem, {"meta": meta, "results": results})
     harness.write_stem(stem, None, {"meta": meta, "results": results})

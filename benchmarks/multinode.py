@@ -15,6 +15,7 @@ write the raw per-rank, per-step figures and the link counters of the two nodes 
 The driver summarizes them into <date>_<hardware>_multinode.json and .md under --out, and deletes the namespaces
 at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,22 +40,38 @@ SUBNET = "10.231.78"  # exists only inside the two namespaces this benchmark cre
 NPROC = 2
 INTERVAL = 5
 CONFIGS = {  # name -> (HSDP replicas, LISA on)
-    "FSDP full": (1, False), "FSDP LISA": (1, True), "HSDP full": (2, False), "HSDP LISA": (2, True),
+    "FSDP full": (1, False),
+    "FSDP LISA": (1, True),
+    "HSDP full": (2, False),
+    "HSDP LISA": (2, True),
 }
 
 
 def overrides(name: str, steps: int, run_dir: Path) -> list[str]:
     replicate, lisa = CONFIGS[name]
-    return [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
-            f"--data.cache_dir={run_dir.parent / 'cache'}", "--model.name=tiny-llama",
-            "--model.config_overrides={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 8}",
-            "--train.micro_batch_size=4", f"--train.steps={steps}", f"--train.output_dir={run_dir / 'run'}",
-            "--logging.progress=false", "--logging.level=WARNING", "--backend.name=fsdp",
-            f"--backend.replicate={replicate}", f"--lisa.enabled={str(lisa).lower()}", "--lisa.gamma=2",
-            f"--lisa.interval={INTERVAL}"]
+    return [
+        f"--data.path={DATA}",
+        "--data.format=alpaca",
+        "--data.max_length=512",
+        "--data.skip_bad_rows=true",
+        f"--data.cache_dir={run_dir.parent / 'cache'}",
+        "--model.name=tiny-llama",
+        "--model.config_overrides={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 8}",
+        "--train.micro_batch_size=4",
+        f"--train.steps={steps}",
+        f"--train.output_dir={run_dir / 'run'}",
+        "--logging.progress=false",
+        "--logging.level=WARNING",
+        "--backend.name=fsdp",
+        f"--backend.replicate={replicate}",
+        f"--lisa.enabled={str(lisa).lower()}",
+        "--lisa.gamma=2",
+        f"--lisa.interval={INTERVAL}",
+    ]
 
 
 # --- measure: one rank of one config, under torchrun ---------------------------------------------------------------
+
 
 def link_tx_bytes() -> dict[str, int]:
     """Bytes sent so far by this namespace's veth (to the other node) and loopback (between this node's ranks)."""
@@ -80,23 +97,44 @@ def measure(out: Path, args: list[str], warmup: int) -> None:
         tokens, switches, start = run.tokens_seen, run.switches, time.perf_counter()
         with count_collectives() as comm:
             train_step(run, step)
-        steps.append({"s": time.perf_counter() - start, "tokens": run.tokens_seen - tokens,
-                      "switched": run.switches > switches, **comm.by_node(per_node), "bytes": comm.bytes,
-                      "groups": {",".join(map(str, g)): b for g, b in comm.by_group().items()}})
+        steps.append(
+            {
+                "s": time.perf_counter() - start,
+                "tokens": run.tokens_seen - tokens,
+                "switched": run.switches > switches,
+                **comm.by_node(per_node),
+                "bytes": comm.bytes,
+                "groups": {",".join(map(str, g)): b for g, b in comm.by_group().items()},
+            }
+        )
     dist.barrier()
     end = link_tx_bytes()
-    mine = {"rank": run.backend.rank, "node": run.backend.rank // per_node, "steps": steps,
-            "wire": {k: end[k] - wire[k] for k in end} if int(os.environ["LOCAL_RANK"]) == 0 else None}
+    mine = {
+        "rank": run.backend.rank,
+        "node": run.backend.rank // per_node,
+        "steps": steps,
+        "wire": {k: end[k] - wire[k] for k in end} if int(os.environ["LOCAL_RANK"]) == 0 else None,
+    }
     ranks: list = [None] * run.backend.world_size
     dist.all_gather_object(ranks, mine)
     if run.backend.is_main:
-        out.write_text(json.dumps({"torch": torch.__version__, "world": run.backend.world_size, "ranks_per_node":
-                                   per_node, "warmup": warmup, "params": run.trainable.num_params(
-                                       tuple(range(run.layout.num_layers))), "ranks": ranks}))
+        out.write_text(
+            json.dumps(
+                {
+                    "torch": torch.__version__,
+                    "world": run.backend.world_size,
+                    "ranks_per_node": per_node,
+                    "warmup": warmup,
+                    "params": run.trainable.num_params(tuple(range(run.layout.num_layers))),
+                    "ranks": ranks,
+                }
+            )
+        )
     run.backend.close()
 
 
 # --- drive: namespaces, the four configs, the summary --------------------------------------------------------------
+
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
@@ -137,8 +175,12 @@ def shape_link(nodes: list[tuple[str, str, str]], rate: str | None) -> str:
     qdisc = ["tbf", "rate", rate, "burst", "64kb", "latency", "50ms"]
     try:
         for ns, dev, _ in nodes:
-            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *qdisc],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *qdisc],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"warning: link left unshaped, tc failed: {getattr(exc, 'stderr', exc)}", file=sys.stderr)
         return "veth pair, not shaped (tc failed)"
@@ -156,13 +198,48 @@ def launch(nodes: list[tuple[str, str, str]], name: str, steps: int, warmup: int
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     procs = []
     for rank, (ns, dev, addr) in enumerate(nodes):
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-               "--node-rank", str(rank), "--nproc-per-node", str(NPROC), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"{nodes[0][2]}:{port}", "--rdzv-id", f"multinode-{port}", "--local-addr", addr,
-               "--rdzv-conf", f"is_host={int(rank == 0)}", "-m", "benchmarks.multinode", "measure",
-               str(result), str(warmup),               *overrides(name, steps, run_dir)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env | {"GLOO_SOCKET_IFNAME": dev}, cwd=REPO, start_new_session=True))
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--nproc-per-node",
+            str(NPROC),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{nodes[0][2]}:{port}",
+            "--rdzv-id",
+            f"multinode-{port}",
+            "--local-addr",
+            addr,
+            "--rdzv-conf",
+            f"is_host={int(rank == 0)}",
+            "-m",
+            "benchmarks.multinode",
+            "measure",
+            str(result),
+            str(warmup),
+            *overrides(name, steps, run_dir),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env | {"GLOO_SOCKET_IFNAME": dev},
+                cwd=REPO,
+                start_new_session=True,
+            )
+        )
     try:
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -181,14 +258,16 @@ def summarize(raw: dict) -> dict:
     steps without a LISA switch, and mean over all measured steps), and the bytes the links carried."""
     ranks, warmup = raw["ranks"], raw["warmup"]
     timed = raw["ranks"][0]["steps"][warmup:]
-    out = {"tokens_per_s_median": statistics.median(s["tokens"] / s["s"] for s in timed),
-           "tokens_per_s_overall": sum(s["tokens"] for s in timed) / sum(s["s"] for s in timed),
-           "step_s_median": statistics.median(s["s"] for s in timed), "measured_steps": len(timed),
-           "tokens_per_step": timed[-1]["tokens"]}
+    out = {
+        "tokens_per_s_median": statistics.median(s["tokens"] / s["s"] for s in timed),
+        "tokens_per_s_overall": sum(s["tokens"] for s in timed) / sum(s["s"] for s in timed),
+        "step_s_median": statistics.median(s["s"] for s in timed),
+        "measured_steps": len(timed),
+        "tokens_per_step": timed[-1]["tokens"],
+    }
     for side in ("intra", "inter"):
         for kind in ("bytes", "ring_bytes"):
-            steady = [statistics.median(s[side][kind] for s in r["steps"][warmup:] if not s["switched"])
-                      for r in ranks]
+            steady = [statistics.median(s[side][kind] for s in r["steps"][warmup:] if not s["switched"]) for r in ranks]
             mean = [statistics.mean(s[side][kind] for s in r["steps"][warmup:]) for r in ranks]
             out[f"{side}_{kind}"] = statistics.mean(steady)
             out[f"{side}_{kind}_mean"] = statistics.mean(mean)
@@ -213,27 +292,43 @@ def write_report(out: Path, name: str, results: dict, meta: dict) -> None:
         f"(backend.replicate=2) shards within a node and all-reduces the shards across nodes. {meta['steps']} steps, "
         f"micro batch 4 per rank, LISA gamma 2 of 8 layers, K = {INTERVAL}; medians over the steps after "
         f"{meta['warmup']} warm-up steps. tokens/s: the global batch's non-pad tokens per second of rank 0's step "
-        "time, LISA switches included.", "",
+        "time, LISA switches included.",
+        "",
         "| config | tokens/s (median) | tokens/s (all measured steps) | step s (median) |",
         "| --- | --- | --- | --- |",
-        *(f"| {n} | {r['tokens_per_s_median']:.0f} | {r['tokens_per_s_overall']:.0f} | {r['step_s_median']:.3f} |"
-          for n, r in results.items()),
-        "", "MB per step per rank. Counted: message bytes of the collectives benchmarks.lib.comm saw (all-gathers "
+        *(
+            f"| {n} | {r['tokens_per_s_median']:.0f} | {r['tokens_per_s_overall']:.0f} | {r['step_s_median']:.3f} |"
+            for n, r in results.items()
+        ),
+        "",
+        "MB per step per rank. Counted: message bytes of the collectives benchmarks.lib.comm saw (all-gathers "
         "count their output), and the bytes a ring would send for them, split by whether the process group stays "
         "within a node; median over steps without a LISA switch. Wire: bytes the veth (inter-node) and loopback "
         "(intra-node) devices sent, per rank and measured step, switches included, next to the counted ring bytes "
-        "averaged the same way.", "",
+        "averaged the same way.",
+        "",
         "| config | intra msg | inter msg | intra ring | inter ring | inter ring (mean) | inter wire | "
         "intra ring (mean) | intra wire |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *(f"| {n} | {mb(r['intra_bytes'])} | {mb(r['inter_bytes'])} | {mb(r['intra_ring_bytes'])} | "
-          f"{mb(r['inter_ring_bytes'])} | {mb(r['inter_ring_bytes_mean'])} | {mb(r['inter_wire_bytes'])} | "
-          f"{mb(r['intra_ring_bytes_mean'])} | {mb(r['intra_wire_bytes'])} |" for n, r in results.items()),
-        "", "Rank 0's message MB per step by process group (global ranks; a step without a switch):", "",
-        "| config | group | all_gather | reduce_scatter | all_reduce |", "| --- | --- | --- | --- | --- |",
-        *(f"| {n} | {g} | {mb(b.get('all_gather', 0))} | {mb(b.get('reduce_scatter', 0))} | "
-          f"{mb(b.get('all_reduce', 0))} |" for n, r in results.items() for g, b in r["rank0_groups"].items()),
-        "", "Reading the bytes: a group with ranks on both nodes counts as inter-node, although a ring over ranks "
+        *(
+            f"| {n} | {mb(r['intra_bytes'])} | {mb(r['inter_bytes'])} | {mb(r['intra_ring_bytes'])} | "
+            f"{mb(r['inter_ring_bytes'])} | {mb(r['inter_ring_bytes_mean'])} | {mb(r['inter_wire_bytes'])} | "
+            f"{mb(r['intra_ring_bytes_mean'])} | {mb(r['intra_wire_bytes'])} |"
+            for n, r in results.items()
+        ),
+        "",
+        "Rank 0's message MB per step by process group (global ranks; a step without a switch):",
+        "",
+        "| config | group | all_gather | reduce_scatter | all_reduce |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {n} | {g} | {mb(b.get('all_gather', 0))} | {mb(b.get('reduce_scatter', 0))} | "
+            f"{mb(b.get('all_reduce', 0))} |"
+            for n, r in results.items()
+            for g, b in r["rank0_groups"].items()
+        ),
+        "",
+        "Reading the bytes: a group with ranks on both nodes counts as inter-node, although a ring over ranks "
         "0-1-2-3 crosses the veth on 2 of its 4 hops, so FSDP's veth carries about half of its traffic. The ring "
         "model is not gloo's: gloo runs a reduce-scatter as an all-reduce (its profiler events name it "
         "gloo:all_reduce), so its wire bytes are about 2 (W-1)/W of the message, not (W-1)/W. Wire bytes also "
@@ -245,8 +340,14 @@ def write_report(out: Path, name: str, results: dict, meta: dict) -> None:
 
 
 def machine(link: str) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Linux {platform.release()}, gloo, 1 thread per rank"
 
@@ -266,9 +367,17 @@ def drive(args: argparse.Namespace) -> None:
         print(f"skipped: cannot create network namespaces here (needs root and iproute2): {str(exc).strip()}")
         return
     first = next(iter(raw.values()))
-    meta = {"command": harness.command(), "torch": first["torch"],
-            "machine": machine(link), "link": link, "steps": args.steps, "warmup": args.warmup,
-            "world": first["world"], "ranks_per_node": first["ranks_per_node"], "params": first["params"]}
+    meta = {
+        "command": harness.command(),
+        "torch": first["torch"],
+        "machine": machine(link),
+        "link": link,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "world": first["world"],
+        "ranks_per_node": first["ranks_per_node"],
+        "params": first["params"],
+    }
     write_report(args.out, args.name, {name: summarize(r) for name, r in raw.items()}, meta)
 
 

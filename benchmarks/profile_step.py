@@ -10,6 +10,7 @@ of every profiled step: forward (embedding, blocks, head), the loss and head's b
 and the switch; torch.profiler gives the top operators by self CPU time. Medians over the steps after the first.
 Writes benchmarks/results/<date>_<hardware>_profile.md and .json.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ from benchmarks.methods import SIZES, overrides
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
 
-METHODS = {"full": "full fine-tuning", "lora": "LoRA r 8", "lisa": "LISA gamma 2 (embeddings trained)",
-           "lisa_frozen_emb": "LISA gamma 2, lisa.train_embeddings=false"}
+METHODS = {
+    "full": "full fine-tuning",
+    "lora": "LoRA r 8",
+    "lisa": "LISA gamma 2 (embeddings trained)",
+    "lisa_frozen_emb": "LISA gamma 2, lisa.train_embeddings=false",
+}
 
 
 class Stamps:
@@ -47,6 +52,7 @@ class Stamps:
         def stamp(key: str):
             def hook(*_) -> None:  # returns None: the hooks must not replace inputs, outputs or gradients
                 self.t[key] = time.perf_counter()
+
             return hook
 
         module.register_forward_pre_hook(stamp(f"{name}.fwd0"))
@@ -56,9 +62,12 @@ class Stamps:
     def phases(self, end: float) -> dict[str, float]:
         """Seconds per phase of the micro-batch that ended at `end`."""
         t, n_layers = self.t, self.num_layers
-        out = {"forward": t["head.fwd1"] - t["embedding.fwd0"], "forward.embedding": t["embedding.fwd1"] -
-               t["embedding.fwd0"], "forward.blocks": t[f"block{n_layers - 1}.fwd1"] - t["block0.fwd0"],
-               "forward.head": t["head.fwd1"] - t["head.fwd0"]}
+        out = {
+            "forward": t["head.fwd1"] - t["embedding.fwd0"],
+            "forward.embedding": t["embedding.fwd1"] - t["embedding.fwd0"],
+            "forward.blocks": t[f"block{n_layers - 1}.fwd1"] - t["block0.fwd0"],
+            "forward.head": t["head.fwd1"] - t["head.fwd0"],
+        }
         # Backward runs from the top: the loss and head first, then block n_layers-1, ..., the lowest that needs it.
         starts = [(f"block{i}", t[f"block{i}.bwd"]) for i in reversed(range(n_layers)) if f"block{i}.bwd" in t]
         if "embedding.bwd" in t:
@@ -95,6 +104,7 @@ def profile_method(method: str, args) -> dict:
                 out = fn(*a, **k)
             phases[-1][name] = phases[-1].get(name, 0.0) + time.perf_counter() - start
             return out
+
         return call
 
     backend.forward_backward = timed_forward_backward
@@ -117,16 +127,23 @@ def profile_method(method: str, args) -> dict:
         for micro in s.get("micro", []):
             for k, v in micro.items():
                 merged[k] += v
-        for k, v in {**merged, "optimizer": s.get("optimizer", 0.0), "switch": s.get("switch", 0.0),
-                     "step": s["step"]}.items():
+        for k, v in {
+            **merged,
+            "optimizer": s.get("optimizer", 0.0),
+            "switch": s.get("switch", 0.0),
+            "step": s["step"],
+        }.items():
             summary[k].append(v)
     medians = {k: statistics.median(v) for k, v in summary.items()}
     switches = [s["switch"] for s in measured if s.get("switch")]
     medians["switch_when_switching"] = statistics.median(switches) if switches else 0.0
     table = prof.key_averages()
     top = sorted(table, key=lambda e: e.self_cpu_time_total, reverse=True)
-    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in top
-           if not e.key.startswith("lisa.")][:args.top]
+    top = [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+        for e in top
+        if not e.key.startswith("lisa.")
+    ][: args.top]
     return {"phases": medians, "top": top, "active": list(run.active)}
 
 
@@ -138,23 +155,33 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=8)
-    parser.add_argument("--layers", type=int, nargs="+", default=[9, 20],
-                        help="LISA's active layers (fixed, so every profiled step is alike; 9 is about the expected "
-                             "lowest of 2 layers drawn from 30)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[9, 20],
+        help="LISA's active layers (fixed, so every profiled step is alike; 9 is about the expected "
+        "lowest of 2 layers drawn from 30)",
+    )
     args = parser.parse_args()
     # methods.overrides' other fields
     args.size, args.device, args.precision, args.activation_checkpointing = "smollm2-135m", "cpu", "fp32", False
     results = {m: profile_method(m, args) for m in args.methods}
     n_layers = SIZES["smollm2-135m"]["num_hidden_layers"]
     cols = list(results)
-    lines = ["# Where the step's time goes, SmolLM2-135M's shape", "",
-             f"`python -m benchmarks.profile_step --steps {args.steps} --seq-len {args.seq_len} --micro-batch "
-             f"{args.micro_batch} --threads {args.threads} --layers {' '.join(map(str, args.layers))}`: "
-             f"torch {torch.__version__}, CPU, {args.threads} threads, "
-             f"local backend, fp32, {args.micro_batch} x {args.seq_len} tokens a step; medians "
-             f"(ms) of {args.steps - 1} steps after the first. LISA's active layers fixed at {args.layers} "
-             "(lisa.strategy=fixed).", "",
-             "| phase | " + " | ".join(METHODS[m] for m in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    lines = [
+        "# Where the step's time goes, SmolLM2-135M's shape",
+        "",
+        f"`python -m benchmarks.profile_step --steps {args.steps} --seq-len {args.seq_len} --micro-batch "
+        f"{args.micro_batch} --threads {args.threads} --layers {' '.join(map(str, args.layers))}`: "
+        f"torch {torch.__version__}, CPU, {args.threads} threads, "
+        f"local backend, fp32, {args.micro_batch} x {args.seq_len} tokens a step; medians "
+        f"(ms) of {args.steps - 1} steps after the first. LISA's active layers fixed at {args.layers} "
+        "(lisa.strategy=fixed).",
+        "",
+        "| phase | " + " | ".join(METHODS[m] for m in cols) + " |",
+        "| --- |" + " --- |" * len(cols),
+    ]
 
     def row(label, key_fn):
         lines.append(f"| {label} | " + " | ".join(f"{key_fn(results[m]['phases']) * 1e3:,.0f}" for m in cols) + " |")
@@ -164,19 +191,29 @@ def main() -> None:
     row("  of which the head (logits)", lambda p: p["forward.head"])
     row("backward: loss and head", lambda p: p["backward.loss_and_head"])
     row("backward: all blocks", lambda p: sum(p[f"backward.block{i}"] for i in range(n_layers)))
-    row("backward: blocks with no gradient (0 ms)", lambda p: sum(p[f"backward.block{i}"] == 0 for i in range(n_layers)) / 1e3)
+    row(
+        "backward: blocks with no gradient (0 ms)",
+        lambda p: sum(p[f"backward.block{i}"] == 0 for i in range(n_layers)) / 1e3,
+    )
     row("backward: embedding", lambda p: p.get("backward.embedding", 0.0))
     row("optimizer step (clipping included)", lambda p: p["optimizer"])
     row("switch (steps that switch)", lambda p: p["switch_when_switching"])
-    lines += ["", "(The blocks-with-no-gradient row is a count, not ms.)", "",
-              "Backward per block (ms), block 0 first:", ""]
+    lines += [
+        "",
+        "(The blocks-with-no-gradient row is a count, not ms.)",
+        "",
+        "Backward per block (ms), block 0 first:",
+        "",
+    ]
     for m in cols:
         p = results[m]["phases"]
         lines.append(f"- {METHODS[m]}: " + ", ".join(f"{p[f'backward.block{i}'] * 1e3:.0f}" for i in range(n_layers)))
     lines += ["", f"Top {args.top} operators by self CPU time in the last step (torch.profiler):", ""]
     for m in cols:
-        lines.append(f"- {METHODS[m]}: " + "; ".join(f"{t['op']} {t['self_ms']:,.0f} ms ({t['calls']})"
-                                                    for t in results[m]["top"]))
+        lines.append(
+            f"- {METHODS[m]}: "
+            + "; ".join(f"{t['op']} {t['self_ms']:,.0f} ms ({t['calls']})" for t in results[m]["top"])
+        )
     harness.write_results(args.out, args.name, lines, {"meta": vars(args), "results": results})
 
 

@@ -23,6 +23,7 @@ lr) of each method in sft, of the best one in cpt. A method's verdict uses its b
 Each run is its own process with one thread, two at a time on the 2 cores (--workers); each appends its result
 to runs/quality/results.jsonl, so a study that stopped resumes where it stopped (a changed setting reruns).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,9 +78,13 @@ def arms(interval: int) -> list[Arm]:
         Arm("LoRA r 32", "lora", lora(32), (1e-3, 2e-3, 4e-3), (2e-3, 4e-3)),
         Arm("LISA gamma 2", "lisa", (*lisa, "--lisa.gamma=2"), (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
         Arm("LISA gamma 4", "lisa", (*lisa, "--lisa.gamma=4"), (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
-        Arm("LISA gamma 2, NF4, frozen emb", "lisa_nf4",
+        Arm(
+            "LISA gamma 2, NF4, frozen emb",
+            "lisa_nf4",
             (*lisa, "--lisa.gamma=2", "--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false"),
-            (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
+            (1.5e-4, 3e-4, 6e-4),
+            (3e-4, 6e-4),
+        ),
         Arm("BAdam", "badam", (*off, f"--lisa.interval={interval}"), (1.5e-4, 3e-4, 6e-4), (3e-4, 6e-4)),
     ]
 
@@ -120,8 +125,13 @@ def split_sft(out: Path, quick: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("eval.jsonl", order[:cut]), ("train.jsonl", order[cut:])):
         (out / name).write_text("".join(json.dumps(rows[i]) + "\n" for i in part))
-    return {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl"), "sources": files,
-            "train_rows": len(rows) - cut, "eval_rows": cut}
+    return {
+        "train": str(out / "train.jsonl"),
+        "eval": str(out / "eval.jsonl"),
+        "sources": files,
+        "train_rows": len(rows) - cut,
+        "eval_rows": cut,
+    }
 
 
 def split_cpt(out: Path, quick: bool) -> dict:
@@ -136,8 +146,13 @@ def split_cpt(out: Path, quick: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.txt").write_text(text[:cut].strip() + "\n")
     (out / "heldout.txt").write_text(text[cut:].strip() + "\n")
-    return {"train": str(out / "train.txt"), "eval": str(out / "heldout.txt"), "sources": [source.name],
-            "train_chars": cut, "eval_chars": len(text) - cut}
+    return {
+        "train": str(out / "train.txt"),
+        "eval": str(out / "heldout.txt"),
+        "sources": [source.name],
+        "train_chars": cut,
+        "eval_chars": len(text) - cut,
+    }
 
 
 # -- one run ------------------------------------------------------------------------------------------------------
@@ -169,12 +184,20 @@ def run_one(spec: dict) -> dict:
     records = read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     tokens_at = {0: 0, **{r["step"]: r["tokens"] for r in steps}}
-    evals = [{"step": r["step"], "tokens": tokens_at[r["step"]], "loss": r["eval_loss"], "ppl": r["eval_ppl"]}
-             for r in records if "eval_loss" in r]
+    evals = [
+        {"step": r["step"], "tokens": tokens_at[r["step"]], "loss": r["eval_loss"], "ppl": r["eval_ppl"]}
+        for r in records
+        if "eval_loss" in r
+    ]
     result = {
-        "key": spec["key"], "spec": spec, "train_s": train_s,
-        "curve": [[r["tokens"], r["loss"]] for r in steps], "evals": evals,
-        "heldout_loss": evals[-1]["loss"], "heldout_ppl": evals[-1]["ppl"], "tokens": steps[-1]["tokens"],
+        "key": spec["key"],
+        "spec": spec,
+        "train_s": train_s,
+        "curve": [[r["tokens"], r["loss"]] for r in steps],
+        "evals": evals,
+        "heldout_loss": evals[-1]["loss"],
+        "heldout_ppl": evals[-1]["ppl"],
+        "tokens": steps[-1]["tokens"],
         "state_bytes": max(sum(r["state_bytes"].values()) for r in steps),
         "optimizer_state_bytes": max(r["optimizer_state_bytes"] for r in steps),
         "trainable_params": max(r["trainable_params"] for r in steps),
@@ -186,15 +209,19 @@ def run_one(spec: dict) -> dict:
         result["heldout_loss_as_trained"], result["heldout_ppl_as_trained"] = evals[-1]["loss"], evals[-1]["ppl"]
         backend.store.set_active(range(len(layout.layers)))
         held_out = load_data(cfg, tokenizer, backend).held_out
-        eval_set = EvalSet(held_out, cfg.train.micro_batch_size, 0, 1, tokenizer.pad_token_id,
-                           cfg.train.eval_batches)
-        exact = evaluate(SimpleNamespace(backend=backend, eval_set=eval_set, tokens_seen=result["tokens"]),
-                         cfg.train.steps)
+        eval_set = EvalSet(held_out, cfg.train.micro_batch_size, 0, 1, tokenizer.pad_token_id, cfg.train.eval_batches)
+        exact = evaluate(
+            SimpleNamespace(backend=backend, eval_set=eval_set, tokens_seen=result["tokens"]), cfg.train.steps
+        )
         result["heldout_loss"], result["heldout_ppl"] = exact["eval_loss"], exact["eval_ppl"]
     if spec["prompts"]:
-        result["answers"] = [{"prompt": p, "answer": generate(backend.model, tokenizer, p,
-                                                                max_new_tokens=spec["max_new_tokens"]).strip()}
-                             for p in spec["prompts"]]
+        result["answers"] = [
+            {
+                "prompt": p,
+                "answer": generate(backend.model, tokenizer, p, max_new_tokens=spec["max_new_tokens"]).strip(),
+            }
+            for p in spec["prompts"]
+        ]
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["wall_s"] = time.perf_counter() - start
     return result
@@ -220,20 +247,32 @@ class Study:
         self.results_path = self.work / "results.jsonl"
         chosen = arms(args.interval)
         if args.quick:  # one lr per arm, two for full fine-tuning: every stage, few runs
-            chosen = [replace(arm, sft_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1],
-                              cpt_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1]) for arm in chosen]
+            chosen = [
+                replace(
+                    arm,
+                    sft_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1],
+                    cpt_lrs=(1e-3, 3e-3)[: 2 if arm.method == "full" else 1],
+                )
+                for arm in chosen
+            ]
         self.arms = {a.name: a for a in chosen}
         if args.quick:
-            self.model = ["--model.name=tiny-llama",
-                          '--model.config_overrides={"num_hidden_layers": 4, "hidden_size": 64}']
+            self.model = [
+                "--model.name=tiny-llama",
+                '--model.config_overrides={"num_hidden_layers": 4, "hidden_size": 64}',
+            ]
         else:
             from lisa_dist.tools import prepare_model
 
             self.model = [f"--model.name={prepare_model('smollm2-135m-instruct')}"]
-        self.data = {"sft": split_sft(self.work / "data" / "sft", args.quick),
-                     "cpt": split_cpt(self.work / "data" / "cpt", args.quick)}
-        self.prompts = [json.loads(line)["messages"][0]["content"]
-                        for line in Path(self.data["sft"]["eval"]).read_text().splitlines()[:PROMPTS]]
+        self.data = {
+            "sft": split_sft(self.work / "data" / "sft", args.quick),
+            "cpt": split_cpt(self.work / "data" / "cpt", args.quick),
+        }
+        self.prompts = [
+            json.loads(line)["messages"][0]["content"]
+            for line in Path(self.data["sft"]["eval"]).read_text().splitlines()[:PROMPTS]
+        ]
         self.results: dict[str, dict] = {}
         if self.results_path.is_file():
             for line in self.results_path.read_text().splitlines():
@@ -242,29 +281,58 @@ class Study:
 
     def base(self, study: str, out: str, seed: int, eval_at_start: bool) -> list[str]:
         a, data = self.args, self.data[study]
-        common = [*self.model, f"--data.path={data['train']}", f"--data.eval_path={data['eval']}",
-                  f"--data.max_length={a.seq_len}", "--data.skip_bad_rows=true",
-                  f"--data.cache_dir={self.work / 'cache'}", f"--train.micro_batch_size={a.micro_batch}",
-                  f"--train.steps={a.steps}", f"--train.seed={seed}", "--train.precision=bf16", "--train.loss=chunked",
-                  f"--train.output_dir={out}", f"--train.eval_at_start={str(eval_at_start).lower()}",
-                  f"--optim.warmup_steps={max(1, a.steps // 10)}", "--optim.schedule=cosine",
-                  "--logging.progress=false", "--logging.level=WARNING", "--logging.log_every=1",
-                  "--checkpoint.save_final=false", "--train.overwrite=true"]
+        common = [
+            *self.model,
+            f"--data.path={data['train']}",
+            f"--data.eval_path={data['eval']}",
+            f"--data.max_length={a.seq_len}",
+            "--data.skip_bad_rows=true",
+            f"--data.cache_dir={self.work / 'cache'}",
+            f"--train.micro_batch_size={a.micro_batch}",
+            f"--train.steps={a.steps}",
+            f"--train.seed={seed}",
+            "--train.precision=bf16",
+            "--train.loss=chunked",
+            f"--train.output_dir={out}",
+            f"--train.eval_at_start={str(eval_at_start).lower()}",
+            f"--optim.warmup_steps={max(1, a.steps // 10)}",
+            "--optim.schedule=cosine",
+            "--logging.progress=false",
+            "--logging.level=WARNING",
+            "--logging.log_every=1",
+            "--checkpoint.save_final=false",
+            "--train.overwrite=true",
+        ]
         if study == "sft":
             return [*common, "--data.format=chat", "--data.packing=true"]
-        return [*common, "--data.format=text", f"--train.eval_every={a.cpt_eval_every}",
-                f"--train.eval_batches={a.cpt_eval_batches}"]
+        return [
+            *common,
+            "--data.format=text",
+            f"--train.eval_every={a.cpt_eval_every}",
+            f"--train.eval_batches={a.cpt_eval_batches}",
+        ]
 
     def spec(self, study: str, arm: Arm, lr: float, seed: int) -> dict:
         key = run_key(study, arm.name, lr, seed)
         slug = "".join(c if c.isalnum() else "_" for c in key)
         # The study's first run also evaluates the weights before training: every run starts from them.
         first = arm is next(iter(self.arms.values())) and lr == self.lrs(study, arm)[0] and seed == 0
-        return {"key": key, "study": study, "arm": arm.name, "method": arm.method, "lr": lr, "seed": seed,
-                "overrides": [*self.base(study, str(self.work / "runs" / slug), seed, first), *arm.args,
-                              f"--optim.lr={lr}"],
-                "prompts": self.prompts if study == "sft" else [], "threads": self.args.threads,
-                "max_new_tokens": 8 if self.args.quick else 64}
+        return {
+            "key": key,
+            "study": study,
+            "arm": arm.name,
+            "method": arm.method,
+            "lr": lr,
+            "seed": seed,
+            "overrides": [
+                *self.base(study, str(self.work / "runs" / slug), seed, first),
+                *arm.args,
+                f"--optim.lr={lr}",
+            ],
+            "prompts": self.prompts if study == "sft" else [],
+            "threads": self.args.threads,
+            "max_new_tokens": 8 if self.args.quick else 64,
+        }
 
     def lrs(self, study: str, arm: Arm) -> tuple[float, ...]:
         return arm.sft_lrs if study == "sft" else arm.cpt_lrs
@@ -303,33 +371,49 @@ class Study:
 
     def subprocess_run(self, spec: dict) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--one", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=REPO, env=env)
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.quality", "--one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
-            raise RuntimeError(f"{spec['key']} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
-                               f"{done.stderr[-3000:]}")
-        return json.loads(lines[-1][len("RESULT "):])
+            raise RuntimeError(
+                f"{spec['key']} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        return json.loads(lines[-1][len("RESULT ") :])
 
     def record(self, result: dict) -> None:
         self.results[result["key"]] = result
         with self.results_path.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"{result['key']:52s} held-out loss {result['heldout_loss']:.4f} ppl {result['heldout_ppl']:8.2f}  "
-              f"{result['wall_s']:6.1f} s  peak {result['peak_rss'] / 2**20:6.0f} MiB", flush=True)
+        print(
+            f"{result['key']:52s} held-out loss {result['heldout_loss']:.4f} ppl {result['heldout_ppl']:8.2f}  "
+            f"{result['wall_s']:6.1f} s  peak {result['peak_rss'] / 2**20:6.0f} MiB",
+            flush=True,
+        )
 
     # The stages.
     def sweep_specs(self) -> list[dict]:
-        return [self.spec(study, arm, lr, 0) for study in ("sft", "cpt") for arm in self.arms.values()
-                for lr in self.lrs(study, arm)]
+        return [
+            self.spec(study, arm, lr, 0)
+            for study in ("sft", "cpt")
+            for arm in self.arms.values()
+            for lr in self.lrs(study, arm)
+        ]
 
     def settings(self, study: str) -> dict[tuple[str, float], list[dict]]:
         """(arm, lr) -> its runs' results (seeds in order), of the runs done."""
         out: dict[tuple[str, float], list[dict]] = {}
         for arm in self.arms.values():
             for lr in self.lrs(study, arm):
-                runs = [self.results[k] for s in range(self.args.seeds)
-                        if (k := run_key(study, arm.name, lr, s)) in self.results]
+                runs = [
+                    self.results[k]
+                    for s in range(self.args.seeds)
+                    if (k := run_key(study, arm.name, lr, s)) in self.results
+                ]
                 if runs:
                     out[arm.name, lr] = runs
         return out
@@ -347,8 +431,11 @@ class Study:
         specs = []
         for study, count in (("sft", self.args.top), ("cpt", 1)):
             for chosen in self.best_settings(study, count).values():
-                specs += [self.spec(study, self.arms[arm], lr, seed) for arm, lr in chosen
-                          for seed in range(1, self.args.seeds)]
+                specs += [
+                    self.spec(study, self.arms[arm], lr, seed)
+                    for arm, lr in chosen
+                    for seed in range(1, self.args.seeds)
+                ]
         return specs
 
 
@@ -358,7 +445,7 @@ class Study:
 def smooth(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
     """(x, mean of the last `window` y's): the per-step loss moves with each batch."""
     ys = [y for _, y in points]
-    return [(x, statistics.fmean(ys[max(0, i + 1 - window): i + 1])) for i, (x, _) in enumerate(points)]
+    return [(x, statistics.fmean(ys[max(0, i + 1 - window) : i + 1])) for i, (x, _) in enumerate(points)]
 
 
 def fill(data: dict, seq_len: int) -> float:
@@ -387,14 +474,17 @@ def verdict_words(name_a: str, name_b: str, c: dict, what: str) -> str:
     lower, higher = (name_a, name_b) if c["gap"] > 0 else (name_b, name_a)
     ranges = "the seeds' ranges do not overlap" if c["separated"] else "the seeds' ranges overlap"
     test = "no t-test with one seed" if math.isnan(c["p"]) else f"Welch's t-test p = {c['p']:.3f}"
-    return (f"{lower}'s {what} is lower than {higher}'s by {abs(c['gap']):.4f} ({c['n'][0]} and {c['n'][1]} seeds; "
-            f"{ranges}; {test}): confidence {c['strength']}.")
+    return (
+        f"{lower}'s {what} is lower than {higher}'s by {abs(c['gap']):.4f} ({c['n'][0]} and {c['n'][1]} seeds; "
+        f"{ranges}; {test}): confidence {c['strength']}."
+    )
 
 
 def before_training(results: dict[str, dict], name: str) -> dict | None:
     """The evaluation of the untrained weights: the one run of study `name` that evaluated at step 0."""
-    return next((r["evals"][0] for r in results.values()
-                 if r["spec"]["study"] == name and r["evals"][0]["step"] == 0), None)
+    return next(
+        (r["evals"][0] for r in results.values() if r["spec"]["study"] == name and r["evals"][0]["step"] == 0), None
+    )
 
 
 def notes(study: Study, name: str, metric: str, what: str) -> list[str]:
@@ -403,18 +493,22 @@ def notes(study: Study, name: str, metric: str, what: str) -> list[str]:
     for (arm, lr), runs in study.settings(name).items():
         trained = [r[f"{metric}_as_trained"] for r in runs if f"{metric}_as_trained" in r]
         if trained:
-            out.append(f"- {arm}, lr {fmt_lr(lr)}: the {what} of its exact weights (what the export writes, every "
-                       f"block from its host copy); the model as it trained, with NF4 frozen layers: "
-                       f"{statistics.fmean(trained):.4f} (mean of {len(trained)}).")
+            out.append(
+                f"- {arm}, lr {fmt_lr(lr)}: the {what} of its exact weights (what the export writes, every "
+                f"block from its host copy); the model as it trained, with NF4 frozen layers: "
+                f"{statistics.fmean(trained):.4f} (mean of {len(trained)})."
+            )
     for arm in study.arms.values():
         lrs = study.lrs(name, arm)
         seed0 = {lr: runs[0][metric] for (a, lr), runs in study.settings(name).items() if a == arm.name}
         if len(seed0) == len(lrs) > 1:
             best = min(seed0, key=seed0.get)
             if best in (min(lrs), max(lrs)):
-                out.append(f"- {arm.name}: the sweep's best lr ({fmt_lr(best)}) is the edge of its grid "
-                           f"({', '.join(fmt_lr(x) for x in lrs)}): a {'lower' if best == min(lrs) else 'higher'} "
-                           "lr might do better.")
+                out.append(
+                    f"- {arm.name}: the sweep's best lr ({fmt_lr(best)}) is the edge of its grid "
+                    f"({', '.join(fmt_lr(x) for x in lrs)}): a {'lower' if best == min(lrs) else 'higher'} "
+                    "lr might do better."
+                )
     return [*out, ""] if out else []
 
 
@@ -428,10 +522,14 @@ def report(study: Study, elapsed_s: float) -> None:
     path = harness.reserve(a.out, a.name)
     out, stem = path.parent, path.name
     sft, cpt = study.data["sft"], study.data["cpt"]
-    model = "tiny-llama (4 layers, width 64, random init)" if a.quick else \
-        "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 134,515,008 params, 30 layers, tied head)"
+    model = (
+        "tiny-llama (4 layers, width 64, random init)"
+        if a.quick
+        else "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32; 134,515,008 params, 30 layers, tied head)"
+    )
     lines = [
-        f"# Quality: LISA against full fine-tuning, LoRA and BAdam{' (--quick)' if a.quick else ''}", "",
+        f"# Quality: LISA against full fine-tuning, LoRA and BAdam{' (--quick)' if a.quick else ''}",
+        "",
         f"{model}. Command: `python -m benchmarks.quality{' --quick' if a.quick else ''}`; the study took "
         f"{elapsed_s / 60:.1f} minutes on 2 CPU cores ({a.workers} runs at a time, {a.threads} thread each; a run's "
         "wall time is measured beside another run). Every run: "
@@ -442,7 +540,8 @@ def report(study: Study, elapsed_s: float) -> None:
         "the largest params + grads + fp32 masters + Adam moments + host copies the run held (exact bytes). "
         "Confidence of a verdict: clear = Welch's t-test over the seeds gives p < 0.05 and the seeds' ranges do not "
         "overlap; weak = one of the two; none = neither. With 3 seeds a side only gaps well beyond the seed-to-seed "
-        "spread can be clear.", "",
+        "spread can be clear.",
+        "",
     ]
 
     def setting_rows(name: str, metric: str) -> list[str]:
@@ -454,16 +553,20 @@ def report(study: Study, elapsed_s: float) -> None:
                     continue
                 values = [r[metric] for r in runs]
                 mean, sd = spread(values)
-                rows.append(f"| {METHODS[method]} | {arm} | {fmt_lr(lr)} | {len(runs)} | {mean:.4f} ± {sd:.4f} | "
-                            f"{min(values):.4f}-{max(values):.4f} | "
-                            f"{max(r['peak_rss'] for r in runs) / 2**20:.0f} | "
-                            f"{max(r['state_bytes'] for r in runs) / 1e6:.0f} | "
-                            f"{max(r['optimizer_state_bytes'] for r in runs) / 1e6:.1f} | "
-                            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} |")
+                rows.append(
+                    f"| {METHODS[method]} | {arm} | {fmt_lr(lr)} | {len(runs)} | {mean:.4f} ± {sd:.4f} | "
+                    f"{min(values):.4f}-{max(values):.4f} | "
+                    f"{max(r['peak_rss'] for r in runs) / 2**20:.0f} | "
+                    f"{max(r['state_bytes'] for r in runs) / 1e6:.0f} | "
+                    f"{max(r['optimizer_state_bytes'] for r in runs) / 1e6:.1f} | "
+                    f"{statistics.fmean(r['wall_s'] for r in runs):.0f} |"
+                )
         return rows
 
-    header = ("| method | arm | lr | seeds | {m} mean ± spread | range | peak RSS (MiB) | state (MB) | "
-              "Adam moments (MB) | wall per run (s) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = (
+        "| method | arm | lr | seeds | {m} mean ± spread | range | peak RSS (MiB) | state (MB) | "
+        "Adam moments (MB) | wall per run (s) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
 
     def headline(name: str, metric: str, top: int) -> dict[str, tuple[str, float]]:
         """Each method's best setting among those with every seed: the lowest mean."""
@@ -477,7 +580,8 @@ def report(study: Study, elapsed_s: float) -> None:
     # -- instruction tuning
     base_sft = before_training(res, "sft")
     lines += [
-        "## 1. Instruction tuning", "",
+        "## 1. Instruction tuning",
+        "",
         f"Data: {', '.join(sft['sources'])} as chat conversations ({sft['train_rows']} trained on, a fixed "
         f"{sft['eval_rows']} held out), assistant turns supervised, packed: {sft.get('train_tokens', 0):,} training "
         f"tokens in {sft.get('train_rows_packed', 0)} rows of {a.seq_len} "
@@ -487,9 +591,13 @@ def report(study: Study, elapsed_s: float) -> None:
         f"{sft.get('steps_per_epoch', 0)} steps: every run trains "
         f"{a.steps / max(1, sft.get('steps_per_epoch', 1)):.2f} epoch (what the 100-minute budget allows). Metric: "
         "the held-out loss (mean next-token loss over the held-out assistant tokens) after the last step"
-        + (f"; before training it is {base_sft['loss']:.4f}." if base_sft else "."), "",
-        header.format(m="held-out loss"), *setting_rows("sft", "heldout_loss"), "",
-        *notes(study, "sft", "heldout_loss", "held-out loss")]
+        + (f"; before training it is {base_sft['loss']:.4f}." if base_sft else "."),
+        "",
+        header.format(m="held-out loss"),
+        *setting_rows("sft", "heldout_loss"),
+        "",
+        *notes(study, "sft", "heldout_loss", "held-out loss"),
+    ]
     sft_best = headline("sft", "heldout_loss", a.top)
     settings = study.settings("sft")
 
@@ -499,9 +607,12 @@ def report(study: Study, elapsed_s: float) -> None:
     verdicts = {}
     if "lisa" in sft_best and "lora" in sft_best:
         c = compare(losses("sft", sft_best["lisa"], "heldout_loss"), losses("sft", sft_best["lora"], "heldout_loss"))
-        verdicts["sft"] = verdict_words(f"LISA ({sft_best['lisa'][0]}, lr {fmt_lr(sft_best['lisa'][1])})",
-                                        f"LoRA ({sft_best['lora'][0]}, lr {fmt_lr(sft_best['lora'][1])})", c,
-                                        "mean held-out loss")
+        verdicts["sft"] = verdict_words(
+            f"LISA ({sft_best['lisa'][0]}, lr {fmt_lr(sft_best['lisa'][1])})",
+            f"LoRA ({sft_best['lora'][0]}, lr {fmt_lr(sft_best['lora'][1])})",
+            c,
+            "mean held-out loss",
+        )
         lines += ["**Claim 1, LISA beats LoRA on instruction tuning.** " + verdicts["sft"], ""]
         others = []
         for method, setting in sft_best.items():
@@ -513,36 +624,55 @@ def report(study: Study, elapsed_s: float) -> None:
     # -- continued pretraining
     base_cpt = before_training(res, "cpt")
     lines += [
-        "## 2. Continued pretraining", "",
+        "## 2. Continued pretraining",
+        "",
         f"Data: {', '.join(cpt['sources'])}: the first 90% ({cpt.get('train_tokens', 0):,} tokens, "
         f"{cpt.get('train_rows_packed', 0)} blocks of {a.seq_len}) trained on, the last 10% "
         f"({cpt.get('eval_tokens', 0):,} tokens) held out. One epoch is {cpt.get('steps_per_epoch', 0)} steps: every "
         f"run trains {a.steps / max(1, cpt.get('steps_per_epoch', 1)):.2f} epoch. Metric: the held-out perplexity "
         f"every {a.cpt_eval_every} steps over the held-out text's first {a.cpt_eval_batches * a.micro_batch} blocks "
         f"({a.cpt_eval_batches * a.micro_batch * a.seq_len:,} tokens)"
-        + (f"; before training it is {base_cpt['ppl']:.2f}." if base_cpt else "."), "",
-        header.format(m="held-out perplexity"), *setting_rows("cpt", "heldout_ppl"), "",
-        *notes(study, "cpt", "heldout_ppl", "held-out perplexity")]
+        + (f"; before training it is {base_cpt['ppl']:.2f}." if base_cpt else "."),
+        "",
+        header.format(m="held-out perplexity"),
+        *setting_rows("cpt", "heldout_ppl"),
+        "",
+        *notes(study, "cpt", "heldout_ppl", "held-out perplexity"),
+    ]
     cpt_best = headline("cpt", "heldout_ppl", 1)
     if "lora" in cpt_best:
         parts = []
         for method in ("full", "lisa", "lisa_nf4"):
             if method in cpt_best:
-                c = compare(losses("cpt", cpt_best[method], "heldout_ppl"),
-                            losses("cpt", cpt_best["lora"], "heldout_ppl"))
-                parts.append(verdict_words(f"{METHODS[method]} ({cpt_best[method][0]})",
-                                           f"LoRA ({cpt_best['lora'][0]})", c, "mean held-out perplexity"))
+                c = compare(
+                    losses("cpt", cpt_best[method], "heldout_ppl"), losses("cpt", cpt_best["lora"], "heldout_ppl")
+                )
+                parts.append(
+                    verdict_words(
+                        f"{METHODS[method]} ({cpt_best[method][0]})",
+                        f"LoRA ({cpt_best['lora'][0]})",
+                        c,
+                        "mean held-out perplexity",
+                    )
+                )
         verdicts["cpt"] = " ".join(parts)
         lines += ["**Claim 2, LoRA falls short in continued pretraining.** " + verdicts["cpt"], ""]
     lines += [f"![continued pretraining: held-out perplexity]({stem}_cpt.png)", ""]
 
     # -- answers
-    lines += ["## Greedy answers to five held-out prompts", "",
-              "Each method's best instruction-tuning run (its lowest held-out loss of any setting and seed), greedy, "
-              f"at most {64 if not a.quick else 8} new tokens.", ""]
+    lines += [
+        "## Greedy answers to five held-out prompts",
+        "",
+        "Each method's best instruction-tuning run (its lowest held-out loss of any setting and seed), greedy, "
+        f"at most {64 if not a.quick else 8} new tokens.",
+        "",
+    ]
     for method in METHODS:
-        mine = [r for r in res.values() if r["spec"]["study"] == "sft" and r["spec"]["method"] == method
-                and r.get("answers")]
+        mine = [
+            r
+            for r in res.values()
+            if r["spec"]["study"] == "sft" and r["spec"]["method"] == method and r.get("answers")
+        ]
         if not mine:
             continue
         best_run = min(mine, key=lambda r: r["heldout_loss"])
@@ -551,10 +681,21 @@ def report(study: Study, elapsed_s: float) -> None:
             prompt = " ".join(qa["prompt"].split())
             lines += [f"- **{prompt[:300]}**", f"  {qa['answer']!r}"]
         lines.append("")
-    harness.write_stem(path, lines, {
-        "elapsed_s": elapsed_s, "data": study.data, "verdicts": verdicts,
-        "best": {"sft": {m: list(s) for m, s in sft_best.items()}, "cpt": {m: list(s) for m, s in cpt_best.items()}},
-        "results": res}, echo=False)
+    harness.write_stem(
+        path,
+        lines,
+        {
+            "elapsed_s": elapsed_s,
+            "data": study.data,
+            "verdicts": verdicts,
+            "best": {
+                "sft": {m: list(s) for m, s in sft_best.items()},
+                "cpt": {m: list(s) for m, s in cpt_best.items()},
+            },
+            "results": res,
+        },
+        echo=False,
+    )
 
     # -- plots: each method's best setting, mean over its seeds (band: min-max)
     def band(ax, runs: list[dict], field: str, pick, label: str, window: int = 1) -> None:
@@ -562,28 +703,45 @@ def report(study: Study, elapsed_s: float) -> None:
         length = min(len(s) for s in series)
         xs = [x for x, _ in series[0][:length]]
         ys = [[s[i][1] for s in series] for i in range(length)]
-        line, = ax.plot(xs, [statistics.fmean(y) for y in ys], label=label)
+        (line,) = ax.plot(xs, [statistics.fmean(y) for y in ys], label=label)
         if len(runs) > 1:
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
 
     fig, ax = plt.subplots(figsize=(7.5, 6))
     for method, setting in sft_best.items():
-        band(ax, settings[setting], "curve", lambda p: (p[0], p[1]),
-             f"{METHODS[method]}: {setting[0]}, lr {fmt_lr(setting[1])}", window=8)
+        band(
+            ax,
+            settings[setting],
+            "curve",
+            lambda p: (p[0], p[1]),
+            f"{METHODS[method]}: {setting[0]}, lr {fmt_lr(setting[1])}",
+            window=8,
+        )
     finish(fig, ax, "training loss (mean of the last 8 steps)", "Instruction tuning", out / f"{stem}_sft.png")
     fig, ax = plt.subplots(figsize=(7.5, 6))
     cpt_settings = study.settings("cpt")
     for method, setting in cpt_best.items():
-        runs = [{**r, "evals": ([base_cpt] if base_cpt and r["evals"][0]["step"] else []) + r["evals"]}
-                for r in cpt_settings[setting]]
+        runs = [
+            {**r, "evals": ([base_cpt] if base_cpt and r["evals"][0]["step"] else []) + r["evals"]}
+            for r in cpt_settings[setting]
+        ]
         quantized = [r for r in runs if "heldout_ppl_as_trained" in r]
-        band(ax, runs, "evals", lambda e: (e["tokens"], e["ppl"]),
-             f"{METHODS[method]}: {setting[0]}, lr {fmt_lr(setting[1])}"
-             + (" (curve as it trained; x: its exact weights)" if quantized else ""))
+        band(
+            ax,
+            runs,
+            "evals",
+            lambda e: (e["tokens"], e["ppl"]),
+            f"{METHODS[method]}: {setting[0]}, lr {fmt_lr(setting[1])}"
+            + (" (curve as it trained; x: its exact weights)" if quantized else ""),
+        )
         if quantized:  # the loop's evaluations are of the quantized model; the export's exact weights at the end
-            ax.plot([statistics.fmean(r["tokens"] for r in quantized)],
-                    [statistics.fmean(r["heldout_ppl"] for r in quantized)], "x", color=ax.lines[-1].get_color(),
-                    markersize=9)
+            ax.plot(
+                [statistics.fmean(r["tokens"] for r in quantized)],
+                [statistics.fmean(r["heldout_ppl"] for r in quantized)],
+                "x",
+                color=ax.lines[-1].get_color(),
+                markersize=9,
+            )
     finish(fig, ax, "held-out perplexity", "Continued pretraining on tinyshakespeare", out / f"{stem}_cpt.png")
 
 
@@ -602,20 +760,35 @@ def finish(fig, ax, ylabel: str, title: str, path: Path) -> None:
 # Each size's default, by mode (the tiny model's byte tokenizer needs long rows for a conversation); a flag given
 # on the command line wins in either mode.
 DEFAULTS = {
-    "steps": (32, 2), "micro_batch": (4, 2), "seq_len": (256, 1024), "interval": (4, 1), "seeds": (3, 2),
-    "top": (2, 2), "cpt_eval_every": (8, 1), "cpt_eval_batches": (8, 2), "workers": (2, 2), "threads": (1, 1),
+    "steps": (32, 2),
+    "micro_batch": (4, 2),
+    "seq_len": (256, 1024),
+    "interval": (4, 1),
+    "seeds": (3, 2),
+    "top": (2, 2),
+    "cpt_eval_every": (8, 1),
+    "cpt_eval_batches": (8, 2),
+    "workers": (2, 2),
+    "threads": (1, 1),
 }
 
 
 def main() -> None:
     parser = harness.parser(__doc__, "quality", quick=True)
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the runs done")
-    helps = {"interval": "K: steps between LISA's (and BAdam's) switches",
-             "top": "instruction-tuning settings per method given all seeds", "workers": "runs at a time",
-             "threads": "threads per run"}
+    helps = {
+        "interval": "K: steps between LISA's (and BAdam's) switches",
+        "top": "instruction-tuning settings per method given all seeds",
+        "workers": "runs at a time",
+        "threads": "threads per run",
+    }
     for name, (full, quick) in DEFAULTS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"{helps.get(name, name.replace('_', ' '))} (default {full}; --quick: {quick})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"{helps.get(name, name.replace('_', ' '))} (default {full}; --quick: {quick})",
+        )
     parser.add_argument("--work", help="runs, data and results.jsonl (default: runs/quality or runs/quality_quick)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -7,6 +7,7 @@ switch_overhead_world1 (benchmarks.switch_overhead on 2 ranks and on 1) and, whe
 (benchmarks.multinode); adds lisa_dist.tools.memory's predictions for larger worlds and for
 70B models, and the versions and machine facts.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,27 @@ from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("params", "grads", "masters", "moments")
-LABELS = {"full": "full fine-tuning", "lora": "LoRA (peft, r 8)", "qlora": "QLoRA (peft r 8, bitsandbytes NF4 base)",
-          "naive_lisa": "naive LISA", "badam": "BAdam", "lisa": "lisa_dist LISA",
-          "lisa_frozen_emb": "lisa_dist LISA, lisa.train_embeddings=false",
-          "lisa_compiled": "lisa_dist LISA, train.compile=true",
-          "lisa_int8": "lisa_dist LISA, int8 frozen layers", "lisa_nf4": "lisa_dist LISA, NF4 frozen layers",
-          "lisa_lean": "lisa_dist LISA, NF4 + frozen embeddings + 8-bit Adam + chunked loss"}
+LABELS = {
+    "full": "full fine-tuning",
+    "lora": "LoRA (peft, r 8)",
+    "qlora": "QLoRA (peft r 8, bitsandbytes NF4 base)",
+    "naive_lisa": "naive LISA",
+    "badam": "BAdam",
+    "lisa": "lisa_dist LISA",
+    "lisa_frozen_emb": "lisa_dist LISA, lisa.train_embeddings=false",
+    "lisa_compiled": "lisa_dist LISA, train.compile=true",
+    "lisa_int8": "lisa_dist LISA, int8 frozen layers",
+    "lisa_nf4": "lisa_dist LISA, NF4 frozen layers",
+    "lisa_lean": "lisa_dist LISA, NF4 + frozen embeddings + 8-bit Adam + chunked loss",
+}
 MB = 1e6
 
 
 def describe(model: dict) -> str:
-    return (f"hidden {model['hidden_size']}, MLP {model['intermediate_size']}, {model['num_hidden_layers']} layers, "
-            f"{model['num_attention_heads']} heads, vocabulary {model.get('vocab_size', 261)}")
+    return (
+        f"hidden {model['hidden_size']}, MLP {model['intermediate_size']}, {model['num_hidden_layers']} layers, "
+        f"{model['num_attention_heads']} heads, vocabulary {model.get('vocab_size', 261)}"
+    )
 
 
 def state(step: dict) -> int:
@@ -71,16 +81,23 @@ def methods_section(data: dict, out: Path, stem: str) -> list[str]:
         ratio = state(last) / state(full["steps"][-1]) if full else float("nan")
         speed = r["tokens_per_s"] / full["tokens_per_s"] if full else float("nan")
         lines.append(
-            f"| {LABELS[name]} | " + " | ".join(f"{last['state'][k] / MB:.1f}" for k in KINDS)
+            f"| {LABELS[name]} | "
+            + " | ".join(f"{last['state'][k] / MB:.1f}" for k in KINDS)
             + f" | {state(last) / MB:.1f} | {ratio:.2f} | "
             + (f"{predicted / MB:.1f}" if predicted is not None else "n/a")
             + f" | {total} | {last['state'].get('host', 0) / MB:.1f} | {r['peak_bytes'] / MB:.1f} | "
-              f"{r['tokens_per_s']:.0f} | {speed:.2f} |")
+            f"{r['tokens_per_s']:.0f} | {speed:.2f} |"
+        )
     lines += ["", f"![state bytes per step]({stem}_state.png)", ""]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in fits.items():
-        ax.plot([s["step"] for s in r["steps"]], [state(s) / MB for s in r["steps"]], label=LABELS[name],
-                marker="o", markersize=3)
+        ax.plot(
+            [s["step"] for s in r["steps"]],
+            [state(s) / MB for s in r["steps"]],
+            label=LABELS[name],
+            marker="o",
+            markersize=3,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("params + grads + masters + moments (MB)")
     ax.set_title("State held per step: naive LISA grows with each switch")
@@ -110,11 +127,12 @@ def switch_section(data: dict) -> list[str]:
         lisa, full = r["lisa"], r["full"]
         ls, fs = sum(lisa["state"][k] for k in KINDS), sum(full["state"][k] for k in KINDS)
         lt, ft = lisa.get("comm_bytes"), full.get("comm_bytes")
-        traffic = (f"{lt / MB:.2f} | {ft / MB:.2f} | {lt / ft:.2f}" if lt and ft else "n/a | n/a | n/a")
+        traffic = f"{lt / MB:.2f} | {ft / MB:.2f} | {lt / ft:.2f}" if lt and ft else "n/a | n/a | n/a"
         lines.append(
             f"| {name} | {lisa['step_s']:.4f} | {full['step_s']:.4f} | {lisa['step_s'] / full['step_s']:.2f} | "
             f"{lisa['switch_s']:.4f} | {lisa['switch_s'] / (meta['interval'] * lisa['step_s']):.3f} | "
-            f"{ls / MB:.2f} | {fs / MB:.2f} | {ls / fs:.2f} | {traffic} | {lisa['active_fraction']:.3f} |")
+            f"{ls / MB:.2f} | {fs / MB:.2f} | {ls / fs:.2f} | {traffic} | {lisa['active_fraction']:.3f} |"
+        )
     return [*lines, ""]
 
 
@@ -126,32 +144,49 @@ def scaling_section(switch: dict | None, world1: dict | None, out: Path, prefix:
     lines = ["## Scaling: state bytes per rank", ""]
     if switch and world1:
         shapes = shapes_of(preset_config("tiny-llama", switch["meta"]["model"]), "switch model")
-        lines += [f"The per-backend model ({switch['meta']['params'] / 1e6:.1f}M params, fp32): measured on world "
-                  "size 1 and 2 (rank 0, params + grads + masters + moments) and lisa_dist.tools.memory's figure for "
-                  "each world size, MB:", "",
-                  "| backend | method | measured W=1 | measured W=2 | " + " | ".join(f"model W={w}" for w in worlds)
-                  + " |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
+        lines += [
+            f"The per-backend model ({switch['meta']['params'] / 1e6:.1f}M params, fp32): measured on world "
+            "size 1 and 2 (rank 0, params + grads + masters + moments) and lisa_dist.tools.memory's figure for "
+            "each world size, MB:",
+            "",
+            "| backend | method | measured W=1 | measured W=2 | " + " | ".join(f"model W={w}" for w in worlds) + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in worlds) + " |",
+        ]
         for backend in world1["results"]:
             if backend not in switch["results"]:
                 continue
             for method in ("lisa", "full"):
-                measured = [sum(run["results"][backend][method]["state"][k] for k in KINDS) / MB
-                            for run in (world1, switch)]
-                model = [estimate(shapes, method, Setup(backend=backend, world_size=w, precision="fp32")).state / MB
-                         for w in worlds]
-                lines.append(f"| {backend} | {LABELS[method]} | {measured[0]:.2f} | {measured[1]:.2f} | "
-                             + " | ".join(f"{v:.3f}" for v in model) + " |")
+                measured = [
+                    sum(run["results"][backend][method]["state"][k] for k in KINDS) / MB for run in (world1, switch)
+                ]
+                model = [
+                    estimate(shapes, method, Setup(backend=backend, world_size=w, precision="fp32")).state / MB
+                    for w in worlds
+                ]
+                lines.append(
+                    f"| {backend} | {LABELS[method]} | {measured[0]:.2f} | {measured[1]:.2f} | "
+                    + " | ".join(f"{v:.3f}" for v in model)
+                    + " |"
+                )
         lines.append("")
-    lines += ["lisa_dist.tools.memory for Llama-2-70B and Llama-3-70B, bf16 compute, FSDP with fp32 params and bf16 "
-              "frozen layers, LISA gamma 2, GiB of params + grads + masters + moments per rank:", "",
-              "| model | method | " + " | ".join(f"W={w}" for w in worlds) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
+    lines += [
+        "lisa_dist.tools.memory for Llama-2-70B and Llama-3-70B, bf16 compute, FSDP with fp32 params and bf16 "
+        "frozen layers, LISA gamma 2, GiB of params + grads + masters + moments per rank:",
+        "",
+        "| model | method | " + " | ".join(f"W={w}" for w in worlds) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in worlds) + " |",
+    ]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ("llama-2-70b", "llama-3-70b"):
         shapes = shapes_of(model_config(name), name, lora_r=8)
         for method in ("full", "lora", "lisa"):
-            values = [estimate(shapes, method, Setup(backend="fsdp", world_size=w, precision="bf16",
-                                                     frozen_storage="bfloat16")).state / 2**30 for w in worlds]
+            values = [
+                estimate(
+                    shapes, method, Setup(backend="fsdp", world_size=w, precision="bf16", frozen_storage="bfloat16")
+                ).state
+                / 2**30
+                for w in worlds
+            ]
             lines.append(f"| {name} | {LABELS[method]} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
             if name == "llama-3-70b":
                 ax.plot(worlds, values, marker="o", label=LABELS[method])
@@ -172,9 +207,12 @@ def estimate_section() -> list[str]:
     from lisa_dist.tools import Setup, model_config, shapes_of, table
 
     shapes = shapes_of(model_config("llama-2-70b"), "llama-2-70b", lora_r=8)
-    lines = ["## 70B on one 8 x 80 GB node (lisa_dist.tools.memory)", "",
-             "`lisa-dist estimate --model llama-2-70b --gpus 8 --backend fsdp --gamma 2 --frozen-dtype bfloat16`:",
-             ""]
+    lines = [
+        "## 70B on one 8 x 80 GB node (lisa_dist.tools.memory)",
+        "",
+        "`lisa-dist estimate --model llama-2-70b --gpus 8 --backend fsdp --gamma 2 --frozen-dtype bfloat16`:",
+        "",
+    ]
     lines.append(table(shapes, Setup(backend="fsdp", world_size=8, frozen_storage="bfloat16"), 80))
     lines += ["", "`--backend zero3`:", "", table(shapes, Setup(backend="zero3", world_size=8), 80), ""]
     return lines
@@ -195,10 +233,13 @@ def main() -> None:
     names = sorted({harness.name_of(p) for p in results.glob("*_methods*.json")} - {None})
     sources = {name: harness.latest(name, results) for name in [*names, "switch_overhead", "switch_overhead_world1"]}
     data = {name: json.loads(p.read_text()) if p else None for name, p in sources.items()}
-    lines = ["# lisa_dist benchmarks", "",
-             "Produced by `make bench` (benchmarks.methods, benchmarks.switch_overhead on 2 ranks and on 1, "
-             "benchmarks.report) from " + ", ".join(f"`{p.name}`" for p in sources.values() if p) + ".",
-             ""]
+    lines = [
+        "# lisa_dist benchmarks",
+        "",
+        "Produced by `make bench` (benchmarks.methods, benchmarks.switch_overhead on 2 ranks and on 1, "
+        "benchmarks.report) from " + ", ".join(f"`{p.name}`" for p in sources.values() if p) + ".",
+        "",
+    ]
     for name in names:
         lines += methods_section(data[name], path.parent, f"{path.name}_{name}")
     switch, world1 = data["switch_overhead"], data["switch_overhead_world1"]

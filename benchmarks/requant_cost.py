@@ -8,6 +8,7 @@ lisa_dist.method.FrozenStore on this machine's device, for int8 and nf4 (and bfl
 A switch at gamma moves gamma blocks out and gamma in: its cost is gamma x (freeze + thaw). Writes
 requant_cost.json and requant_cost.md: medians over the repeats.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -20,10 +21,12 @@ from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
-    "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                         vocab_size=256),
-    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                       vocab_size=256),
+    "SmolLM2-135M": dict(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=256
+    ),
+    "Llama-3-8B": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=256
+    ),
 }
 
 
@@ -59,8 +62,13 @@ def measure(shape: dict, storage: str, repeats: int, device: torch.device) -> di
         thaw.append(middle - start)
         freeze.append(time.perf_counter() - middle)
     freeze, thaw = statistics.median(freeze[1:]), statistics.median(thaw[1:])
-    return {"storage": storage, "block_params": numel, "freeze_s": freeze, "thaw_s": thaw,
-            "freeze_gb_per_s": numel * 4 / freeze / 1e9}
+    return {
+        "storage": storage,
+        "block_params": numel,
+        "freeze_s": freeze,
+        "thaw_s": thaw,
+        "freeze_gb_per_s": numel * 4 / freeze / 1e9,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -74,20 +82,29 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = {name: [measure(shape, s, args.repeats, device) for s in ("bfloat16", "int8", "nf4")]
-            for name, shape in SHAPES.items()}
-    lines = ["# Re-quantization cost of a LISA switch", "",
-             f"`python -m benchmarks.requant_cost --repeats {args.repeats}` on {device.type} "
-             f"({torch.get_num_threads()} threads, torch {torch.__version__}); medians. freeze: a leaving block's "
-             "weights to its host copy, then re-quantized (bfloat16: a cast); thaw: an entering block's exact "
-             f"weights loaded in fp32. A switch at gamma {args.gamma} moves {args.gamma} blocks each way.", "",
-             "| block | params | storage | freeze (s) | thaw (s) | per switch, gamma "
-             f"{args.gamma} (s) | freeze GB/s (fp32) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = {
+        name: [measure(shape, s, args.repeats, device) for s in ("bfloat16", "int8", "nf4")]
+        for name, shape in SHAPES.items()
+    }
+    lines = [
+        "# Re-quantization cost of a LISA switch",
+        "",
+        f"`python -m benchmarks.requant_cost --repeats {args.repeats}` on {device.type} "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__}); medians. freeze: a leaving block's "
+        "weights to its host copy, then re-quantized (bfloat16: a cast); thaw: an entering block's exact "
+        f"weights loaded in fp32. A switch at gamma {args.gamma} moves {args.gamma} blocks each way.",
+        "",
+        "| block | params | storage | freeze (s) | thaw (s) | per switch, gamma "
+        f"{args.gamma} (s) | freeze GB/s (fp32) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, results in rows.items():
         for r in results:
-            lines.append(f"| {name} | {r['block_params'] / 1e6:.1f}M | {r['storage']} | {r['freeze_s']:.4f} | "
-                         f"{r['thaw_s']:.4f} | {args.gamma * (r['freeze_s'] + r['thaw_s']):.3f} | "
-                         f"{r['freeze_gb_per_s']:.2f} |")
+            lines.append(
+                f"| {name} | {r['block_params'] / 1e6:.1f}M | {r['storage']} | {r['freeze_s']:.4f} | "
+                f"{r['thaw_s']:.4f} | {args.gamma * (r['freeze_s'] + r['thaw_s']):.3f} | "
+                f"{r['freeze_gb_per_s']:.2f} |"
+            )
     harness.write_results(args.out, args.name, lines, {"device": device.type, "gamma": args.gamma, "rows": rows})
 
 

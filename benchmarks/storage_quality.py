@@ -11,6 +11,7 @@ well. SmolLM2 ties its head to the input embedding: lisa.train_embeddings=false 
 <date>_<hardware>_storage_quality.json and .md, including each run's switch time (the re-quantization) from its
 metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,7 @@ def heldout_loss(run, heldout: Path, batch: int = 16) -> float:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch):
-            rows = dataset[start:start + batch]
+            rows = dataset[start : start + batch]
             b = collate(rows["input_ids"], rows["labels"], run.tokenizer.pad_token_id)
             total += float(lm_loss_sum(model, b))
             tokens += supervised_tokens(b)
@@ -98,10 +99,14 @@ def run_arm(spec: dict) -> dict:
         if store is not None:
             store.set_active(range(run.layout.num_layers))
         exact = heldout_loss(run, Path(spec["heldout"]))
-    return {"heldout_as_trained": as_trained, "heldout_loss": exact,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "wall_s": time.perf_counter() - start, "state_bytes": records[-1]["state_bytes"],
-            "switch_s_median": statistics.median(switches) if switches else 0.0}
+    return {
+        "heldout_as_trained": as_trained,
+        "heldout_loss": exact,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "wall_s": time.perf_counter() - start,
+        "state_bytes": records[-1]["state_bytes"],
+        "switch_s_median": statistics.median(switches) if switches else 0.0,
+    }
 
 
 def main() -> None:
@@ -127,41 +132,70 @@ def main() -> None:
         if name in results:
             continue
         slug = "".join(c if c.isalnum() else "_" for c in name)
-        overrides = [f"--model.name={model}", f"--data.path={train}", "--data.format=alpaca", "--data.max_length=192",
-                     "--data.skip_bad_rows=true", f"--data.cache_dir={work / 'cache'}", "--train.micro_batch_size=4",
-                     f"--train.steps={args.steps}", "--train.seed=0", f"--train.output_dir={work / slug}",
-                     f"--optim.warmup_steps={max(1, args.steps // 10)}", "--optim.schedule=cosine",
-                     f"--optim.lr={args.lr}", "--lisa.gamma=2", "--lisa.interval=5", "--logging.progress=false",
-                     "--logging.level=WARNING", "--checkpoint.save_final=false", "--train.overwrite=true", *extra]
+        overrides = [
+            f"--model.name={model}",
+            f"--data.path={train}",
+            "--data.format=alpaca",
+            "--data.max_length=192",
+            "--data.skip_bad_rows=true",
+            f"--data.cache_dir={work / 'cache'}",
+            "--train.micro_batch_size=4",
+            f"--train.steps={args.steps}",
+            "--train.seed=0",
+            f"--train.output_dir={work / slug}",
+            f"--optim.warmup_steps={max(1, args.steps // 10)}",
+            "--optim.schedule=cosine",
+            f"--optim.lr={args.lr}",
+            "--lisa.gamma=2",
+            "--lisa.interval=5",
+            "--logging.progress=false",
+            "--logging.level=WARNING",
+            "--checkpoint.save_final=false",
+            "--train.overwrite=true",
+            *extra,
+        ]
         spec = {"overrides": overrides, "heldout": str(heldout)}
-        done = subprocess.run([sys.executable, "-m", "benchmarks.storage_quality", "--one", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=REPO)
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.storage_quality", "--one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT ") :])
         results[name] = result
         harness.write_json(stem, results)  # after each arm: --resume goes on from here
-        print(f"{name:30s} held-out {result['heldout_loss']:.4f} (as trained {result['heldout_as_trained']:.4f})  "
-              f"{result['wall_s']:6.1f} s  "
-              f"switch {result['switch_s_median']:.3f} s", flush=True)
+        print(
+            f"{name:30s} held-out {result['heldout_loss']:.4f} (as trained {result['heldout_as_trained']:.4f})  "
+            f"{result['wall_s']:6.1f} s  "
+            f"switch {result['switch_s_median']:.3f} s",
+            flush=True,
+        )
     base = results["fp32 storage (fp32 compute)"]["heldout_loss"]
-    lines = ["# Quality cost of the frozen storage (SmolLM2-135M-Instruct)", "",
-             f"`python -m benchmarks.storage_quality --steps {args.steps}`: LISA gamma 2, K 5, lr {args.lr:g}, "
-             f"{args.steps} steps of 4 x 192 tokens of the Alpaca-GPT4 split, seed 0, one process on CPU; "
-             f"{(time.perf_counter() - start) / 60:.1f} min in all. Held-out: mean response-token loss of the "
-             "held-out 10%, of the exact weights (what the export writes: every block from its host copy) and as "
-             "trained (the frozen layers as the device held them). Device state: params + grads + moments at the "
-             "last step; host: the exact copies; peak: the process's peak RSS.", "",
-             "| frozen storage | held-out loss | vs fp32 storage | held-out as trained | device state (MB) | "
-             "host copies (MB) | peak RSS (MB) | median switch (s) | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Quality cost of the frozen storage (SmolLM2-135M-Instruct)",
+        "",
+        f"`python -m benchmarks.storage_quality --steps {args.steps}`: LISA gamma 2, K 5, lr {args.lr:g}, "
+        f"{args.steps} steps of 4 x 192 tokens of the Alpaca-GPT4 split, seed 0, one process on CPU; "
+        f"{(time.perf_counter() - start) / 60:.1f} min in all. Held-out: mean response-token loss of the "
+        "held-out 10%, of the exact weights (what the export writes: every block from its host copy) and as "
+        "trained (the frozen layers as the device held them). Device state: params + grads + moments at the "
+        "last step; host: the exact copies; peak: the process's peak RSS.",
+        "",
+        "| frozen storage | held-out loss | vs fp32 storage | held-out as trained | device state (MB) | "
+        "host copies (MB) | peak RSS (MB) | median switch (s) | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
         s = r["state_bytes"]
         device = (s["params"] + s["grads"] + s["masters"] + s["moments"]) / 1e6
-        lines.append(f"| {name} | {r['heldout_loss']:.4f} | {r['heldout_loss'] - base:+.4f} | "
-                     f"{r['heldout_as_trained']:.4f} | {device:.1f} | {s.get('host', 0) / 1e6:.1f} | "
-                     f"{r['peak_rss'] / 1e6:.0f} | {r['switch_s_median']:.3f} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {name} | {r['heldout_loss']:.4f} | {r['heldout_loss'] - base:+.4f} | "
+            f"{r['heldout_as_trained']:.4f} | {device:.1f} | {s.get('host', 0) / 1e6:.1f} | "
+            f"{r['peak_rss'] / 1e6:.0f} | {r['switch_s_median']:.3f} | {r['wall_s']:.0f} |"
+        )
     harness.write_stem(stem, lines, results)
 
 

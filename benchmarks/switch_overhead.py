@@ -8,6 +8,7 @@ partitions), the bytes rank 0 holds (params, grads, fp32 masters, Adam moments) 
 reductions per step (reduce-scatter, all-reduce, reduce; counted through torch.distributed by benchmarks.lib.comm)
 against the fraction of params that trains. Writes <name>.json and <name>.md (--name, default switch_overhead).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "lisa_dist" / "assets" / "demo_alpaca.jsonl"
 BACKENDS = {
     "fsdp": ["--backend.name=fsdp"],
-    **{f"zero{s}": ["--backend.name=deepspeed", f"--backend.ds_config={REPO / 'ds_configs' / f'zero{s}.json'}"]
-       for s in (1, 2, 3)},
+    **{
+        f"zero{s}": ["--backend.name=deepspeed", f"--backend.ds_config={REPO / 'ds_configs' / f'zero{s}.json'}"]
+        for s in (1, 2, 3)
+    },
 }
 INTERVAL = 5
 MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8}  # on the tiny-llama preset
@@ -59,18 +62,27 @@ def measure(overrides: list[str], steps: int) -> dict:
             traffic.append(sum(comm.bytes.get(k, 0) for k in ("reduce_scatter", "all_reduce", "reduce")))
             gathered.append(comm.bytes.get("all_gather", 0))
     params = run.trainable.num_params(range(len(run.trainable.layers)))
-    return {"step_s": statistics.median(step_s), "switch_s": statistics.median(switch_s) if switch_s else None,
-            "max_state_bytes": max(state), "state": run.backend.state_bytes(), "rank": run.backend.rank,
-            "world": run.backend.world_size, "params": params,
-            "comm_bytes": statistics.median(traffic), "all_gather_bytes": statistics.median(gathered),
-            "active_fraction": run.trainable.num_params(run.active) / params}
+    return {
+        "step_s": statistics.median(step_s),
+        "switch_s": statistics.median(switch_s) if switch_s else None,
+        "max_state_bytes": max(state),
+        "state": run.backend.state_bytes(),
+        "rank": run.backend.rank,
+        "world": run.backend.world_size,
+        "params": params,
+        "comm_bytes": statistics.median(traffic),
+        "all_gather_bytes": statistics.median(gathered),
+        "active_fraction": run.trainable.num_params(run.active) / params,
+    }
 
 
 def row(name: str, lisa: dict, full: dict) -> str:
-    return (f"| {name} | {lisa['step_s']:.4f} | {full['step_s']:.4f} | {lisa['step_s'] / full['step_s']:.2f} | "
-            f"{lisa['switch_s']:.4f} | {lisa['switch_s'] / (INTERVAL * lisa['step_s']):.3f} | "
-            f"{lisa['max_state_bytes']:,} | {full['max_state_bytes']:,} | "
-            f"{lisa['max_state_bytes'] / full['max_state_bytes']:.2f} |")
+    return (
+        f"| {name} | {lisa['step_s']:.4f} | {full['step_s']:.4f} | {lisa['step_s'] / full['step_s']:.2f} | "
+        f"{lisa['switch_s']:.4f} | {lisa['switch_s'] / (INTERVAL * lisa['step_s']):.3f} | "
+        f"{lisa['max_state_bytes']:,} | {full['max_state_bytes']:,} | "
+        f"{lisa['max_state_bytes'] / full['max_state_bytes']:.2f} |"
+    )
 
 
 def main() -> None:
@@ -78,11 +90,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     args = parser.parse_args()
-    base = [f"--data.path={DATA}", "--data.format=alpaca", "--data.max_length=512", "--data.skip_bad_rows=true",
-            f"--model.config_overrides={json.dumps(MODEL)}",
-            "--train.micro_batch_size=4", "--logging.progress=false", "--logging.level=WARNING",
-            "--logging.log_every=1", "--checkpoint.save_final=false", "--train.output_dir=runs/bench_switch",
-            "--lisa.gamma=2", f"--lisa.interval={INTERVAL}"]
+    base = [
+        f"--data.path={DATA}",
+        "--data.format=alpaca",
+        "--data.max_length=512",
+        "--data.skip_bad_rows=true",
+        f"--model.config_overrides={json.dumps(MODEL)}",
+        "--train.micro_batch_size=4",
+        "--logging.progress=false",
+        "--logging.level=WARNING",
+        "--logging.log_every=1",
+        "--checkpoint.save_final=false",
+        "--train.output_dir=runs/bench_switch",
+        "--lisa.gamma=2",
+        f"--lisa.interval={INTERVAL}",
+    ]
     results = {}
     for name in args.backends:
         lisa = measure(base + BACKENDS[name], args.steps)
@@ -91,9 +113,16 @@ def main() -> None:
     first = next(iter(results.values()))["lisa"]
     if first["rank"] != 0:
         return
-    meta = {"torch": torch.__version__, "machine": platform.machine(), "threads_per_rank": torch.get_num_threads(),
-            "steps": args.steps, "world": first["world"], "params": first["params"], "interval": INTERVAL,
-            "model": MODEL}
+    meta = {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads_per_rank": torch.get_num_threads(),
+        "steps": args.steps,
+        "world": first["world"],
+        "params": first["params"],
+        "interval": INTERVAL,
+        "model": MODEL,
+    }
     lines = [
         f"# LISA vs full fine-tuning per backend ({first['world']} ranks, {first['params'] / 1e6:.1f}M params)",
         "",

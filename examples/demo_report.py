@@ -6,6 +6,7 @@ model before and after the fine-tune (greedy), next to the reference answer.
 The held-out example is the first of the run's evaluation examples (data.eval_fraction, drawn by train.seed as the
 run drew them), prompted exactly as it was trained: the tokens before its response.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,11 @@ def main() -> int:
         print(f"{args.run_dir}/metrics.jsonl has no eval record (the run needs data.eval_fraction)", file=sys.stderr)
         return 2
     first, last = evals[0], evals[-1]
-    print(f"eval loss: {first['eval_loss']:.4f} (perplexity {first['eval_ppl']:.3f}) at step {first['step']} -> "
-          f"{last['eval_loss']:.4f} (perplexity {last['eval_ppl']:.3f}) at step {last['step']}, over "
-          f"{last['eval_tokens']} held-out tokens")
+    print(
+        f"eval loss: {first['eval_loss']:.4f} (perplexity {first['eval_ppl']:.3f}) at step {first['step']} -> "
+        f"{last['eval_loss']:.4f} (perplexity {last['eval_ppl']:.3f}) at step {last['step']}, over "
+        f"{last['eval_tokens']} held-out tokens"
+    )
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     prompt, reference = held_out_example(args.run_dir, tokenizer)
     print("\nheld-out prompt:\n" + tokenizer.decode(prompt, skip_special_tokens=True).strip())

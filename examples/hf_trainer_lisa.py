@@ -10,6 +10,7 @@ The YAML has three sections: `model` (a Hugging Face folder or hub id, or a lisa
 loss), `lisa` (LisaCallback's settings) and `trainer` (TrainingArguments, passed as they are). Command-line flags
 --deepspeed and --fsdp-config override the trainer section. Pass --resume to continue from the newest checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,20 @@ def main() -> None:
     args = TrainingArguments(remove_unused_columns=False, **trainer_cfg)
     model, tokenizer = load_model(ModelConfig(**cfg.get("model", {})), seed=args.seed)
     data = load_examples(DataConfig(**cfg["data"]), tokenizer)
-    trainer = LisaTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(tokenizer.pad_token_id),
-                          callbacks=[LisaCallback(**cfg.get("lisa", {}))])
+    trainer = LisaTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[LisaCallback(**cfg.get("lisa", {}))],
+    )
     checkpoint = get_last_checkpoint(args.output_dir) if cli.resume and Path(args.output_dir).is_dir() else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():
-        print(f"done: {result.global_step} steps, train loss {result.training_loss:.4f}, "
-              f"layer schedule (first step, layers): {trainer.lisa.schedule}")
+        print(
+            f"done: {result.global_step} steps, train loss {result.training_loss:.4f}, "
+            f"layer schedule (first step, layers): {trainer.lisa.schedule}"
+        )
     trainer.save_model(str(Path(args.output_dir) / "final"))
 
 

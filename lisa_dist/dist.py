@@ -9,6 +9,7 @@ Launchers, in the order they are recognized:
 - nothing: one process (a distributed backend then runs as a group of one).
 nccl on GPUs, gloo on CPU.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -105,8 +106,10 @@ def placement_from_env(env: Mapping[str, str]) -> Placement:
     missing = [name for name in ENV_VARS if not env.get(name)]
     if missing:
         present = [name for name in ENV_VARS if env.get(name)]
-        raise DistError(f"{', '.join(present)} set but {', '.join(missing)} not: the launcher's environment is "
-                        "incomplete (torchrun sets all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+        raise DistError(
+            f"{', '.join(present)} set but {', '.join(missing)} not: the launcher's environment is "
+            "incomplete (torchrun sets all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+        )
     rank, world, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0)
     _check(rank, world, local, ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     port = _int(env, "MASTER_PORT")
@@ -129,11 +132,13 @@ def first_slurm_host(env: Mapping[str, str]) -> str:
     if not nodelist:
         raise DistError("SLURM_PROCID is set but neither SLURM_JOB_NODELIST nor MASTER_ADDR is")
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise DistError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({exc}); "
-                        "set MASTER_ADDR") from None
+        raise DistError(
+            f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({exc}); set MASTER_ADDR"
+        ) from None
     return out.split()[0]
 
 
@@ -177,8 +182,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     rank past the GPUs this process sees. A process that sees one GPU uses it whatever its local rank: a scheduler
     that gives each task its own GPU (`srun --gpus-per-task=1`, a per-rank CUDA_VISIBLE_DEVICES) shows it as 0."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU on "
-                          "this node): use train.device=auto or cpu")
+        raise ConfigError(
+            "train.device='cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU on "
+            "this node): use train.device=auto or cpu"
+        )
     if not (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
         return torch.device("cpu")
     visible = torch.cuda.device_count()
@@ -186,11 +193,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank)
     if visible == 1:
         return torch.device("cuda", 0)
-    raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPUs "
-                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}, LOCAL_RANK="
-                      f"{os.environ.get('LOCAL_RANK', '<unset>')!r}, SLURM_LOCALID="
-                      f"{os.environ.get('SLURM_LOCALID', '<unset>')!r}): start one rank per GPU of the node "
-                      "(NPROC_PER_NODE), or give each task one GPU (srun --gpus-per-task=1)")
+    raise ConfigError(
+        f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}, LOCAL_RANK="
+        f"{os.environ.get('LOCAL_RANK', '<unset>')!r}, SLURM_LOCALID="
+        f"{os.environ.get('SLURM_LOCALID', '<unset>')!r}): start one rank per GPU of the node "
+        "(NPROC_PER_NODE), or give each task one GPU (srun --gpus-per-task=1)"
+    )
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_s: float = 3600.0) -> DistEnv:
@@ -205,23 +214,31 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0, io_timeout_
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         # Later libraries (DeepSpeed) read the same variables.
-        os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
-                          MASTER_ADDR=place.master_addr, MASTER_PORT=str(place.master_port))
+        os.environ.update(
+            RANK=str(place.rank),
+            WORLD_SIZE=str(place.world_size),
+            LOCAL_RANK=str(place.local_rank),
+            MASTER_ADDR=place.master_addr,
+            MASTER_PORT=str(place.master_port),
+        )
         backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout_s)
         # NCCL bound to this rank's GPU at init: communicators are made eagerly on the right device, not guessed
         # from the current device at the first collective.
         extra: dict[str, Any] = {"device_id": dev} if use_cuda else {}
         if place.launcher in ("torchrun", "env"):
             # env:// joins the store the launcher's agent already serves.
-            dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, init_method="env://",
-                                    timeout=timeout, **extra)
+            dist.init_process_group(
+                backend, rank=place.rank, world_size=place.world_size, init_method="env://", timeout=timeout, **extra
+            )
         else:
             # Rank 0 serves the store: kept here so that shutdown() can outlive every other rank's use of it.
-            store = dist.TCPStore(place.master_addr, place.master_port, place.world_size, place.rank == 0,
-                                  timeout=timeout)
+            store = dist.TCPStore(
+                place.master_addr, place.master_port, place.world_size, place.rank == 0, timeout=timeout
+            )
             _OWN_STORE.update(store=store, rank=place.rank, world=place.world_size)
-            dist.init_process_group(backend, store=store, rank=place.rank, world_size=place.world_size,
-                                    timeout=timeout, **extra)
+            dist.init_process_group(
+                backend, store=store, rank=place.rank, world_size=place.world_size, timeout=timeout, **extra
+            )
     if place.world_size > 1 and "group" not in _IO:
         # Waits on I/O (data preparation, checkpoints, exports) can outlast any step: their own CPU group, with
         # their own timeout. gloo, as torchtitan's checkpointer uses: no GPU memory, any tensor device.
@@ -411,8 +428,16 @@ def _job_store() -> dist.Store | None:
         return None
 
 
-COMM_FAILURE_MARKS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "Broken pipe",
-                      "NCCL", "gloo", "Gloo")
+COMM_FAILURE_MARKS = (
+    "Timed out",
+    "timed out",
+    "Connection closed by peer",
+    "Connection reset",
+    "Broken pipe",
+    "NCCL",
+    "gloo",
+    "Gloo",
+)
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -434,5 +459,6 @@ def collective_failure(exc: BaseException, doing: str, timeout_s: float, peers: 
         answer = "the job's store is unreachable too (its host, rank 0 or the launcher, is gone)"
     else:
         answer = "every other rank failed in the same way"
-    return CollectiveFailure(f"a collective failed during {doing} (backend.timeout_s={timeout_s:g}): {answer}. "
-                             f"The transport said: {first}")
+    return CollectiveFailure(
+        f"a collective failed during {doing} (backend.timeout_s={timeout_s:g}): {answer}. The transport said: {first}"
+    )

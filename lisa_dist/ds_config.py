@@ -4,6 +4,7 @@ Fields set to "auto" are filled from the lisa_dist config (as Hugging Face's int
 the JSON that contradicts lisa_dist's is an error naming both. lisa_dist builds the optimizer and the learning-rate
 schedule itself, so a JSON `optimizer` or `scheduler` section is refused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,16 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def fill_ds_config(raw: dict[str, Any], *, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
-                   precision: str, world_size: int | None, source: str = "ds_config") -> dict[str, Any]:
+def fill_ds_config(
+    raw: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    max_grad_norm: float,
+    precision: str,
+    world_size: int | None,
+    source: str = "ds_config",
+) -> dict[str, Any]:
     """A copy of `raw` with every "auto" filled and every explicit value checked against lisa_dist's.
 
     `world_size` None (not known yet) leaves `train_batch_size` unchecked.
@@ -38,8 +47,10 @@ def fill_ds_config(raw: dict[str, Any], *, micro_batch_size: int, grad_accum: in
     cfg = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
-            raise ConfigError(f"{source}: remove the '{section}' section: lisa_dist builds the optimizer and the "
-                              "schedule from its optim.* settings")
+            raise ConfigError(
+                f"{source}: remove the '{section}' section: lisa_dist builds the optimizer and the "
+                "schedule from its optim.* settings"
+            )
     if cfg.get("fp16", {}).get("enabled") not in (None, False):
         raise ConfigError(f"{source}: fp16.enabled is not supported: use train.precision=bf16")
     stage = cfg.get("zero_optimization", {}).get("stage")
@@ -51,9 +62,14 @@ def fill_ds_config(raw: dict[str, Any], *, micro_batch_size: int, grad_accum: in
         ("gradient_clipping", max_grad_norm, "optim.max_grad_norm"),
     ]
     if world_size is not None:
-        pairs.append(("train_batch_size", micro_batch_size * grad_accum * world_size,
-                      f"train.micro_batch_size x train.grad_accum x world size "
-                      f"({micro_batch_size} x {grad_accum} x {world_size})"))
+        pairs.append(
+            (
+                "train_batch_size",
+                micro_batch_size * grad_accum * world_size,
+                f"train.micro_batch_size x train.grad_accum x world size "
+                f"({micro_batch_size} x {grad_accum} x {world_size})",
+            )
+        )
     for key, ours, field in pairs:
         _fill(cfg, key, ours, field, source)
     bf16 = cfg.setdefault("bf16", {})
@@ -67,8 +83,9 @@ def _fill(section: dict[str, Any], key: str, ours: Any, field: str, source: str)
     if theirs == "auto":
         section[key] = ours
     elif theirs != ours:
-        raise ConfigError(f"{source}: {key}={theirs!r} contradicts {field}={ours!r}; set it to \"auto\" or make "
-                          "them agree")
+        raise ConfigError(
+            f'{source}: {key}={theirs!r} contradicts {field}={ours!r}; set it to "auto" or make them agree'
+        )
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 `lisa-dist train` turns each into one line and an exit status (cli.py): ConfigError and DataError 2, DistError 3,
 CollectiveFailure 4, CheckpointError 5, Preempted 75.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -16,6 +16,7 @@ is asleep at two samples `WINDOW_S` apart and did not run in between, while this
 worker with a reference left to drop is runnable, or wakes as soon as the GIL is free, so it cannot pass. It reads
 /proc (Linux); elsewhere it sleeps `WINDOW_S` once.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -65,8 +66,7 @@ def wait_for_idle_gloo_workers(timeout_s: float = 5.0) -> bool:
     while workers:
         time.sleep(WINDOW_S)
         after = {task: _sample(task) for task in workers}
-        busy = [task for task in workers
-                if (now := after[task]) is not None and (now != before[task] or now[0] != "S")]
+        busy = [task for task in workers if (now := after[task]) is not None and (now != before[task] or now[0] != "S")]
         if not busy:
             return True
         if time.monotonic() > deadline:

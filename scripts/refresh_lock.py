@@ -4,6 +4,7 @@ Installs the newest releases that pyproject.toml allows into a scratch venv (tor
 does, so no CUDA build is fetched), runs the test suite there (`make test`'s selection, or --pytest-args), and only
 if it passes writes the scratch venv's exact versions to the lock and prints what changed. A failing run leaves
 the lock as it was and says so (exit 1)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ def normalize(name: str) -> str:
 
 
 def freeze(python: Path) -> dict[str, str]:
-    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(python), "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True, capture_output=True, text=True
+    ).stdout
     pins = {}
     for line in out.splitlines():
         match = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line.strip())
@@ -93,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     print("newest releases against the lock:\n" + ("\n".join(diff) if diff else "  (no change)"), flush=True)
     tests = subprocess.run(f"{python} -m pytest {args.pytest_args}", shell=True, cwd=ROOT)
     if tests.returncode != 0:
-        print(f"the tests failed (exit {tests.returncode}) on the newest releases: {LOCK.name} is unchanged",
-              flush=True)
+        print(
+            f"the tests failed (exit {tests.returncode}) on the newest releases: {LOCK.name} is unchanged", flush=True
+        )
         return 1
-    version = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(
+        [str(python), "-c", "import platform; print(platform.python_version())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     write_lock(new, version)
     print(f"the tests passed: {LOCK.name} written" + (f" ({len(diff)} changes above)" if diff else ", unchanged pins"))
     return 0

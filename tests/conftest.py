@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules (a module's own fixture of the same name takes precedence)."""
+
 import pytest
 
 from .helpers import write_text_data

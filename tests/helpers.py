@@ -1,4 +1,5 @@
 """Shared test helpers: tiny run configs, the repo's small data, and real ranks through torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -24,19 +25,36 @@ def write_text_data(path: Path) -> Path:
 def tiny_overrides(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
     """A 4-layer, width-64 Llama on 64-token blocks of `data_file`: 6 steps, one layer switched every 2."""
     return [
-        f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
+        f"--data.path={data_file}",
+        "--data.format=text",
+        "--data.max_length=64",
         f"--data.cache_dir={tmp_path / 'cache'}",
-        "--model.name=tiny-llama", '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64}',
-        "--train.micro_batch_size=4", "--train.steps=6", f"--train.output_dir={tmp_path / 'run'}", "--train.device=cpu",
-        "--optim.lr=3e-3", "--lisa.gamma=1", "--lisa.interval=2", "--logging.progress=false", *extra,
+        "--model.name=tiny-llama",
+        '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64}',
+        "--train.micro_batch_size=4",
+        "--train.steps=6",
+        f"--train.output_dir={tmp_path / 'run'}",
+        "--train.device=cpu",
+        "--optim.lr=3e-3",
+        "--lisa.gamma=1",
+        "--lisa.interval=2",
+        "--logging.progress=false",
+        *extra,
     ]
 
 
 def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run tests/distributed/drivers/<script> under `torchrun --standalone` (the OS picks a free port); fail with
     the ranks' output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(DRIVERS / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(DRIVERS / script),
+        *args,
+    ]
     return run_launcher(cmd, timeout)
 
 
@@ -45,10 +63,17 @@ def launcher_env() -> dict[str, str]:
     # No GPU for the ranks even on a GPU host: these tests compare gloo ranks on the CPU with a CPU reference.
     # The repo first on the path: drivers started by file import benchmarks.lib (the counters kept out of the wheel).
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
-            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    return {
+        **os.environ,
+        "PYTHONPATH": pythonpath,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+    }
 
 
 ABORT_MARK = "terminate called"
@@ -58,20 +83,27 @@ def exit_race_command(*args: str) -> list[str]:
     """benchmarks/exit_race.py on two ranks started side by side as plain SLURM tasks are, with torch's default
     OpenMP threads (torchrun would set OMP_NUM_THREADS=1: fewer threads contend with gloo's workers and the race
     is rarer); the command fails when either rank does."""
-    rank = (f"env -u OMP_NUM_THREADS RANK={{r}} WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT={free_port()} "
-            f"{sys.executable} {REPO / 'benchmarks' / 'exit_race.py'} {' '.join(args)}")
+    rank = (
+        f"env -u OMP_NUM_THREADS RANK={{r}} WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT={free_port()} "
+        f"{sys.executable} {REPO / 'benchmarks' / 'exit_race.py'} {' '.join(args)}"
+    )
     return ["bash", "-c", f"{rank.format(r=0)} & {rank.format(r=1)}; one=$?; wait $!; exit $(( $? | one ))"]
 
 
-def run_launcher(cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None,
-                 ) -> subprocess.CompletedProcess:
+def run_launcher(
+    cmd: list[str],
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run a launcher command; fail with the ranks' output when it does not exit 0, or when a rank aborted at exit
     ("terminate called": a launcher may still report success when a rank's abort came late)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env() | (env or {}),
-                          cwd=REPO)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env() | (env or {}), cwd=REPO
+    )
     if proc.returncode != 0 or ABORT_MARK in proc.stdout + proc.stderr:
-        raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -91,8 +123,12 @@ def local_reference(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4
     from lisa_dist.config import load_config
     from lisa_dist.run import build, train_step
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}",
-                                           f"--train.grad_accum={world}", *extra))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}", f"--train.grad_accum={world}", *extra
+        ),
+    )
     run = build(cfg)
     records = [train_step(run, s) for s in range(cfg.train.steps)]
     return records, {k: v.detach().float().clone() for k, v in run.backend.exact_state_dict().items()}
@@ -105,8 +141,12 @@ def local_eval(tmp_path: Path, data_file: Path, *extra: str, micro: int = 4, wor
     from lisa_dist.run import build, train_step
     from lisa_dist.run.evaluation import evaluate
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}",
-                                           f"--train.grad_accum={world}", *extra))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "ref", data_file, f"--train.micro_batch_size={micro}", f"--train.grad_accum={world}", *extra
+        ),
+    )
     run = build(cfg)
     losses = [train_step(run, s)["loss"] for s in range(cfg.train.steps)]
     return losses, evaluate(run, cfg.train.steps)

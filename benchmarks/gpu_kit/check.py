@@ -8,6 +8,7 @@ DIR gets results.jsonl (a line per stage: name, status ok|failed|skipped|timeout
 check.log (every stage's output), machine.json (harness.machine()) and summary.md. benchmarks/gpu_kit/check.sh
 installs the carried wheels first; benchmarks/README.md says how to read the results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,17 @@ from benchmarks import harness
 from benchmarks.gpu_kit.stages import REPO, STAGES, run_stage
 
 # Each stage's limit in seconds (CUDA), in the order they run: the cheapest and most telling first.
-LIMITS = {"versions": 60, "local": 90, "quantized": 90, "liger": 60, "fsdp_nf4": 120, "zero2": 90, "zero3": 90,
-          "compile_resume": 150, "methods": 240}
+LIMITS = {
+    "versions": 60,
+    "local": 90,
+    "quantized": 90,
+    "liger": 60,
+    "fsdp_nf4": 120,
+    "zero2": 90,
+    "zero3": 90,
+    "compile_resume": 150,
+    "methods": 240,
+}
 QUICK = ("versions", "local")
 
 
@@ -32,8 +42,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", help="results folder (default: a fresh benchmarks/results/<date>_<hardware>_gpu_kit)")
-    parser.add_argument("--work", help="scratch folder for the stages' runs (default: OUT_work beside "
-                        "--out, else runs/gpu_kit_work)")
+    parser.add_argument(
+        "--work", help="scratch folder for the stages' runs (default: OUT_work beside --out, else runs/gpu_kit_work)"
+    )
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting stages after this many seconds")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), help="these stages only (default: all)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (make test's form)")
@@ -70,8 +81,9 @@ def run_all(names: list[str], device: str, out: Path, work: Path, budget_s: floa
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"{name:15s} {row['status']:8s} {row.get('wall_s', 0):6.1f} s  {row.get('error') or ''}"[:300],
-              flush=True)
+        print(
+            f"{name:15s} {row['status']:8s} {row.get('wall_s', 0):6.1f} s  {row.get('error') or ''}"[:300], flush=True
+        )
     (out / "summary.md").write_text(summary(rows, device))
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 
@@ -79,10 +91,15 @@ def run_all(names: list[str], device: str, out: Path, work: Path, budget_s: floa
 def _env(device: str) -> dict[str, str]:
     # This python's tools first (torchrun, and the ninja that builds DeepSpeed's just-in-time ops).
     path = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
-    env = {**os.environ, "PATH": path,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    env = {
+        **os.environ,
+        "PATH": path,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+    }
     if device == "cpu":  # never CUDA or NCCL by accident on a GPU host
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     else:  # the reading's advice: less fragmentation across LISA switches
@@ -93,8 +110,19 @@ def _env(device: str) -> dict[str, str]:
 def _run(name: str, device: str, work: Path, env: dict[str, str], limit: float, log: Path) -> dict:
     result = work / f"{name}.result.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.gpu_kit.check", "--stage", name, "--device", device, "--work", str(work),
-           "--result", str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_kit.check",
+        "--stage",
+        name,
+        "--device",
+        device,
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+    ]
     began = time.monotonic()
     with log.open("a") as f:
         f.write(f"\n===== {name} ({device}, limit {limit:.0f} s)\n")
@@ -106,12 +134,20 @@ def _run(name: str, device: str, work: Path, env: dict[str, str], limit: float, 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return {"stage": name, "status": "timeout", "error": f"still running after {limit:.0f} s",
-                    "wall_s": round(time.monotonic() - began, 1)}
+            return {
+                "stage": name,
+                "status": "timeout",
+                "error": f"still running after {limit:.0f} s",
+                "wall_s": round(time.monotonic() - began, 1),
+            }
     wall = round(time.monotonic() - began, 1)
     if not result.is_file():
-        return {"stage": name, "status": "failed", "error": f"the stage's process exited {code} without a result "
-                f"(see check.log)", "wall_s": wall}
+        return {
+            "stage": name,
+            "status": "failed",
+            "error": f"the stage's process exited {code} without a result (see check.log)",
+            "wall_s": wall,
+        }
     return {"stage": name, **json.loads(result.read_text()), "wall_s": wall}
 
 

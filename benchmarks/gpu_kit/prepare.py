@@ -9,6 +9,7 @@ built just in time where they are needed, never here) with this venv's CPU torch
 CUDA torch is ever fetched. Keeps one version per package, writes manifest.json (name, size, sha256) and fails when
 the folder outgrows --limit-mib: a GPU call carries at most 64 MiB, the repo included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,28 @@ LOCK = REPO / "constraints.txt"
 # The lent machine's image has torch, transformers, accelerate, peft, pyarrow, pandas, xxhash, msgpack, ninja,
 # einops, py-cpuinfo, nvidia-ml-py, numpy, packaging, tqdm and pyyaml; these it lacks (or has too old for datasets
 # and pydantic).
-WHEELS = ("datasets", "dill", "multiprocess", "fsspec", "torchao", "liger-kernel", "hjson", "pydantic",
-          "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64")
+WHEELS = (
+    "datasets",
+    "dill",
+    "multiprocess",
+    "fsspec",
+    "torchao",
+    "liger-kernel",
+    "hjson",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+)
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 
 
 def requirement(name: str, locked: dict[str, str]) -> str:
@@ -40,8 +59,21 @@ def requirement(name: str, locked: dict[str, str]) -> str:
 
 
 def download(names: tuple[str, ...], out: Path, python_version: str, locked: dict[str, str]) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-           python_version, "--implementation", "cp", "-d", str(out), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "-d",
+        str(out),
+        "-q",
+    ]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     subprocess.run([*cmd, *(requirement(n, locked) for n in names)], check=True)
@@ -50,15 +82,36 @@ def download(names: tuple[str, ...], out: Path, python_version: str, locked: dic
 def build_deepspeed(out: Path, locked: dict[str, str]) -> None:
     """A py3-none-any DeepSpeed wheel from its sdist, ops not prebuilt, with this venv's torch (no isolation)."""
     env = {**os.environ, "DS_BUILD_OPS": "0", "DS_ACCELERATOR": "cuda", "PIP_CONSTRAINT": ""}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-binary",
-                    "deepspeed", "-w", str(out), "-q", requirement("deepspeed", locked)], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-binary",
+            "deepspeed",
+            "-w",
+            str(out),
+            "-q",
+            requirement("deepspeed", locked),
+        ],
+        check=True,
+        env=env,
+    )
 
 
 def manifest(out: Path) -> list[dict]:
     rows = []
     for wheel in sorted(out.glob("*.whl")):
-        rows.append({"wheel": wheel.name, "bytes": wheel.stat().st_size,
-                     "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()})
+        rows.append(
+            {
+                "wheel": wheel.name,
+                "bytes": wheel.stat().st_size,
+                "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+            }
+        )
     names = [normalize(r["wheel"].split("-")[0]) for r in rows]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -80,8 +133,9 @@ def main() -> int:
     build_deepspeed(out, locked)
     rows = manifest(out)
     total = sum(r["bytes"] for r in rows)
-    (out / "manifest.json").write_text(json.dumps({"python": args.python_version, "bytes": total, "wheels": rows},
-                                                  indent=1))
+    (out / "manifest.json").write_text(
+        json.dumps({"python": args.python_version, "bytes": total, "wheels": rows}, indent=1)
+    )
     for r in rows:
         print(f"{r['bytes'] / 2**20:8.2f} MiB  {r['wheel']}")
     print(f"{total / 2**20:8.2f} MiB in {len(rows)} wheels: {out}")

@@ -9,6 +9,7 @@
 
 Both are a local backend with another optimizer: `trainer.build(cfg, backend=NaiveLisaBackend(...))`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,8 +27,9 @@ BASELINES = ("naive_lisa", "badam")
 class NaiveLisaBackend(LocalBackend):
     def prepare(self, model: nn.Module, trainable: TrainableSet) -> None:
         super().prepare(model, trainable)
-        self.optimizer = build_adamw(trainable.always, trainable.layer_params(range(len(trainable.layers))),
-                                     self.optim_cfg)
+        self.optimizer = build_adamw(
+            trainable.always, trainable.layer_params(range(len(trainable.layers))), self.optim_cfg
+        )
 
     def activate(self, layers: Sequence[int]) -> None:
         set_requires_grad(self.trainable, layers)
@@ -51,13 +53,24 @@ class BAdamBackend(LocalBackend):
 
         super().prepare(model, trainable)
         cfg = self.optim_cfg
-        base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay,
-                                 **adamw_kernel(cfg.implementation, next(model.parameters()).device))
+        base = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            **adamw_kernel(cfg.implementation, next(model.parameters()).device),
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # it warns that fp32 weights cost memory: measured here on purpose
-            self.optimizer = BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=self.blocks,
-                                            switch_block_every=self.switch_every, switch_mode="random", verbose=0)
+            self.optimizer = BlockOptimizer(
+                base,
+                list(model.named_parameters()),
+                block_prefix_list=self.blocks,
+                switch_block_every=self.switch_every,
+                switch_mode="random",
+                verbose=0,
+            )
 
     def activate(self, layers: Sequence[int]) -> None:
         pass
@@ -78,8 +91,9 @@ class BAdamBackend(LocalBackend):
 
 def build_baseline(name: str, cfg: Config, layers_path: str, num_layers: int) -> LocalBackend:
     if name == "naive_lisa":
-        return NaiveLisaBackend(cfg.train.device, cfg.train.precision, cfg.optim,
-                                loss_chunk_tokens=loss_chunk_tokens(cfg))
+        return NaiveLisaBackend(
+            cfg.train.device, cfg.train.precision, cfg.optim, loss_chunk_tokens=loss_chunk_tokens(cfg)
+        )
     if name == "badam":
         return BAdamBackend(cfg.train.device, cfg.train.precision, cfg, layers_path, num_layers)
     raise ValueError(f"baseline {name!r}: allowed values are {', '.join(BASELINES)}")

@@ -26,6 +26,7 @@ the dispatcher without these python functions, and the few torch helpers that bo
 training step: on 2 ranks, FSDP2 (full and LISA), ZeRO-2 and ZeRO-3 steps, switches included, made as many `c10d::`
 and `_c10d_functional::` ops in the profiler as calls counted here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -113,8 +114,13 @@ class CommCounter:
         reduce-scatter, all-gather (of its output), all-to-all, broadcast and reduce (pipelined chain, averaged over
         ranks), 2 (W-1)/W x message for all-reduce, the message for a send, 0 for the rest. A model, not a
         measurement: gloo, for one, runs reduce-scatter as an all-reduce. Only the group `ranks` when given."""
-        return round(sum(_ring(name, group, nbytes) for (name, group), (_, nbytes) in self.records.items()
-                         if ranks is None or group == ranks))
+        return round(
+            sum(
+                _ring(name, group, nbytes)
+                for (name, group), (_, nbytes) in self.records.items()
+                if ranks is None or group == ranks
+            )
+        )
 
     def by_node(self, ranks_per_node: int) -> dict[str, dict[str, int]]:
         """{"intra": ..., "inter": ...}, each {"calls", "bytes", "ring_bytes"}: the collectives of groups within one

@@ -7,6 +7,7 @@ torch reports none, so `count_syncs` counts the calls by lisa_dist's own code th
 value to the host (`float()`, `.item()`, `.tolist()`, `.cpu()`, ...) or index with a boolean mask (which reads the
 mask's count): the reads that would synchronize on CUDA. Integer tensors there are the host copies of batches and
 token counts."""
+
 from __future__ import annotations
 
 import contextlib
@@ -78,8 +79,9 @@ class _FloatReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         first = args[0] if args else None
-        masked = name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool
-                                               for a in _flat(args[1:]))
+        masked = name == "__getitem__" and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args[1:])
+        )
         if (name in READS or masked) and isinstance(first, torch.Tensor) and first.is_floating_point():
             caller = _caller(sys._getframe(1), own_only=True)
             if caller:

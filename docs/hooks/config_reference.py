@@ -9,6 +9,7 @@
 
 Run alone (`python docs/hooks/config_reference.py`), it prints both.
 """
+
 from __future__ import annotations
 
 import ast
@@ -62,10 +63,17 @@ def section_markdown(name: str, cls: type, node: ast.ClassDef, choices: dict[str
     for f in dataclasses.fields(cls):
         dotted = f"{name}.{f.name}"
         allowed = literal_values(hints[f.name]) or tuple(choices.get(dotted, ()))
-        lines.append(" | ".join([
-            f"| `{dotted}`", f"`{type_name(hints[f.name])}`".replace("|", "\\|"),
-            f"`{json.dumps(defaults[f.name])}`", ", ".join(value_code(v) for v in allowed),
-            cell(docs.get(f.name, "")) + " |"]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| `{dotted}`",
+                    f"`{type_name(hints[f.name])}`".replace("|", "\\|"),
+                    f"`{json.dumps(defaults[f.name])}`",
+                    ", ".join(value_code(v) for v in allowed),
+                    cell(docs.get(f.name, "")) + " |",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -78,8 +86,10 @@ def capabilities_markdown() -> str:
     tree = ast.parse(Path(inspect.getsourcefile(cls)).read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     docs = field_docstrings(node)
-    lines = ["| capability | " + " | ".join(f"`{name}`" for name in table) + " |",
-             "| --- | " + " | ".join("---" for _ in table) + " |"]
+    lines = [
+        "| capability | " + " | ".join(f"`{name}`" for name in table) + " |",
+        "| --- | " + " | ".join("---" for _ in table) + " |",
+    ]
     for f in dataclasses.fields(cls):
         values = [capability_cell(getattr(caps, f.name)) for caps in table.values()]
         lines.append(f"| `{f.name}`: {cell(docs.get(f.name, ''))} | " + " | ".join(values) + " |")
@@ -131,8 +141,13 @@ def checked_choices(tree: ast.Module, module: ModuleType) -> dict[str, tuple]:
     """`_choice("section.key", value, NAME)` calls of the validation: dotted name -> the tuple NAME holds."""
     found = {}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_choice" and len(node.args) == 3
-                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[2], ast.Name)):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", "") == "_choice"
+            and len(node.args) == 3
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[2], ast.Name)
+        ):
             values = getattr(module, node.args[2].id, None)
             if isinstance(values, tuple) and isinstance(node.args[0].value, str):
                 found[node.args[0].value] = values

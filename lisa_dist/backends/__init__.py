@@ -1,5 +1,6 @@
 """Backends behind one Protocol; `build_backend` picks one by `backend.name` from `REGISTRY`. What each supports is
 data (`capabilities(name)`, each class's `capabilities`), asked without building one."""
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 REGISTRY: dict[str, type[LocalBackend] | type[FSDPBackend] | type[DeepSpeedBackend]] = {
-    "local": LocalBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend,
+    "local": LocalBackend,
+    "fsdp": FSDPBackend,
+    "deepspeed": DeepSpeedBackend,
 }
 """backend.name -> its class; each class declares its `capabilities` (`lisa_dist.config.CAPABILITIES[name]`)."""
 
@@ -42,14 +45,29 @@ def build_backend(cfg: Config) -> Backend:
     if not cls.capabilities.launched:  # the local backend, the one that takes no process group
         return cast("type[LocalBackend]", cls).from_config(cfg)
     if detect_launcher() == "single":
-        log.warning("backend.name=%s without a launcher: running as one rank. For more, start it with "
-                    "launch/torchrun.sh (NPROC_PER_NODE=N), torchrun --nproc-per-node N -m lisa_dist.cli train ..., "
-                    "launch/deepspeed.sh, launch/mpirun.sh or srun (README: Launching)", b.name)
+        log.warning(
+            "backend.name=%s without a launcher: running as one rank. For more, start it with "
+            "launch/torchrun.sh (NPROC_PER_NODE=N), torchrun --nproc-per-node N -m lisa_dist.cli train ..., "
+            "launch/deepspeed.sh, launch/mpirun.sh or srun (README: Launching)",
+            b.name,
+        )
     return cls.from_config(cfg, init_distributed(cfg.train.device, b.timeout_s, b.io_timeout_s))
 
 
 __all__ = [
-    "DS_TAG", "REGISTRY", "Backend", "DeepSpeedBackend", "FSDPBackend", "LocalBackend", "always_partitions",
-    "build_backend", "build_engine", "capabilities", "carry_out", "destroy_engine", "loss_chunk_tokens",
-    "rerun_lazy_init", "unlink_shm_at_exit",
+    "DS_TAG",
+    "REGISTRY",
+    "Backend",
+    "DeepSpeedBackend",
+    "FSDPBackend",
+    "LocalBackend",
+    "always_partitions",
+    "build_backend",
+    "build_engine",
+    "capabilities",
+    "carry_out",
+    "destroy_engine",
+    "loss_chunk_tokens",
+    "rerun_lazy_init",
+    "unlink_shm_at_exit",
 ]

@@ -1,4 +1,5 @@
 """The one small interface every backend implements; the trainer loop talks to nothing else."""
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ forever, silently. A build in progress runs ninja and the compiler with their wo
 folder; a lock that no such process holds, older than `grace_s` (the builder writes its ninja file in well under a
 second before ninja starts), was left by a dead build: it is removed, with a warning naming it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,10 +72,18 @@ def clear_stale_build_locks(root: Path | None = None, grace_s: float = 30.0) -> 
         except FileNotFoundError:
             continue  # another rank removed it first
         except OSError as exc:
-            raise OSError(exc.errno, f"the build lock {lock} was left by a build that died, and it cannot be "
-                                     f"removed ({exc.strerror}): remove it by hand, or every DeepSpeed start on "
-                                     "this machine waits for it forever") from None
-        log.warning("removed %s: left %.0f s ago by a build of torch extension '%s' that died (no process builds "
-                    "there); without this, DeepSpeed would wait for it forever", lock, age, lock.parent.name)
+            raise OSError(
+                exc.errno,
+                f"the build lock {lock} was left by a build that died, and it cannot be "
+                f"removed ({exc.strerror}): remove it by hand, or every DeepSpeed start on "
+                "this machine waits for it forever",
+            ) from None
+        log.warning(
+            "removed %s: left %.0f s ago by a build of torch extension '%s' that died (no process builds "
+            "there); without this, DeepSpeed would wait for it forever",
+            lock,
+            age,
+            lock.parent.name,
+        )
         removed.append(lock)
     return removed

@@ -1,4 +1,5 @@
 """What every multi-process backend does the same way: the main rank, sums over ranks, the barrier, the export."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ state are copied out, the engine is destroyed (with the forward hooks DeepSpeed 
 every old engine alive), `requires_grad` flips, a new engine is built over the new groups, and the copies go back
 in: the embeddings and head keep exact fp32 masters and their moments; the layers that left lose theirs.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -56,11 +57,26 @@ class DeepSpeedBackend(ProcessGroupBackend):
         """The backend `cfg` describes (its ZeRO JSON backend.ds_config), over the process group of `env`."""
         t = cfg.train
         ds_config = cast(str, cfg.backend.ds_config)  # validated: required with backend.name=deepspeed
-        return cls(env, ds_config, t.precision, cfg.optim, t.micro_batch_size, t.grad_accum,
-                   loss_chunk_tokens=loss_chunk_tokens(cfg))
+        return cls(
+            env,
+            ds_config,
+            t.precision,
+            cfg.optim,
+            t.micro_batch_size,
+            t.grad_accum,
+            loss_chunk_tokens=loss_chunk_tokens(cfg),
+        )
 
-    def __init__(self, env: DistEnv, ds_config: str, precision: str, optim: OptimConfig, micro_batch_size: int,
-                 grad_accum: int, loss_chunk_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        env: DistEnv,
+        ds_config: str,
+        precision: str,
+        optim: OptimConfig,
+        micro_batch_size: int,
+        grad_accum: int,
+        loss_chunk_tokens: int = 0,
+    ) -> None:
         import deepspeed
 
         self.deepspeed = deepspeed
@@ -68,9 +84,15 @@ class DeepSpeedBackend(ProcessGroupBackend):
         clear_stale_build_locks()  # a lock left by a killed op build would hang the op's load below, silently
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
         unlink_shm_at_exit(env.rank)
-        self.config = fill_ds_config(read_ds_config(ds_config), micro_batch_size=micro_batch_size,
-                                     grad_accum=grad_accum, max_grad_norm=optim.max_grad_norm, precision=precision,
-                                     world_size=env.world_size, source=f"backend.ds_config={ds_config}")
+        self.config = fill_ds_config(
+            read_ds_config(ds_config),
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            max_grad_norm=optim.max_grad_norm,
+            precision=precision,
+            world_size=env.world_size,
+            source=f"backend.ds_config={ds_config}",
+        )
         self.stage = zero_stage(self.config)
         self.grad_accum = grad_accum
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -159,17 +181,20 @@ class DeepSpeedBackend(ProcessGroupBackend):
             return lm_loss_sum(self.engine, batch, self.loss_chunk_tokens).float()
 
     def layer_grad_norms(self, layers: Sequence[int]) -> list[float]:
-        raise ConfigError(f"lisa.strategy='grad_norm' is not allowed: it runs on backend.name="
-                          f"{backends_with('grad_norm_sampling')} (ZeRO keeps gradients in flat partitions, not per "
-                          "layer)")
+        raise ConfigError(
+            f"lisa.strategy='grad_norm' is not allowed: it runs on backend.name="
+            f"{backends_with('grad_norm_sampling')} (ZeRO keeps gradients in flat partitions, not per "
+            "layer)"
+        )
 
     def step(self, lr: float, measure: bool = True) -> float:
         set_lr(self.engine.optimizer, lr)
         grads = self._grad_bytes() if measure else 0
         self.engine.step()
         if measure:
-            self.last_state = measured_state(self._param_tensors(), grads, self._master_bytes(),
-                                             self.optimizer_state_bytes())
+            self.last_state = measured_state(
+                self._param_tensors(), grads, self._master_bytes(), self.optimizer_state_bytes()
+            )
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -193,8 +218,9 @@ class DeepSpeedBackend(ProcessGroupBackend):
         # After the boundary backward ZeRO-1/2 hold each group's gradient partition as a list of tensors (views into
         # the gradients of the params that overlap the partition, or into one contiguous buffer).
         partitions = [t for group in zero.averaged_gradients.values() if group is not None for t in group]
-        return storage_bytes([p.grad for p in self._model.parameters()] + partitions
-                             + [getattr(zero, "grads_in_partition", None)])
+        return storage_bytes(
+            [p.grad for p in self._model.parameters()] + partitions + [getattr(zero, "grads_in_partition", None)]
+        )
 
     def _master_bytes(self) -> int:
         zero = self.engine.optimizer
@@ -202,8 +228,7 @@ class DeepSpeedBackend(ProcessGroupBackend):
             return storage_bytes(zero.single_partition_of_fp32_groups)
         # fp32 training without offload: the fp32 partitions are the params' own partitions, not copies.
         own = {t.untyped_storage().data_ptr() for t in zero.fp16_partitioned_groups_flat if t is not None}
-        return storage_bytes(t for t in zero.fp32_partitioned_groups_flat
-                             if t.untyped_storage().data_ptr() not in own)
+        return storage_bytes(t for t in zero.fp32_partitioned_groups_flat if t.untyped_storage().data_ptr() not in own)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on rank 0 in CPU memory (ZeRO-3 gathers one parameter at a time); empty elsewhere."""
@@ -216,10 +241,8 @@ class DeepSpeedBackend(ProcessGroupBackend):
                 if self.is_main:
                     state[name] = param.detach().cpu().clone()
         if self.is_main:
-            state.update({name: b.detach().cpu() for name, b in model.named_buffers()
-                          if name in model.state_dict()})
+            state.update({name: b.detach().cpu() for name, b in model.named_buffers() if name in model.state_dict()})
         return state
-
 
     def full_fetch(self) -> Fetch:
         """Each param asked for gathered whole (ZeRO-3: one at a time) onto rank 0's CPU; buffers as they are."""
@@ -276,8 +299,15 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def build_engine(model: nn.Module, trainable: TrainableSet, layers: Sequence[int], optim_cfg: OptimConfig,
-                 config: dict[str, Any], carried: Carried | None = None, phases: Phases | None = None):
+def build_engine(
+    model: nn.Module,
+    trainable: TrainableSet,
+    layers: Sequence[int],
+    optim_cfg: OptimConfig,
+    config: dict[str, Any],
+    carried: Carried | None = None,
+    phases: Phases | None = None,
+):
     """A new engine over the always-trained params and `layers` (the others frozen); `carried`, from the previous
     engine's `carry_out` (destroyed and dropped by the caller first, so two never coexist), goes back in."""
     import deepspeed
@@ -331,8 +361,10 @@ def unlink_shm_at_exit(rank: int) -> None:
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB), which DeepSpeed never
     removes: every CPU run left one per rank, until /dev/shm (RAM) filled and the OOM killer stopped runs. The peers
     map it when the op starts, so unlinking it at exit frees it once every rank has exited; absent on GPUs."""
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+        f"{os.environ.get('MASTER_PORT')}_{rank}"
+    )
     atexit.register(lambda: (Path("/dev/shm") / name).unlink(missing_ok=True))
 
 
@@ -342,17 +374,21 @@ def always_partitions(engine) -> list[torch.Tensor]:
     groups = zero.optimizer.param_groups
     if engine.zero_optimization_stage() == 3:
         # ZeRO-3 empties the groups between steps; its sub-groups remember their source group.
-        return [flat for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
-                if groups[zero.sub_group_to_group_id[i]]["role"] == ALWAYS]
+        return [
+            flat
+            for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+            if groups[zero.sub_group_to_group_id[i]]["role"] == ALWAYS
+        ]
     return [g["params"][0] for g in groups if g["role"] == ALWAYS]
 
 
 def carry_out(engine) -> Carried:
     """Copies of the always-trained fp32 partitions and their Adam state, to outlive `engine`."""
     state = engine.optimizer.optimizer.state
-    return [(flat.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v
-                                     for k, v in state.get(flat, {}).items()})
-            for flat in always_partitions(engine)]
+    return [
+        (flat.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in state.get(flat, {}).items()})
+        for flat in always_partitions(engine)
+    ]
 
 
 def carry_in(engine, carried: Carried) -> None:
@@ -360,8 +396,10 @@ def carry_in(engine, carried: Carried) -> None:
     state = engine.optimizer.optimizer.state
     partitions = always_partitions(engine)
     if [t.shape for t, _ in carried] != [p.shape for p in partitions]:
-        raise RuntimeError("the always-trained partitions changed layout across a LISA switch: "
-                           f"{[t.shape for t, _ in carried]} -> {[p.shape for p in partitions]}")
+        raise RuntimeError(
+            "the always-trained partitions changed layout across a LISA switch: "
+            f"{[t.shape for t, _ in carried]} -> {[p.shape for p in partitions]}"
+        )
     with torch.no_grad():
         for flat, (saved, saved_state) in zip(partitions, carried, strict=True):
             flat.copy_(saved)

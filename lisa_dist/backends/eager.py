@@ -1,6 +1,7 @@
 """The eager core the local and FSDP backends share: the model runs as plain PyTorch modules (FSDP2's hooks inside
 them), its frozen parts set apart by `lisa_dist.method`, one torch AdamW over the always-trained params and the
 active layers. DeepSpeed wraps the model in its own engine instead."""
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ Parameters are sharded over the mesh's shard dimension; gradients, fp32 masters 
 always-trained params and the active layers, sharded the same way. A switch flips `requires_grad` on the DTensor
 shards and swaps the optimizer's layer groups; frozen blocks then get no gradient and send no reduce-scatter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,16 +59,24 @@ log = logging.getLogger(__name__)
 def build_mesh(env: DistEnv, replicate: int) -> DeviceMesh:
     """1-D (shard) mesh, or 2-D (replicate x shard) for HSDP: nodes replicate, a node's GPUs shard."""
     if env.world_size % replicate:
-        raise ConfigError(f"backend.replicate={replicate} is not allowed: expected a divisor of the world size "
-                          f"{env.world_size} (HSDP: replicas of {env.world_size} // replicate ranks each)")
+        raise ConfigError(
+            f"backend.replicate={replicate} is not allowed: expected a divisor of the world size "
+            f"{env.world_size} (HSDP: replicas of {env.world_size} // replicate ranks each)"
+        )
     if replicate == 1:
         return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
-    return init_device_mesh(env.device.type, (replicate, env.world_size // replicate),
-                            mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(
+        env.device.type, (replicate, env.world_size // replicate), mesh_dim_names=("replicate", "shard")
+    )
 
 
-def apply_fsdp(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, param_dtype: torch.dtype | None,
-               reshard_after_forward: bool = True) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    layout: ModelLayout,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool = True,
+) -> None:
     """Shard each decoder block, then [final norm, LM head] (when untied), then the root (embeddings); a module
     frozen always (a vision tower) is a unit of its own."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
@@ -90,8 +99,7 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
 def unit_signature(module: FSDPModule) -> tuple:
     """What FSDP2's lazy initialisation of a unit reads: its params' trainability and dtype."""
     group = module._get_fsdp_state()._fsdp_param_group
-    return tuple((fp.sharded_param.requires_grad, fp.sharded_param.dtype) for fp in group.fsdp_params) if group \
-        else ()
+    return tuple((fp.sharded_param.requires_grad, fp.sharded_param.dtype) for fp in group.fsdp_params) if group else ()
 
 
 def rerun_lazy_init(model: nn.Module, skip: Sequence[nn.Module] = (), seen: dict[int, tuple] | None = None) -> None:
@@ -120,13 +128,28 @@ class FSDPBackend(EagerCore, ProcessGroupBackend):
     def from_config(cls, cfg: Config, env: DistEnv) -> FSDPBackend:
         """The backend `cfg` describes, over the process group of `env`."""
         b, lisa = cfg.backend, cfg.lisa
-        return cls(env, cfg.train.precision, cfg.optim, replicate=b.replicate, frozen_storage=lisa.frozen_storage,
-                   reshard_after_forward=b.reshard_after_forward, loss_chunk_tokens=loss_chunk_tokens(cfg),
-                   host_dtype=lisa.host_dtype)
+        return cls(
+            env,
+            cfg.train.precision,
+            cfg.optim,
+            replicate=b.replicate,
+            frozen_storage=lisa.frozen_storage,
+            reshard_after_forward=b.reshard_after_forward,
+            loss_chunk_tokens=loss_chunk_tokens(cfg),
+            host_dtype=lisa.host_dtype,
+        )
 
-    def __init__(self, env: DistEnv, precision: str, optim: OptimConfig, replicate: int = 1,
-                 frozen_storage: str = "float32", reshard_after_forward: bool = True, loss_chunk_tokens: int = 0,
-                 host_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        env: DistEnv,
+        precision: str,
+        optim: OptimConfig,
+        replicate: int = 1,
+        frozen_storage: str = "float32",
+        reshard_after_forward: bool = True,
+        loss_chunk_tokens: int = 0,
+        host_dtype: str = "float32",
+    ) -> None:
         self.env = env
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
         self.mesh = build_mesh(env, replicate)
@@ -158,13 +181,20 @@ class FSDPBackend(EagerCore, ProcessGroupBackend):
             how = "each rank read its own rows"
         else:
             full: dict[str, Any] = source.full_state_dict() if self.is_main else {}
-            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
-                                                                      broadcast_from_rank0=True, strict=False))
+            set_model_state_dict(
+                model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+            )
             del full
             how = "rank 0 loaded and broadcast"
         if self.frozen_storage in QUANTIZED:  # exact shards on the host, quantized on the device
-            self.store = ShardedFrozenStore(layout, self.frozen_storage, getattr(torch, self.host_dtype), self.device,
-                                            self.mesh.get_group("shard"), self.param_dtype or torch.float32)
+            self.store = ShardedFrozenStore(
+                layout,
+                self.frozen_storage,
+                getattr(torch, self.host_dtype),
+                self.device,
+                self.mesh.get_group("shard"),
+                self.param_dtype or torch.float32,
+            )
             self.store.freeze_all()
         elif self.frozen_storage != "float32":
             # bfloat16: block.to(dtype) goes through FSDP2's _apply, which re-registers the sharded params.
@@ -249,8 +279,10 @@ class FSDPBackend(EagerCore, ProcessGroupBackend):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model gathered on rank 0 in CPU memory (empty on other ranks)."""
         # Gathered in full: plain tensors, not the DTensors, lists or sharded tensors the stub's ValueType allows.
-        return cast("dict[str, torch.Tensor]", get_model_state_dict(
-            self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        return cast(
+            "dict[str, torch.Tensor]",
+            get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        )
 
     def full_fetch(self) -> Fetch:
         """Each tensor asked for all-gathered from its shards (a frozen block's host-kept shards on the device
@@ -268,7 +300,6 @@ class FSDPBackend(EagerCore, ProcessGroupBackend):
             return out
 
         return fetch
-
 
     def close(self) -> None:
         self.optimizer = None

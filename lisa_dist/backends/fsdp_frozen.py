@@ -14,6 +14,7 @@ any FSDP unit. Checkpoints and exports read the DTensor params as they are, so t
 Not covered: a block that owns params directly (not through a submodule) under activation checkpointing, which
 recomputes the block's class forward without them gathered.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,10 @@ class GatheredWeight:
         dist.all_gather(gathered, packed, group=self.group)
         pieces = []
         for buffer in gathered:
-            parts = {name: part[: r.numel()].view(t.dtype).view(t.shape)
-                     for name, t, r, part in zip(self.names, inner, raw, buffer.split(sizes), strict=True)}
+            parts = {
+                name: part[: r.numel()].view(t.dtype).view(t.shape)
+                for name, t, r, part in zip(self.names, inner, raw, buffer.split(sizes), strict=True)
+            }
             subclass = cast("type[TensorWithFlatten]", type(self.shard))
             shard = subclass.__tensor_unflatten__(parts, self.meta, self.shard.shape, self.shard.stride())
             pieces.append(dequantize(shard, dtype))
@@ -82,8 +85,15 @@ class _FrozenLinear(torch.autograd.Function):
         return grad @ ctx.weight.full(grad.dtype), None
 
 
-def _frozen_forward(module: nn.Module, others: list[tuple[str, nn.Parameter]], weight: GatheredWeight | None,
-                    dtype: torch.dtype, forward, *args, **kwargs):
+def _frozen_forward(
+    module: nn.Module,
+    others: list[tuple[str, nn.Parameter]],
+    weight: GatheredWeight | None,
+    dtype: torch.dtype,
+    forward,
+    *args,
+    **kwargs,
+):
     """A frozen block's module: its params other than a quantized weight gathered in full for the call (then the
     sharded ones registered again); a quantized linear through `_FrozenLinear`. An instance `forward`, so it also
     runs when activation checkpointing recomputes the block (transformers checkpoints the block's class forward,
@@ -117,8 +127,15 @@ class _FrozenBlock:
 class ShardedFrozenStore:
     """The frozen blocks of an FSDP2-sharded model in int8 or NF4 (see the module docstring)."""
 
-    def __init__(self, layout: ModelLayout, storage: str, host_dtype: torch.dtype, device: torch.device,
-                 group: dist.ProcessGroup, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        layout: ModelLayout,
+        storage: str,
+        host_dtype: torch.dtype,
+        device: torch.device,
+        group: dist.ProcessGroup,
+        compute_dtype: torch.dtype,
+    ) -> None:
         self.layout, self.storage, self.host_dtype, self.device = layout, storage, host_dtype, device
         self.group, self.compute_dtype = group, compute_dtype
         self.frozen: dict[int, _FrozenBlock] = {}
@@ -167,9 +184,13 @@ class ShardedFrozenStore:
         return cast("FSDPParamGroup", group).fsdp_params  # a block has params: its unit has their group
 
     def _matrices(self, i: int) -> list:
-        return [fp for fp in self._params(i)
-                if isinstance(fp._module_info.module, nn.Linear) and fp._module_info.param_name == "weight"
-                and quantizable(fp.padded_sharded_param_size, self.storage)]
+        return [
+            fp
+            for fp in self._params(i)
+            if isinstance(fp._module_info.module, nn.Linear)
+            and fp._module_info.param_name == "weight"
+            and quantizable(fp.padded_sharded_param_size, self.storage)
+        ]
 
     def _freeze(self, i: int) -> None:
         block = self.layout.layers[i]
@@ -188,16 +209,22 @@ class ShardedFrozenStore:
         if frozen.compiled is not None and not self.warned_eager:
             self.warned_eager = True
             if dist.get_rank(self.group) == 0:
-                log.warning("train.compile: frozen %s blocks run eagerly on FSDP2 (their quantized shards are "
-                            "gathered in Python); each block runs compiled while it trains", self.storage)
+                log.warning(
+                    "train.compile: frozen %s blocks run eagerly on FSDP2 (their quantized shards are "
+                    "gathered in Python); each block runs compiled while it trains",
+                    self.storage,
+                )
         for fp in matrices:
             module = fp._module_info.module
             frozen.weights[module] = GatheredWeight(quantized[module], fp._orig_size[0], self.group)
         sharded = {id(fp.sharded_param) for fp in self._params(i)}
         for module in block.modules():
             weight = frozen.weights.get(module)
-            others = [(name, p) for name, p in module._parameters.items()
-                      if p is not None and id(p) in sharded and not (weight is not None and name == "weight")]
+            others = [
+                (name, p)
+                for name, p in module._parameters.items()
+                if p is not None and id(p) in sharded and not (weight is not None and name == "weight")
+            ]
             if weight is None and not others:
                 continue
             frozen.wrapped.append((module, module.__dict__.get("forward")))
@@ -223,16 +250,20 @@ class ShardedFrozenStore:
         block._compiled_call_impl = frozen.compiled
         self._move(unit, self._matrices(i), self.device, torch.float32)
         state = unit._get_fsdp_state()
-        state._pre_forward_hook_handle = block.register_forward_pre_hook(state._pre_forward, prepend=True,
-                                                                         with_kwargs=True)
+        state._pre_forward_hook_handle = block.register_forward_pre_hook(
+            state._pre_forward, prepend=True, with_kwargs=True
+        )
         state._post_forward_hook_handle = block.register_forward_hook(state._post_forward, prepend=False)
 
     def _move(self, block: FSDPModule, matrices: list, device: torch.device, dtype: torch.dtype) -> None:
         """Move these params' shards through FSDP2's `_apply`, which re-pads them and re-registers the DTensors.
         Host shards are page-locked in place on CUDA (`PinnedShards`, exactly their bytes), not by FSDP2's
         `pin_memory`, whose allocator rounds each shard up to a power of two."""
-        ids = {id(fp.sharded_param) for fp in matrices
-               if fp.sharded_param.device != device or fp.sharded_param.dtype != dtype}
+        ids = {
+            id(fp.sharded_param)
+            for fp in matrices
+            if fp.sharded_param.device != device or fp.sharded_param.dtype != dtype
+        }
         if not ids:
             return
         key = id(block)

@@ -1,4 +1,5 @@
 """One process, one device: the reference every distributed backend is compared against."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,15 @@ class LocalBackend(EagerCore):
     rank = 0
     world_size = 1
 
-    def __init__(self, device: str, precision: str, optim: OptimConfig, frozen_storage: str = "float32",
-                 host_dtype: str = "float32", loss_chunk_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        device: str,
+        precision: str,
+        optim: OptimConfig,
+        frozen_storage: str = "float32",
+        host_dtype: str = "float32",
+        loss_chunk_tokens: int = 0,
+    ) -> None:
         self.device = resolve_device(device)
         self.precision = precision
         self.optim_cfg = optim
@@ -58,8 +66,14 @@ class LocalBackend(EagerCore):
     def from_config(cls, cfg: Config, env: DistEnv | None = None) -> LocalBackend:
         """The backend `cfg` describes (one process: no `env`)."""
         t, lisa = cfg.train, cfg.lisa
-        return cls(t.device, t.precision, cfg.optim, frozen_storage=lisa.frozen_storage, host_dtype=lisa.host_dtype,
-                   loss_chunk_tokens=loss_chunk_tokens(cfg))
+        return cls(
+            t.device,
+            t.precision,
+            cfg.optim,
+            frozen_storage=lisa.frozen_storage,
+            host_dtype=lisa.host_dtype,
+            loss_chunk_tokens=loss_chunk_tokens(cfg),
+        )
 
     @property
     def is_main(self) -> bool:
@@ -99,8 +113,13 @@ class LocalBackend(EagerCore):
         set_lr(optimizer, lr)
         optimizer.step()
         if measure:
-            self.last_state = measured_state(model.parameters(), grads, self.master_bytes(),
-                                             self.optimizer_state_bytes(), self.store.host_bytes() if self.store else 0)
+            self.last_state = measured_state(
+                model.parameters(),
+                grads,
+                self.master_bytes(),
+                self.optimizer_state_bytes(),
+                self.store.host_bytes() if self.store else 0,
+            )
         optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -136,8 +155,10 @@ class LocalBackend(EagerCore):
         else:
             result = self._model.load_state_dict(self.store.load_exact(state), strict=False)
             if result.unexpected_keys or set(result.missing_keys) != set(self.store.quantized_names()):
-                raise KeyError(f"{folder / 'model.pt'} does not match the model: missing {result.missing_keys}, "
-                               f"unexpected {result.unexpected_keys}")
+                raise KeyError(
+                    f"{folder / 'model.pt'} does not match the model: missing {result.missing_keys}, "
+                    f"unexpected {result.unexpected_keys}"
+                )
         saved = torch.load(folder / "optim.pt", map_location=self.device)
         optimizer = self._optimizer
         optimizer.state.clear()  # nothing of an earlier, failed load stays

@@ -1,6 +1,7 @@
 """Training data: files or a hub dataset read, tokenized and cached (`sources`; conversations masked by `chat`),
 several sources drawn by weight (`mixture`), held out and packed (`packing`), and each rank's micro-batches
 (`batching`)."""
+
 from lisa_dist.data.batching import ShardedBatches, collate, collate_rows, flatten_packed
 from lisa_dist.data.chat import use_chat_template
 from lisa_dist.data.mixture import Mixture, MixtureOrder, load_mixture

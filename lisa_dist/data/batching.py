@@ -1,5 +1,6 @@
 """The order of the examples and each rank's micro-batches: a pure function of (seed, epoch, step), so every
 rank and a resumed run agree without communicating."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,8 +12,9 @@ from lisa_dist.errors import DataError
 from lisa_dist.models import IGNORE_INDEX
 
 
-def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int,
-            position_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    input_ids: list[list[int]], labels: list[list[int]], pad_id: int, position_ids: list[list[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence: pad_id in input_ids, -100 in labels, 0 in attention_mask. Packed rows
     (`position_ids`) also get `position_ids`, their padding numbered as one more sequence of its own; the model
     then takes no attention_mask (the mask for packed rows follows from position_ids), which counts tokens only."""
@@ -30,7 +32,7 @@ def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int,
         batch["position_ids"] = torch.zeros((len(input_ids), width), dtype=torch.long)
         for i, positions in enumerate(position_ids):
             batch["position_ids"][i, : len(positions)] = torch.tensor(positions, dtype=torch.long)
-            batch["position_ids"][i, len(positions):] = torch.arange(width - len(positions))
+            batch["position_ids"][i, len(positions) :] = torch.arange(width - len(positions))
     return batch
 
 
@@ -65,9 +67,20 @@ class ShardedBatches:
     steps computes exactly the micro-batches the W ranks compute (the bitwise reference of a distributed run).
     """
 
-    def __init__(self, dataset: datasets.Dataset, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
-                 grad_accum: int, pad_id: int = 0, flatten: bool = False,
-                 order: Callable[[int], torch.Tensor] | None = None, epoch_size: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        pad_id: int = 0,
+        flatten: bool = False,
+        order: Callable[[int], torch.Tensor] | None = None,
+        epoch_size: int = 0,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if micro_batch_size < 1 or grad_accum < 1:
@@ -88,9 +101,11 @@ class ShardedBatches:
         self.global_batch = world_size * micro_batch_size * grad_accum
         self.steps_per_epoch = self.num_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DataError(f"the dataset has {self.num_examples} examples but one global batch needs "
-                            f"world_size*micro_batch_size*grad_accum = {world_size}*{micro_batch_size}*{grad_accum}"
-                            f" = {self.global_batch}")
+            raise DataError(
+                f"the dataset has {self.num_examples} examples but one global batch needs "
+                f"world_size*micro_batch_size*grad_accum = {world_size}*{micro_batch_size}*{grad_accum}"
+                f" = {self.global_batch}"
+            )
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def epoch_of(self, step: int) -> int:
@@ -100,8 +115,9 @@ class ShardedBatches:
         """The order of all examples in `epoch`, identical on every rank."""
         if self._cached is None or self._cached[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = self.order(epoch) if self.order is not None else \
-                torch.randperm(self.num_examples, generator=generator)
+            order = (
+                self.order(epoch) if self.order is not None else torch.randperm(self.num_examples, generator=generator)
+            )
             self._cached = (epoch, order)
         return self._cached[1]
 
@@ -115,7 +131,7 @@ class ShardedBatches:
         micro = []
         for k in range(self.grad_accum):
             first = within * self.global_batch + (k * self.world_size + self.rank) * m
-            micro.append(order[first: first + m].tolist())
+            micro.append(order[first : first + m].tolist())
         return micro
 
     def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:

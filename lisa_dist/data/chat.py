@@ -9,6 +9,7 @@ message, e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`). Nothing requ
 render as a prefix of the whole (Qwen3 renders earlier assistant turns without their reasoning). A turn that cannot
 be found is a bad row, which `data.skip_bad_rows` can skip.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -22,9 +23,18 @@ from lisa_dist.models import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT's `from` values (LLaMA-Factory's and FastChat's spellings) -> roles; a function call is the model's turn.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "function_call": "assistant", "system": "system", "tool": "tool", "observation": "tool",
-                  "function": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+}
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -48,7 +58,7 @@ LLAMA3 = (
     "{%- if builtin_tools is defined %}"
     "{{- 'Tools: ' + builtin_tools | reject('equalto', 'code_interpreter') | join(', ') + '\\n\\n' }}{%- endif %}"
     "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
-    "{%- set tools_prompt = 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument "
+    '{%- set tools_prompt = \'Respond in the format {"name": function name, "parameters": dictionary of argument '
     "name and its value}.Do not use variables.\\n\\n' %}"
     "{%- if tools is not none and not tools_in_user_message %}"
     "{{- 'You have access to the following functions. To call a function, please respond with JSON for a function "
@@ -118,8 +128,13 @@ def parse_messages(row: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise BadRow(f"message {number} content is {type(content).__name__}, not str")
         kept = {"role": role, "content": content}
-        kept.update({k: message[k] for k in ("tool_calls", "name", "tool_call_id", "reasoning_content")
-                     if message.get(k) is not None})
+        kept.update(
+            {
+                k: message[k]
+                for k in ("tool_calls", "name", "tool_call_id", "reasoning_content")
+                if message.get(k) is not None
+            }
+        )
         messages.append(kept)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no assistant message: nothing to learn from")
@@ -161,9 +176,12 @@ def encode_messages(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[lis
     if "{% generation %}" in template or "{%- generation %}" in template:
         return _by_markers(messages, tokenizer)
     if not getattr(tokenizer, "is_fast", False):
-        raise BadRow(f"{type(tokenizer).__name__} gives no character offsets, which locating the assistant turns "
-                     "needs: load the fast tokenizer (tokenizers), or use a chat template with {% generation %} "
-                     "markers", skippable=False)
+        raise BadRow(
+            f"{type(tokenizer).__name__} gives no character offsets, which locating the assistant turns "
+            "needs: load the fast tokenizer (tokenizers), or use a chat template with {% generation %} "
+            "markers",
+            skippable=False,
+        )
     text = _render(tokenizer, messages, generation_prompt=False)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
@@ -179,8 +197,9 @@ def encode_messages(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[lis
 
 def _by_markers(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[list[int], list[int]]:
     try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
     except jinja2.TemplateError as exc:
         raise BadRow(f"the chat template rejects this conversation: {exc}") from exc
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
@@ -203,18 +222,23 @@ def _markup(tokenizer: Any) -> tuple[str, str]:
     try:
         bare = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False)
         prompted = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": PROBE_ASSISTANT}],
-                                              tokenize=False, add_generation_prompt=False)
+        whole = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": PROBE_ASSISTANT}], tokenize=False, add_generation_prompt=False
+        )
     except jinja2.TemplateError as exc:
         raise BadRow(f"the chat template rejects a user turn followed by an assistant turn: {exc}") from exc
-    header = prompted[len(bare):] if prompted.startswith(bare) else ""
+    header = prompted[len(bare) :] if prompted.startswith(bare) else ""
     at = whole.find(PROBE_ASSISTANT)
-    end_of_turn = whole[at + len(PROBE_ASSISTANT):] if at >= 0 else ""
+    end_of_turn = whole[at + len(PROBE_ASSISTANT) :] if at >= 0 else ""
     return (header if header.strip() else ""), end_of_turn
 
 
-def assistant_spans(messages: list[dict[str, Any]], text: str, header: str, end_of_turn: str,
-                    ) -> list[tuple[int, int]]:
+def assistant_spans(
+    messages: list[dict[str, Any]],
+    text: str,
+    header: str,
+    end_of_turn: str,
+) -> list[tuple[int, int]]:
     """The character span of each assistant turn in `text`, the conversation's one rendering (see the module's
     docstring). User, tool and assistant contents are found in order; a system message may be moved, merged or
     replaced by the template, so it is not looked for."""
@@ -226,8 +250,10 @@ def assistant_spans(messages: list[dict[str, Any]], text: str, header: str, end_
             continue
         place = _find(text, message["content"], cursor)
         if place is None and message["content"].strip():
-            raise BadRow(f"message {number} ({message['role']}) is not where the chat template's rendering should "
-                         "have it: its turns cannot be located")
+            raise BadRow(
+                f"message {number} ({message['role']}) is not where the chat template's rendering should "
+                "have it: its turns cannot be located"
+            )
         found.append(place)
         if place is not None:
             cursor = place[1]
@@ -236,7 +262,7 @@ def assistant_spans(messages: list[dict[str, Any]], text: str, header: str, end_
         if message["role"] != "assistant":
             continue
         low = max((p[1] for p in found[:i] if p is not None), default=0)
-        high = min((p[0] for p in found[i + 1:] if p is not None), default=len(text))
+        high = min((p[0] for p in found[i + 1 :] if p is not None), default=len(text))
         spans.append(_turn(text, found[i], low, high, header, end_of_turn))
     return spans
 
@@ -252,8 +278,14 @@ def _find(text: str, content: str, cursor: int) -> tuple[int, int] | None:
     return None
 
 
-def _turn(text: str, place: tuple[int, int] | None, low: int, high: int, header: str, end_of_turn: str,
-          ) -> tuple[int, int]:
+def _turn(
+    text: str,
+    place: tuple[int, int] | None,
+    low: int,
+    high: int,
+    header: str,
+    end_of_turn: str,
+) -> tuple[int, int]:
     """One assistant turn's span, between the previous message's end `low` and the next one's start `high`."""
     if place is None:  # only tool calls: from the header to the end of turn
         opened = text.find(header, low, high) if header else -1

@@ -1,5 +1,6 @@
 """data.mixture: several sources, each read, tokenized and cached alone, then drawn each epoch in proportion to their
 weights, reproducibly from the seed (so every rank and a resumed run draw the same)."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,17 @@ OVERRIDES = ("format", "subset", "revision", "split", "text_field", "messages_fi
 
 def source_configs(data: DataConfig) -> list[DataConfig]:
     """Each mixture source as a one-source DataConfig: this section's options, the source's own over them."""
-    return [replace(data, mixture=[], eval_fraction=0.0, eval_path="", path=entry["path"],
-                    **{k: entry[k] for k in OVERRIDES if k in entry}) for entry in data.mixture]
+    return [
+        replace(
+            data,
+            mixture=[],
+            eval_fraction=0.0,
+            eval_path="",
+            path=entry["path"],
+            **{k: entry[k] for k in OVERRIDES if k in entry},
+        )
+        for entry in data.mixture
+    ]
 
 
 class MixtureOrder:
@@ -58,8 +68,9 @@ class Mixture:
     """Per source: path, weight, examples (rows when packed), tokens, supervised tokens, draws per epoch."""
 
 
-def load_mixture(data: DataConfig, tokenizer: Any, seed: int, *, is_main: bool = True,
-                 barrier: Callable[[], None] | None = None) -> Mixture:
+def load_mixture(
+    data: DataConfig, tokenizer: Any, seed: int, *, is_main: bool = True, barrier: Callable[[], None] | None = None
+) -> Mixture:
     """Every source of data.mixture loaded (a source's error names it), its eval_fraction held out, packed alone
     with data.packing (a row holds one source's examples), then concatenated."""
     trains, helds = [], []
@@ -79,19 +90,35 @@ def load_mixture(data: DataConfig, tokenizer: Any, seed: int, *, is_main: bool =
         trains.append(examples)
         if held is not None:
             helds.append(held)
-        sources.append({"path": sub.path, "format": sub.format, "weight": float(entry.get("weight", 1.0)),
-                        "examples": stats.examples, "tokens": stats.tokens,
-                        "supervised_tokens": stats.supervised_tokens, "rows": len(examples),
-                        "held_out": len(held) if held is not None else 0,
-                        **({"fill": round(fill_rate(examples, data.max_length), 4)} if data.packing else {})})
+        sources.append(
+            {
+                "path": sub.path,
+                "format": sub.format,
+                "weight": float(entry.get("weight", 1.0)),
+                "examples": stats.examples,
+                "tokens": stats.tokens,
+                "supervised_tokens": stats.supervised_tokens,
+                "rows": len(examples),
+                "held_out": len(held) if held is not None else 0,
+                **({"fill": round(fill_rate(examples, data.max_length), 4)} if data.packing else {}),
+            }
+        )
     order = MixtureOrder([len(t) for t in trains], [s["weight"] for s in sources], seed)
     for source, draws in zip(sources, order.draws, strict=True):
         source["draws_per_epoch"] = draws
         if is_main:
-            log.info("data.mixture: %s (%s), weight %g: %d examples, %d tokens (%d supervised), %d %s, %d drawn "
-                     "per epoch", source["path"], source["format"], source["weight"], source["examples"],
-                     source["tokens"], source["supervised_tokens"], source["rows"],
-                     "rows" if data.packing else "training examples", draws)
+            log.info(
+                "data.mixture: %s (%s), weight %g: %d examples, %d tokens (%d supervised), %d %s, %d drawn per epoch",
+                source["path"],
+                source["format"],
+                source["weight"],
+                source["examples"],
+                source["tokens"],
+                source["supervised_tokens"],
+                source["rows"],
+                "rows" if data.packing else "training examples",
+                draws,
+            )
     train = datasets.concatenate_datasets(trains)
     held_out = datasets.concatenate_datasets(helds) if helds else None
     return Mixture(train, held_out, order, sources)

@@ -7,6 +7,7 @@ at each example (transformers then keeps the examples apart: packed-sequence mas
 attention, varlen flash attention), and the first label of every example after the first is ignored, since it
 would be predicted from the previous example's last token. So every example keeps exactly its supervised tokens.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -17,19 +18,23 @@ import torch
 from lisa_dist.errors import DataError
 from lisa_dist.models import IGNORE_INDEX
 
-PACKED_FEATURES = datasets.Features({
-    "input_ids": datasets.Sequence(datasets.Value("int32")),
-    "labels": datasets.Sequence(datasets.Value("int32")),
-    "position_ids": datasets.Sequence(datasets.Value("int32")),
-})
+PACKED_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "position_ids": datasets.Sequence(datasets.Value("int32")),
+    }
+)
 
 
 def split_heldout(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training examples, held-out examples): round(fraction * N) examples (at least 1) drawn with `seed`."""
     count = max(1, round(fraction * len(dataset)))
     if count >= len(dataset):
-        raise DataError(f"data.eval_fraction={fraction} holds out all {len(dataset)} examples: nothing is left to "
-                        "train on (lower it, or give data.eval_path)")
+        raise DataError(
+            f"data.eval_fraction={fraction} holds out all {len(dataset)} examples: nothing is left to "
+            "train on (lower it, or give data.eval_path)"
+        )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     held = sorted(order[:count])
     held_set = set(held)
@@ -46,7 +51,7 @@ def pack_examples(dataset: datasets.Dataset, max_length: int, window: int = PACK
     longest first, each into the open row whose free space fits it most tightly (a new row when none does)."""
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     for start in range(0, len(dataset), window):
-        chunk = dataset[start:start + window]
+        chunk = dataset[start : start + window]
         for members in best_fit_decreasing([len(ids) for ids in chunk["input_ids"]], max_length):
             ids: list[int] = []
             labels: list[int] = []

@@ -1,4 +1,5 @@
 """The error of one row of training data."""
+
 from __future__ import annotations
 
 

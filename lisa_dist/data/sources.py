@@ -6,6 +6,7 @@ assistant turns of a conversation rendered with the tokenizer's chat template (`
 the first row's format. Tokenized examples are cached once per (source, format, length, tokenizer), and the
 order of examples is a pure function of (seed, epoch), so every rank and a resumed run agree without communicating.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,10 +36,12 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 4
 """Bump when tokenization changes, so that old caches are not reused."""
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
-FEATURES = datasets.Features({
-    "input_ids": datasets.Sequence(datasets.Value("int32")),
-    "labels": datasets.Sequence(datasets.Value("int32")),
-})
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+    }
+)
 
 # The Stanford Alpaca prompts, with and without the optional input.
 ALPACA_PROMPT = (
@@ -51,8 +54,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
 
 
 @dataclass
@@ -95,8 +96,9 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
             raise DataError(f"data.path folder {path} holds no {'/'.join(FILE_KINDS)} files")
         kinds = {FILE_KINDS[p.suffix] for p in files}
         if len(kinds) > 1:
-            raise DataError(f"data.path folder {path} mixes file kinds ({', '.join(sorted(kinds))}): "
-                            "use one kind per folder")
+            raise DataError(
+                f"data.path folder {path} mixes file kinds ({', '.join(sorted(kinds))}): use one kind per folder"
+            )
         return [_file_source(p) for p in files]
     if _looks_local(cfg.path):
         raise DataError(f"data.path {cfg.path!r} does not exist")
@@ -105,19 +107,29 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
 
 def _file_source(path: Path) -> Source:
     if path.suffix not in FILE_KINDS:
-        raise DataError(f"data.path {path}: unsupported file type {path.suffix!r} "
-                        f"(expected one of {', '.join(FILE_KINDS)})")
+        raise DataError(
+            f"data.path {path}: unsupported file type {path.suffix!r} (expected one of {', '.join(FILE_KINDS)})"
+        )
     return Source(str(path.resolve()), FILE_KINDS[path.suffix])
 
 
 def _looks_local(path: str) -> bool:
     # Hub ids are `name` or `owner/name`; anything else that names no file was meant as a local path.
-    return (Path(path).is_absolute() or path.startswith((".", "~")) or Path(path).suffix in FILE_KINDS
-            or path.count("/") > 1)
+    return (
+        Path(path).is_absolute()
+        or path.startswith((".", "~"))
+        or Path(path).suffix in FILE_KINDS
+        or path.count("/") > 1
+    )
 
 
-def _read_source(source: Source, split: str, scratch: Path, subset: str = "", revision: str = "",
-                 ) -> Iterator[tuple[str, Any]]:
+def _read_source(
+    source: Source,
+    split: str,
+    scratch: Path,
+    subset: str = "",
+    revision: str = "",
+) -> Iterator[tuple[str, Any]]:
     """(where, row) for every row of `source`, `where` as the user finds it in the file (1-based line or record);
     a row that cannot even be read (not UTF-8, malformed JSON) comes as a `_BadRow` in its place."""
     if source.kind == "json":
@@ -130,10 +142,15 @@ def _read_source(source: Source, split: str, scratch: Path, subset: str = "", re
         try:
             rows = datasets.load_dataset(source.name, name=subset or None, revision=revision or None, split=split)
         except Exception as exc:
-            where = f"split {split!r}" + (f", subset {subset!r}" if subset else "") + \
-                (f", revision {revision!r}" if revision else "")
-            raise DataError(f"data.path {source.name!r} is neither a local file or folder nor a dataset reachable "
-                            f"on the hub ({where}): {_root_cause(exc)}") from exc
+            where = (
+                f"split {split!r}"
+                + (f", subset {subset!r}" if subset else "")
+                + (f", revision {revision!r}" if revision else "")
+            )
+            raise DataError(
+                f"data.path {source.name!r} is neither a local file or folder nor a dataset reachable "
+                f"on the hub ({where}): {_root_cause(exc)}"
+            ) from exc
     else:
         try:
             # The builder's own cache goes to scratch: our tokenized cache is the only one kept.
@@ -191,8 +208,10 @@ def _json_list(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}, line {_line_of(data, exc.start)}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
-                        "a JSON list cannot skip a bad record: fix or remove it") from None
+        raise DataError(
+            f"{path}, line {_line_of(data, exc.start)}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            "a JSON list cannot skip a bad record: fix or remove it"
+        ) from None
     decoder = json.JSONDecoder()
     start = len(text) - len(text.lstrip())
     try:
@@ -202,11 +221,16 @@ def _json_list(path: Path) -> Iterator[tuple[str, Any]]:
     rest = text[end:]
     if rest.strip():
         line = text.count("\n", 0, end + len(rest) - len(rest.lstrip())) + 1
-        raise DataError(f"{path}, line {line}: more JSON after the list: a file holds one JSON list or JSON lines, "
-                        "not both")
+        raise DataError(
+            f"{path}, line {line}: more JSON after the list: a file holds one JSON list or JSON lines, not both"
+        )
     for number, row in enumerate(rows, start=1):
-        yield f"record {number}", row if isinstance(row, dict) else _BadRow(
-            f"a JSON {type(row).__name__}, not an object with the fields of a row")
+        yield (
+            f"record {number}",
+            row
+            if isinstance(row, dict)
+            else _BadRow(f"a JSON {type(row).__name__}, not an object with the fields of a row"),
+        )
 
 
 def _text_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -220,8 +244,10 @@ def _text_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
             except UnicodeDecodeError as exc:
-                yield f"line {number}", _BadRow(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                                f"{exc.start + 1})")
+                yield (
+                    f"line {number}",
+                    _BadRow(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"),
+                )
                 continue
             if line.strip():
                 first = first or number
@@ -310,12 +336,16 @@ def _tokenizer_name(tokenizer: Any) -> str:
 
 def _check_tokenizer(cfg: DataConfig, tokenizer: Any) -> None:
     if tokenizer.eos_token_id is None and cfg.format in ("text", "alpaca"):
-        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)} has no eos token, which the {cfg.format} "
-                        "format ends every example with")
+        raise DataError(
+            f"tokenizer {_tokenizer_name(tokenizer)} has no eos token, which the {cfg.format} "
+            "format ends every example with"
+        )
     if cfg.format in ("chat", "sharegpt") and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)} has no chat template, which data.format="
-                        f"{cfg.format} needs: set data.chat_template (a Jinja file, or chatml) or use the alpaca "
-                        "format")
+        raise DataError(
+            f"tokenizer {_tokenizer_name(tokenizer)} has no chat template, which data.format="
+            f"{cfg.format} needs: set data.chat_template (a Jinja file, or chatml) or use the alpaca "
+            "format"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,18 +380,24 @@ def detect_format(cfg: DataConfig, sources: list[Source]) -> DataConfig:
 
 def _format_of(row: Mapping[str, Any], cfg: DataConfig, where: str) -> DataFormat:
     candidates: tuple[tuple[DataFormat, list[str]], ...] = (
-        ("chat", [cfg.messages_field]), ("sharegpt", [cfg.conversations_field]),
-        ("alpaca", ["instruction", "output"]), ("text", [cfg.text_field]))
+        ("chat", [cfg.messages_field]),
+        ("sharegpt", [cfg.conversations_field]),
+        ("alpaca", ["instruction", "output"]),
+        ("text", [cfg.text_field]),
+    )
     for fmt, fields in candidates:
         if all(f in row for f in fields):
             return fmt
-    raise DataError(f"data.format=auto: {where} has fields {', '.join(map(repr, row)) or 'none'}; expected "
-                    f"'{cfg.messages_field}' (chat), '{cfg.conversations_field}' (sharegpt), 'instruction' and "
-                    f"'output' (alpaca) or '{cfg.text_field}' (text)")
+    raise DataError(
+        f"data.format=auto: {where} has fields {', '.join(map(repr, row)) or 'none'}; expected "
+        f"'{cfg.messages_field}' (chat), '{cfg.conversations_field}' (sharegpt), 'instruction' and "
+        f"'output' (alpaca) or '{cfg.text_field}' (text)"
+    )
 
 
-def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: Path,
-                  stats: DataStats) -> Iterator[Any]:
+def _encoded_rows(
+    cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: Path, stats: DataStats
+) -> Iterator[Any]:
     for source in sources:
         encode = _encoder(cfg, tokenizer, source)
         skipped = 0
@@ -381,8 +417,9 @@ def _encoded_rows(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratc
                 if not (cfg.skip_bad_rows and bad.skippable):
                     raise DataError(f"{where}: {bad}") from None
                 if skipped == 0:
-                    log.warning("skipping bad rows of %s (data.skip_bad_rows=true); the first: %s: %s",
-                                source.name, where, bad)
+                    log.warning(
+                        "skipping bad rows of %s (data.skip_bad_rows=true); the first: %s: %s", source.name, where, bad
+                    )
                 skipped += 1
                 continue
             yield encoded
@@ -398,13 +435,14 @@ def pack(token_rows: Iterable[list[int]], block: int) -> Iterator[list[int]]:
         buffer.extend(ids)
         start = 0
         while len(buffer) - start >= block:
-            yield buffer[start: start + block]
+            yield buffer[start : start + block]
             start += block
         del buffer[:start]
 
 
-def _examples(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: Path,
-              stats: DataStats) -> Iterator[dict[str, list[int]]]:
+def _examples(
+    cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: Path, stats: DataStats
+) -> Iterator[dict[str, list[int]]]:
     rows = _encoded_rows(cfg, tokenizer, sources, scratch, stats)
     if cfg.format == "text":
         pairs: Iterable[tuple[list[int], list[int]]] = ((ids, ids) for ids in pack(rows, cfg.max_length))
@@ -417,15 +455,20 @@ def _examples(cfg: DataConfig, tokenizer: Any, sources: list[Source], scratch: P
         yield {"input_ids": ids, "labels": labels}
 
 
-def _to_dataset(examples: Iterator[dict[str, list[int]]], scratch: Path, fingerprint: str,
-                empty: Callable[[], str]) -> datasets.Dataset:
+def _to_dataset(
+    examples: Iterator[dict[str, list[int]]], scratch: Path, fingerprint: str, empty: Callable[[], str]
+) -> datasets.Dataset:
     # from_generator fails on zero rows and wraps errors raised inside it: peek first, unwrap after.
     first = next(examples, None)
     if first is None:
         raise DataError(empty())
     try:
-        return datasets.Dataset.from_generator(lambda: itertools.chain([first], examples), features=FEATURES,
-                                               cache_dir=str(scratch), fingerprint=fingerprint)
+        return datasets.Dataset.from_generator(
+            lambda: itertools.chain([first], examples),
+            features=FEATURES,
+            cache_dir=str(scratch),
+            fingerprint=fingerprint,
+        )
     except Exception as exc:
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, DataError):
@@ -458,18 +501,29 @@ def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> s
 def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
     """Each source of data.path and data.eval_path -> the sha256 of its bytes (a hub dataset -> its split): what a
     checkpoint records so that a resume on edited data is refused."""
-    configs = [replace(cfg, mixture=[], path=entry["path"], **{k: entry[k] for k in ("split", "subset", "revision")
-                                                            if k in entry}) for entry in cfg.mixture] or [cfg]
+    configs = [
+        replace(
+            cfg, mixture=[], path=entry["path"], **{k: entry[k] for k in ("split", "subset", "revision") if k in entry}
+        )
+        for entry in cfg.mixture
+    ] or [cfg]
     if cfg.eval_path:
         configs.append(replace(cfg, mixture=[], path=cfg.eval_path))
-    return {s.name: ":".join(["hub", c.split, *filter(None, [c.subset, c.revision])]) if s.kind == "hub"
-            else file_digest(s.name) for c in configs for s in resolve_sources(c)}
+    return {
+        s.name: ":".join(["hub", c.split, *filter(None, [c.subset, c.revision])])
+        if s.kind == "hub"
+        else file_digest(s.name)
+        for c in configs
+        for s in resolve_sources(c)
+    }
 
 
 def cache_key(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
     """sha256 over what determines the tokenized examples: sources (by their content), options, tokenizer."""
-    located = [[s.name, cfg.split, cfg.subset, cfg.revision] if s.kind == "hub" else [s.name, file_digest(s.name)]
-               for s in sources]
+    located = [
+        [s.name, cfg.split, cfg.subset, cfg.revision] if s.kind == "hub" else [s.name, file_digest(s.name)]
+        for s in sources
+    ]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     identity = {
         "version": CACHE_VERSION,
@@ -481,9 +535,13 @@ def cache_key(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
         "conversations_field": cfg.conversations_field,
         # A skipping build holds fewer rows than a strict one would accept, so the two never share a cache.
         "skip_bad_rows": cfg.skip_bad_rows,
-        "tokenizer": [type(tokenizer).__name__, len(tokenizer), hashlib.sha256(vocab.encode()).hexdigest(),
-                      getattr(tokenizer, "chat_template", None),
-                      [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]],
+        "tokenizer": [
+            type(tokenizer).__name__,
+            len(tokenizer),
+            hashlib.sha256(vocab.encode()).hexdigest(),
+            getattr(tokenizer, "chat_template", None),
+            [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        ],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -515,9 +573,18 @@ def _write_cache(cfg: DataConfig, tokenizer: Any, sources: list[Source], target:
         _to_dataset(examples, tmp / "scratch", target.name, empty).save_to_disk(str(tmp / "dataset"))
         (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
         shutil.rmtree(tmp / "scratch")
-        log.info("tokenized %s: %d examples (%d tokens, %d supervised) from %d rows, %d skipped, %d truncated to "
-                 "data.max_length=%d", cfg.path, stats.examples, stats.tokens, stats.supervised_tokens, stats.rows,
-                 stats.skipped_rows, stats.truncated_rows, cfg.max_length)
+        log.info(
+            "tokenized %s: %d examples (%d tokens, %d supervised) from %d rows, %d skipped, %d truncated to "
+            "data.max_length=%d",
+            cfg.path,
+            stats.examples,
+            stats.tokens,
+            stats.supervised_tokens,
+            stats.rows,
+            stats.skipped_rows,
+            stats.truncated_rows,
+            cfg.max_length,
+        )
         try:
             tmp.rename(target)
         except OSError:
@@ -529,21 +596,25 @@ def _write_cache(cfg: DataConfig, tokenizer: Any, sources: list[Source], target:
 
 def _empty_message(cfg: DataConfig, stats: DataStats) -> str:
     hint = f" (the text format needs at least {cfg.max_length} tokens for one block)" if cfg.format == "text" else ""
-    return (f"data.path {cfg.path!r} yields no training examples: {stats.rows} rows read, {stats.skipped_rows} "
-            f"skipped, format {cfg.format}, max_length {cfg.max_length}{hint}")
+    return (
+        f"data.path {cfg.path!r} yields no training examples: {stats.rows} rows read, {stats.skipped_rows} "
+        f"skipped, format {cfg.format}, max_length {cfg.max_length}{hint}"
+    )
 
 
 def _load_cache(target: Path) -> tuple[datasets.Dataset, DataStats]:
     if not target.is_dir():
-        raise DataError(f"no tokenized data cache at {target}: the main rank failed to build it or has not run "
-                        "(see its log)")
+        raise DataError(
+            f"no tokenized data cache at {target}: the main rank failed to build it or has not run (see its log)"
+        )
     stats = DataStats(**json.loads((target / "stats.json").read_text()))
     stats.cache_path = str(target)
     return datasets.load_from_disk(str(target / "dataset")), stats
 
 
-def load_examples_with_stats(cfg: DataConfig, tokenizer: Any, *, is_main: bool = True,
-                             barrier: Callable[[], None] | None = None) -> tuple[datasets.Dataset, DataStats]:
+def load_examples_with_stats(
+    cfg: DataConfig, tokenizer: Any, *, is_main: bool = True, barrier: Callable[[], None] | None = None
+) -> tuple[datasets.Dataset, DataStats]:
     """`load_examples`, also returning what tokenization did (and whether this call hit the cache)."""
     failure: Exception | None = None
     target = Path()
@@ -566,13 +637,20 @@ def load_examples_with_stats(cfg: DataConfig, tokenizer: Any, *, is_main: bool =
     dataset, stats = _load_cache(target)
     stats.cache_hit = not built
     if stats.cache_hit and is_main:
-        log.info("loaded %d tokenized examples of %s from the cache %s (%d rows skipped, %d truncated to "
-                 "data.max_length)", stats.examples, cfg.path, target, stats.skipped_rows, stats.truncated_rows)
+        log.info(
+            "loaded %d tokenized examples of %s from the cache %s (%d rows skipped, %d truncated to data.max_length)",
+            stats.examples,
+            cfg.path,
+            target,
+            stats.skipped_rows,
+            stats.truncated_rows,
+        )
     return dataset, stats
 
 
-def load_examples(cfg: DataConfig, tokenizer: Any, *, is_main: bool = True,
-                  barrier: Callable[[], None] | None = None) -> datasets.Dataset:
+def load_examples(
+    cfg: DataConfig, tokenizer: Any, *, is_main: bool = True, barrier: Callable[[], None] | None = None
+) -> datasets.Dataset:
     """Tokenized examples (`input_ids`, `labels` with -100 where no loss) of data.path, cached under cache_dir.
 
     In a multi-process run only the main rank tokenizes and writes the cache; every rank then calls `barrier`

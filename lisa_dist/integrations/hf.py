@@ -22,6 +22,7 @@ set, and an all-gather proves it). `LisaTrainer` does what a callback cannot rea
 Written against transformers 5.24 / accelerate 1.15; it overrides `Trainer.create_optimizer` and
 `Trainer._prepare_for_training` (the latter only under DeepSpeed).
 """
+
 from __future__ import annotations
 
 import gc
@@ -60,12 +61,22 @@ class LisaCallback(TrainerCallback):
     Driven by `LisaTrainer`; `schedule` lists (first step, layers) of every period trained so far.
     """
 
-    def __init__(self, gamma: int = 2, interval: int = 20, *, seed: int | None = None, strategy: str = "uniform",
-                 weights: Sequence[float] | None = None, fixed_layers: Sequence[int] | None = None,
-                 layers_path: str | None = None) -> None:
+    def __init__(
+        self,
+        gamma: int = 2,
+        interval: int = 20,
+        *,
+        seed: int | None = None,
+        strategy: str = "uniform",
+        weights: Sequence[float] | None = None,
+        fixed_layers: Sequence[int] | None = None,
+        layers_path: str | None = None,
+    ) -> None:
         if strategy not in HF_STRATEGIES:
-            raise ValueError(f"LisaCallback(strategy={strategy!r}): allowed values are {', '.join(HF_STRATEGIES)}"
-                             " (grad_norm runs in lisa_dist's own trainer)")
+            raise ValueError(
+                f"LisaCallback(strategy={strategy!r}): allowed values are {', '.join(HF_STRATEGIES)}"
+                " (grad_norm runs in lisa_dist's own trainer)"
+            )
         self.gamma, self.interval, self.seed = gamma, interval, seed
         self.strategy, self.weights, self.fixed_layers = strategy, weights, fixed_layers
         self.layers_path = layers_path
@@ -77,9 +88,15 @@ class LisaCallback(TrainerCallback):
 
     def bind(self, trainer: LisaTrainer, num_layers: int) -> None:
         try:
-            self.sampler = LayerSampler(num_layers, self.gamma, self.interval,
-                                        seed=trainer.args.seed if self.seed is None else self.seed,
-                                        strategy=self.strategy, weights=self.weights, fixed_layers=self.fixed_layers)
+            self.sampler = LayerSampler(
+                num_layers,
+                self.gamma,
+                self.interval,
+                seed=trainer.args.seed if self.seed is None else self.seed,
+                strategy=self.strategy,
+                weights=self.weights,
+                fixed_layers=self.fixed_layers,
+            )
         except ValueError as exc:
             raise ValueError(f"LisaCallback: {exc}") from None
         self.trainer = trainer
@@ -99,9 +116,11 @@ class LisaCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         if self.trainer is None:
-            raise RuntimeError("LisaCallback needs lisa_dist.integrations.hf.LisaTrainer: a plain Trainer's "
-                               "optimizer keeps no per-layer groups, and a callback cannot rebuild DDP's reducer "
-                               "or the DeepSpeed engine. Use LisaTrainer(..., callbacks=[LisaCallback(...)]).")
+            raise RuntimeError(
+                "LisaCallback needs lisa_dist.integrations.hf.LisaTrainer: a plain Trainer's "
+                "optimizer keeps no per-layer groups, and a callback cannot rebuild DDP's reducer "
+                "or the DeepSpeed engine. Use LisaTrainer(..., callbacks=[LisaCallback(...)])."
+            )
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         sampler, trainer = self._bound()
@@ -109,8 +128,14 @@ class LisaCallback(TrainerCallback):
             return
         trainer.activate_layers(self.layers_at(state.global_step))
         if state.is_world_process_zero:
-            log.info("step %d: LISA period %d trains layers %s (%d of %d)", state.global_step + 1, self.period,
-                     list(self.active), len(self.active), sampler.num_layers)
+            log.info(
+                "step %d: LISA period %d trains layers %s (%d of %d)",
+                state.global_step + 1,
+                self.period,
+                list(self.active),
+                len(self.active),
+                sampler.num_layers,
+            )
 
 
 class LisaTrainer(Trainer):
@@ -145,16 +170,19 @@ class LisaTrainer(Trainer):
             raise ValueError("LisaTrainer trains whole layers: the model is a peft model (LoRA trains adapters)")
         optim = getattr(self.args.optim, "value", self.args.optim)
         if optim not in ADAMW:
-            raise ValueError(f"TrainingArguments.optim={optim!r}: LisaTrainer runs torch AdamW "
-                             f"(allowed: {', '.join(ADAMW)})")
+            raise ValueError(
+                f"TrainingArguments.optim={optim!r}: LisaTrainer runs torch AdamW (allowed: {', '.join(ADAMW)})"
+            )
         if self.is_deepspeed_enabled:
             unlink_shm_at_exit(self.args.process_index)
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             for section in ("optimizer", "scheduler"):
                 if section in config:
-                    raise ValueError(f"DeepSpeed config {self.args.deepspeed!r} has a {section!r} section: remove it"
-                                     " (LisaTrainer gives DeepSpeed its AdamW; the schedule is TrainingArguments'"
-                                     " lr_scheduler_type)")
+                    raise ValueError(
+                        f"DeepSpeed config {self.args.deepspeed!r} has a {section!r} section: remove it"
+                        " (LisaTrainer gives DeepSpeed its AdamW; the schedule is TrainingArguments'"
+                        " lr_scheduler_type)"
+                    )
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("fsdp_config fsdp_version=1: LisaTrainer switches layers on FSDP2 (set fsdp_version: 2)")
 
@@ -162,8 +190,9 @@ class LisaTrainer(Trainer):
 
     def _optim_config(self) -> OptimConfig:
         a = self.args
-        return OptimConfig(lr=a.learning_rate, weight_decay=a.weight_decay, betas=[a.adam_beta1, a.adam_beta2],
-                           eps=a.adam_epsilon)
+        return OptimConfig(
+            lr=a.learning_rate, weight_decay=a.weight_decay, betas=[a.adam_beta1, a.adam_beta2], eps=a.adam_epsilon
+        )
 
     def _trainable(self) -> TrainableSet:
         # Read again at every switch: FSDP2 and ZeRO-3 replace or partition the params after the optimizer is built.
@@ -176,8 +205,12 @@ class LisaTrainer(Trainer):
             trainable = self._trainable()
             layers = self.lisa.layers_at(max(self.state.global_step - 1, 0))
             set_requires_grad(trainable, layers)
-            self.optimizer = build_adamw(trainable.always, trainable.layer_params(layers), self._optim_config(),
-                                         drop_empty=self.is_deepspeed_enabled)
+            self.optimizer = build_adamw(
+                trainable.always,
+                trainable.layer_params(layers),
+                self._optim_config(),
+                drop_empty=self.is_deepspeed_enabled,
+            )
         return self.optimizer
 
     def activate_layers(self, layers: Sequence[int]) -> None:
@@ -214,8 +247,9 @@ class LisaTrainer(Trainer):
         self.model_wrapped = self.deepspeed = self.accelerator.deepspeed_engine_wrapped.engine = None  # type: ignore[assignment]
         del old
         gc.collect()
-        engine = build_engine(self._plain_model, trainable, layers, self._optim_config(),
-                              self.accelerator.deepspeed_config, carried)
+        engine = build_engine(
+            self._plain_model, trainable, layers, self._optim_config(), self.accelerator.deepspeed_config, carried
+        )
         groups = engine.optimizer.param_groups  # ZeRO steps with its client optimizer's groups
         if len(groups) != len(lrs):
             raise RuntimeError(f"LISA switch changed the number of optimizer groups: {len(lrs)} -> {len(groups)}")
@@ -249,5 +283,6 @@ def rebuild_reducer(ddp: DistributedDataParallel) -> None:
     if ddp.static_graph:
         raise ValueError("TrainingArguments.ddp_static_graph=True: LISA changes the trained params every period")
     parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
-    ddp._ddp_init_helper(parameters, expect_sparse_gradient, ddp._build_debug_param_to_name_mapping(parameters),
-                         ddp.static_graph)
+    ddp._ddp_init_helper(
+        parameters, expect_sparse_gradient, ddp._build_debug_param_to_name_mapping(parameters), ddp.static_graph
+    )

@@ -1,6 +1,7 @@
 """The method: which layers train when (the LISA sampler, grad-norm importance), what each method trains (the
 trainable set, LoRA), how the frozen layers are stored (cast or quantized, with exact host copies) and AdamW (or
 8-bit AdamW) over it."""
+
 from lisa_dist.method.frozen import (
     FrozenStore,
     dequantize,

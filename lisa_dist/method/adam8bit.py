@@ -5,6 +5,7 @@ always-trained params and, with `layers_too`, for the active layers; otherwise t
 state is dropped at each switch anyway). The choice is made per param when its state is created, so one optimizer
 serves both, and the LISA switch swaps its layer groups as for torch's AdamW.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -27,8 +28,9 @@ def adamw_8bit(groups: list[dict], layers_too: bool, layer_role: str, **kwargs) 
                     from torch.distributed.tensor import DTensor
 
                     sharded = cast(DTensor, p)
-                    out = DTensor.from_local(out, sharded.device_mesh, sharded.placements, run_check=False,
-                                             shape=p.shape, stride=p.stride())
+                    out = DTensor.from_local(
+                        out, sharded.device_mesh, sharded.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
                 return out
             return super()._new_buffer(p, signed)
 

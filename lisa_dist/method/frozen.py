@@ -9,6 +9,7 @@ to the host copies and the device copy is re-quantized from them. Checkpoints an
 (`exact_state_dict`), never dequantized weights. Params that are not quantized (norms, biases, matrices whose size
 the format cannot block) stay on the device in fp32, exact.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,8 +97,9 @@ def freeze_outside(model: nn.Module, trainable: TrainableSet, storage: str, prec
     if dtype is None:
         return
     training = {id(p) for _, p in trainable.all_named()}
-    cast = {id(p) for p in model.parameters()
-            if id(p) not in training and p.dtype.is_floating_point and p.dtype != dtype}
+    cast = {
+        id(p) for p in model.parameters() if id(p) not in training and p.dtype.is_floating_point and p.dtype != dtype
+    }
     if cast:
         model._apply(lambda t: t.to(dtype) if id(t) in cast else t)
 
@@ -126,14 +128,18 @@ class FrozenStore:
         device never holds the whole model in full precision and the host never holds it twice."""
         prefix = self.layout.layers_path
         for i, block in enumerate(self.layout.layers):
-            slots = [(f"{prefix}.{i}.{mod_name}.weight", module, "weight")
-                     for mod_name, module in block.named_modules() if self._quantizes(module)]
+            slots = [
+                (f"{prefix}.{i}.{mod_name}.weight", module, "weight")
+                for mod_name, module in block.named_modules()
+                if self._quantizes(module)
+            ]
             self.slots.append(slots)
             if not slots:
                 continue
             # One page-locked buffer per block on CUDA (lisa_dist.method.pinned: exactly its bytes).
-            buffer = HostBuffer([module.weight.shape for _, module, _ in slots], self.host_dtype,
-                                pin=self.device.type == "cuda")
+            buffer = HostBuffer(
+                [module.weight.shape for _, module, _ in slots], self.host_dtype, pin=self.device.type == "cuda"
+            )
             self.buffers.append(buffer)
             with torch.no_grad():
                 for (name, module, _), view in zip(slots, buffer.views, strict=True):

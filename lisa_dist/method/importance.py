@@ -9,6 +9,7 @@ it gets tried. A floor spreads part of the probability evenly, so every layer ke
 The norms come from `backend.layer_grad_norms`, whose squared sums are all-reduced over ranks before the square
 root: every rank holds the same estimates, draws the same layers, and the trainer's digest check proves it.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ replaces the params of the two `layers` groups and drops the Adam state of every
 always-trained params keep their moments
 and their own step count, and newly active layers start from fresh state (torch AdamW creates it lazily).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,12 @@ def _split_decay(params: NamedParams) -> tuple[list[nn.Parameter], list[nn.Param
     return decay, no_decay
 
 
-def param_groups(always: NamedParams, active: NamedParams, weight_decay: float, drop_empty: bool = False,
-                 ) -> list[dict]:
+def param_groups(
+    always: NamedParams,
+    active: NamedParams,
+    weight_decay: float,
+    drop_empty: bool = False,
+) -> list[dict]:
     """Always-trained groups first (a fixed order), then the layer groups; `drop_empty` for DeepSpeed, whose
     partitioning needs at least one param per group."""
     groups = []
@@ -65,8 +70,12 @@ def param_groups(always: NamedParams, active: NamedParams, weight_decay: float, 
     return [g for g in groups if g["params"]] if drop_empty else groups
 
 
-def build_adamw(always: NamedParams, active: NamedParams, cfg: OptimConfig, drop_empty: bool = False,
-                ) -> torch.optim.Optimizer:
+def build_adamw(
+    always: NamedParams,
+    active: NamedParams,
+    cfg: OptimConfig,
+    drop_empty: bool = False,
+) -> torch.optim.Optimizer:
     """torch's AdamW, or with `cfg.adam_8bit` torchao's AdamW8bit (`lisa_dist.method.adam8bit`)."""
     groups = param_groups(always, active, cfg.weight_decay, drop_empty)
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -89,8 +98,7 @@ def adamw_kernel(implementation: str, device: torch.device) -> dict[str, Any]:
             implementation = "fused"
         else:
             implementation = "foreach" if device.type != "cpu" else "for_loop"
-    return {"fused": {"fused": True}, "foreach": {"foreach": True},
-            "for_loop": {"foreach": False}}[implementation]
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[implementation]
 
 
 def freeze_except_always(model: nn.Module, trainable: TrainableSet) -> None:
@@ -130,9 +138,12 @@ def set_active_params(optimizer: torch.optim.Optimizer, trainable: TrainableSet,
     decay_group["params"], no_decay_group["params"] = _split_decay(trainable.layer_params(indices))
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
-                   sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   device: torch.device | None = None) -> float:
+def clip_grad_norm(
+    params: list[nn.Parameter],
+    max_norm: float,
+    sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> float:
     """Global L2 norm of the gradients of `params`; when above `max_norm` (> 0), scale them down to it.
 
     Each rank squares and sums its own (local) gradient shards (`_sum_of_squares`: fp32 row norms, fp64 sums),
@@ -151,14 +162,21 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float,
     return total
 
 
-def layer_sq_norms(trainable: TrainableSet, layers: Sequence[int], device: torch.device | None = None,
-                   ) -> torch.Tensor:
+def layer_sq_norms(
+    trainable: TrainableSet,
+    layers: Sequence[int],
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Per layer of `layers`, the squared L2 norm of the gradient this rank holds (its shards), in fp64, on
     `device` (one tensor: the caller reads it once)."""
-    sums = [_sum_of_squares([p.grad for _, p in trainable.layers[layer] if p.grad is not None], device)
-            for layer in layers]
-    return torch.stack([s.to(device) if device is not None else s for s in sums]) if sums else \
-        torch.zeros(0, dtype=torch.float64, device=device)
+    sums = [
+        _sum_of_squares([p.grad for _, p in trainable.layers[layer] if p.grad is not None], device) for layer in layers
+    ]
+    return (
+        torch.stack([s.to(device) if device is not None else s for s in sums])
+        if sums
+        else torch.zeros(0, dtype=torch.float64, device=device)
+    )
 
 
 def _sum_of_squares(grads: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
@@ -223,8 +241,13 @@ def _storages(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
         yield tensor.untyped_storage()
 
 
-def measured_state(params: Iterable[torch.Tensor], grads: int, masters: int, moments: int, host: int = 0,
-                   ) -> dict[str, int]:
+def measured_state(
+    params: Iterable[torch.Tensor],
+    grads: int,
+    masters: int,
+    moments: int,
+    host: int = 0,
+) -> dict[str, int]:
     """The kinds of bytes `lisa_dist.tools.memory` predicts, as one rank holds them (grads: before the update);
     host: the exact copies of quantized frozen weights in host memory."""
     return {"params": storage_bytes(params), "grads": grads, "masters": masters, "moments": moments, "host": host}
@@ -251,8 +274,9 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: Trainable
     return {names[id(p)]: state for p, state in optimizer.state.items() if id(p) in names}
 
 
-def load_named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: TrainableSet,
-                               saved: dict[str, dict]) -> None:
+def load_named_optimizer_state(
+    optimizer: torch.optim.Optimizer, trainable: TrainableSet, saved: dict[str, dict]
+) -> None:
     """Put state saved by `named_optimizer_state` back on the params of the same names in the optimizer now."""
     params = dict(trainable.all_named())
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -263,5 +287,6 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, trainable: Trai
         # The fused (and capturable) kernels keep the step count on the param's device too, as torch's own
         # load_state_dict puts it.
         on_device = group_of[id(param)].get("fused") or group_of[id(param)].get("capturable")
-        optimizer.state[param] = {k: v.to(param.device) if torch.is_tensor(v) and (v.dim() or on_device) else v
-                                  for k, v in state.items()}
+        optimizer.state[param] = {
+            k: v.to(param.device) if torch.is_tensor(v) and (v.dim() or on_device) else v for k, v in state.items()
+        }

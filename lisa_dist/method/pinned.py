@@ -6,6 +6,7 @@ Here ordinary host memory is registered with CUDA as it is (cudaHostRegister, as
 stager does): what `host_bytes` and the planner count is what the host holds, and copies from it to the device are
 asynchronous. On the CPU nothing is registered.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,11 @@ def _try_register(ptr: int, nbytes: int) -> bool:
     except RuntimeError as exc:
         if not _warned:
             _warned = True
-            log.warning("page-locking the exact host copies failed (%s): they stay pageable, so their copies to the "
-                        "GPU at LISA switches are synchronous", str(exc).splitlines()[0])
+            log.warning(
+                "page-locking the exact host copies failed (%s): they stay pageable, so their copies to the "
+                "GPU at LISA switches are synchronous",
+                str(exc).splitlines()[0],
+            )
         return False
 
 
@@ -57,7 +61,7 @@ class HostBuffer:
         self.views: list[torch.Tensor] = []
         offset = 0
         for shape, size in zip(shapes, sizes, strict=True):
-            self.views.append(self.flat[offset:offset + size].view(shape))
+            self.views.append(self.flat[offset : offset + size].view(shape))
             offset += size
         self.pinned = pin and self.flat.numel() > 0 and _try_register(self.flat.data_ptr(), self.nbytes())
         if self.pinned:

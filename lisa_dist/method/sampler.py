@@ -3,6 +3,7 @@
 The active set of period p is a pure function of (seed, p), drawn from a generator seeded by both, never from
 global RNG state: every rank, and a resumed run, computes the same set without communicating.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,10 +39,16 @@ class LayerSampler:
         weights: Sequence[float] | None = None,
         fixed_layers: Sequence[int] | None = None,
     ) -> None:
-        validate_lisa_layers(LisaConfig(gamma=gamma, interval=interval, strategy=cast(Strategy, strategy),
-                                        weights=list(weights) if weights is not None else None,
-                                        fixed_layers=list(fixed_layers) if fixed_layers is not None else None),
-                             num_layers)
+        validate_lisa_layers(
+            LisaConfig(
+                gamma=gamma,
+                interval=interval,
+                strategy=cast(Strategy, strategy),
+                weights=list(weights) if weights is not None else None,
+                fixed_layers=list(fixed_layers) if fixed_layers is not None else None,
+            ),
+            num_layers,
+        )
         self.num_layers = num_layers
         self.gamma = gamma
         self.interval = interval
@@ -61,9 +68,15 @@ class LayerSampler:
 
     def state_dict(self) -> dict:
         """What fixes the schedule: a resumed run must draw the same layers for the same periods."""
-        return {"num_layers": self.num_layers, "gamma": self.gamma, "interval": self.interval, "seed": self.seed,
-                "strategy": self.strategy, "fixed_layers": list(self.fixed) if self.fixed else None,
-                "weights": self.probs.tolist() if self.probs is not None else None}
+        return {
+            "num_layers": self.num_layers,
+            "gamma": self.gamma,
+            "interval": self.interval,
+            "seed": self.seed,
+            "strategy": self.strategy,
+            "fixed_layers": list(self.fixed) if self.fixed else None,
+            "weights": self.probs.tolist() if self.probs is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Check the schedule a checkpoint was drawn on: a change is logged (resume refuses it earlier, unless
@@ -90,4 +103,3 @@ class LayerSampler:
         layers = self.active_layers(period, weights)
         check_same_on_all_ranks(f"the active layers of LISA period {period}", layers)
         return layers
-

@@ -1,4 +1,5 @@
 """What each fine-tuning method trains: LISA and full fine-tuning share the layer split, LoRA trains adapters."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -19,8 +20,11 @@ def layer_named_params(layout: ModelLayout) -> list[NamedParams]:
 def lisa_trainable(layout: ModelLayout, train_embeddings: bool = True) -> TrainableSet:
     """Always-trained modules (less the input embedding without `train_embeddings`), plus every decoder layer as a
     unit that can be switched on and off; a vision-language model's vision tower is frozen always."""
-    return TrainableSet(always=layout.always_trained_params(train_embeddings), layers=layer_named_params(layout),
-                        frozen=layout.frozen_params())
+    return TrainableSet(
+        always=layout.always_trained_params(train_embeddings),
+        layers=layer_named_params(layout),
+        frozen=layout.frozen_params(),
+    )
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableSet]:
@@ -31,14 +35,20 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableS
 
     frozen = {id(m) for tower in frozen_modules(model).values() for m in tower.modules()}
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        exclude_modules=[name for name, m in model.named_modules() if id(m) in frozen] or None, task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        exclude_modules=[name for name, m in model.named_modules() if id(m) in frozen] or None,
+        task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, peft_cfg)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError and its other target checks
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         first = first_line(exc)
-        raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {first}. This model's linear layers are "
-                          f"named {', '.join(linear)}") from None
+        raise ConfigError(
+            f"lora.target_modules={cfg.target_modules!r}: {first}. This model's linear layers are "
+            f"named {', '.join(linear)}"
+        ) from None
     return model, TrainableSet(always=[(n, p) for n, p in model.named_parameters() if p.requires_grad])

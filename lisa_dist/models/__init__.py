@@ -1,6 +1,7 @@
 """Models: loading by name, tiny presets, the published configs of hub models (offline), weight sources, the layout
 (which modules are the decoder layers and which are always trained), Hugging Face folders written a shard at a time,
 activation checkpointing, compilation per block and the loss."""
+
 from lisa_dist.models.ac import apply_activation_checkpointing
 from lisa_dist.models.compile import CompileWatch, compile_blocks, compiled_graphs
 from lisa_dist.models.embedding import lookup_without_grad

@@ -1,4 +1,5 @@
 """Activation checkpointing per decoder block, applied to the plain model before any backend wraps it."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,7 @@ backward graph, which dynamo guards on). After the first step of a LISA run has 
 `compiled_graphs` counts them; the trainer logs it at every step so that a recompiling switch shows, and
 `CompileWatch` warns, naming dynamo's reason, when a block breaks its graph or nothing was compiled.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,14 +58,21 @@ class CompileWatch:
         for reason, count in graph_breaks().items():
             if count > self.breaks_before.get(reason, 0) and reason not in self.reported:
                 self.reported.add(reason)
-                found.append(f"train.compile: dynamo broke a decoder block's graph, so that part runs eagerly: "
-                             f"{_first_lines(reason)}")
+                found.append(
+                    f"train.compile: dynamo broke a decoder block's graph, so that part runs eagerly: "
+                    f"{_first_lines(reason)}"
+                )
         if not self.checked_graphs:
             self.checked_graphs = True
             if compiled_graphs() == self.graphs_before:
-                found.append("train.compile: the first step compiled no graph, so every decoder block ran eagerly"
-                             + ("" if found else " (dynamo reported no graph break; TORCH_LOGS=graph_breaks,"
-                                                 "recompiles shows what it did)"))
+                found.append(
+                    "train.compile: the first step compiled no graph, so every decoder block ran eagerly"
+                    + (
+                        ""
+                        if found
+                        else " (dynamo reported no graph break; TORCH_LOGS=graph_breaks,recompiles shows what it did)"
+                    )
+                )
         return found
 
 

@@ -1,4 +1,5 @@
 """A tied input embedding that looks up without a gradient: `lisa.train_embeddings=false` on a tied model."""
+
 from __future__ import annotations
 
 import types

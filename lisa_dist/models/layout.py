@@ -6,6 +6,7 @@ and `model.layers_path` overrides both. Paths are attribute chains resolved with
 A vision-language family also names the modules it keeps frozen always (its vision tower and projector): LISA
 samples the language model's layers only, and training on text never runs the vision tower.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,18 +33,34 @@ _LLAMA_LIKE = Family("model.layers", "model.norm")
 
 FAMILIES: dict[str, Family] = {
     **dict.fromkeys(
-        ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "phi3", "olmo2"),
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo2",
+        ),
         _LLAMA_LIKE,
     ),
     # Gemma-3 4B-27B (Gemma3ForConditionalGeneration, which AutoModelForCausalLM builds for model_type gemma3).
-    "gemma3": Family("model.language_model.layers", "model.language_model.norm",
-                     frozen=("model.vision_tower", "model.multi_modal_projector")),
+    "gemma3": Family(
+        "model.language_model.layers",
+        "model.language_model.norm",
+        frozen=("model.vision_tower", "model.multi_modal_projector"),
+    ),
     "phi": Family("model.layers", "model.final_layernorm"),
     "gpt2": Family("transformer.h", "transformer.ln_f", ("transformer.wpe",)),
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm"),
     "opt": Family(
-        "model.decoder.layers", "model.decoder.final_layer_norm",
+        "model.decoder.layers",
+        "model.decoder.final_layer_norm",
         ("model.decoder.embed_positions", "model.decoder.project_in", "model.decoder.project_out"),
     ),
 }
@@ -136,8 +153,11 @@ class ModelLayout:
         limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         # A vision tower's patch positions are not the text's (and the tower never sees a text token).
         skip = {id(m) for m in self.layers.modules()} | {id(m) for f in self.frozen.values() for m in f.modules()}
-        learned = [m for m in self.model.modules()
-                   if isinstance(m, nn.Embedding) and m is not self.embedding and id(m) not in skip]
+        learned = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding) and m is not self.embedding and id(m) not in skip
+        ]
         return int(limit) if learned and limit else None
 
     def describe(self) -> str:
@@ -156,9 +176,11 @@ class ModelLayout:
     def frozen_summary(self) -> str:
         """What a vision-language model trains, in words: the language tower's layers and not the vision tower."""
         parts = [f"{name} ({sum(p.numel() for p in m.parameters()):,} params)" for name, m in self.frozen.items()]
-        return (f"vision-language model {type(self.model).__name__}: LISA samples the language tower's "
-                f"{self.num_layers} layers at {self.layers_path}; {' and '.join(parts)} stay frozen (no gradients, "
-                "no optimizer state; training on text never runs them)")
+        return (
+            f"vision-language model {type(self.model).__name__}: LISA samples the language tower's "
+            f"{self.num_layers} layers at {self.layers_path}; {' and '.join(parts)} stay frozen (no gradients, "
+            "no optimizer state; training on text never runs them)"
+        )
 
 
 def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout:
@@ -172,8 +194,11 @@ def find_layout(model: nn.Module, layers_path: str | None = None) -> ModelLayout
     base = _unwrapped(model)
     family_name = _model_type(base)
     family = FAMILIES.get(family_name or "")
-    found = _resolve_override(base, layers_path) if layers_path is not None else (
-        _from_family(base, family) if family else None)
+    found = (
+        _resolve_override(base, layers_path)
+        if layers_path is not None
+        else (_from_family(base, family) if family else None)
+    )
     if found is None:
         family = None
     layers = found if found is not None else _generic_layers(base)
@@ -211,8 +236,10 @@ def frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _refuse_frozen_layers(layers: nn.ModuleList, frozen: dict[str, nn.Module]) -> None:
     for name, module in frozen.items():
         if any(m is layers for m in module.modules()):
-            raise ConfigError(f"the decoder layers chosen lie inside {name}, which this family keeps frozen always: "
-                              "set model.layers_path to the language model's layers")
+            raise ConfigError(
+                f"the decoder layers chosen lie inside {name}, which this family keeps frozen always: "
+                "set model.layers_path to the language model's layers"
+            )
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -251,7 +278,8 @@ def _generic_layers(base: nn.Module) -> nn.ModuleList:
     lists = _module_lists(base)
     # Lists nested in another list (per-layer MoE experts, say) are parts of a block, never the blocks themselves.
     outer = [
-        (path, ml) for path, ml in lists
+        (path, ml)
+        for path, ml in lists
         if len(ml) and _homogeneous(ml) and not any(path.startswith(f"{other}.") for other, _ in lists)
     ]
     if not outer:
@@ -329,4 +357,3 @@ def _optional(base: nn.Module, path: str) -> nn.Module | None:
     except AttributeError:
         return None
     return found if isinstance(found, nn.Module) else None
-

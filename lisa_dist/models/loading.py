@@ -3,6 +3,7 @@
 `open_model` builds only a skeleton (parameters on the meta device) plus a description of where its weights come
 from, so that a backend can shard before it allocates; `load_model` is the single-process shortcut.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,11 @@ from lisa_dist.models.weights import FullWeights, SafetensorsWeights, WeightSour
 log = logging.getLogger(__name__)
 
 
-def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractContextManager] | None = None,
-               ) -> tuple[nn.Module, PreTrainedTokenizerBase, WeightSource]:
+def open_model(
+    cfg: ModelConfig,
+    seed: int,
+    empty_init: Callable[[], AbstractContextManager] | None = None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase, WeightSource]:
     """The model `cfg` names as a skeleton without weights, its tokenizer, and where its weights come from.
 
     The skeleton is built under `empty_init()` (default: parameters on the meta device, buffers computed; a
@@ -48,8 +52,13 @@ def open_model(cfg: ModelConfig, seed: int, empty_init: Callable[[], AbstractCon
     dtype = torch_dtype(cfg.dtype)
     overrides = config_overrides(cfg)
     attention = overrides.pop("attn_implementation", cfg.attn_implementation)
-    build = partial(build_skeleton, dtype=dtype, trust_remote_code=cfg.trust_remote_code, empty_init=empty_init,
-                    attn_implementation=attention)
+    build = partial(
+        build_skeleton,
+        dtype=dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        empty_init=empty_init,
+        attn_implementation=attention,
+    )
     if cfg.name in PRESETS:
         config = preset_config(cfg.name, overrides)
         tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
@@ -96,9 +105,13 @@ def _published(cfg: ModelConfig, kind: Any) -> Any:
         return None
 
 
-def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False,
-                   empty_init: Callable[[], AbstractContextManager] | None = None,
-                   attn_implementation: str | None = None) -> nn.Module:
+def build_skeleton(
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    empty_init: Callable[[], AbstractContextManager] | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
     """The model of `config` without weights: by default its parameters on the meta device (no memory) and its
     buffers computed; `attn_implementation` (model.attn_implementation) as transformers names it."""
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -111,11 +124,13 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_co
             raise
         reason = str(exc).splitlines()[0]
         if attn_implementation != "sdpa":
-            raise ConfigError(f"model.attn_implementation={attn_implementation!r} is not available here: {reason} "
-                              "(eager always is)") from None
+            raise ConfigError(
+                f"model.attn_implementation={attn_implementation!r} is not available here: {reason} (eager always is)"
+            ) from None
         # sdpa is the default: an architecture without it (Gemma2) runs what transformers picks for it.
-        log.warning("model.attn_implementation='sdpa': %s; using transformers' default for %s", reason,
-                    type(config).__name__)
+        log.warning(
+            "model.attn_implementation='sdpa': %s; using transformers' default for %s", reason, type(config).__name__
+        )
         model = _from_config(config, dtype, trust_remote_code, empty_init, None)
     # Tie again outside the context: meta-device building (accelerate re-creates a parameter at every assignment)
     # leaves a tied head and embedding as two parameters, which would train, count and save twice.
@@ -123,8 +138,13 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_co
     return model
 
 
-def _from_config(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool,
-                 empty_init: Callable[[], AbstractContextManager] | None, attn_implementation: str | None) -> Any:
+def _from_config(
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    empty_init: Callable[[], AbstractContextManager] | None,
+    attn_implementation: str | None,
+) -> Any:
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     config = copy.deepcopy(config)  # from_config records the attention it tried on the config, failed or not
     with empty_init() if empty_init else init_empty_weights(include_buffers=False):
@@ -136,8 +156,9 @@ def config_overrides(cfg: ModelConfig) -> dict[str, Any]:
     return dict(cfg.config_overrides or cfg.preset_overrides)
 
 
-def _open_pretrained(cfg: ModelConfig, overrides: dict[str, Any], dtype: torch.dtype,
-                     build: Callable[[PretrainedConfig], nn.Module]) -> tuple[nn.Module, Any, WeightSource]:
+def _open_pretrained(
+    cfg: ModelConfig, overrides: dict[str, Any], dtype: torch.dtype, build: Callable[[PretrainedConfig], nn.Module]
+) -> tuple[nn.Module, Any, WeightSource]:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     location = cfg.name
     if cfg.name.endswith(".gguf"):
@@ -146,8 +167,10 @@ def _open_pretrained(cfg: ModelConfig, overrides: dict[str, Any], dtype: torch.d
             raise ConfigError(f"model.name={cfg.name!r}: no such .gguf file")
         location, kwargs["gguf_file"] = str(path.parent), path.name
     if Path(location).is_dir() and "gguf_file" not in kwargs and not (Path(location) / "config.json").is_file():
-        raise ConfigError(f"model.name={cfg.name!r}: cannot load a causal language model from it: the folder has no "
-                          "config.json (a Hugging Face model folder holds config.json, the weights and the tokenizer)")
+        raise ConfigError(
+            f"model.name={cfg.name!r}: cannot load a causal language model from it: the folder has no "
+            "config.json (a Hugging Face model folder holds config.json, the weights and the tokenizer)"
+        )
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
         if overrides:
@@ -189,6 +212,10 @@ def _tokenizer(source: str, kwargs: dict[str, Any], field: str) -> PreTrainedTok
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, HFValidationError, ValueError) as exc:  # ValueError: no tokenizer files to build one from
         first = first_line(exc)
-        hint = (" (the folder holds no tokenizer files: copy them in, or set model.tokenizer to a folder or hub id "
-                "that has them)" if Path(source).is_dir() and field == "model.name" else "")
+        hint = (
+            " (the folder holds no tokenizer files: copy them in, or set model.tokenizer to a folder or hub id "
+            "that has them)"
+            if Path(source).is_dir() and field == "model.name"
+            else ""
+        )
         raise ConfigError(f"{field}={source!r}: cannot load a tokenizer from it: {first}{hint}") from None

@@ -5,6 +5,7 @@ copy); `chunk_tokens` computes the head and the cross-entropy over that many sup
 chunk recomputed in backward (activation checkpointing of the head), so at most one chunk's logits exist. On CUDA,
 Liger's fused linear cross-entropy does the same in one kernel when `liger-kernel` is installed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,11 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device, chunk_tokens: int = 0,
-              ) -> dict[str, torch.Tensor]:
+def to_device(
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    chunk_tokens: int = 0,
+) -> dict[str, torch.Tensor]:
     """A micro-batch moved to `device`. With `chunk_tokens`, also `kept`: the flat indices of its supervised tokens
     after the shift, found on the host copy (a boolean mask on the device would read its count back: a host sync
     per micro-batch)."""
@@ -50,8 +54,11 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
     chunked (see the module's docstring), equal to the plain loss up to the order of the sum."""
     labels = batch["labels"]
     # Packed rows: position_ids instead of the attention mask, from which transformers builds the packed mask.
-    inputs = ({"position_ids": batch["position_ids"]} if "position_ids" in batch
-              else {"attention_mask": batch["attention_mask"]})
+    inputs = (
+        {"position_ids": batch["position_ids"]}
+        if "position_ids" in batch
+        else {"attention_mask": batch["attention_mask"]}
+    )
     if chunk_tokens:
         with _head_computes_loss(model, labels, chunk_tokens, batch.get(KEPT)):
             return model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
@@ -59,13 +66,15 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
     # Each position predicts the next token: the labels move left (the last position predicts nothing), not the
     # logits, whose slice would copy them (200 MB for SmolLM2 at 4 x 256 tokens).
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 @contextlib.contextmanager
-def _head_computes_loss(model: Any, labels: torch.Tensor, chunk_tokens: int,
-                        kept: torch.Tensor | None = None) -> Iterator[None]:
+def _head_computes_loss(
+    model: Any, labels: torch.Tensor, chunk_tokens: int, kept: torch.Tensor | None = None
+) -> Iterator[None]:
     """For one forward, the LM head returns the summed loss instead of the logits (the model hands it on as
     `.logits`). The head is still called as a module, so FSDP's hooks gather and reduce its weight as usual."""
     head = model.get_output_embeddings()
@@ -73,8 +82,7 @@ def _head_computes_loss(model: Any, labels: torch.Tensor, chunk_tokens: int,
         raise ConfigError(f"train.loss=chunked needs a plain nn.Linear LM head, not {type(head).__name__}")
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens,
-                                            kept)
+        return chunked_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:], chunk_tokens, kept)
 
     previous = head.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) is put back after
     head.__dict__["forward"] = forward
@@ -87,9 +95,15 @@ def _head_computes_loss(model: Any, labels: torch.Tensor, chunk_tokens: int,
             head.__dict__["forward"] = previous
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 labels: torch.Tensor, chunk_tokens: int, kept: torch.Tensor | None = None,
-                                 fused: bool = True) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    kept: torch.Tensor | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
     """sum over supervised tokens of cross_entropy(hidden @ weight.T + bias, labels), `chunk_tokens` rows at a time
     (Liger's fused kernel on CUDA when installed, unless not `fused`). `kept`: the supervised tokens' flat indices,
     found on the host (`to_device`); without it a boolean mask finds them, which reads the device."""
@@ -103,13 +117,13 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bia
     total = _chunk_loss(rows[:0], weight, bias, targets[:0])
     for start in range(0, rows.size(0), chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss, rows[start:end], weight, bias, targets[start:end],
-                                   use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, rows[start:end], weight, bias, targets[start:end], use_reentrant=False)
     return total
 
 
-def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
     return F.cross_entropy(F.linear(rows, weight, bias).float(), targets, reduction="sum")
 
 

@@ -1,4 +1,5 @@
 """Tiny randomly initialised models, built from configs in code: for tests and the demo, no download needed."""
+
 from __future__ import annotations
 
 import difflib
@@ -34,8 +35,14 @@ _TINY_SIZES: dict[str, Any] = {
     "shared_expert_intermediate_size": 128,
 }
 # A vision-language model's vision tower (SigLIP's names): 32-pixel images in 4 x 4 patches of 8, one layer...
-_TINY_VISION: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+_TINY_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 # ...and its projector: Gemma-3 pools the patch grid to sqrt(mm_tokens_per_image) tokens a side.
 _TINY_MULTIMODAL: dict[str, Any] = {"mm_tokens_per_image": 4}
 
@@ -97,8 +104,9 @@ def unknown_fields(config: PretrainedConfig, keys: list[str]) -> str:
     return f"{type(config).__name__} has no field {', '.join(named)}"
 
 
-def override_config(config: PretrainedConfig, raw: dict[str, Any], overrides: dict[str, Any],
-                    source: str) -> PretrainedConfig:
+def override_config(
+    config: PretrainedConfig, raw: dict[str, Any], overrides: dict[str, Any], source: str
+) -> PretrainedConfig:
     """`config` built again from its file's fields `raw` with `overrides` on top, so that fields derived at
     construction (per-layer attention types, say) follow them; a nested config's fields are merged."""
     unknown = [key for key in overrides if not hasattr(config, key)]
@@ -115,8 +123,14 @@ def override_config(config: PretrainedConfig, raw: dict[str, Any], overrides: di
 
 
 # Llama 3.1-3.3's rope scaling (the 128K-context frequency remap), at a tiny original context.
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+}
 
 
 PRESETS: dict[str, Callable[..., PretrainedConfig]] = {

@@ -11,6 +11,7 @@ Private transformers API, checked with transformers 5.25 (`tests/unit/test_expor
 `core_model_loading.revert_weight_conversion` and `modeling_utils.remove_tied_weights_from_state_dict`, the two
 steps of `save_pretrained` that decide which names a checkpoint holds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,8 +63,12 @@ class ShardPlan:
         return [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     def weight_map(self) -> dict[str, str]:
-        return {name: file for file, shard in zip(self.files(), self.shards, strict=True)
-                for group in shard for name in group.names}
+        return {
+            name: file
+            for file, shard in zip(self.files(), self.shards, strict=True)
+            for group in shard
+            for name in group.names
+        }
 
 
 def is_adapter_model(model: nn.Module) -> bool:
@@ -90,8 +95,9 @@ def plan_shards(model: nn.Module, dtype: torch.dtype, max_shard_bytes: int) -> S
     plan = ShardPlan(shards=[[]], total_parameters=_num_parameters(model))
     size = 0
     for sources in _module_groups(_meta_state(model)):
-        converted = _revert(model, {name: torch.empty(shape, dtype=dt, device="meta") for name, (shape, dt) in
-                                    sources.items()})
+        converted = _revert(
+            model, {name: torch.empty(shape, dtype=dt, device="meta") for name, (shape, dt) in sources.items()}
+        )
         nbytes = sum(t.numel() * _out_dtype(t, dtype).itemsize for t in converted.values())
         group = Group(tuple(sources), tuple(converted), nbytes)
         if plan.shards[-1] and size + nbytes > max_shard_bytes:
@@ -123,8 +129,9 @@ def save_hf_folder(folder: Path, model: nn.Module, fetch: Fetch, spec: FolderSpe
     collectively all reach the end; the error is raised then."""
     plan = plan_shards(model, spec.dtype, spec.max_shard_bytes)
     error = _attempt(partial(_write_config, folder, model, spec)) if write else None
-    bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="writing shards",
-               disable=not (write and spec.progress))
+    bar = tqdm(
+        total=plan.total_size, unit="B", unit_scale=True, desc="writing shards", disable=not (write and spec.progress)
+    )
     for file, shard in zip(plan.files(), plan.shards, strict=True):
         tensors: dict[str, torch.Tensor] = {}
         for group in shard:
@@ -138,8 +145,10 @@ def save_hf_folder(folder: Path, model: nn.Module, fetch: Fetch, spec: FolderSpe
         del tensors
     bar.close()
     if write and error is None and len(plan.shards) > 1:
-        index = {"metadata": {"total_parameters": plan.total_parameters, "total_size": plan.total_size},
-                 "weight_map": plan.weight_map()}
+        index = {
+            "metadata": {"total_parameters": plan.total_parameters, "total_size": plan.total_size},
+            "weight_map": plan.weight_map(),
+        }
         error = _attempt(partial((folder / INDEX).write_text, json.dumps(index, indent=2, sort_keys=True) + "\n"))
     if error is not None:
         raise error

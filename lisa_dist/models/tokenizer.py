@@ -1,4 +1,5 @@
 """A byte-level tokenizer built in code, for tiny preset models: no hub, no files, identical on every machine."""
+
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers

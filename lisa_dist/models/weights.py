@@ -5,6 +5,7 @@ materialize it: the local backend loads the full state dict; FSDP shards first, 
 of each tensor from safetensors files (no rank ever holds the whole model) or, for sources that need transformers'
 own loading (GGUF, renamed checkpoint keys, hub ids, random presets), lets rank 0 load and broadcast.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,9 @@ def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
-        raise ConfigError(f"{path} is not a readable safetensors file (truncated, still being copied, or corrupted: "
-                          f"{exc})") from None
+        raise ConfigError(
+            f"{path} is not a readable safetensors file (truncated, still being copied, or corrupted: {exc})"
+        ) from None
 
 
 def matches_model(source: SafetensorsWeights, model: nn.Module) -> bool:
@@ -144,8 +146,9 @@ def require_complete(model: nn.Module, missing: list[str], source: str) -> None:
     loaded = {id(t) for name, t in state.items() if name not in missing}
     absent = [name for name in missing if id(state[name]) not in loaded]
     if absent:
-        raise ValueError(f"{source} has no weights for {len(absent)} tensors of the model, "
-                         f"e.g. {', '.join(absent[:5])}")
+        raise ValueError(
+            f"{source} has no weights for {len(absent)} tensors of the model, e.g. {', '.join(absent[:5])}"
+        )
 
 
 def load_rows_into(model: nn.Module, source: SafetensorsWeights) -> None:
@@ -163,8 +166,9 @@ def load_rows_into(model: nn.Module, source: SafetensorsWeights) -> None:
             if id(tensor) in loaded:
                 continue  # a tied weight, already read under its first name
             if isinstance(tensor, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
-                                                                      tensor.placements)
+                shape, offset = compute_local_shape_and_global_offset(
+                    tensor.shape, tensor.device_mesh, tensor.placements
+                )
                 local = tensor.to_local()
                 if shape and shape[0]:
                     start = offset[0] if offset else 0

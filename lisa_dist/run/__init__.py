@@ -1,5 +1,6 @@
 """A training run: the loop (`trainer`), what it holds and saves (`state`), resume and checkpoint files,
 preemption, metrics (JSONL, TensorBoard and W&B sinks) and output folders."""
+
 from lisa_dist.run import checkpoint, outputs
 from lisa_dist.run.evaluation import EvalSet, evaluate
 from lisa_dist.run.metrics import TensorBoardSink, WandbSink, read_jsonl

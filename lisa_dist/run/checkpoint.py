@@ -7,6 +7,7 @@ so each rank reads about 1/W of the bytes), the main rank lists every file with 
 checkpoints beyond the newest `keep_last`. At resume and at export each candidate is checked against its manifest,
 newest first, every byte hashed; a truncated or corrupted one is reported and the previous good one is used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,11 @@ def sha256(path: Path) -> str:
 
 def files_of(folder: Path) -> dict[str, int]:
     """Every file under `folder` but the manifest: relative name -> bytes."""
-    return {str(p.relative_to(folder)): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
@@ -100,8 +104,10 @@ def read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     path = folder / MANIFEST
     if not path.is_file():
         if any(folder.glob(f"{PREFIX}*")):
-            return None, ("it is a folder of checkpoints, not one checkpoint: name one of its step-N folders, or "
-                          "use checkpoint.resume=auto")
+            return None, (
+                "it is a folder of checkpoints, not one checkpoint: name one of its step-N folders, or "
+                "use checkpoint.resume=auto"
+            )
         return None, "no manifest.json (the save did not finish, or this is not a lisa_dist checkpoint)"
     try:
         return json.loads(path.read_text())["files"], None
@@ -169,7 +175,7 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Finished `step-N` folders, newest first (temporary folders are ignored)."""
     found = []
     for path in root.glob(f"{PREFIX}*") if root.is_dir() else []:
-        suffix = path.name[len(PREFIX):]
+        suffix = path.name[len(PREFIX) :]
         if path.is_dir() and suffix.isdigit():
             found.append((int(suffix), path))
     return sorted(found, reverse=True)
@@ -195,8 +201,11 @@ def prune(root: Path, keep_last: int, keep_best: int = 0) -> None:
     # A step-N folder without a manifest or trainer.json was never written by lisa_dist (it renames a checkpoint
     # into place only once both are in it): the user's, left alone.
     found = [(step, path, verify(path, deep=False)) for step, path in checkpoints(root) if is_ours(path)]
-    scored = sorted((loss, -step, path) for step, path, problem in found if keep_best and problem is None
-                    and (loss := eval_loss_of(path)) is not None)
+    scored = sorted(
+        (loss, -step, path)
+        for step, path, problem in found
+        if keep_best and problem is None and (loss := eval_loss_of(path)) is not None
+    )
     best = {path for _, _, path in scored[:keep_best]}
     if best:
         _point(root, BEST, scored[0][2])

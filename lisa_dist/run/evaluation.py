@@ -5,6 +5,7 @@ batches are dealt round-robin to the ranks. So one process and W ranks compute t
 fp32 where training is), and add them in fp64. Every rank runs the same number of forwards (a backend's forward is
 a collective under FSDP and ZeRO-3): a rank without a batch in the last round runs one with no supervised token.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,16 @@ from lisa_dist.models import IGNORE_INDEX, supervised_tokens
 class EvalSet:
     """This rank's evaluation micro-batches (`max_batches` > 0: only the set's first that many)."""
 
-    def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, world_size: int, pad_id: int,
-                 max_batches: int = 0, flatten: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        pad_id: int,
+        max_batches: int = 0,
+        flatten: bool = False,
+    ) -> None:
         self.dataset, self.micro, self.pad_id, self.flatten = dataset, micro_batch_size, pad_id, flatten
         count = math.ceil(len(dataset) / micro_batch_size)
         self.num_batches = min(count, max_batches) if max_batches else count
@@ -38,7 +47,7 @@ class EvalSet:
         return out
 
     def _batch(self, index: int) -> dict[str, torch.Tensor]:
-        rows = self.dataset[index * self.micro: min((index + 1) * self.micro, len(self.dataset))]
+        rows = self.dataset[index * self.micro : min((index + 1) * self.micro, len(self.dataset))]
         return collate_rows(rows, self.pad_id, self.flatten)
 
 
@@ -58,10 +67,17 @@ def evaluate(run: Any, steps_done: int) -> dict[str, Any]:
                 loss_sum += backend.eval_loss_sum(batch).double()
     finally:
         model.train(was_training)
-    total = backend.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64,
-                                                                       device=backend.device)]))
+    total = backend.all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=backend.device)])
+    )
     summed, counted = total.tolist()  # the one read of the device
     loss = summed / counted if counted else float("nan")
-    return {"step": steps_done, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0)),
-            "eval_tokens": int(counted), "eval_batches": run.eval_set.num_batches, "tokens": run.tokens_seen,
-            "eval_s": time.perf_counter() - start}
+    return {
+        "step": steps_done,
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 80.0)),
+        "eval_tokens": int(counted),
+        "eval_batches": run.eval_set.num_batches,
+        "tokens": run.tokens_seen,
+        "eval_s": time.perf_counter() - start,
+    }

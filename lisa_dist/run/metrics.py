@@ -5,6 +5,7 @@ Records are of two kinds, both with an integer "step": training records (loss, l
 evaluation records, told apart by their "eval_loss" key. The trackers get each record's numbers as tags
 "train/<key>" or "eval/<key>" (`scalars`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,13 +50,23 @@ class ConsoleSink:
 
     def write(self, record: dict[str, Any]) -> None:
         if "eval_loss" in record:
-            log.info("eval at step %d | loss %.4f | perplexity %.3f | %d tokens in %.1f s", record["step"],
-                     record["eval_loss"], record["eval_ppl"], record["eval_tokens"], record["eval_s"])
+            log.info(
+                "eval at step %d | loss %.4f | perplexity %.3f | %d tokens in %.1f s",
+                record["step"],
+                record["eval_loss"],
+                record["eval_ppl"],
+                record["eval_tokens"],
+                record["eval_s"],
+            )
             return
         if record["step"] % self.every == 0:
             log.info(
                 "step %d | loss %.4f | lr %.2e | grad_norm %.3f | %.0f tok/s | layers %s",
-                record["step"], record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"],
+                record["step"],
+                record["loss"],
+                record["lr"],
+                record["grad_norm"],
+                record["tokens_per_s"],
                 record["active_layers"],
             )
 
@@ -86,8 +97,9 @@ def _import_tracker(module: str, field: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ConfigError(f"{field}=true needs the {extra} package, which cannot be imported ({exc}): "
-                          f"pip install -e .[{extra}]") from None
+        raise ConfigError(
+            f"{field}=true needs the {extra} package, which cannot be imported ({exc}): pip install -e .[{extra}]"
+        ) from None
 
 
 class TensorBoardSink:
@@ -119,23 +131,41 @@ class WandbSink:
     with `wandb sync`. "online" needs credentials already configured (`wandb login` or WANDB_API_KEY); there is no
     login prompt. `resume_id` continues that run (its id is `run_id`)."""
 
-    def __init__(self, project: str, run_dir: str | Path, config: dict[str, Any], mode: str = "offline",
-                 name: str | None = None, resume_id: str | None = None) -> None:
+    def __init__(
+        self,
+        project: str,
+        run_dir: str | Path,
+        config: dict[str, Any],
+        mode: str = "offline",
+        name: str | None = None,
+        resume_id: str | None = None,
+    ) -> None:
         wandb = _import_tracker("wandb", "logging.wandb", "wandb")
         if mode == "online" and not wandb.login(prompt=False, verify=False):
-            raise ConfigError("logging.wandb_mode='online' needs W&B credentials and none are configured: run "
-                              "`wandb login` or set WANDB_API_KEY, or use logging.wandb_mode=offline and "
-                              "`wandb sync` the run folder later")
+            raise ConfigError(
+                "logging.wandb_mode='online' needs W&B credentials and none are configured: run "
+                "`wandb login` or set WANDB_API_KEY, or use logging.wandb_mode=offline and "
+                "`wandb sync` the run folder later"
+            )
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         try:
-            self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=name,
-                                   id=resume_id, resume="allow" if resume_id else None,
-                                   settings=wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S))
+            self._run = wandb.init(
+                project=project,
+                dir=str(run_dir),
+                config=config,
+                mode=mode,
+                name=name,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S),
+            )
         except wandb.errors.Error as exc:  # no network, a bad key, a server that does not answer in time
             first = first_line(exc)
-            raise ConfigError(f"logging.wandb_mode={mode!r}: W&B did not start within {INIT_TIMEOUT_S:g} s ({first}): "
-                              "check the network and the credentials, or use logging.wandb_mode=offline and "
-                              "`wandb sync` the run folder later") from None
+            raise ConfigError(
+                f"logging.wandb_mode={mode!r}: W&B did not start within {INIT_TIMEOUT_S:g} s ({first}): "
+                "check the network and the credentials, or use logging.wandb_mode=offline and "
+                "`wandb sync` the run folder later"
+            ) from None
         self.run_id: str = self._run.id
         if mode == "offline":
             folder = Path(self._run.dir).parent
@@ -190,6 +220,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if number == len(lines):
                 log.warning("%s: dropping its last line, torn by an interrupted write (%s)", path, exc)
                 break
-            raise ConfigError(f"{path}, line {number}: not a JSON record ({exc}): the run's metrics file is "
-                              "damaged; repair or delete that line (or move the file away) and launch again") from None
+            raise ConfigError(
+                f"{path}, line {number}: not a JSON record ({exc}): the run's metrics file is "
+                "damaged; repair or delete that line (or move the file away) and launch again"
+            ) from None
     return records

@@ -9,6 +9,7 @@
 - `earlier_run`: what an output folder already holds (a finished run's summary, another run's metrics), so that a
   fresh start never overwrites them unless `train.overwrite=true` asks for it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,10 +47,15 @@ def metrics_path(cfg: Config) -> Path:
 
 def describe_os_error(exc: OSError) -> str:
     """The cause of an OSError in words a user acts on."""
-    causes = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
-              errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-              errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
-              errno.EEXIST: "a file of that name exists"}
+    causes = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the filesystem is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a file of that name exists",
+    }
     return causes.get(exc.errno or 0, exc.strerror or str(exc))
 
 
@@ -111,11 +117,16 @@ class OutputLock:
             return {}
 
     def _refuse(self, holder: dict[str, Any]) -> ConfigError:
-        who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
-               if holder else "another process")
-        return ConfigError(f"{self.field}={str(self.folder)!r} is in use by another run: {who} holds {self.path}. "
-                           "Two runs on one folder would resume from and prune each other's checkpoints: wait for "
-                           f"it to finish or stop it, or choose another {self.field}")
+        who = (
+            f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
+            if holder
+            else "another process"
+        )
+        return ConfigError(
+            f"{self.field}={str(self.folder)!r} is in use by another run: {who} holds {self.path}. "
+            "Two runs on one folder would resume from and prune each other's checkpoints: wait for "
+            f"it to finish or stop it, or choose another {self.field}"
+        )
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -135,8 +146,13 @@ class OutputLock:
                 raise self._refuse(holder) from None
         previous = self._read_holder()
         if previous and previous.get("pid") != os.getpid():
-            log.warning("%s: taking over a lock left by process %s on %s (since %s), which no longer holds it",
-                        self.folder, previous.get("pid"), previous.get("host"), previous.get("since"))
+            log.warning(
+                "%s: taking over a lock left by process %s on %s (since %s), which no longer holds it",
+                self.folder,
+                previous.get("pid"),
+                previous.get("host"),
+                previous.get("since"),
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder().encode(), 0)
         self._fd = fd

@@ -5,6 +5,7 @@ The handler only raises a flag; the trainer adds the flag to a reduction it does
 learns of it at the same step, saves a checkpoint with the others, and exits with EXIT_PREEMPTED. A second Ctrl-C
 stops the process at once, without a checkpoint (exit 130).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,16 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
 STATUS_DIR_ENV = "LISA_DIST_STATUS_DIR"
 """Set by the launch scripts: a rank that stopped with a checkpoint leaves `preempted` there, so that the script
 exits EXIT_PREEMPTED although the launcher itself (torchrun, deepspeed) reports any non-zero rank as exit 1."""
-LAUNCHER_MARKS = (b"torch.distributed.run", b"torchrun", b"deepspeed", b"mpiexec", b"mpirun", b"hydra_pmi_proxy",
-                  b"srun", b"slurmstepd")
+LAUNCHER_MARKS = (
+    b"torch.distributed.run",
+    b"torchrun",
+    b"deepspeed",
+    b"mpiexec",
+    b"mpirun",
+    b"hydra_pmi_proxy",
+    b"srun",
+    b"slurmstepd",
+)
 
 
 def mark_preempted() -> bool:
@@ -159,7 +168,8 @@ class LauncherWatch:
         while not self._stop.wait(self.interval_s):
             gone = self._gone()
             if gone is not None:
-                log.warning("the launcher process %d is gone: stopping this rank (with a checkpoint when training)",
-                            gone)
+                log.warning(
+                    "the launcher process %d is gone: stopping this rank (with a checkpoint when training)", gone
+                )
                 os.kill(os.getpid(), signal.SIGTERM)
                 return

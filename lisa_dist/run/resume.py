@@ -9,6 +9,7 @@ byte hashed, the hashing shared out among the ranks), or from step 0, but never 
 start in a folder that holds checkpoints, metrics or a summary is refused unless `train.overwrite=true`, and a run
 that already completed says so and leaves everything as it is.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -45,16 +46,52 @@ CHECKPOINT_FAILURES = (Exception, CheckpointException)
 # Changing any of these changes what the remaining steps compute: refused at resume unless checkpoint.override. The
 # run's length too: its optimizer steps (train.steps, or what train.epochs resolves to), which the schedule spans.
 EXACTNESS_FIELDS = (
-    "model.name", "model.config_overrides", "model.layers_path", "model.dtype",
-    "data.path", "data.format", "data.max_length", "data.text_field", "data.messages_field", "data.skip_bad_rows",
-    "data.conversations_field", "data.chat_template", "data.mixture", "data.subset", "data.revision",
-    "data.packing", "data.eval_fraction",
-    "lisa.enabled", "lisa.gamma", "lisa.interval", "lisa.strategy", "lisa.weights", "lisa.fixed_layers", "lisa.seed",
-    "lisa.importance_floor", "lisa.importance_decay", "lisa.frozen_storage", "lisa.host_dtype", "lisa.train_embeddings",
-    "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
-    "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.schedule", "optim.warmup_steps",
-    "optim.min_lr_ratio", "optim.max_grad_norm", "optim.adam_8bit",
-    "train.seed", "train.precision", "backend.name",
+    "model.name",
+    "model.config_overrides",
+    "model.layers_path",
+    "model.dtype",
+    "data.path",
+    "data.format",
+    "data.max_length",
+    "data.text_field",
+    "data.messages_field",
+    "data.skip_bad_rows",
+    "data.conversations_field",
+    "data.chat_template",
+    "data.mixture",
+    "data.subset",
+    "data.revision",
+    "data.packing",
+    "data.eval_fraction",
+    "lisa.enabled",
+    "lisa.gamma",
+    "lisa.interval",
+    "lisa.strategy",
+    "lisa.weights",
+    "lisa.fixed_layers",
+    "lisa.seed",
+    "lisa.importance_floor",
+    "lisa.importance_decay",
+    "lisa.frozen_storage",
+    "lisa.host_dtype",
+    "lisa.train_embeddings",
+    "lora.enabled",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.betas",
+    "optim.eps",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.min_lr_ratio",
+    "optim.max_grad_norm",
+    "optim.adam_8bit",
+    "train.seed",
+    "train.precision",
+    "backend.name",
 )
 
 
@@ -127,8 +164,9 @@ def save(run: Run, steps_done: int) -> Path | None:
         merged = {name: digest for part in all_gather_objects(hashed) for name, digest in part.items()}
         final = None
         if backend.is_main:
-            final = checkpoint.finalize(tmp, root, steps_done, cfg.checkpoint.keep_last, merged,
-                                        cfg.checkpoint.keep_best)
+            final = checkpoint.finalize(
+                tmp, root, steps_done, cfg.checkpoint.keep_last, merged, cfg.checkpoint.keep_best
+            )
             log.info("saved checkpoint %s", final)
         backend.barrier()
     except CHECKPOINT_FAILURES as exc:
@@ -136,8 +174,10 @@ def save(run: Run, steps_done: int) -> Path | None:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint step-{steps_done} into {root} failed: {_cause(exc, root)}; the "
-                              "previous checkpoint is intact and its temporary folder was removed") from exc
+        raise CheckpointError(
+            f"saving checkpoint step-{steps_done} into {root} failed: {_cause(exc, root)}; the "
+            "previous checkpoint is intact and its temporary folder was removed"
+        ) from exc
     return final
 
 
@@ -226,22 +266,37 @@ def _global_batch(cfg: dict[str, Any], world: int) -> int:
     return cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum"] * world
 
 
-def config_changes(saved: dict[str, Any], cfg: Config, saved_world: int, world: int, saved_step: int | None = None,
-                   saved_steps: int | None = None, steps: int | None = None) -> list[str]:
+def config_changes(
+    saved: dict[str, Any],
+    cfg: Config,
+    saved_world: int,
+    world: int,
+    saved_step: int | None = None,
+    saved_steps: int | None = None,
+    steps: int | None = None,
+) -> list[str]:
     """The changes against a saved config that would break exact continuation.
 
     The run's length compares the resolved steps: `saved_steps` (default: the saved train.steps, which earlier runs
     saved resolved) against `steps` (default: train.steps). Raising it is no change when the saved run had completed
     (`saved_step` == its steps): that run continues, its learning-rate schedule stretched over the new total."""
     now = cfg.to_dict()
-    changes = [f"{name}: {_get(saved, name)!r} -> {_get(now, name)!r}" for name in EXACTNESS_FIELDS
-               if _get(saved, name) != _get(now, name)]
+    changes = [
+        f"{name}: {_get(saved, name)!r} -> {_get(now, name)!r}"
+        for name in EXACTNESS_FIELDS
+        if _get(saved, name) != _get(now, name)
+    ]
     before = _get(saved, "train.steps") if saved_steps is None else saved_steps
     after = cfg.train.steps if steps is None else steps
     if before != after:
         if saved_step is not None and saved_step == before and after > before:
-            log.info("continuing a completed run of %d steps to train.steps=%d: the learning-rate schedule now "
-                     "spans %d steps", before, after, after)
+            log.info(
+                "continuing a completed run of %d steps to train.steps=%d: the learning-rate schedule now "
+                "spans %d steps",
+                before,
+                after,
+                after,
+            )
         else:
             changes.append(f"train.steps: {before!r} -> {after!r}")
     before, after = _global_batch(saved, saved_world), _global_batch(now, world)
@@ -250,14 +305,23 @@ def config_changes(saved: dict[str, Any], cfg: Config, saved_world: int, world: 
     return changes
 
 
-def check_compatible(saved: dict[str, Any], cfg: Config, saved_world: int, world: int,
-                     saved_step: int | None = None, saved_steps: int | None = None, steps: int | None = None,
-                     ) -> list[str]:
+def check_compatible(
+    saved: dict[str, Any],
+    cfg: Config,
+    saved_world: int,
+    world: int,
+    saved_step: int | None = None,
+    saved_steps: int | None = None,
+    steps: int | None = None,
+) -> list[str]:
     """The changes that would break exact resumption; raise unless checkpoint.override (then log them)."""
     changes = config_changes(saved, cfg, saved_world, world, saved_step, saved_steps, steps)
     if changes and not cfg.checkpoint.override:
-        raise ConfigError("the checkpoint was written with another config; resuming would not continue the same run: "
-                          + "; ".join(changes) + " (set checkpoint.override=true to resume anyway)")
+        raise ConfigError(
+            "the checkpoint was written with another config; resuming would not continue the same run: "
+            + "; ".join(changes)
+            + " (set checkpoint.override=true to resume anyway)"
+        )
     for change in changes:
         log.warning("resuming with a changed config (checkpoint.override): %s", change)
     return changes
@@ -313,7 +377,8 @@ def _plan_main(cfg: Config, backend: Backend, steps: int) -> Start:
                 f"checkpoint.resume=none, but {root_of(cfg)} holds the checkpoints {', '.join(earlier.checkpoints)} "
                 "of an earlier run: a fresh start there would prune them or be resumed from them later. Resume it "
                 "(checkpoint.resume=auto), choose another train.output_dir or checkpoint.dir, or set "
-                "train.overwrite=true to delete them")
+                "train.overwrite=true to delete them"
+            )
         return _fresh(cfg, earlier, steps)
     candidates = _candidates(cfg)
     if mode not in ("auto", "latest"):
@@ -321,8 +386,10 @@ def _plan_main(cfg: Config, backend: Backend, steps: int) -> Start:
         if problem:
             close = difflib.get_close_matches(mode, ("auto", "latest", "none"), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close and not Path(mode).exists() else ""
-            raise ConfigError(f"checkpoint.resume={mode!r} is not a usable checkpoint: {problem}{hint}; expected auto, "
-                              "latest, none or a step-N folder")
+            raise ConfigError(
+                f"checkpoint.resume={mode!r} is not a usable checkpoint: {problem}{hint}; expected auto, "
+                "latest, none or a step-N folder"
+            )
     if not candidates:
         if mode == "latest":
             raise ConfigError(f"checkpoint.resume=latest, but {root_of(cfg)} holds no checkpoint")
@@ -346,9 +413,11 @@ def _check_data(cfg: Config, path: Path) -> None:
     changed = [name for name in sorted(saved.keys() | now.keys()) if saved.get(name) != now.get(name)]
     detail = "; ".join(f"{name}: {_data_change(saved.get(name), now.get(name))}" for name in changed)
     if not cfg.checkpoint.override:
-        raise ConfigError(f"the training data changed since checkpoint {path} was written ({detail}): resuming "
-                          "would not continue the same run. Restore the data, or set checkpoint.override=true to "
-                          "resume on the new data anyway")
+        raise ConfigError(
+            f"the training data changed since checkpoint {path} was written ({detail}): resuming "
+            "would not continue the same run. Restore the data, or set checkpoint.override=true to "
+            "resume on the new data anyway"
+        )
     log.warning("resuming on changed data (checkpoint.override): %s", detail)
 
 
@@ -367,7 +436,7 @@ def _first_verified(cfg: Config, backend: Backend, start: Start, steps: int) -> 
     for i, path in enumerate(candidates):
         problem = _verified(path, backend)
         if problem is None:
-            return _read_step(cfg, Start(path=path, older=candidates[i + 1:]), backend, steps)
+            return _read_step(cfg, Start(path=path, older=candidates[i + 1 :]), backend, steps)
         problems.append(f"{path}: {problem}")
         if backend.is_main:
             log.warning("checkpoint %s is unusable: %s; trying the one before it", path, problem)
@@ -389,12 +458,21 @@ def _read_step(cfg: Config, start: Start, backend: Backend, steps: int) -> Start
     path = cast(Path, start.path)  # a verified candidate
     trainer = json.loads((path / "trainer.json").read_text())
     saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
-    start.changes = check_compatible(saved_cfg, cfg, trainer["world_size"], backend.world_size,
-                                     saved_step=trainer["step"], saved_steps=trainer.get("steps"), steps=steps)
+    start.changes = check_compatible(
+        saved_cfg,
+        cfg,
+        trainer["world_size"],
+        backend.world_size,
+        saved_step=trainer["step"],
+        saved_steps=trainer.get("steps"),
+        steps=steps,
+    )
     if trainer["world_size"] != backend.world_size and not capabilities(cfg.backend.name).reshards_checkpoints:
-        raise ConfigError(f"this {cfg.backend.name} checkpoint was written by {trainer['world_size']} ranks and "
-                          f"resumes only on {trainer['world_size']} (now {backend.world_size}); "
-                          f"{backends_with('reshards_checkpoints')} checkpoints reshard onto any world size")
+        raise ConfigError(
+            f"this {cfg.backend.name} checkpoint was written by {trainer['world_size']} ranks and "
+            f"resumes only on {trainer['world_size']} (now {backend.world_size}); "
+            f"{backends_with('reshards_checkpoints')} checkpoints reshard onto any world size"
+        )
     if trainer["step"] > steps:
         raise ConfigError(f"train.steps={steps} is below the step of checkpoint {start.path} ({trainer['step']})")
     start.step = trainer["step"]
@@ -408,20 +486,23 @@ def _fresh(cfg: Config, earlier: outputs.EarlierRun, steps: int) -> Start:
     if earlier.summary is not None:
         saved = _saved_config(Path(out) / "config.yaml")
         world = earlier.summary.get("world_size", 1)
-        same = saved is not None and not config_changes(saved, cfg, world, world,
-                                                        saved_steps=earlier.summary.get("steps"), steps=steps)
+        same = saved is not None and not config_changes(
+            saved, cfg, world, world, saved_steps=earlier.summary.get("steps"), steps=steps
+        )
         if same and earlier.summary.get("steps") == steps:
             return Start(completed=True, step=steps)
         raise ConfigError(
             f"train.output_dir={out!r} holds a finished run ({outputs.SUMMARY}, {earlier.summary.get('steps')} "
             f"steps{'' if same else ', another config'}) and no checkpoint to continue it from: its outputs are "
             "kept. Choose another train.output_dir, or set train.overwrite=true to replace them (checkpoint.every "
-            "lets a later run continue a finished one)")
+            "lets a later run continue a finished one)"
+        )
     if earlier.metrics_records:
         raise ConfigError(
             f"train.output_dir={out!r} holds the metrics of an earlier run ({outputs.metrics_path(cfg)}) but no "
             "checkpoint to resume from: a fresh start would overwrite them. Choose another train.output_dir, or "
-            "set train.overwrite=true to start afresh there")
+            "set train.overwrite=true to start afresh there"
+        )
     return Start()
 
 
@@ -469,11 +550,12 @@ def _load_failure(text: str, limit: int = 600) -> str:
 def _unloadable(start: Start, reason: str) -> ConfigError:
     """No checkpoint loads. They verified byte for byte, so they are good: what changed is this run's config (or a
     library), and the checkpoints stay. The model may hold part of what failed to load, so step 0 is no fallback."""
-    changed = (f"; checkpoint.override let these changes through: {'; '.join(start.changes)}" if start.changes
-               else "")
-    return ConfigError(f"checkpoint {start.path} does not load into this run's model ({reason}){changed}. The "
-                       "checkpoints verify and are kept as they are: resume with the config they were written with "
-                       f"({Path(str(start.path)) / 'config.yaml'}), or start this config in another train.output_dir")
+    changed = f"; checkpoint.override let these changes through: {'; '.join(start.changes)}" if start.changes else ""
+    return ConfigError(
+        f"checkpoint {start.path} does not load into this run's model ({reason}){changed}. The "
+        "checkpoints verify and are kept as they are: resume with the config they were written with "
+        f"({Path(str(start.path)) / 'config.yaml'}), or start this config in another train.output_dir"
+    )
 
 
 def _load(run: Run, path: Path) -> None:

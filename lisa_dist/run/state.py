@@ -1,5 +1,6 @@
 """What a training run holds, and what of it survives a restart (torchtitan's `Stateful` pattern: the checkpoint
 code asks the run, the sampler and the grad-norm importance for their state instead of reaching into fields)."""
+
 from __future__ import annotations
 
 import time
@@ -68,12 +69,19 @@ class Run:
 
     def state_dict(self) -> dict[str, Any]:
         """The run's progress after the last finished step (the model and optimizer are the backend's)."""
-        return {"steps": self.steps, "period": self.period, "active_layers": list(self.active),
-                "tokens_seen": self.tokens_seen, "switches": self.switches, "elapsed_s": self.elapsed_s(),
-                "layers_visited": sorted(self.layers_visited), "world_size": self.backend.world_size,
-                "sampler": self.sampler.state_dict() if self.sampler else None,
-                "importance": self.importance.state_dict() if self.importance else None,
-                "data_files": self.data_files}
+        return {
+            "steps": self.steps,
+            "period": self.period,
+            "active_layers": list(self.active),
+            "tokens_seen": self.tokens_seen,
+            "switches": self.switches,
+            "elapsed_s": self.elapsed_s(),
+            "layers_visited": sorted(self.layers_visited),
+            "world_size": self.backend.world_size,
+            "sampler": self.sampler.state_dict() if self.sampler else None,
+            "importance": self.importance.state_dict() if self.importance else None,
+            "data_files": self.data_files,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Progress from `state_dict()`; the sampler checks that it draws the schedule the checkpoint was on."""

@@ -1,5 +1,6 @@
 """The one training loop: build -> train -> train_step (`lisa-dist train` calls `train`). It never asks which
 backend runs it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -86,11 +87,15 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     sampler_seed = seed if cfg.lisa.seed is None else broadcast_seed(cfg.lisa.seed)
     torch.manual_seed(seed)
     if cfg.model.attn_implementation == "flex_attention" and backend.device.type == "cpu":
-        raise ConfigError("model.attn_implementation='flex_attention' trains on CUDA only (torch's FlexAttention has "
-                          "no backward on CPU): use sdpa or eager here")
+        raise ConfigError(
+            "model.attn_implementation='flex_attention' trains on CUDA only (torch's FlexAttention has "
+            "no backward on CPU): use sdpa or eager here"
+        )
     if backend.is_main and backend.device.type == "cuda" and cfg.train.precision == "fp32" and not cfg.train.tf32:
-        log.info("train.precision=fp32 runs exact fp32 matmuls, several times slower than bf16 on this GPU: "
-                 "train.tf32=true uses its TF32 tensor cores, train.precision=bf16 autocasts")
+        log.info(
+            "train.precision=fp32 runs exact fp32 matmuls, several times slower than bf16 on this GPU: "
+            "train.tf32=true uses its TF32 tensor cores, train.precision=bf16 autocasts"
+        )
     skeleton, tokenizer, weights = open_model(cfg.model, seed=seed, empty_init=backend.empty_init)
     layout = find_layout(skeleton, cfg.model.layers_path)
     validate_for_model(cfg, layout.num_layers, layout.learned_positions())
@@ -111,21 +116,40 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     held_out = data.held_out
     batches = _batches(cfg, data, backend, tokenizer.pad_token_id, seed)
     backend.prepare(model, trainable)
-    sampler = (_build_sampler(cfg, layout.num_layers, sampler_seed) if cfg.lisa.enabled and not cfg.lora.enabled
-               else None)
+    sampler = (
+        _build_sampler(cfg, layout.num_layers, sampler_seed) if cfg.lisa.enabled and not cfg.lora.enabled else None
+    )
     if sampler is None:
         backend.activate(range(len(trainable.layers)))
     # train.epochs: as `train` resolved it before planning the resume; here too for callers of build alone.
     steps = cfg.train.epochs * batches.steps_per_epoch if cfg.train.epochs else cfg.train.steps
-    run = Run(cfg, backend, layout, trainable, batches, sampler, MetricsLogger([]), tokenizer, steps=steps,
-              seed=seed, sampler_seed=sampler_seed)
+    run = Run(
+        cfg,
+        backend,
+        layout,
+        trainable,
+        batches,
+        sampler,
+        MetricsLogger([]),
+        tokenizer,
+        steps=steps,
+        seed=seed,
+        sampler_seed=sampler_seed,
+    )
     run.peers = PeerReport() if backend.world_size > 1 else None
     run.compile_watch = CompileWatch() if cfg.train.compile else None
     run.data_files = data_fingerprint(cfg.data) if backend.is_main else {}
     run.data_sources = data.sources
     if held_out is not None:
-        run.eval_set = EvalSet(held_out, cfg.train.micro_batch_size, backend.rank, backend.world_size,
-                               tokenizer.pad_token_id, cfg.train.eval_batches, flatten=_flatten(cfg))
+        run.eval_set = EvalSet(
+            held_out,
+            cfg.train.micro_batch_size,
+            backend.rank,
+            backend.world_size,
+            tokenizer.pad_token_id,
+            cfg.train.eval_batches,
+            flatten=_flatten(cfg),
+        )
     if sampler is not None and cfg.lisa.strategy == "grad_norm":
         run.importance = GradNormImportance(layout.num_layers, cfg.lisa.importance_floor, cfg.lisa.importance_decay)
     run.start_step = restore(run, start) if not (start.completed and start.path is None) else start.step
@@ -168,16 +192,25 @@ def load_data(cfg: Config, tokenizer: Any, backend: Backend, seed: int | None = 
         dataset = pack_examples(dataset, data.max_length)
         held_out = pack_examples(held_out, data.max_length) if held_out is not None else None
         if backend.is_main:
-            log.info("data.packing: %d examples in %d rows of up to %d tokens (best-fit decreasing), %.1f%% full",
-                     examples, len(dataset), data.max_length, 100 * fill_rate(dataset, data.max_length))
+            log.info(
+                "data.packing: %d examples in %d rows of up to %d tokens (best-fit decreasing), %.1f%% full",
+                examples,
+                len(dataset),
+                data.max_length,
+                100 * fill_rate(dataset, data.max_length),
+            )
     return TrainingData(dataset, held_out)
 
 
 def _eval_file(cfg: Config, tokenizer: Any, backend: Backend) -> Any:
     data = cfg.data
     try:
-        return load_examples(dataclasses.replace(data, path=data.eval_path, mixture=[]), tokenizer,
-                             is_main=backend.is_main, barrier=backend.barrier)
+        return load_examples(
+            dataclasses.replace(data, path=data.eval_path, mixture=[]),
+            tokenizer,
+            is_main=backend.is_main,
+            barrier=backend.barrier,
+        )
     except DataError as exc:  # the loader names the field it reads, data.path: here it read data.eval_path
         raise DataError(str(exc).replace("data.path", "data.eval_path")) from None
 
@@ -190,9 +223,18 @@ def steps_from_epochs(cfg: Config, backend: Backend) -> int:
 
 
 def _batches(cfg: Config, data: TrainingData, backend: Backend, pad_id: int, seed: int) -> ShardedBatches:
-    return ShardedBatches(data.train, seed=seed, rank=backend.rank, world_size=backend.world_size,
-                          micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, pad_id=pad_id,
-                          flatten=_flatten(cfg), order=data.order, epoch_size=data.order.size if data.order else 0)
+    return ShardedBatches(
+        data.train,
+        seed=seed,
+        rank=backend.rank,
+        world_size=backend.world_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum,
+        pad_id=pad_id,
+        flatten=_flatten(cfg),
+        order=data.order,
+        epoch_size=data.order.size if data.order else 0,
+    )
 
 
 def _flatten(cfg: Config) -> bool:
@@ -203,8 +245,13 @@ def _flatten(cfg: Config) -> bool:
 def _build_sampler(cfg: Config, num_layers: int, seed: int) -> LayerSampler:
     lisa = cfg.lisa
     return LayerSampler(
-        num_layers, lisa.gamma, lisa.interval, seed=seed,
-        strategy=lisa.strategy, weights=lisa.weights, fixed_layers=lisa.fixed_layers,
+        num_layers,
+        lisa.gamma,
+        lisa.interval,
+        seed=seed,
+        strategy=lisa.strategy,
+        weights=lisa.weights,
+        fixed_layers=lisa.fixed_layers,
     )
 
 
@@ -219,8 +266,9 @@ def _build_metrics(cfg: Config, is_main: bool, start_step: int, done: bool = Fal
     if cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(out / "tensorboard", start_step=start_step))
     if cfg.logging.wandb:
-        sinks.append(WandbSink(cfg.logging.wandb_project, out, cfg.to_dict(), mode=cfg.logging.wandb_mode,
-                               name=out.name))
+        sinks.append(
+            WandbSink(cfg.logging.wandb_project, out, cfg.to_dict(), mode=cfg.logging.wandb_mode, name=out.name)
+        )
     return MetricsLogger(sinks)
 
 
@@ -238,8 +286,14 @@ def maybe_switch(run: Run, step: int) -> bool:
     run.switches += 1
     run.layers_visited.update(run.active)
     if run.backend.is_main:
-        log.info("step %d: LISA period %d trains layers %s (%d of %d)", step + 1, period, list(run.active),
-                 len(run.active), run.layout.num_layers)
+        log.info(
+            "step %d: LISA period %d trains layers %s (%d of %d)",
+            step + 1,
+            period,
+            list(run.active),
+            len(run.active),
+            run.layout.num_layers,
+        )
     return True
 
 
@@ -254,9 +308,14 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
         run.peers.started(step + 1)
     run.doing = f"step {step + 1}: the token-count reduction"
     micro_batches = run.batches.step_batches(step)
-    local_counts = torch.tensor([sum(supervised_tokens(b) for b in micro_batches),
-                                 sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                                 int(STOP.requested)], dtype=torch.int64)
+    local_counts = torch.tensor(
+        [
+            sum(supervised_tokens(b) for b in micro_batches),
+            sum(int(b["attention_mask"].sum()) for b in micro_batches),
+            int(STOP.requested),
+        ],
+        dtype=torch.int64,
+    )
     # The loss is a mean over the supervised tokens of the whole global batch, whatever its split over ranks and
     # micro-batches: every rank scales its summed loss by the same global count. The same reduction tells every
     # rank whether any of them was asked to stop.
@@ -298,14 +357,22 @@ def train_step(run: Run, step: int) -> dict[str, Any] | None:
     run.doing = f"step {step + 1}: the loss reduction"
     loss = float(backend.all_reduce_sum(loss_sum)) / max(1, int(counts[0]))
     compiled = {"compiled_graphs": compiled_graphs()} if cfg.train.compile else {}
-    return {**compiled,
-        "step": done, "epoch": run.batches.epoch_of(step), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    return {
+        **compiled,
+        "step": done,
+        "epoch": run.batches.epoch_of(step),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
         "tokens": run.tokens_seen,
         "tokens_per_s": int(counts[1]) / (switch_start - start + time.perf_counter() - switch_end),
         "elapsed_s": run.elapsed_s(),
-        "active_layers": list(run.active), "switched": switched, "switch_s": switch_s,
+        "active_layers": list(run.active),
+        "switched": switched,
+        "switch_s": switch_s,
         "trainable_params": run.trainable.num_params(run.active),
-        "optimizer_state_bytes": backend.optimizer_state_bytes(), "state_bytes": backend.state_bytes(),
+        "optimizer_state_bytes": backend.optimizer_state_bytes(),
+        "state_bytes": backend.state_bytes(),
         **device_memory(backend.device),
     }
 
@@ -314,9 +381,12 @@ def device_memory(device: torch.device) -> dict[str, int]:
     """CUDA: what the caching allocator holds now and at its peak (host-side counters: no sync); {} elsewhere."""
     if device.type != "cuda":
         return {}
-    return {"cuda_allocated": torch.cuda.memory_allocated(device), "cuda_reserved": torch.cuda.memory_reserved(device),
-            "cuda_max_allocated": torch.cuda.max_memory_allocated(device),
-            "cuda_max_reserved": torch.cuda.max_memory_reserved(device)}
+    return {
+        "cuda_allocated": torch.cuda.memory_allocated(device),
+        "cuda_reserved": torch.cuda.memory_reserved(device),
+        "cuda_max_allocated": torch.cuda.max_memory_allocated(device),
+        "cuda_max_reserved": torch.cuda.max_memory_reserved(device),
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -384,8 +454,12 @@ def _completed(cfg: Config, backend: Backend, start: Start, steps: int) -> dict[
         if backend.is_main:
             log.warning("%s does not read (%s): reporting the completed run from its checkpoint", path, exc)
     if backend.is_main:
-        log.info("this run already completed its %d steps (%s): its outputs are left as they are; raise "
-                 "train.steps to continue it", steps, path if path.is_file() else start.path)
+        log.info(
+            "this run already completed its %d steps (%s): its outputs are left as they are; raise "
+            "train.steps to continue it",
+            steps,
+            path if path.is_file() else start.path,
+        )
     return summary
 
 
@@ -394,8 +468,12 @@ def _train(run: Run) -> dict[str, Any]:
     if run.backend.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("data: %d examples, %d steps per epoch", run.batches.num_examples, run.batches.steps_per_epoch)
-    bar = tqdm(total=run.steps, initial=run.start_step, desc="train",
-               disable=not (run.backend.is_main and cfg.logging.progress))
+    bar = tqdm(
+        total=run.steps,
+        initial=run.start_step,
+        desc="train",
+        disable=not (run.backend.is_main and cfg.logging.progress),
+    )
     run.segment_start = time.perf_counter()
     try:
         with logging_redirect_tqdm(), stop_on_signals(cfg.checkpoint.on_signal):
@@ -456,8 +534,12 @@ def folder_spec(cfg: Config) -> FolderSpec:
     """How save_final writes: checkpoint.export_dtype (default: the source model's), checkpoint.max_shard_size."""
     c = cfg.checkpoint
     dtype = export_dtype(c.export_dtype, "checkpoint.export_dtype") if c.export_dtype else source_dtype(cfg.model)
-    return FolderSpec(dtype, parse_size(c.max_shard_size, "checkpoint.max_shard_size"),
-                      generation_config(cfg.model), progress=cfg.logging.progress)
+    return FolderSpec(
+        dtype,
+        parse_size(c.max_shard_size, "checkpoint.max_shard_size"),
+        generation_config(cfg.model),
+        progress=cfg.logging.progress,
+    )
 
 
 def _save_final(run: Run, final: Path) -> None:
@@ -487,9 +569,10 @@ def _save_final(run: Run, final: Path) -> None:
         with contextlib.suppress(Exception):
             clear()
         cause = outputs.describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"checkpoint.save_final: writing {final} failed: {cause}; the checkpoints are intact "
-                              "(`lisa-dist export` writes the same folder from the last one)") from exc
-
+        raise CheckpointError(
+            f"checkpoint.save_final: writing {final} failed: {cause}; the checkpoints are intact "
+            "(`lisa-dist export` writes the same folder from the last one)"
+        ) from exc
 
 
 def _finish(run: Run, out: Path) -> dict[str, Any]:
@@ -503,26 +586,46 @@ def _finish(run: Run, out: Path) -> dict[str, Any]:
     wall_s = run.elapsed_s()
     summary = {
         "method": "lora" if cfg.lora.enabled else ("lisa" if run.sampler else "full"),
-        "backend": cfg.backend.name, "world_size": run.backend.world_size, "steps": run.steps,
-        "first_loss": train[0]["loss"] if train else None, "last_loss": train[-1]["loss"] if train else None,
-        "tokens": run.tokens_seen, "wall_s": wall_s, "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
-        "switches": run.switches, "layers_visited": sorted(run.layers_visited),
+        "backend": cfg.backend.name,
+        "world_size": run.backend.world_size,
+        "steps": run.steps,
+        "first_loss": train[0]["loss"] if train else None,
+        "last_loss": train[-1]["loss"] if train else None,
+        "tokens": run.tokens_seen,
+        "wall_s": wall_s,
+        "tokens_per_s": run.tokens_seen / wall_s if wall_s else 0.0,
+        "switches": run.switches,
+        "layers_visited": sorted(run.layers_visited),
         "resumed_at_step": run.start_step or None,
         "max_optimizer_state_bytes": max((r["optimizer_state_bytes"] for r in train), default=0),
         **({"data_sources": run.data_sources} if run.data_sources else {}),
-        **{f"peak_{k[len('cuda_max_'):]}_bytes": v for k, v in device_memory(run.backend.device).items()
-           if k.startswith("cuda_max_")},
+        **{
+            f"peak_{k[len('cuda_max_') :]}_bytes": v
+            for k, v in device_memory(run.backend.device).items()
+            if k.startswith("cuda_max_")
+        },
     }
     evals = [r for r in history if "eval_loss" in r]
     if evals:
         best = min(evals, key=lambda r: r["eval_loss"])
-        summary.update(first_eval_loss=evals[0]["eval_loss"], last_eval_loss=evals[-1]["eval_loss"],
-                       last_eval_ppl=evals[-1]["eval_ppl"], best_eval_loss=best["eval_loss"],
-                       best_eval_step=best["step"])
+        summary.update(
+            first_eval_loss=evals[0]["eval_loss"],
+            last_eval_loss=evals[-1]["eval_loss"],
+            last_eval_ppl=evals[-1]["eval_ppl"],
+            best_eval_loss=best["eval_loss"],
+            best_eval_step=best["step"],
+        )
     if not run.backend.is_main:
         return summary
     (out / outputs.SUMMARY).write_text(json.dumps(summary, indent=2))
-    log.info("done: %d steps in %.1f s | loss %.4f -> %.4f | %.0f tok/s | %d switches, layers visited %s",
-             summary["steps"], wall_s, summary["first_loss"], summary["last_loss"], summary["tokens_per_s"],
-             summary["switches"], summary["layers_visited"])
+    log.info(
+        "done: %d steps in %.1f s | loss %.4f -> %.4f | %.0f tok/s | %d switches, layers visited %s",
+        summary["steps"],
+        wall_s,
+        summary["first_loss"],
+        summary["last_loss"],
+        summary["tokens_per_s"],
+        summary["switches"],
+        summary["layers_visited"],
+    )
     return summary

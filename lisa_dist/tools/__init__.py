@@ -1,6 +1,7 @@
 """Tools around runs: the memory planner (and its reading of a run's config), export, trying a model (generate),
 plots of runs and prepare-model. (The baselines, collective byte counting and host-sync counting, which only the
 benchmarks and tests use, live in benchmarks.lib.)"""
+
 from lisa_dist.tools.exporter import export
 from lisa_dist.tools.generation import continue_ids, generate, load_for_generation
 from lisa_dist.tools.memory import (

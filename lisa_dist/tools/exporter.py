@@ -6,6 +6,7 @@ through torch.distributed.checkpoint without a process group, DeepSpeed ones thr
 process holds about one output shard (`--max-shard-size`), written in `--dtype` (default: the dtype the source model
 is published in). `load_checkpoint` gives the same model whole in memory, without writing (`lisa-dist generate`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,12 @@ def resolve(path: Path) -> Path:
         detail = "; ".join(f"{p.checkpoint.name}: {p.reason}" for p in problems) or "no step-N folder"
         raise ConfigError(f"{path} holds no usable checkpoint ({detail})")
     for skipped in problems:
-        log.warning("not exporting %s, the newer checkpoint: %s; exporting %s instead", skipped.checkpoint,
-                    skipped.reason, found.name)
+        log.warning(
+            "not exporting %s, the newer checkpoint: %s; exporting %s instead",
+            skipped.checkpoint,
+            skipped.reason,
+            found.name,
+        )
     return found
 
 
@@ -69,20 +74,30 @@ def _prepare_out(out: Path, overwrite: bool, sources: tuple[Path, ...]) -> Path:
         raise ConfigError(f"export: {out} is a file, not a folder")
     for source in sources:
         if outputs.overlap(out, source):
-            raise ConfigError(f"export: the output folder {out} {_relation(out, source)} {source}, what is exported: "
-                              "writing there would change or replace the checkpoint it reads. Choose a folder outside "
-                              "the run")
+            raise ConfigError(
+                f"export: the output folder {out} {_relation(out, source)} {source}, what is exported: "
+                "writing there would change or replace the checkpoint it reads. Choose a folder outside "
+                "the run"
+            )
     # A step folder, a checkpoints folder or a run folder (checkpoints/step-N), as the trainer lays them out.
-    found = [p.parent for pattern in ("trainer.json", "*/trainer.json", "*/*/trainer.json")
-             for p in (out.glob(pattern) if out.is_dir() else ()) if p.parent.name.startswith("step-")]
+    found = [
+        p.parent
+        for pattern in ("trainer.json", "*/trainer.json", "*/*/trainer.json")
+        for p in (out.glob(pattern) if out.is_dir() else ())
+        if p.parent.name.startswith("step-")
+    ]
     if found:
-        raise ConfigError(f"export: {out} holds the training checkpoint {found[0]}: --overwrite replaces an earlier "
-                          "export, never a run's checkpoints. Choose another folder")
+        raise ConfigError(
+            f"export: {out} holds the training checkpoint {found[0]}: --overwrite replaces an earlier "
+            "export, never a run's checkpoints. Choose another folder"
+        )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ConfigError(f"export: {out} is not empty: writing into it would mix the export with its files "
-                              "(a stale model.safetensors.index.json changes how the folder loads). Choose an empty "
-                              "folder, or pass --overwrite to replace it whole")
+            raise ConfigError(
+                f"export: {out} is not empty: writing into it would mix the export with its files "
+                "(a stale model.safetensors.index.json changes how the folder loads). Choose an empty "
+                "folder, or pass --overwrite to replace it whole"
+            )
         tmp = out.with_name(f".{out.name}.export-{checkpoint.new_token()}")
         return tmp
     return out
@@ -103,8 +118,10 @@ def _refuse_base_model(out: Path, ckpt: Path) -> None:
     base = Path(str(name)).expanduser()
     base = base.parent if base.suffix == ".gguf" else base
     if base.exists() and (out.resolve() == base.resolve() or out.resolve() in base.resolve().parents):
-        raise ConfigError(f"export: the output folder {out} {_relation(out, base)} {base}, the model the checkpoint "
-                          "was trained from (its config and tokenizer are read from there): choose another folder")
+        raise ConfigError(
+            f"export: the output folder {out} {_relation(out, base)} {base}, the model the checkpoint "
+            "was trained from (its config and tokenizer are read from there): choose another folder"
+        )
 
 
 def _reader(backend: str, state: Path) -> CheckpointReader:
@@ -133,11 +150,16 @@ def _open(ckpt: Path) -> tuple[Config, nn.Module, PreTrainedTokenizerBase, Fetch
     else:
         fetch = reader
     wanted = saved_names(model)
-    missing = [name for name in (fetch.source_names(wanted) if isinstance(fetch, LoraMerge) else wanted)
-               if name not in reader.names()]
+    missing = [
+        name
+        for name in (fetch.source_names(wanted) if isinstance(fetch, LoraMerge) else wanted)
+        if name not in reader.names()
+    ]
     if missing:
-        raise ConfigError(f"checkpoint {ckpt} does not match its model: it lacks {len(missing)} tensor(s), e.g. "
-                          f"{', '.join(missing[:3])}")
+        raise ConfigError(
+            f"checkpoint {ckpt} does not match its model: it lacks {len(missing)} tensor(s), e.g. "
+            f"{', '.join(missing[:3])}"
+        )
     return cfg, model, tokenizer, fetch
 
 
@@ -150,8 +172,9 @@ def load_checkpoint(source: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-def export(source: Path, out: Path, overwrite: bool = False, dtype: str | None = None,
-           max_shard_size: str | int | None = None) -> Path:
+def export(
+    source: Path, out: Path, overwrite: bool = False, dtype: str | None = None, max_shard_size: str | int | None = None
+) -> Path:
     """Write `out` (safetensors shards of at most `max_shard_size`, default the run's checkpoint.max_shard_size, in
     `dtype`, default the source model's; config; tokenizer) from checkpoint `source`, one shard at a time; returns
     the checkpoint used.
@@ -173,6 +196,13 @@ def export(source: Path, out: Path, overwrite: bool = False, dtype: str | None =
     finally:
         if target != out and target.exists():
             shutil.rmtree(target, ignore_errors=True)
-    log.info("exported %s (%s backend) to %s: %s of %s in %d shard(s)", ckpt, cfg.backend.name, out,
-             human_bytes(plan.total_size), str(wanted).removeprefix("torch."), len(plan.shards))
+    log.info(
+        "exported %s (%s backend) to %s: %s of %s in %d shard(s)",
+        ckpt,
+        cfg.backend.name,
+        out,
+        human_bytes(plan.total_size),
+        str(wanted).removeprefix("torch."),
+        len(plan.shards),
+    )
     return ckpt

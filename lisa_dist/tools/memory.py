@@ -21,6 +21,7 @@ further figures are labelled estimates: activations per micro-batch (the tensors
 block with SDPA attention, with and without activation checkpointing) and working buffers (FSDP's unsharded units,
 DeepSpeed's buckets, DDP's gradient buckets).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,13 @@ GIB = 1024**3
 PlannerBackend = Literal["local", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 BACKENDS: tuple[str, ...] = typing.get_args(PlannerBackend)
 METHODS = ("full", "lora", "qlora", "naive_lisa", "lisa")
-METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (NF4 base)",
-                "naive_lisa": "naive LISA (all layers visited)", "lisa": "lisa_dist LISA"}
+METHOD_NAMES = {
+    "full": "full fine-tuning",
+    "lora": "LoRA",
+    "qlora": "QLoRA (NF4 base)",
+    "naive_lisa": "naive LISA (all layers visited)",
+    "lisa": "lisa_dist LISA",
+}
 # The reference LISA callbacks toggle requires_grad only; LMFlow and axolotl do not run them under FSDP or ZeRO-3.
 NAIVE_UNSUPPORTED = ("fsdp", "zero3", "zero3_offload")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -141,28 +147,42 @@ class Setup:
     @classmethod
     def from_config(cls, cfg: Any, backend: PlannerBackend = "local", world_size: int = 1, rank: int = 0) -> Setup:
         """The Setup of a run's config (a `lisa_dist.config.Config`) on `world_size` ranks of `backend`."""
-        return cls(backend=backend, world_size=world_size, replicate=cfg.backend.replicate,
-                   precision=cfg.train.precision, param_dtype=cfg.model.dtype, frozen_storage=cfg.lisa.frozen_storage,
-                   host_dtype=cfg.lisa.host_dtype, train_embeddings=cfg.lisa.train_embeddings,
-                   adam_8bit=cfg.optim.adam_8bit,
-                   loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
-                   gamma=cfg.lisa.gamma, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                   activation_checkpointing=cfg.train.activation_checkpointing, rank=rank)
+        return cls(
+            backend=backend,
+            world_size=world_size,
+            replicate=cfg.backend.replicate,
+            precision=cfg.train.precision,
+            param_dtype=cfg.model.dtype,
+            frozen_storage=cfg.lisa.frozen_storage,
+            host_dtype=cfg.lisa.host_dtype,
+            train_embeddings=cfg.lisa.train_embeddings,
+            adam_8bit=cfg.optim.adam_8bit,
+            loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
+            gamma=cfg.lisa.gamma,
+            micro_batch=cfg.train.micro_batch_size,
+            seq_len=cfg.data.max_length,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+            rank=rank,
+        )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}: allowed values are {', '.join(BACKENDS)}")
-        for name, value, allowed in (("precision", self.precision, PRECISIONS),
-                                     ("param_dtype", self.param_dtype, DTYPES),
-                                     ("frozen_storage", self.frozen_storage, FROZEN_STORAGE),
-                                     ("host_dtype", self.host_dtype, DTYPES),
-                                     ("adam_8bit", self.adam_8bit, ADAM_8BIT)):
+        for name, value, allowed in (
+            ("precision", self.precision, PRECISIONS),
+            ("param_dtype", self.param_dtype, DTYPES),
+            ("frozen_storage", self.frozen_storage, FROZEN_STORAGE),
+            ("host_dtype", self.host_dtype, DTYPES),
+            ("adam_8bit", self.adam_8bit, ADAM_8BIT),
+        ):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
         lean = self.frozen_storage != "float32" or self.adam_8bit != "none"
         if lean and self.backend not in ("local", "ddp", "fsdp"):
-            raise ConfigError(f"backend={self.backend}: frozen storage and 8-bit moments run on local and fsdp only "
-                              "(DeepSpeed partitions in its own dtype and builds its own optimizer)")
+            raise ConfigError(
+                f"backend={self.backend}: frozen storage and 8-bit moments run on local and fsdp only "
+                "(DeepSpeed partitions in its own dtype and builds its own optimizer)"
+            )
         if self.world_size < 1 or self.world_size % self.replicate:
             raise ConfigError(f"replicate={self.replicate} must divide world_size={self.world_size}")
         if self.backend == "local" and self.world_size != 1:
@@ -202,11 +222,21 @@ class Breakdown:
         return self.device_total + self.runtime
 
     def as_dict(self) -> dict:
-        return {"params": self.params, "grads": self.grads, "masters": self.masters, "moments": self.moments,
-                "host": self.host, "activations": self.activations, "buffers": self.buffers,
-                "runtime": self.runtime, "state": self.state, "device_total": self.device_total,
-                "gpu_total": self.gpu_total, "supported": self.supported,
-                "note": self.note}
+        return {
+            "params": self.params,
+            "grads": self.grads,
+            "masters": self.masters,
+            "moments": self.moments,
+            "host": self.host,
+            "activations": self.activations,
+            "buffers": self.buffers,
+            "runtime": self.runtime,
+            "state": self.state,
+            "device_total": self.device_total,
+            "gpu_total": self.gpu_total,
+            "supported": self.supported,
+            "note": self.note,
+        }
 
 
 # -- shapes -----------------------------------------------------------------------------------------------------
@@ -227,10 +257,12 @@ def model_config(model: str, field: str = "--model"):
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{field} {model!r}: not a preset ({', '.join(PRESETS)}), a short name "
-                          f"({', '.join(MODEL_PRESETS)}) or a hub id known offline ({', '.join(HUB_CONFIGS)}), and "
-                          "no such config.json or folder: a local folder holding the model's config.json works for "
-                          "any model")
+        raise ConfigError(
+            f"{field} {model!r}: not a preset ({', '.join(PRESETS)}), a short name "
+            f"({', '.join(MODEL_PRESETS)}) or a hub id known offline ({', '.join(HUB_CONFIGS)}), and "
+            "no such config.json or folder: a local folder holding the model's config.json works for "
+            "any model"
+        )
     try:
         fields = json.loads(path.read_text())
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -238,8 +270,13 @@ def model_config(model: str, field: str = "--model"):
         raise ConfigError(f"{path}: not a Hugging Face config.json ({exc})") from None
 
 
-def shapes_of(config, name: str = "model", lora_r: int | None = None,
-              lora_targets: Sequence[str] | None = None, layers_path: str | None = None) -> ModelShapes:
+def shapes_of(
+    config,
+    name: str = "model",
+    lora_r: int | None = None,
+    lora_targets: Sequence[str] | None = None,
+    layers_path: str | None = None,
+) -> ModelShapes:
     """Build `config`'s model on the meta device and read its param shapes by role (and LoRA's, given a rank)."""
     from lisa_dist.config import LoraConfig
     from lisa_dist.method import apply_lora, lisa_trainable
@@ -248,9 +285,14 @@ def shapes_of(config, name: str = "model", lora_r: int | None = None,
     model = build_skeleton(config, torch.float32)
     layout = find_layout(model, layers_path)
     trainable = lisa_trainable(layout)
-    shapes = ModelShapes(name=name, always=_params(trainable.always),
-                         embedding=_params(layout.frozen_embedding_params(False)), frozen=_params(trainable.frozen),
-                         layers=[_params(layer) for layer in trainable.layers], **_dims(config))
+    shapes = ModelShapes(
+        name=name,
+        always=_params(trainable.always),
+        embedding=_params(layout.frozen_embedding_params(False)),
+        frozen=_params(trainable.frozen),
+        layers=[_params(layer) for layer in trainable.layers],
+        **_dims(config),
+    )
     if lora_r:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers method
@@ -260,8 +302,9 @@ def shapes_of(config, name: str = "model", lora_r: int | None = None,
     return shapes
 
 
-def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[str, nn.Parameter]] = (),
-                    layers_path: str | None = None) -> ModelShapes:
+def shapes_of_model(
+    model: nn.Module, name: str = "model", lora: Sequence[tuple[str, nn.Parameter]] = (), layers_path: str | None = None
+) -> ModelShapes:
     """The shapes of a model already built and placed (tests and benchmarks: the one they train); `lora` are its
     adapters when it is peft-wrapped."""
     from lisa_dist.method import lisa_trainable
@@ -274,9 +317,15 @@ def shapes_of_model(model: nn.Module, name: str = "model", lora: Sequence[tuple[
     def base(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
         return _params([(n, p) for n, p in named if id(p) not in adapters])
 
-    return ModelShapes(name=name, always=base(trainable.always), embedding=base(layout.frozen_embedding_params(False)),
-                       layers=[base(layer) for layer in trainable.layers], lora=_params(lora),
-                       frozen=base(trainable.frozen), **_dims(model.config))
+    return ModelShapes(
+        name=name,
+        always=base(trainable.always),
+        embedding=base(layout.frozen_embedding_params(False)),
+        layers=[base(layer) for layer in trainable.layers],
+        lora=_params(lora),
+        frozen=base(trainable.frozen),
+        **_dims(model.config),
+    )
 
 
 def _dims(config: Any) -> dict[str, Any]:
@@ -284,15 +333,18 @@ def _dims(config: Any) -> dict[str, Any]:
     config = config.get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {"hidden": config.hidden_size, "heads": heads, "vocab": config.vocab_size,
-            "intermediate": getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
-            "kv_dim": (getattr(config, "num_key_value_heads", None) or heads) * head_dim}
+    return {
+        "hidden": config.hidden_size,
+        "heads": heads,
+        "vocab": config.vocab_size,
+        "intermediate": getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+        "kv_dim": (getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+    }
 
 
 def _params(named: Sequence[tuple[str, nn.Parameter]]) -> list[Param]:
     # A ZeRO-3 partitioned param keeps its real shape in ds_shape.
     return [Param(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named]
-
 
 
 # -- sharding rules ---------------------------------------------------------------------------------------------
@@ -339,8 +391,9 @@ def _zero2_grad_numel(group: list[Param], world: int, rank: int) -> int:
 # -- the model --------------------------------------------------------------------------------------------------
 
 
-def _roles(shapes: ModelShapes, method: str, active: Sequence[int], train_embeddings: bool = True
-           ) -> tuple[list[Param], list[Param], list[Param]]:
+def _roles(
+    shapes: ModelShapes, method: str, active: Sequence[int], train_embeddings: bool = True
+) -> tuple[list[Param], list[Param], list[Param]]:
     """(trainable params, params with optimizer state, params stored as frozen) of `method`."""
     every = [p for layer in shapes.layers for p in layer]
     if method in ("lora", "qlora"):
@@ -368,7 +421,7 @@ def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[in
         raise ConfigError("LoRA needs shapes built with a LoRA rank (shapes_of(..., lora_r=r))")
     if active is None:  # the gamma largest layers (all layers of a Llama are the same size)
         sizes = [sum(p.numel for p in layer) for layer in shapes.layers]
-        active = sorted(range(len(sizes)), key=lambda i: -sizes[i])[:setup.gamma]
+        active = sorted(range(len(sizes)), key=lambda i: -sizes[i])[: setup.gamma]
     if method == "qlora" and setup.backend.startswith("zero"):
         return Breakdown(supported=False, note="QLoRA's NF4 base is not partitioned by DeepSpeed ZeRO here")
     trainable, with_state, frozen = _roles(shapes, method, active, setup.train_embeddings)
@@ -379,8 +432,9 @@ def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[in
     return out
 
 
-def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], with_state: list[Param],
-           frozen: list[Param]) -> Breakdown:
+def _state(
+    shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], with_state: list[Param], frozen: list[Param]
+) -> Breakdown:
     storage = DTYPE_BYTES[s.param_dtype]
     b = s.backend
     # The adapters exist only in a LoRA run (the shapes may carry them for the LoRA row of the same table).
@@ -393,9 +447,12 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
         return Breakdown(
             params=sum(stored(p, _local_shape(p, shards, s.rank, padded=True)) for p in every),
             grads=sum(math.prod(_local_shape(p, shards, s.rank, padded=True)) for p in trainable) * storage,
-            moments=sum(_moment_bytes(math.prod(_local_shape(p, shards, s.rank, padded=False)), eight_bit(p),
-                                      storage) for p in with_state),
-            host=_host_bytes(shapes, method, s, frozen, shards))
+            moments=sum(
+                _moment_bytes(math.prod(_local_shape(p, shards, s.rank, padded=False)), eight_bit(p), storage)
+                for p in with_state
+            ),
+            host=_host_bytes(shapes, method, s, frozen, shards),
+        )
     # DeepSpeed: in bf16 mode the engine stores every param in bf16; masters and moments are fp32 partitions.
     ds_storage = 2 if s.precision == "bf16" else storage
     every = shapes.always + shapes.frozen + [p for layer in shapes.layers for p in layer] + adapters
@@ -410,13 +467,18 @@ def _state(shapes: ModelShapes, method: str, s: Setup, trainable: list[Param], w
         # The params with optimizer state become views into one flat buffer per group, padded like the partitions.
         stated = {p.name for p in with_state}
         params = sum(p.numel for p in every if p.name not in stated) + partitions * s.world_size
-        return Breakdown(params=params * ds_storage, grads=grads * ds_storage, masters=partitions * 4,
-                         moments=2 * partitions * 4)
+        return Breakdown(
+            params=params * ds_storage, grads=grads * ds_storage, masters=partitions * 4, moments=2 * partitions * 4
+        )
     part = sum(_zero3_numel(p, s.world_size) for p in with_state)
     # ZeRO-3 means to reuse fp32 param partitions as masters, but compares a tensor's device with a device name
     # (never equal; DeepSpeed 0.19): the fp32 copy is made in fp32 training too.
-    out = Breakdown(params=sum(_zero3_numel(p, s.world_size) for p in every) * ds_storage,
-                    grads=part * ds_storage, masters=part * 4, moments=2 * part * 4)
+    out = Breakdown(
+        params=sum(_zero3_numel(p, s.world_size) for p in every) * ds_storage,
+        grads=part * ds_storage,
+        masters=part * 4,
+        moments=2 * part * 4,
+    )
     if b == "zero3_offload":  # masters, moments and the gradient partitions live in (pinned) CPU memory
         out.host, out.masters, out.moments, out.grads = out.masters + out.moments + out.grads, 0, 0, 0
     return out
@@ -473,8 +535,9 @@ def _host_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param],
         layer_names = {p.name for layer in shapes.layers for p in layer}
         candidates = [p for p in frozen if p.name in layer_names]
     shards_of = [_local_shape(p, shards, s.rank, padded=True) for p in candidates]
-    return sum(math.prod(shape) for shape in shards_of if quantizable(shape, s.frozen_storage)) * \
-        DTYPE_BYTES[s.host_dtype]
+    return (
+        sum(math.prod(shape) for shape in shards_of if quantizable(shape, s.frozen_storage)) * DTYPE_BYTES[s.host_dtype]
+    )
 
 
 def _eight_bit(shapes: ModelShapes, s: Setup):
@@ -567,8 +630,15 @@ def plan(shapes: ModelShapes, setup: Setup, methods: Sequence[str] = METHODS) ->
     return {m: estimate(shapes, m, setup) for m in methods}
 
 
-def longest_seq_len(shapes: ModelShapes, setup: Setup, method: str, gpu_gib: float, headroom: float = 0.9,
-                    step: int = 256, limit: int = 1 << 20) -> int:
+def longest_seq_len(
+    shapes: ModelShapes,
+    setup: Setup,
+    method: str,
+    gpu_gib: float,
+    headroom: float = 0.9,
+    step: int = 256,
+    limit: int = 1 << 20,
+) -> int:
     """The longest sequence (a multiple of `step` tokens, micro-batch as in `setup`) at which `method`'s GPU total
     (the CUDA runtime included) fits `headroom` of `gpu_gib`; 0 when not even `step` tokens fit."""
     budget = gpu_gib * GIB * headroom
@@ -596,13 +666,16 @@ def _lean(s: Setup) -> str:
     """The memory options of `s`, in words, for the table's heading."""
     host = f" (exact host copies {s.host_dtype})" if s.frozen_storage in QUANTIZED else ""
     base = s.frozen_storage if s.frozen_storage not in QUANTIZED else "bfloat16"
-    return (f"frozen layers {s.frozen_storage}{host}, LoRA base {base}, embeddings "
-            f"{'trained' if s.train_embeddings else 'frozen'}, 8-bit Adam {s.adam_8bit}, "
-            f"loss {f'chunked by {s.loss_chunk_tokens} tokens' if s.loss_chunk_tokens else 'plain'}")
+    return (
+        f"frozen layers {s.frozen_storage}{host}, LoRA base {base}, embeddings "
+        f"{'trained' if s.train_embeddings else 'frozen'}, 8-bit Adam {s.adam_8bit}, "
+        f"loss {f'chunked by {s.loss_chunk_tokens} tokens' if s.loss_chunk_tokens else 'plain'}"
+    )
 
 
-def table(shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0.9,
-          methods: Sequence[str] = METHODS) -> str:
+def table(
+    shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0.9, methods: Sequence[str] = METHODS
+) -> str:
     """A markdown table of every method for `setup`, and which fit `gpu_gib` (using `headroom` of it)."""
     rows = plan(shapes, setup, methods)
     budget = gpu_gib * GIB * headroom
@@ -623,12 +696,17 @@ def table(shapes: ModelShapes, setup: Setup, gpu_gib: float, headroom: float = 0
             lines.append(f"| {METHOD_NAMES[method]} |" + " - |" * 11 + f" fails: {b.note} |")
             continue
         fits = "yes" if b.gpu_total <= budget else "no"
-        lines.append(f"| {METHOD_NAMES[method]} | {gib(b.params)} | {gib(b.grads)} | {gib(b.masters)} | "
-                     f"{gib(b.moments)} | {gib(b.state)} | {gib(b.activations)} | {gib(b.buffers)} | "
-                     f"{gib(b.device_total)} | {gib(b.runtime)} | {gib(b.gpu_total)} | {gib(b.host)} | {fits} |")
-    lines += ["", f"Fits: total <= {headroom:.0%} of the GPU's memory (the rest for the caching allocator's "
-                  "fragmentation; `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` keeps it small across LISA "
-                  "switches). params, grads, masters and moments are exact; activations, buffers and the CUDA "
-                  "runtime (context, cuBLAS workspaces, NCCL communicators) are estimates. Allocated: what torch's "
-                  "max_memory_allocated should read."]
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {gib(b.params)} | {gib(b.grads)} | {gib(b.masters)} | "
+            f"{gib(b.moments)} | {gib(b.state)} | {gib(b.activations)} | {gib(b.buffers)} | "
+            f"{gib(b.device_total)} | {gib(b.runtime)} | {gib(b.gpu_total)} | {gib(b.host)} | {fits} |"
+        )
+    lines += [
+        "",
+        f"Fits: total <= {headroom:.0%} of the GPU's memory (the rest for the caching allocator's "
+        "fragmentation; `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` keeps it small across LISA "
+        "switches). params, grads, masters and moments are exact; activations, buffers and the CUDA "
+        "runtime (context, cuBLAS workspaces, NCCL communicators) are estimates. Allocated: what torch's "
+        "max_memory_allocated should read.",
+    ]
     return "\n".join(lines)

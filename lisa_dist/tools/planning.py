@@ -1,6 +1,7 @@
 """The memory planner's view of a run's config (`lisa-dist estimate --config`): the model's shapes, offline, and the
 Setup of the config on a number of GPUs, its backend read as the planner names it (DeepSpeed: the ZeRO stage of
 backend.ds_config)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,10 @@ def planner_backend(cfg: Config) -> PlannerBackend:
     zero = read_ds_config(cfg.backend.ds_config or "").get("zero_optimization") or {}
     stage = zero.get("stage", 0)
     if stage not in ZERO_STAGES:
-        raise ConfigError(f"backend.ds_config={cfg.backend.ds_config!r}: zero_optimization.stage={stage!r}; the "
-                          "planner knows ZeRO stages 1, 2 and 3")
+        raise ConfigError(
+            f"backend.ds_config={cfg.backend.ds_config!r}: zero_optimization.stage={stage!r}; the "
+            "planner knows ZeRO stages 1, 2 and 3"
+        )
     offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
     return "zero3_offload" if stage == 3 and offload else ZERO_STAGES[stage]
 
@@ -35,8 +38,10 @@ def config_world_size(cfg: Config, gpus: int | None) -> int:
         return gpus
     if not capabilities(cfg.backend.name).launched:
         return 1
-    raise ConfigError(f"backend.name={cfg.backend.name} runs under a launcher on several GPUs: give their number "
-                      "(the world size, all nodes), e.g. --gpus 8; a recipe's header names the GPUs it is for")
+    raise ConfigError(
+        f"backend.name={cfg.backend.name} runs under a launcher on several GPUs: give their number "
+        "(the world size, all nodes), e.g. --gpus 8; a recipe's header names the GPUs it is for"
+    )
 
 
 def plan_config(cfg: Config, world_size: int, **replaced: Any) -> tuple[ModelShapes, Setup]:
@@ -44,12 +49,20 @@ def plan_config(cfg: Config, world_size: int, **replaced: Any) -> tuple[ModelSha
     lora.r) and its Setup on `world_size` ranks, with `replaced` Setup fields (the planner's flags) instead of the
     config's. The config is checked against the model as a run would check it (gamma against the layers)."""
     config = model_config(cfg.model.name, field="model.name")
-    overrides = {k: v for k, v in (cfg.model.config_overrides or cfg.model.preset_overrides).items()
-                 if k != "attn_implementation"}
+    overrides = {
+        k: v
+        for k, v in (cfg.model.config_overrides or cfg.model.preset_overrides).items()
+        if k != "attn_implementation"
+    }
     if overrides:  # as the run will load it (a folder's or the registry's config, changed)
         config = override_config(config, config.to_dict(), overrides, cfg.model.name)
-    shapes = shapes_of(config, cfg.model.name, lora_r=cfg.lora.r, lora_targets=_lora_targets(cfg, config),
-                       layers_path=cfg.model.layers_path)
+    shapes = shapes_of(
+        config,
+        cfg.model.name,
+        lora_r=cfg.lora.r,
+        lora_targets=_lora_targets(cfg, config),
+        layers_path=cfg.model.layers_path,
+    )
     validate_for_model(cfg, len(shapes.layers))
     setup = Setup.from_config(cfg, planner_backend(cfg), world_size)
     return shapes, dataclasses.replace(setup, lora_r=cfg.lora.r, **replaced)

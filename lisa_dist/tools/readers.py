@@ -7,6 +7,7 @@ resharded onto one process. A DeepSpeed checkpoint goes through DeepSpeed's zero
 partitions whole (lazy mode: each tensor is assembled when it is asked for). `LoraMerge` gives a LoRA run's
 tensors under the base model's names, each adapted module merged by peft.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -61,8 +62,11 @@ class DcpReader:
             metadata = FileSystemReader(str(folder)).read_metadata()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"checkpoint {folder.parent}: cannot read its DCP metadata: {first_line(exc)}") from None
-        self.specs = {key.removeprefix("model."): spec for key, spec in metadata.state_dict_metadata.items()
-                      if key.startswith("model.") and isinstance(spec, TensorStorageMetadata)}
+        self.specs = {
+            key.removeprefix("model."): spec
+            for key, spec in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(spec, TensorStorageMetadata)
+        }
 
     def names(self) -> set[str]:
         return set(self.specs)
@@ -71,8 +75,11 @@ class DcpReader:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
-        wanted = {"model": {name: torch.empty(self.specs[name].size, dtype=self.specs[name].properties.dtype)
-                            for name in names}}
+        wanted = {
+            "model": {
+                name: torch.empty(self.specs[name].size, dtype=self.specs[name].properties.dtype) for name in names
+            }
+        }
         try:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
@@ -114,8 +121,11 @@ class LoraMerge:
         from peft.tuners.lora import LoraLayer
 
         self.read = read
-        self.layers: dict[str, Any] = {name.removeprefix(LORA_PREFIX): module
-                                       for name, module in adapted.named_modules() if isinstance(module, LoraLayer)}
+        self.layers: dict[str, Any] = {
+            name.removeprefix(LORA_PREFIX): module
+            for name, module in adapted.named_modules()
+            if isinstance(module, LoraLayer)
+        }
 
     def source_names(self, names: list[str]) -> list[str]:
         """The checkpoint's names behind the base model's `names`."""

@@ -1,6 +1,7 @@
 """Bytes counted by benchmarks.lib.comm on 2 FSDP ranks (drivers/comm_driver.py) against the bytes derived from
 the model's shapes: full fine-tuning reduce-scatters every param's gradient, LISA only the active layer's and the
 always-trained ones."""
+
 import torch.distributed as dist
 
 from benchmarks.lib import count_collectives
@@ -29,8 +30,10 @@ def test_fsdp_reduce_scatter_bytes(tmp_path):
     assert (dist.all_reduce, dist.distributed_c10d.all_gather_single) == originals
 
     data = write_text_data(tmp_path / "text.jsonl")
-    torchrun("comm_driver.py", [str(tmp_path), *tiny_overrides(tmp_path, data, "--backend.name=fsdp",
-                                                             "--train.steps=6", "--lisa.interval=1")])
+    torchrun(
+        "comm_driver.py",
+        [str(tmp_path), *tiny_overrides(tmp_path, data, "--backend.name=fsdp", "--train.steps=6", "--lisa.interval=1")],
+    )
     for res in rank_results(tmp_path):
         # A switch re-runs FSDP2's lazy init (an unshard) only for the blocks whose trainability changed: it gathers
         # those blocks' params, not the whole model (the first activation still initialises every unit).

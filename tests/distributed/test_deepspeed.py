@@ -1,4 +1,5 @@
 """DeepSpeed ZeRO-1/2/3 backend on 2 real ranks (gloo, CPU) against the single-process local backend."""
+
 import json
 from pathlib import Path
 
@@ -49,9 +50,16 @@ def reference(tmp_path, data_file, *extra):
 
 
 def ds_args(tmp_path, data_file, stage, *extra):
-    return [*tiny_overrides(tmp_path / "ds", data_file, "--backend.name=deepspeed",
-                            f"--backend.ds_config={REPO / 'ds_configs' / stage}", f"--train.micro_batch_size={MICRO}",
-                            *extra)]
+    return [
+        *tiny_overrides(
+            tmp_path / "ds",
+            data_file,
+            "--backend.name=deepspeed",
+            f"--backend.ds_config={REPO / 'ds_configs' / stage}",
+            f"--train.micro_batch_size={MICRO}",
+            *extra,
+        )
+    ]
 
 
 def run_ds(tmp_path, data_file, stage, *extra):
@@ -73,8 +81,14 @@ def check_state(ranks):
 
 
 # ZeRO-1 (48 s on 2 cores) in make test-slow: its switch path is ZeRO-2's, which make test runs.
-@pytest.mark.parametrize("stage, tol", [pytest.param("zero1.json", ZERO12_TOL, marks=pytest.mark.slow),
-                                        ("zero2.json", ZERO12_TOL), ("zero3.json", ZERO3_TOL)])
+@pytest.mark.parametrize(
+    "stage, tol",
+    [
+        pytest.param("zero1.json", ZERO12_TOL, marks=pytest.mark.slow),
+        ("zero2.json", ZERO12_TOL),
+        ("zero3.json", ZERO3_TOL),
+    ],
+)
 def test_fp32_matches_local_across_switches(tmp_path, data_file, stage, tol):
     ref_losses, ref_layers = reference(tmp_path, data_file, "--train.steps=8")
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
@@ -118,8 +132,14 @@ def test_tied_embeddings_under_zero3_init(tmp_path, data_file):
 
 
 # ZeRO-2 (13 s on 2 cores) and with offload (15 s) in make test-slow.
-@pytest.mark.parametrize("stage", [pytest.param("zero2.json", marks=pytest.mark.slow), "zero3.json",
-                                   pytest.param("zero3_offload.json", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("zero2.json", marks=pytest.mark.slow),
+        "zero3.json",
+        pytest.param("zero3_offload.json", marks=pytest.mark.slow),
+    ],
+)
 def test_bf16_keeps_always_trained_fp32_masters_across_switches(tmp_path, data_file, stage):
     # A naive destroy + initialize rebuilds the embedding and head masters from their bf16 copies and resets their
     # moments: check_state's masters_kept / steps_kept catch that.
@@ -147,8 +167,9 @@ def test_no_leak_over_50_switches(tmp_path, data_file):
 
 # Both in make test-slow (33 and 38 s on 2 cores), to keep make test under 15 minutes from a fresh clone; DeepSpeed's
 # resume stays in make test through the Trainer's ZeRO-2 checkpoints (test_hf.py).
-@pytest.mark.parametrize("stage", [pytest.param("zero2.json", marks=pytest.mark.slow),
-                                   pytest.param("zero3.json", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage", [pytest.param("zero2.json", marks=pytest.mark.slow), pytest.param("zero3.json", marks=pytest.mark.slow)]
+)
 def test_exact_resume_mid_period(tmp_path, data_file, stage):
     """6 steps straight against 3 steps, a checkpoint (mid-period: interval 2), a new launch, 3 more steps."""
     ref_losses, _ = reference(tmp_path, data_file)
@@ -189,9 +210,15 @@ def test_deepspeed_launcher_gives_the_reference_losses(tmp_path, data_file):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     cli_out = tmp_path / "ds" / "run"
-    run_launcher(["bash", str(REPO / "launch" / "deepspeed.sh"), str(config),
-                  *ds_args(tmp_path, data_file, "zero2.json", "--train.steps=4")],
-                 env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
+    run_launcher(
+        [
+            "bash",
+            str(REPO / "launch" / "deepspeed.sh"),
+            str(config),
+            *ds_args(tmp_path, data_file, "zero2.json", "--train.steps=4"),
+        ],
+        env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+    )
     launched = read_jsonl(cli_out / "metrics.jsonl")
     ref_losses, ref_layers = reference(tmp_path, data_file, "--train.steps=4")
     assert [r["loss"] for r in launched] == pytest.approx(ref_losses, abs=ZERO12_TOL, rel=0)
@@ -200,8 +227,9 @@ def test_deepspeed_launcher_gives_the_reference_losses(tmp_path, data_file):
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_ds_config_loads_and_validates(path):
-    filled = fill_ds_config(read_ds_config(path), micro_batch_size=4, grad_accum=2, max_grad_norm=1.0,
-                            precision="bf16", world_size=8)
+    filled = fill_ds_config(
+        read_ds_config(path), micro_batch_size=4, grad_accum=2, max_grad_norm=1.0, precision="bf16", world_size=8
+    )
     assert filled["train_batch_size"] == 64 and filled["gradient_accumulation_steps"] == 2
     assert filled["bf16"]["enabled"] is True and filled["gradient_clipping"] == 1.0
     load_config(None, ["--data.path=x", "--backend.name=deepspeed", f"--backend.ds_config={path}"])
@@ -214,14 +242,32 @@ def test_ds_config_contradictions_name_both_values(tmp_path):
     with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=8 contradicts train.micro_batch_size=4"):
         load_config(None, ["--data.path=x", "--backend.name=deepspeed", f"--backend.ds_config={path}"])
     with pytest.raises(ConfigError, match=r"train_batch_size=64 contradicts .*\(4 x 2 x 4\)=32"):
-        fill_ds_config({**raw, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": 64},
-                       micro_batch_size=4, grad_accum=2, max_grad_norm=1.0, precision="fp32", world_size=4)
+        fill_ds_config(
+            {**raw, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": 64},
+            micro_batch_size=4,
+            grad_accum=2,
+            max_grad_norm=1.0,
+            precision="fp32",
+            world_size=4,
+        )
     for section in ("optimizer", "scheduler"):
         with pytest.raises(ConfigError, match=f"remove the '{section}' section"):
-            fill_ds_config({**raw, section: {}}, micro_batch_size=4, grad_accum=1, max_grad_norm=1.0,
-                           precision="fp32", world_size=2)
+            fill_ds_config(
+                {**raw, section: {}},
+                micro_batch_size=4,
+                grad_accum=1,
+                max_grad_norm=1.0,
+                precision="fp32",
+                world_size=2,
+            )
     with pytest.raises(ConfigError, match=r"zero_optimization.stage=5"):
-        fill_ds_config({**raw, "zero_optimization": {"stage": 5}}, micro_batch_size=4, grad_accum=1,
-                       max_grad_norm=1.0, precision="fp32", world_size=2)
+        fill_ds_config(
+            {**raw, "zero_optimization": {"stage": 5}},
+            micro_batch_size=4,
+            grad_accum=1,
+            max_grad_norm=1.0,
+            precision="fp32",
+            world_size=2,
+        )
     with pytest.raises(ConfigError, match=r"backend.ds_config"):
         load_config(None, ["--data.path=x", "--backend.name=deepspeed"])

@@ -1,4 +1,5 @@
 """FSDP2 backend on 2 real ranks (torchrun, gloo) against the single-process local backend on the same global batch."""
+
 import json
 import shutil
 
@@ -46,8 +47,15 @@ def losses(records):
 def fsdp(tmp_path, data_file, *extra):
     out = tmp_path / "fsdp"
     out.mkdir()
-    torchrun("dist_driver.py", [str(out), *tiny_overrides(tmp_path / "dist", data_file, "--backend.name=fsdp",
-                                                          f"--train.micro_batch_size={MICRO}", *extra)])
+    torchrun(
+        "dist_driver.py",
+        [
+            str(out),
+            *tiny_overrides(
+                tmp_path / "dist", data_file, "--backend.name=fsdp", f"--train.micro_batch_size={MICRO}", *extra
+            ),
+        ],
+    )
     return out, rank_results(out)
 
 
@@ -124,8 +132,13 @@ def test_bf16_with_blocks_frozen_at_first_forward(tmp_path, data_file):
 
 def test_frozen_blocks_stored_in_bf16(tmp_path, data_file):
     ref, _ = reference(tmp_path, data_file, "--train.precision=bf16")
-    _, ranks = fsdp(tmp_path, data_file, "--train.precision=bf16", "--lisa.frozen_storage=bfloat16",
-                    "--train.activation_checkpointing=true")
+    _, ranks = fsdp(
+        tmp_path,
+        data_file,
+        "--train.precision=bf16",
+        "--lisa.frozen_storage=bfloat16",
+        "--train.activation_checkpointing=true",
+    )
     check_per_rank_state(ranks)
     for result in ranks:
         for step in result["steps"]:
@@ -137,8 +150,7 @@ def test_frozen_blocks_stored_in_bf16(tmp_path, data_file):
 def test_frozen_embeddings_and_the_chunked_loss_match_local(tmp_path, data_file):
     """lisa.train_embeddings=false (the root unit holds a frozen embedding) with train.loss=chunked (the head unit
     called once, computing the loss over chunks): the same losses and weights as the local backend, bitwise."""
-    lean = ("--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
-            "--train.steps=4")
+    lean = ("--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50", "--train.steps=4")
     ref, ref_weights = reference(tmp_path, data_file, *lean)
     out, ranks = fsdp(tmp_path, data_file, *lean)
     weights = check_bitwise_local(out, ranks, ref, ref_weights)
@@ -151,8 +163,11 @@ def test_frozen_embeddings_and_the_chunked_loss_match_local(tmp_path, data_file)
 def test_8bit_adam_on_sharded_params(tmp_path, data_file):
     """torchao's AdamW8bit on FSDP2's DTensor shards: its blocks are cut from each rank's shard, so the losses
     follow the local 8-bit run closely rather than bitwise (the per-rank bytes: test_memory)."""
-    eight = ("--optim.adam_8bit=all", "--train.steps=4",
-             '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+    eight = (
+        "--optim.adam_8bit=all",
+        "--train.steps=4",
+        '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}',
+    )
     ref, _ = reference(tmp_path, data_file, *eight)
     _, ranks = fsdp(tmp_path, data_file, *eight)
     for result in ranks:
@@ -180,12 +195,20 @@ def write_big_llama(folder):
 
     from lisa_dist.models import build_skeleton, byte_tokenizer
 
-    config = LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=16,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     skeleton = build_skeleton(config, torch.float32)
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: torch.empty(p.shape).uniform_(-0.02, 0.02, generator=generator)
-               for name, p in skeleton.named_parameters()}
+    tensors = {
+        name: torch.empty(p.shape).uniform_(-0.02, 0.02, generator=generator) for name, p in skeleton.named_parameters()
+    }
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
@@ -243,8 +266,10 @@ def check_resume_repeats_straight_run(tmp_path, args):
     straight, out = tmp_path / "straight", tmp_path / "ckpt"
     straight.mkdir()
     out.mkdir()
-    torchrun("ckpt_driver.py", [str(straight), "save", "6", *[a.replace(str(tmp_path / "run"), str(straight / "run"))
-                                                            for a in args]])
+    torchrun(
+        "ckpt_driver.py",
+        [str(straight), "save", "6", *[a.replace(str(tmp_path / "run"), str(straight / "run")) for a in args]],
+    )
     torchrun("ckpt_driver.py", [str(out), "save", "3", *args])
     torchrun("ckpt_driver.py", [str(out), "resume", *args])
     saved = json.loads((out / "save.json").read_text())
@@ -256,15 +281,23 @@ def check_resume_repeats_straight_run(tmp_path, args):
 @pytest.mark.slow  # three launches, about 2 minutes on 2 cores: make test-slow
 def test_exact_resume_with_8bit_adam_frozen_embeddings_and_the_chunked_loss(tmp_path, data_file):
     """8-bit moments (DTensor-wrapped torchao state) go through DCP: the resumed run repeats the straight one."""
-    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--optim.adam_8bit=all",
-                     "--lisa.train_embeddings=false", "--train.loss=chunked", "--train.loss_chunk_tokens=50",
-                     '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}')
+    args = ckpt_args(
+        tmp_path,
+        data_file,
+        f"--train.micro_batch_size={MICRO}",
+        "--optim.adam_8bit=all",
+        "--lisa.train_embeddings=false",
+        "--train.loss=chunked",
+        "--train.loss_chunk_tokens=50",
+        '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"vocab_size":512}',
+    )
     check_resume_repeats_straight_run(tmp_path, args)
 
 
 # Both in make test-slow (about 20 s each on 2 cores); make test resumes FSDP on the same world size.
-@pytest.mark.parametrize("before, after", [pytest.param(2, 1, marks=pytest.mark.slow),
-                                           pytest.param(1, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "before, after", [pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow)]
+)
 def test_resume_on_another_world_size(tmp_path, data_file, before, after):
     """DCP reshards model and optimizer state; the global batch stays 8 (micro batch 8 / world)."""
     out = tmp_path / "ckpt"
@@ -328,8 +361,13 @@ def test_quantized_frozen_blocks_on_sharded_params(tmp_path, data_file, storage)
 def test_exact_resume_with_nf4_blocks_on_sharded_params(tmp_path, data_file):
     """DCP saves the exact shards (bf16 on the host here), the resumed run quantizes them again and repeats the
     straight run bitwise."""
-    args = ckpt_args(tmp_path, data_file, f"--train.micro_batch_size={MICRO}", "--lisa.frozen_storage=nf4",
-                     "--lisa.host_dtype=bfloat16")
+    args = ckpt_args(
+        tmp_path,
+        data_file,
+        f"--train.micro_batch_size={MICRO}",
+        "--lisa.frozen_storage=nf4",
+        "--lisa.host_dtype=bfloat16",
+    )
     check_resume_repeats_straight_run(tmp_path, args)
 
 
@@ -346,8 +384,9 @@ def test_eval_loss_matches_local_bitwise(tmp_path, data_file):
 
 
 # Slow tier (44 s and 50 s on 2 cores): make test compiles on one process (tests/unit/test_compile.py).
-@pytest.mark.parametrize("storage", [pytest.param("float32", marks=pytest.mark.slow),
-                                     pytest.param("nf4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "storage", [pytest.param("float32", marks=pytest.mark.slow), pytest.param("nf4", marks=pytest.mark.slow)]
+)
 def test_compiled_blocks_follow_eager_local_and_switches_do_not_recompile(tmp_path, data_file, storage):
     """train.compile under FSDP2: the blocks are compiled before sharding (FSDP's hooks run outside the graphs);
     every rank follows the eager local run, and its graph count is the same at every step. nf4 (slow tier, about

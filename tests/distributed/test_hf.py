@@ -6,6 +6,7 @@ layer schedule must agree; the Adam moment bytes of every rank after every step 
 lisa_dist.tools.memory gives for the always-trained params and the active layers only. Resuming from Trainer's own
 checkpoints must give the uninterrupted run's losses and schedule, bitwise.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,9 @@ def test_fsdp_resumes_from_sharded_trainer_checkpoints(tmp_path, data_file):
 
 # ZeRO-1 and ZeRO-3 add little beside ZeRO-2 (make test) and run in make test-slow (ZeRO-3: 20 s on 2 cores, moved
 # there to keep make test under 15 minutes from a fresh clone).
-@pytest.mark.parametrize("backend", [pytest.param("zero1", marks=pytest.mark.slow),
-                                     pytest.param("zero3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("zero1", marks=pytest.mark.slow), pytest.param("zero3", marks=pytest.mark.slow)]
+)
 def test_other_zero_stages_match_lisa_dist(tmp_path, data_file, reference, backend):
     check_against_reference(run_trainer(tmp_path, data_file, "out", backend), reference)
 
@@ -130,15 +132,23 @@ def test_a_plain_trainer_with_the_callback_stops_with_a_pointer_to_lisatrainer(t
     import torch
 
     data = [{"input_ids": torch.ones(1, 8, dtype=torch.long), "labels": torch.ones(1, 8, dtype=torch.long)}] * 4
-    trainer = Trainer(model=tiny_model, args=args(tmp_path, max_steps=1), train_dataset=data,
-                      data_collator=lambda rows: rows[0], callbacks=[LisaCallback(gamma=1, interval=2)])
+    trainer = Trainer(
+        model=tiny_model,
+        args=args(tmp_path, max_steps=1),
+        train_dataset=data,
+        data_collator=lambda rows: rows[0],
+        callbacks=[LisaCallback(gamma=1, interval=2)],
+    )
     with pytest.raises(RuntimeError, match="LisaTrainer"):
         trainer.train()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"optim": "sgd"}, r"TrainingArguments.optim='sgd'.*adamw_torch"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"optim": "sgd"}, r"TrainingArguments.optim='sgd'.*adamw_torch"),
+    ],
+)
 def test_unsupported_arguments_name_the_field(tmp_path, tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LisaTrainer(model=tiny_model, args=args(tmp_path, **kwargs), callbacks=[LisaCallback(gamma=1, interval=2)])

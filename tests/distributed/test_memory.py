@@ -1,5 +1,6 @@
 """The memory model against measurement: its params, grads, masters and moments equal, byte for byte, what each
 backend holds on small models; its presets have the published sizes; `lisa-dist estimate` prints the plan."""
+
 import json
 
 import pytest
@@ -20,16 +21,31 @@ def data(tmp_path_factory):
     return write_text_data(tmp_path_factory.mktemp("memory") / "text.jsonl")
 
 
-@pytest.mark.parametrize("name, billions", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
-                                            ("mistral-7b", 7_241_732_096), ("qwen2.5-7b", 7_615_616_512)])
+@pytest.mark.parametrize(
+    "name, billions",
+    [
+        ("llama-2-7b", 6_738_415_616),
+        ("llama-3-8b", 8_030_261_248),
+        ("mistral-7b", 7_241_732_096),
+        ("qwen2.5-7b", 7_615_616_512),
+    ],
+)
 def test_presets_have_the_published_sizes(name, billions):
     assert shapes_of(model_config(name), name).num_params == billions
 
 
 def trained(tmp_path, data, *extra, steps=5):
     # Odd sizes (vocabulary 261, intermediate 130) so that any padding would show.
-    cfg = load_config(None, tiny_overrides(tmp_path, data, '--model.config_overrides={"num_hidden_layers":4,'
-                                           '"intermediate_size":130}', f"--train.steps={steps}", *extra))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            data,
+            '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130}',
+            f"--train.steps={steps}",
+            *extra,
+        ),
+    )
     run = build(cfg)
     for step in range(steps):
         train_step(run, step)
@@ -38,38 +54,80 @@ def trained(tmp_path, data, *extra, steps=5):
 
 def setup_of(cfg, backend="local", world_size=1, rank=0) -> Setup:
     """The planner's Setup for a run's config (its flags mirror these fields)."""
-    return Setup(backend=backend, world_size=world_size, replicate=cfg.backend.replicate,
-                 precision=cfg.train.precision, param_dtype=cfg.model.dtype, frozen_storage=cfg.lisa.frozen_storage,
-                 host_dtype=cfg.lisa.host_dtype, train_embeddings=cfg.lisa.train_embeddings,
-                 adam_8bit=cfg.optim.adam_8bit, rank=rank)
+    return Setup(
+        backend=backend,
+        world_size=world_size,
+        replicate=cfg.backend.replicate,
+        precision=cfg.train.precision,
+        param_dtype=cfg.model.dtype,
+        frozen_storage=cfg.lisa.frozen_storage,
+        host_dtype=cfg.lisa.host_dtype,
+        train_embeddings=cfg.lisa.train_embeddings,
+        adam_8bit=cfg.optim.adam_8bit,
+        rank=rank,
+    )
 
 
 BF16 = "--train.precision=bf16"
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("lisa", []), ("full", ["--lisa.enabled=false"]), ("lora", ["--lisa.enabled=false", "--lora.enabled=true"]),
-    ("lisa", [BF16]), ("full", ["--model.dtype=bfloat16", "--lisa.enabled=false"]),
-    ("lisa", ["--lisa.frozen_storage=nf4"]), ("lisa", ["--lisa.frozen_storage=int8", "--lisa.host_dtype=bfloat16"]),
-    ("lisa", ["--lisa.frozen_storage=bfloat16", BF16]),
-    ("lisa", ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", BF16]),
-    ("lisa", ["--lisa.train_embeddings=false"]), ("full", ["--lisa.enabled=false", "--lisa.train_embeddings=false"]),
-    pytest.param("lisa", ["--optim.adam_8bit=always", '--model.config_overrides={"num_hidden_layers":4,'
-                          '"hidden_size":64,"intermediate_size":130,"vocab_size":512}'], marks=pytest.mark.slow),
-    pytest.param("lisa", ["--optim.adam_8bit=all", "--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false"],
-                 marks=pytest.mark.slow),  # 22 s; the GPU kit's quantized stage checks its host bytes too
-    pytest.param("lora", ["--lisa.enabled=false", "--lora.enabled=true", "--optim.adam_8bit=always"],
-                 marks=pytest.mark.slow),
-], ids=["lisa", "full", "lora", "lisa-bf16", "full-bf16-weights", "nf4", "int8-host-bf16", "frozen-bf16",
-        "nf4-frozen-embeddings-bf16", "frozen-embeddings", "full-frozen-embeddings", "adam8-always", "adam8-all-nf4",
-        "lora-adam8"])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("lisa", []),
+        ("full", ["--lisa.enabled=false"]),
+        ("lora", ["--lisa.enabled=false", "--lora.enabled=true"]),
+        ("lisa", [BF16]),
+        ("full", ["--model.dtype=bfloat16", "--lisa.enabled=false"]),
+        ("lisa", ["--lisa.frozen_storage=nf4"]),
+        ("lisa", ["--lisa.frozen_storage=int8", "--lisa.host_dtype=bfloat16"]),
+        ("lisa", ["--lisa.frozen_storage=bfloat16", BF16]),
+        ("lisa", ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", BF16]),
+        ("lisa", ["--lisa.train_embeddings=false"]),
+        ("full", ["--lisa.enabled=false", "--lisa.train_embeddings=false"]),
+        pytest.param(
+            "lisa",
+            [
+                "--optim.adam_8bit=always",
+                '--model.config_overrides={"num_hidden_layers":4,'
+                '"hidden_size":64,"intermediate_size":130,"vocab_size":512}',
+            ],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "lisa",
+            ["--optim.adam_8bit=all", "--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false"],
+            marks=pytest.mark.slow,
+        ),  # 22 s; the GPU kit's quantized stage checks its host bytes too
+        pytest.param(
+            "lora", ["--lisa.enabled=false", "--lora.enabled=true", "--optim.adam_8bit=always"], marks=pytest.mark.slow
+        ),
+    ],
+    ids=[
+        "lisa",
+        "full",
+        "lora",
+        "lisa-bf16",
+        "full-bf16-weights",
+        "nf4",
+        "int8-host-bf16",
+        "frozen-bf16",
+        "nf4-frozen-embeddings-bf16",
+        "frozen-embeddings",
+        "full-frozen-embeddings",
+        "adam8-always",
+        "adam8-all-nf4",
+        "lora-adam8",
+    ],
+)
 def test_local_state_bytes_are_predicted_exactly(tmp_path, data, method, extra):
     """Device bytes (params as stored: fp32, bf16, torchao's int8 and NF4 formats; grads; moments, 8-bit ones
     included) and host bytes (the exact copies of quantized weights) equal the planner's, byte for byte."""
     run = trained(tmp_path, data, *extra, steps=3 if "adam_8bit" in " ".join(extra) else 5)
     lora = run.trainable.always if method == "lora" else ()
-    predicted = estimate(shapes_of_model(run.layout.model, lora=lora), method, setup_of(run.cfg),
-                         active=run.active).as_dict()
+    predicted = estimate(
+        shapes_of_model(run.layout.model, lora=lora), method, setup_of(run.cfg), active=run.active
+    ).as_dict()
     measured = run.backend.state_bytes()
     assert {k: measured[k] for k in (*EXACT, "host")} == {k: predicted[k] for k in (*EXACT, "host")}
     assert measured["moments"] > 0
@@ -81,8 +139,18 @@ def test_naive_lisa_state_grows_to_full_fine_tuning(tmp_path, data):
     visited all 4 layers it holds what full fine-tuning holds; lisa_dist holds the active layers' only."""
     from benchmarks.lib import NaiveLisaBackend
 
-    cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.gamma=1", "--lisa.interval=1",
-                                           "--lisa.strategy=fixed", "--lisa.fixed_layers=[0]", "--train.steps=4"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            data,
+            "--lisa.gamma=1",
+            "--lisa.interval=1",
+            "--lisa.strategy=fixed",
+            "--lisa.fixed_layers=[0]",
+            "--train.steps=4",
+        ),
+    )
     run = build(cfg, NaiveLisaBackend(cfg.train.device, cfg.train.precision, cfg.optim))
     setup = Setup(backend="local", world_size=1, precision="fp32", param_dtype="float32")
     shapes = shapes_of_model(run.layout.model)
@@ -94,9 +162,9 @@ def test_naive_lisa_state_grows_to_full_fine_tuning(tmp_path, data):
     assert grown == sorted(grown) and grown[0] < grown[-1]
     assert grown[-1] == estimate(shapes, "full", setup).moments
     measured = run.backend.state_bytes()
-    assert {k: measured[k] for k in EXACT} == {k: v for k, v in estimate(shapes, "naive_lisa", setup,
-                                                                          active=run.active).as_dict().items()
-                                               if k in EXACT}
+    assert {k: measured[k] for k in EXACT} == {
+        k: v for k, v in estimate(shapes, "naive_lisa", setup, active=run.active).as_dict().items() if k in EXACT
+    }
 
 
 def test_distributed_state_bytes_are_predicted_exactly(tmp_path, data):
@@ -167,8 +235,15 @@ def test_adapters_count_only_in_the_lora_row():
         assert estimate(with_lora, "lora", setup).params > estimate(plain, "full", setup).params
 
 
-LEAN = dict(backend="local", world_size=1, precision="bf16", frozen_storage="nf4", train_embeddings=False,
-            adam_8bit="all", loss_chunk_tokens=1024)
+LEAN = dict(
+    backend="local",
+    world_size=1,
+    precision="bf16",
+    frozen_storage="nf4",
+    train_embeddings=False,
+    adam_8bit="all",
+    loss_chunk_tokens=1024,
+)
 
 
 def test_lisa_below_lora_on_llama_3_8b_and_70b_on_one_gpu():
@@ -187,8 +262,12 @@ def test_lisa_below_lora_on_llama_3_8b_and_70b_on_one_gpu():
     big = shapes_of(model_config("llama-2-70b"), "llama-2-70b", lora_r=8)
     for gamma in (1, 2):
         assert estimate(big, "lisa", Setup(**LEAN, gamma=gamma, host_dtype="bfloat16")).device_total < budget
-        assert estimate(big, "lisa", Setup(backend="local", world_size=1, precision="bf16",
-                                           param_dtype="bfloat16", gamma=gamma)).device_total > budget
+        assert (
+            estimate(
+                big, "lisa", Setup(backend="local", world_size=1, precision="bf16", param_dtype="bfloat16", gamma=gamma)
+            ).device_total
+            > budget
+        )
 
 
 def test_qlora_row_and_lora_base_dtype():
@@ -208,8 +287,12 @@ def test_longest_sequence_grows_with_each_memory_option():
     fsdp = dict(backend="fsdp", world_size=8, precision="bf16", gamma=2)
     plain = longest_seq_len(shapes, Setup(**fsdp), "lisa", 80)
     bf16 = longest_seq_len(shapes, Setup(**fsdp, frozen_storage="bfloat16"), "lisa", 80)
-    lean = longest_seq_len(shapes, Setup(**fsdp, frozen_storage="bfloat16", train_embeddings=False,
-                                         adam_8bit="all", loss_chunk_tokens=1024), "lisa", 80)
+    lean = longest_seq_len(
+        shapes,
+        Setup(**fsdp, frozen_storage="bfloat16", train_embeddings=False, adam_8bit="all", loss_chunk_tokens=1024),
+        "lisa",
+        80,
+    )
     assert 0 < plain < bf16 < lean and lean % 256 == 0
     budget = 0.9 * 80 * 1024**3
     assert estimate(shapes, "lisa", Setup(**fsdp, seq_len=plain)).gpu_total <= budget
@@ -218,8 +301,27 @@ def test_longest_sequence_grows_with_each_memory_option():
 
 
 def test_estimate_cli_memory_flags(capsys):
-    assert cli_main(["estimate", "--model", "llama-3-8b", "--gpus", "1", "--backend", "local", "--frozen-storage",
-                     "nf4", "--frozen-embeddings", "--adam-8bit", "all", "--loss-chunk", "1024"]) == 0
+    assert (
+        cli_main(
+            [
+                "estimate",
+                "--model",
+                "llama-3-8b",
+                "--gpus",
+                "1",
+                "--backend",
+                "local",
+                "--frozen-storage",
+                "nf4",
+                "--frozen-embeddings",
+                "--adam-8bit",
+                "all",
+                "--loss-chunk",
+                "1024",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "QLoRA (NF4 base)" in out and "frozen layers nf4" in out and "host (CPU)" in out
     assert cli_main(["estimate", "--model", "llama-3-70b", "--gpus", "8", "--longest-seq"]) == 0

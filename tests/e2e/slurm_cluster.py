@@ -4,6 +4,7 @@
 queue empty before slurmd stops (else an orphaned slurmstepd is left that ignores SIGTERM), then the daemons stopped
 by their pid files. Ports and the first job id are random, so two clusters (two test sessions) can share a machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ import pytest
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd")
 COMMANDS = ("sbatch", "scontrol", "scancel", "squeue", "sinfo", "srun")
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-                          "BOOT_FAIL", "DEADLINE"})
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+)
 
 SLURM_CONF = """\
 ClusterName=lisatest
@@ -88,10 +90,12 @@ class Cluster:
     env: dict[str, str]
     """The environment for SLURM commands (SLURM_CONF set, no SLURM_* of an outer job)."""
 
-    def run(self, *cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self._env(env),
-                              cwd=cwd or self.root)
+    def run(
+        self, *cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=self._env(env), cwd=cwd or self.root
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
@@ -119,8 +123,9 @@ class Cluster:
             if state in until or state in FINAL_STATES:
                 return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s; output:\n"
-                                   f"{self.output(job_id)[-4000:]}")
+                raise TimeoutError(
+                    f"job {job_id} still {state} after {timeout:.0f} s; output:\n{self.output(job_id)[-4000:]}"
+                )
             time.sleep(0.5)
 
     def signal_batch(self, job_id: str, sig: str = "USR1") -> None:
@@ -139,8 +144,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while self.run("squeue", "-h", "-o", "%i").stdout.split():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"jobs still queued {timeout:.0f} s after scancel:\n"
-                                   f"{self.run('squeue').stdout}")
+                raise TimeoutError(f"jobs still queued {timeout:.0f} s after scancel:\n{self.run('squeue').stdout}")
             time.sleep(0.5)
 
 
@@ -155,8 +159,9 @@ def _find_daemons() -> dict[str, str]:
     missing = [name for name, path in daemons.items() if path is None]
     missing += [name for name in COMMANDS if shutil.which(name) is None]
     if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing: apt-get install slurm-wlm munge; "
-                    ".ci/run does)")
+        pytest.skip(
+            f"SLURM is not installed ({', '.join(missing)} missing: apt-get install slurm-wlm munge; .ci/run does)"
+        )
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root (munged, slurmd)")
     return {name: str(path) for name, path in daemons.items()}
@@ -186,15 +191,18 @@ def _stop(proc: subprocess.Popen, pid_file: Path) -> None:
         proc.wait(timeout=15)
 
 
-def _wait_for(what: str, ready: Callable[[], bool], root: Path, daemons: list[subprocess.Popen],
-              timeout: float = 30) -> None:
+def _wait_for(
+    what: str, ready: Callable[[], bool], root: Path, daemons: list[subprocess.Popen], timeout: float = 30
+) -> None:
     """Poll `ready`; fail with the daemons' logs on timeout or as soon as one of them has exited."""
     deadline = time.monotonic() + timeout
     while not ready():
         dead = [" ".join(map(str, d.args[:1])) for d in daemons if d.poll() is not None]
         if dead or time.monotonic() > deadline:
-            logs = "\n".join(f"--- {name}:\n{_tail(root / name)}" for name in
-                             ("munged.log", "slurmctld.log", "slurmd.log", "daemons.out"))
+            logs = "\n".join(
+                f"--- {name}:\n{_tail(root / name)}"
+                for name in ("munged.log", "slurmctld.log", "slurmd.log", "daemons.out")
+            )
             why = f"{', '.join(dead)} exited" if dead else f"not ready after {timeout:.0f} s"
             raise RuntimeError(f"local SLURM cluster: waiting for {what}: {why}\n{logs}")
         time.sleep(0.2)
@@ -206,8 +214,16 @@ def _write_conf(root: Path, host: str, munge_socket: Path) -> Path:
     conf = root / "slurm.conf"
     # The batch scripts derive their rendezvous port from the job id (20000 + id % 20000): a random first id keeps
     # two clusters on one machine apart, and below 9000 the ports stay out of the ephemeral range and off 29500.
-    conf.write_text(SLURM_CONF.format(host=host, root=root, munge_socket=munge_socket, ctld_port=_free_port(),
-                                      slurmd_port=_free_port(), first_job_id=random.randrange(1, 9000)))
+    conf.write_text(
+        SLURM_CONF.format(
+            host=host,
+            root=root,
+            munge_socket=munge_socket,
+            ctld_port=_free_port(),
+            slurmd_port=_free_port(),
+            first_job_id=random.randrange(1, 9000),
+        )
+    )
     return conf
 
 
@@ -227,13 +243,23 @@ def local_slurm(folder: Path) -> Iterator[Cluster]:
         munge_dir.chmod(0o711)
         sock = munge_dir / "munge.socket.2"
         conf = _write_conf(root, host, sock)
-        cluster = Cluster(root, {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-                          | {"SLURM_CONF": str(conf)})
+        cluster = Cluster(
+            root, {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"SLURM_CONF": str(conf)}
+        )
         key = root / "munge.key"
         subprocess.run([bin_["mungekey"], "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        munged = _start([bin_["munged"], "-F", f"--key-file={key}", f"--socket={sock}",
-                         f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
-                         f"--seed-file={root / 'munged.seed'}"], log)
+        munged = _start(
+            [
+                bin_["munged"],
+                "-F",
+                f"--key-file={key}",
+                f"--socket={sock}",
+                f"--pid-file={root / 'munged.pid'}",
+                f"--log-file={root / 'munged.log'}",
+                f"--seed-file={root / 'munged.seed'}",
+            ],
+            log,
+        )
         stack.callback(_stop, munged, root / "munged.pid")
         _wait_for("munged", sock.exists, root, [munged])
         ctld = _start([bin_["slurmctld"], "-D", "-f", str(conf)], log)

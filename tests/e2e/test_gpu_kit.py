@@ -1,5 +1,6 @@
 """The GPU kit (benchmarks/gpu_kit) on the CPU, so that it cannot rot while no GPU is lent: the quick form here, the
 whole check at tiny sizes in the slow tier."""
+
 import json
 import subprocess
 import sys
@@ -48,8 +49,17 @@ def test_a_stage_past_its_limit_is_recorded_and_the_next_still_runs(tmp_path, mo
 def test_the_whole_cpu_check_passes_in_under_five_minutes(tmp_path):
     proc, rows = _check(tmp_path / "out", "--budget-s", "300", timeout=420)
     assert proc.returncode == 0, (proc.stdout, (tmp_path / "out" / "check.log").read_text()[-6000:])
-    assert set(rows) == {"versions", "local", "quantized", "liger", "fsdp_nf4", "zero2", "zero3", "compile_resume",
-                         "methods"}
+    assert set(rows) == {
+        "versions",
+        "local",
+        "quantized",
+        "liger",
+        "fsdp_nf4",
+        "zero2",
+        "zero3",
+        "compile_resume",
+        "methods",
+    }
     assert rows["liger"]["status"] == "skipped"
     assert rows["compile_resume"]["figures"]["max_difference"] == 0.0  # bitwise resume on the CPU
     assert rows["fsdp_nf4"]["figures"]["max_difference"] == 0.0

@@ -1,5 +1,6 @@
 """The launch scripts (and the benchmarks' shell scripts): syntax, shellcheck, and the errors they give before
 starting anything."""
+
 import shutil
 import subprocess
 
@@ -7,8 +8,11 @@ import pytest
 
 from ..helpers import REPO, launcher_env
 
-SCRIPTS = sorted((REPO / "launch").rglob("*.sh")) + sorted((REPO / "launch").rglob("*.sbatch")) + \
-    sorted((REPO / "benchmarks").rglob("*.sh"))
+SCRIPTS = (
+    sorted((REPO / "launch").rglob("*.sh"))
+    + sorted((REPO / "launch").rglob("*.sbatch"))
+    + sorted((REPO / "benchmarks").rglob("*.sh"))
+)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
@@ -16,15 +20,21 @@ def test_syntax(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install "
-                                                                "shellcheck; .ci/run does)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck; .ci/run does)"
+)
 def test_shellcheck():
     subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], check=True, cwd=REPO)
 
 
 def run(script, *args, **env):
-    return subprocess.run(["bash", str(REPO / "launch" / script), *args], capture_output=True, text=True,
-                          env=launcher_env() | env, cwd=REPO)
+    return subprocess.run(
+        ["bash", str(REPO / "launch" / script), *args],
+        capture_output=True,
+        text=True,
+        env=launcher_env() | env,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])

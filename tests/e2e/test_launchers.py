@@ -1,5 +1,6 @@
 """The real launchers, 2 CPU ranks each: same losses and layers under torchrun, deepspeed and mpirun; ranks that
 disagree on the layer schedule stop with an error; a killed rank brings the job down within a minute."""
+
 import os
 import re
 import shutil
@@ -45,12 +46,25 @@ def launch(name, tmp_path, data_file, *extra, popen=False):
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    cmd = ["bash", str(REPO / script), str(config), *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp"),
-           *forced, *extra]
+    cmd = [
+        "bash",
+        str(REPO / script),
+        str(config),
+        *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp"),
+        *forced,
+        *extra,
+    ]
     env = {"NPROC": "2", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
     if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env=launcher_env() | env, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=launcher_env() | env,
+            start_new_session=True,
+        )
     return run_launcher(cmd, env=env)
 
 
@@ -70,8 +84,11 @@ def test_ranks_with_different_layer_seeds_stop_with_an_error(tmp_path, data_file
     out.mkdir()
     start = time.monotonic()
     with pytest.raises(AssertionError) as failure:
-        torchrun("seed_mismatch_driver.py", [str(out), *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp")],
-                 timeout=120)
+        torchrun(
+            "seed_mismatch_driver.py",
+            [str(out), *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp")],
+            timeout=120,
+        )
     assert time.monotonic() - start < 120
     message = str(failure.value)
     assert "ranks disagree on the active layers of LISA period 0" in message
@@ -89,7 +106,7 @@ def _rank_of(pid: int) -> int | None:
     for entry in environ:
         for key in (b"RANK=", b"PMI_RANK="):
             if entry.startswith(key):
-                return int(entry[len(key):])
+                return int(entry[len(key) :])
     return None
 
 
@@ -111,8 +128,7 @@ def hit_rank_1(proc, metrics, sig):
 
 
 # torchrun's case (39 s on 2 cores) in make test-slow; the other launchers' in make test.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "torchrun" else n
-                                  for n in LAUNCHERS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "torchrun" else n for n in LAUNCHERS])
 def test_a_killed_rank_brings_the_job_down_within_a_minute(tmp_path, data_file, name):
     proc = launch(name, tmp_path, data_file, "--train.steps=100000", popen=True)
     output, delay, victim = hit_rank_1(proc, tmp_path / "run" / "metrics.jsonl", signal.SIGKILL)
@@ -132,14 +148,21 @@ def test_a_hung_rank_fails_the_job_after_the_configured_timeout(tmp_path, data_f
     assert proc.returncode != 0
     assert 10 <= delay < 60, output[-3000:]
     # One line names what rank 0 was doing, the timeout and the rank that did not answer; no transport traceback.
-    assert re.search(r"rank 0: a collective failed during step \d+: .* \(backend.timeout_s=10\): ranks that did not "
-                     r"answer: rank 1 \(last started step \d+\)", output), output[-3000:]
+    assert re.search(
+        r"rank 0: a collective failed during step \d+: .* \(backend.timeout_s=10\): ranks that did not "
+        r"answer: rank 1 \(last started step \d+\)",
+        output,
+    ), output[-3000:]
     assert 'lisa_dist/run/trainer.py", line' not in output  # no rank printed a traceback through the trainer
 
 
 def test_launcher_detection_and_environment_errors():
-    assert detect_launcher({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1",
-                            "TORCHELASTIC_RUN_ID": "x"}) == "torchrun"
+    assert (
+        detect_launcher(
+            {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}
+        )
+        == "torchrun"
+    )
     assert detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "0"}) == "mpi"
     assert detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}) == "slurm"
     assert detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) == "single"  # the batch shell, not a task
@@ -150,10 +173,22 @@ def test_launcher_detection_and_environment_errors():
         placement_from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     with pytest.raises(DistError, match="MASTER_PORT='x' is not an integer"):
         placement_from_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "x"})
-    place = placement_from_slurm({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1",
-                                  "SLURM_JOB_ID": "1234", "MASTER_ADDR": "node1"})
-    assert (place.rank, place.world_size, place.local_rank, place.master_addr, place.master_port) == \
-        (1, 2, 1, "node1", 21234)
+    place = placement_from_slurm(
+        {
+            "SLURM_PROCID": "1",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "1234",
+            "MASTER_ADDR": "node1",
+        }
+    )
+    assert (place.rank, place.world_size, place.local_rank, place.master_addr, place.master_port) == (
+        1,
+        2,
+        1,
+        "node1",
+        21234,
+    )
     with pytest.raises(DistError, match=r"SLURM_PROCID=3 is not in 0..SLURM_STEP_NUM_TASKS-1=1"):
         placement_from_slurm({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "n"})
 

@@ -1,5 +1,6 @@
 """Preemption: a signal to one rank of a running 2-rank job stops every rank after the same step with a checkpoint and
 exit status 75; launching the same command again resumes to the losses of an uninterrupted run."""
+
 import os
 import signal
 import subprocess
@@ -19,9 +20,18 @@ STEPS = 30
 def command(tmp_path, data_file):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-            "lisa_dist.cli", "train", str(config),
-            *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp", f"--train.steps={STEPS}")]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lisa_dist.cli",
+        "train",
+        str(config),
+        *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp", f"--train.steps={STEPS}"),
+    ]
 
 
 def worker_of_rank(rank: int, root: Path) -> int:
@@ -44,8 +54,14 @@ def test_signal_checkpoints_every_rank_and_the_job_resumes_exactly(tmp_path):
 
     job = tmp_path / "job"
     job.mkdir()
-    proc = subprocess.Popen(command(job, data_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=launcher_env(), cwd=REPO)
+    proc = subprocess.Popen(
+        command(job, data_file),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=launcher_env(),
+        cwd=REPO,
+    )
     metrics = job / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
@@ -85,21 +101,46 @@ def _launch(how: str, job: Path, data_file: Path) -> subprocess.Popen:
     config.write_text("{}\n")
     overrides = tiny_overrides(job, data_file, "--backend.name=fsdp", "--train.steps=100000")
     if how == "SIGTERM to the deepspeed launcher":
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "lisa_dist.cli", "train",
-               str(config), *overrides]
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "lisa_dist.cli",
+            "train",
+            str(config),
+            *overrides,
+        ]
     elif how.endswith("launch/torchrun.sh"):
         cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(config), *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-               "lisa_dist.cli", "train", str(config), *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "lisa_dist.cli",
+            "train",
+            str(config),
+            *overrides,
+        ]
     env = launcher_env() | {"NPROC_PER_NODE": "2", "PYTHON": sys.executable}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True
+    )
 
 
-HOW = {"kill -9 to torchrun": signal.SIGKILL, "SIGUSR1 to torchrun": signal.SIGUSR1,
-       "SIGTERM to the deepspeed launcher": signal.SIGTERM, "SIGTERM to launch/torchrun.sh": signal.SIGTERM,
-       "Ctrl-C to launch/torchrun.sh": signal.SIGINT}
+HOW = {
+    "kill -9 to torchrun": signal.SIGKILL,
+    "SIGUSR1 to torchrun": signal.SIGUSR1,
+    "SIGTERM to the deepspeed launcher": signal.SIGTERM,
+    "SIGTERM to launch/torchrun.sh": signal.SIGTERM,
+    "Ctrl-C to launch/torchrun.sh": signal.SIGINT,
+}
 """Ctrl-C: a terminal sends SIGINT to its foreground process group, the script's (started in a session of its own
 here, as a terminal's job is)."""
 

@@ -1,5 +1,6 @@
 """The quality study end to end in its --quick form (a tiny random model, 2 steps a run): every arm of both
 studies, the seed stage, the report; a study resumes from its results; and the real-model cache."""
+
 import json
 import subprocess
 import sys
@@ -14,9 +15,23 @@ from ..helpers import REPO
 
 
 def quick(tmp_path, *extra):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(tmp_path / "out"),
-                           "--work", str(tmp_path / "work"), *extra], capture_output=True, text=True, cwd=REPO,
-                           timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.quality",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -33,15 +48,15 @@ def test_quick_study_runs_both_studies_seeds_and_report_and_resumes(tmp_path):
         assert {r["spec"]["method"] for r in mine} == {"full", "lora", "lisa", "lisa_nf4", "badam"}
         # The seed stage: sft's best two settings of each method (one for a method of one setting), cpt's best.
         for method, chosen in study["best"][name].items():
-            seeds = {r["spec"]["seed"] for r in mine
-                     if [r["spec"]["arm"], r["spec"]["lr"]] == chosen}
+            seeds = {r["spec"]["seed"] for r in mine if [r["spec"]["arm"], r["spec"]["lr"]] == chosen}
             assert seeds == {0, 1}, (name, method)
         # The sweep: 7 arms, full fine-tuning at 2 lrs; then seed 1 of sft's 8 chosen settings (full 2, LoRA 2, LISA 2,
         # NF4 1, BAdam 1) and of cpt's 5 (one per method).
         assert len(mine) == 8 + (8 if name == "sft" else 5)
         # Same weights, same first batch at seed 0: the same first loss (NF4's frozen layers differ by design).
-        first = {round(r["curve"][0][1], 5) for r in mine
-                 if r["spec"]["seed"] == 0 and r["spec"]["method"] != "lisa_nf4"}
+        first = {
+            round(r["curve"][0][1], 5) for r in mine if r["spec"]["seed"] == 0 and r["spec"]["method"] != "lisa_nf4"
+        }
         assert len(first) == 1, first
         for r in mine:
             assert 0 < r["heldout_loss"] < 10 and len(r["curve"]) == 2 and r["state_bytes"] > 0
@@ -51,8 +66,14 @@ def test_quick_study_runs_both_studies_seeds_and_report_and_resumes(tmp_path):
     # Exactly one run per study evaluated the weights before training.
     assert sum(1 for r in results if r["evals"][0]["step"] == 0) == 2
     report = written.with_suffix(".md").read_text()
-    for section in ("## 1. Instruction tuning", "## 2. Continued pretraining", "**Claim 1", "**Claim 2",
-                    "Greedy answers", "confidence"):
+    for section in (
+        "## 1. Instruction tuning",
+        "## 2. Continued pretraining",
+        "**Claim 1",
+        "**Claim 2",
+        "Greedy answers",
+        "confidence",
+    ):
         assert section in report
     assert all(written.with_name(f"{written.stem}_{s}.png").stat().st_size > 0 for s in ("sft", "cpt"))
     # Resume: drop the last three results; only those run again.

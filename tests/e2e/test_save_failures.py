@@ -1,6 +1,7 @@
 """A save that fails on a 2-rank FSDP job (the reliability probe's D2 and D3): every rank stops within seconds with
 exit 5 and a line naming the folder and the cause, the temporary folder is removed, and the checkpoint before it
 stays. Under launch/torchrun.sh a config error exits 2 (D23)."""
+
 import re
 import shutil
 import subprocess
@@ -17,11 +18,26 @@ EXIT_CHECKPOINT = 5
 
 def _launch(job, *extra):
     data_file = write_text_data(job / "data.jsonl")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "lisa_dist.cli", "train",
-           *tiny_overrides(job, data_file, "--backend.name=fsdp", "--backend.io_timeout_s=300", *extra)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launcher_env(),
-                            cwd=REPO, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lisa_dist.cli",
+        "train",
+        *tiny_overrides(job, data_file, "--backend.name=fsdp", "--backend.io_timeout_s=300", *extra),
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=launcher_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def test_d2_a_checkpoint_folder_gone_mid_run_stops_every_rank_within_seconds(tmp_path):
@@ -44,15 +60,23 @@ def test_d2_a_checkpoint_folder_gone_mid_run_stops_every_rank_within_seconds(tmp
             proc.kill()
     assert took < 60, f"the ranks took {took:.0f} s to stop"
     for rank in (0, 1):
-        assert re.search(rf"rank {rank}: saving checkpoint step-\d+ into \S+checkpoints failed: a part of the path "
-                         "is a file, not a folder", output), output[-3000:]
+        assert re.search(
+            rf"rank {rank}: saving checkpoint step-\d+ into \S+checkpoints failed: a part of the path "
+            "is a file, not a folder",
+            output,
+        ), output[-3000:]
     assert not re.search(r"\[rank\d\]:\s*Traceback", output), output[-3000:]  # no rank's traceback
     assert f"exitcode  : {EXIT_CHECKPOINT}" in output, output[-3000:]
 
 
 def test_d3_a_full_disk_under_fsdp_is_one_line_exit_5_and_no_temporary_folder(tmp_path, small_disk):  # noqa: F811
-    proc = _launch(tmp_path, "--train.steps=6", "--checkpoint.every=2", "--checkpoint.keep_last=5",
-                   f"--checkpoint.dir={small_disk}")
+    proc = _launch(
+        tmp_path,
+        "--train.steps=6",
+        "--checkpoint.every=2",
+        "--checkpoint.keep_last=5",
+        f"--checkpoint.dir={small_disk}",
+    )
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
     assert "no space left on the device" in output, output[-3000:]
@@ -67,8 +91,17 @@ def test_d23_a_config_error_under_launch_torchrun_exits_2(tmp_path, bad):
     data_file = write_text_data(tmp_path / "data.jsonl")
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), str(config),
-                           *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp", bad)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env=launcher_env() | {"NPROC_PER_NODE": "2", "PYTHON": sys.executable})
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "torchrun.sh"),
+            str(config),
+            *tiny_overrides(tmp_path, data_file, "--backend.name=fsdp", bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=launcher_env() | {"NPROC_PER_NODE": "2", "PYTHON": sys.executable},
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]

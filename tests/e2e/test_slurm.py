@@ -1,4 +1,5 @@
 """The SLURM batch scripts on a real one-node cluster on localhost: the numbers of a plain torchrun run, and USR1."""
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,19 @@ def run_files(tmp_path: Path, *extra: str) -> list[str]:
 def reference(cluster, tmp_path_factory) -> list[dict]:
     """The metrics of the same run under plain torchrun (after `cluster`, so a machine without SLURM skips it)."""
     tmp = tmp_path_factory.mktemp("torchrun")
-    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                  "-m", "lisa_dist.cli", "train", *run_files(tmp)])
+    run_launcher(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "lisa_dist.cli",
+            "train",
+            *run_files(tmp),
+        ]
+    )
     return read_jsonl(tmp / "run" / "metrics.jsonl")
 
 
@@ -62,14 +74,19 @@ def assert_same_run(got: list[dict], want: list[dict]) -> None:
     assert [r["active_layers"] for r in got] == [r["active_layers"] for r in want]
 
 
-@pytest.mark.parametrize("script, env", [
-    pytest.param("train.sbatch", {}, id="train.sbatch"),
-    # Plain srun tasks (the bootstrap from SLURM_PROCID and friends), whatever MPI plugins this SLURM has.
-    pytest.param("train_mpi.sbatch", {"SRUN_MPI": "none"}, id="train_mpi.sbatch-plain"),
-    # The plugin the script detects (pmi2 with Debian's slurm-wlm, whose pmix lacks libpmix), and mpirun.
-    pytest.param("train_mpi.sbatch", {}, marks=pytest.mark.slow, id="train_mpi.sbatch-detected"),
-    pytest.param("train_mpi.sbatch", {"LAUNCH_WITH": "mpirun"}, marks=pytest.mark.slow, id="train_mpi.sbatch-mpirun"),
-])
+@pytest.mark.parametrize(
+    "script, env",
+    [
+        pytest.param("train.sbatch", {}, id="train.sbatch"),
+        # Plain srun tasks (the bootstrap from SLURM_PROCID and friends), whatever MPI plugins this SLURM has.
+        pytest.param("train_mpi.sbatch", {"SRUN_MPI": "none"}, id="train_mpi.sbatch-plain"),
+        # The plugin the script detects (pmi2 with Debian's slurm-wlm, whose pmix lacks libpmix), and mpirun.
+        pytest.param("train_mpi.sbatch", {}, marks=pytest.mark.slow, id="train_mpi.sbatch-detected"),
+        pytest.param(
+            "train_mpi.sbatch", {"LAUNCH_WITH": "mpirun"}, marks=pytest.mark.slow, id="train_mpi.sbatch-mpirun"
+        ),
+    ],
+)
 def test_sbatch_matches_torchrun(cluster, reference, tmp_path, script, env):
     job = submit(cluster, script, tmp_path, **env)
     state = cluster.wait(job, timeout=120)
@@ -86,15 +103,30 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     steps = "--train.steps=150"  # long enough for the signal to land mid-training
     straight = tmp_path / "straight"
     straight.mkdir()
-    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                  "-m", "lisa_dist.cli", "train", *run_files(straight, steps)])
+    run_launcher(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "lisa_dist.cli",
+            "train",
+            *run_files(straight, steps),
+        ]
+    )
     job = submit(cluster, "train.sbatch", tmp_path, steps)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         state = cluster.wait(job, timeout=60, until=frozenset({"RUNNING"}))
         assert state == "RUNNING", f"job {job} {state}:\n{cluster.output(job)[-4000:]}"
-        poll("a first metrics record", lambda: metrics.exists() and "\n" in metrics.read_text(), 60,
-             lambda: cluster.output(job))
+        poll(
+            "a first metrics record",
+            lambda: metrics.exists() and "\n" in metrics.read_text(),
+            60,
+            lambda: cluster.output(job),
+        )
         cluster.signal_batch(job, "USR1")
         poll("the requeue", lambda: "requeueing job" in cluster.output(job), 60, lambda: cluster.output(job))
         state = cluster.wait(job, timeout=120, until=frozenset({"COMPLETED"}))

@@ -1,5 +1,6 @@
 """Two "nodes" on one machine: network namespaces joined by a veth pair, one launch/torchrun.sh per node with c10d
 rendezvous across them, against one node with 2 ranks. Needs root and iproute2; skips with the reason otherwise."""
+
 import os
 import subprocess
 
@@ -32,8 +33,10 @@ def two_namespaces():
             ip("-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", dev)
             ip("-n", ns, "link", "set", dev, "up")
             ip("-n", ns, "link", "set", "lo", "up")
-        yield [(ns, dev, f"{SUBNET}.{i + 1}") for i, (ns, dev) in enumerate(zip(names, (f"{tag}va", f"{tag}vb"),
-                                                                                    strict=True))]
+        yield [
+            (ns, dev, f"{SUBNET}.{i + 1}")
+            for i, (ns, dev) in enumerate(zip(names, (f"{tag}va", f"{tag}vb"), strict=True))
+        ]
     finally:
         for ns in names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -46,20 +49,45 @@ def test_two_nodes_train_like_one(tmp_path, two_namespaces):
     config.write_text("{}\n")
     script = str(REPO / "launch" / "torchrun.sh")
     one = tmp_path / "one"
-    run_launcher(["bash", script, str(config), *tiny_overrides(one, data, "--backend.name=fsdp")],
-                 env={"NPROC_PER_NODE": "2"})
+    run_launcher(
+        ["bash", script, str(config), *tiny_overrides(one, data, "--backend.name=fsdp")], env={"NPROC_PER_NODE": "2"}
+    )
     two = tmp_path / "two"
     port = str(free_port())
     head = two_namespaces[0][2]
     procs = []
     for rank, (ns, dev, addr) in enumerate(two_namespaces):
         # The three settings STACK.md found: who hosts the store, each node's own address, gloo's interface.
-        env = launcher_env() | {"NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1", "MASTER_ADDR": head,
-                                "MASTER_PORT": port, "RUN_ID": f"two-{port}", "LOCAL_ADDR": addr,
-                                "RDZV_CONF": f"is_host={int(rank == 0)}", "GLOO_SOCKET_IFNAME": dev}
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "bash", script, str(config),
-                                       *tiny_overrides(two, data, "--backend.name=fsdp")],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO))
+        env = launcher_env() | {
+            "NNODES": "2",
+            "NODE_RANK": str(rank),
+            "NPROC_PER_NODE": "1",
+            "MASTER_ADDR": head,
+            "MASTER_PORT": port,
+            "RUN_ID": f"two-{port}",
+            "LOCAL_ADDR": addr,
+            "RDZV_CONF": f"is_host={int(rank == 0)}",
+            "GLOO_SOCKET_IFNAME": dev,
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "bash",
+                    script,
+                    str(config),
+                    *tiny_overrides(two, data, "--backend.name=fsdp"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+        )
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-4000:]

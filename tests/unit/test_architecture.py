@@ -1,5 +1,6 @@
 """lisa_dist's import graph (read with ast, every import including those inside functions): no cycles, no import
 from a lower layer to a higher one, and subpackages reached only through their `__init__` from outside."""
+
 from __future__ import annotations
 
 import ast
@@ -75,8 +76,14 @@ def inner_imports(modules: dict[str, Path]) -> list[str]:
 def _public_submodules(unit: str) -> set[str]:
     """Submodules a package's __init__ exports as modules (lisa_dist.run's checkpoint and outputs)."""
     init = ast.parse((PACKAGE / unit / "__init__.py").read_text())
-    exported = next((n.value for n in init.body if isinstance(n, ast.Assign)
-                     and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)), None)
+    exported = next(
+        (
+            n.value
+            for n in init.body
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)
+        ),
+        None,
+    )
     names = {e.value for e in exported.elts} if exported is not None else set()
     return {n for n in names if f"lisa_dist.{unit}.{n}" in MODULES}
 
@@ -91,7 +98,7 @@ def cycle(modules: dict[str, Path]) -> list[str] | None:
         stack.append(m)
         for t in graph[m]:
             if state.get(t) == 1:
-                return [*stack[stack.index(t):], t]
+                return [*stack[stack.index(t) :], t]
             if t not in state and (found := visit(t)):
                 return found
         stack.pop()
@@ -126,8 +133,13 @@ def test_the_checks_see_violations(tmp_path):
     a.write_text("import lisa_dist.tools.memory\n")
     b.write_text("from lisa_dist.tools.comm import count_collectives\n")
     assert upward_imports({"lisa_dist.errors": up}) == [
-        "lisa_dist.errors:2 imports lisa_dist.run (run: layer 8, not below errors: 0)"]
+        "lisa_dist.errors:2 imports lisa_dist.run (run: layer 8, not below errors: 0)"
+    ]
     assert inner_imports({"lisa_dist.cli": inner}) == [
-        "lisa_dist.cli:1 imports lisa_dist.models.weights: use lisa_dist.models"]
+        "lisa_dist.cli:1 imports lisa_dist.models.weights: use lisa_dist.models"
+    ]
     assert cycle({"lisa_dist.tools.comm": a, "lisa_dist.tools.memory": b}) == [
-        "lisa_dist.tools.comm", "lisa_dist.tools.memory", "lisa_dist.tools.comm"]
+        "lisa_dist.tools.comm",
+        "lisa_dist.tools.memory",
+        "lisa_dist.tools.comm",
+    ]

@@ -1,5 +1,6 @@
 """With lisa.train_embeddings=false nothing below the lowest active layer needs a gradient: autograd never runs
 backward through those blocks, with and without activation checkpointing (timing: benchmarks/backward_skip.py)."""
+
 import pytest
 import torch
 
@@ -12,9 +13,18 @@ from ..helpers import TIED, tiny_overrides, write_text_data
 @pytest.mark.parametrize("ac", [False, True], ids=["plain", "activation-checkpointing"])
 def test_no_backward_below_the_lowest_active_layer(tmp_path, ac):
     data = write_text_data(tmp_path / "data.jsonl")
-    cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.train_embeddings=false", "--lisa.strategy=fixed",
-                                           "--lisa.fixed_layers=[2]", "--train.steps=1",
-                                           f"--train.activation_checkpointing={str(ac).lower()}"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            data,
+            "--lisa.train_embeddings=false",
+            "--lisa.strategy=fixed",
+            "--lisa.fixed_layers=[2]",
+            "--train.steps=1",
+            f"--train.activation_checkpointing={str(ac).lower()}",
+        ),
+    )
     run = build(cfg)
     forwards, backwards = [], []
     for i, block in enumerate(run.layout.layers):
@@ -35,9 +45,18 @@ def test_a_tied_embedding_trains_as_the_head_only(tmp_path, train_embeddings):
     the lowest active layer too, while the shared matrix still learns from the head; the paper's setting trains
     both uses and sends backward through every block."""
     data = write_text_data(tmp_path / "data.jsonl")
-    cfg = load_config(None, tiny_overrides(
-        tmp_path, data, f"--lisa.train_embeddings={str(train_embeddings).lower()}", "--lisa.strategy=fixed",
-        "--lisa.fixed_layers=[2]", "--train.steps=1", TIED))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            data,
+            f"--lisa.train_embeddings={str(train_embeddings).lower()}",
+            "--lisa.strategy=fixed",
+            "--lisa.fixed_layers=[2]",
+            "--train.steps=1",
+            TIED,
+        ),
+    )
     run = build(cfg)
     weight = run.layout.embedding.weight
     assert run.layout.head is None and weight is run.layout.model.get_output_embeddings().weight

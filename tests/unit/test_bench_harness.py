@@ -1,5 +1,6 @@
 """The benchmarks' harness (benchmarks/harness.py): results named by date and hardware, never overwritten, carrying
 the command and the machine; `latest` finds the newest result of a name and no other name's."""
+
 import datetime
 import json
 
@@ -26,8 +27,13 @@ def test_the_markdown_ends_with_the_command_and_the_machine(tmp_path):
 
 
 def test_latest_is_the_newest_of_its_name_only(tmp_path):
-    for name in ("2026-01-02_cpu2_methods.json", "2026-01-02_cpu2_methods-2.json", "2025-12-31_h100x1_methods.json",
-                 "2026-02-01_cpu2_methods_smollm2.json", "methods.json"):
+    for name in (
+        "2026-01-02_cpu2_methods.json",
+        "2026-01-02_cpu2_methods-2.json",
+        "2025-12-31_h100x1_methods.json",
+        "2026-02-01_cpu2_methods_smollm2.json",
+        "methods.json",
+    ):
         (tmp_path / name).write_text("{}")
     assert harness.latest("methods", tmp_path).name == "2026-01-02_cpu2_methods-2.json"
     assert harness.latest("methods_smollm2", tmp_path).name == "2026-02-01_cpu2_methods_smollm2.json"

@@ -1,5 +1,6 @@
 """What each backend supports is data (`Capabilities`), and each set of allowed values is one `Literal`: validation,
 resume, export, the CLI's choices and the documentation read them instead of comparing names or repeating lists."""
+
 import argparse
 import dataclasses
 import typing
@@ -31,8 +32,14 @@ def test_capabilities_of_each_backend():
         assert caps.frozen_storage and caps.eight_bit_state and caps.compile and caps.grad_norm_sampling
         assert caps.reshards_checkpoints and not caps.engine_config
     assert local.lora and not fsdp.lora and not local.launched and fsdp.launched
-    assert not (ds.frozen_storage or ds.eight_bit_state or ds.compile or ds.grad_norm_sampling or ds.lora
-                or ds.reshards_checkpoints)
+    assert not (
+        ds.frozen_storage
+        or ds.eight_bit_state
+        or ds.compile
+        or ds.grad_norm_sampling
+        or ds.lora
+        or ds.reshards_checkpoints
+    )
     assert ds.engine_config and ds.launched
     assert [c.checkpoint_format for c in (local, fsdp, ds)] == ["torch", "dcp", "deepspeed"]
 
@@ -42,12 +49,15 @@ def test_unknown_backend_names_the_field():
         capabilities("ddp")
 
 
-@pytest.mark.parametrize(("capability", "args", "match"), [
-    ("compile", ["--train.compile=true"], "train.compile=True is not allowed: needs backend.name=fsdp"),
-    ("frozen_storage", ["--lisa.frozen_storage=int8"], "lisa.frozen_storage='int8' is not allowed: needs backend"),
-    ("eight_bit_state", ["--optim.adam_8bit=all"], "optim.adam_8bit='all' is not allowed: needs backend"),
-    ("grad_norm_sampling", ["--lisa.strategy=grad_norm"], "grad_norm needs per-layer gradient norms"),
-])
+@pytest.mark.parametrize(
+    ("capability", "args", "match"),
+    [
+        ("compile", ["--train.compile=true"], "train.compile=True is not allowed: needs backend.name=fsdp"),
+        ("frozen_storage", ["--lisa.frozen_storage=int8"], "lisa.frozen_storage='int8' is not allowed: needs backend"),
+        ("eight_bit_state", ["--optim.adam_8bit=all"], "optim.adam_8bit='all' is not allowed: needs backend"),
+        ("grad_norm_sampling", ["--lisa.strategy=grad_norm"], "grad_norm needs per-layer gradient norms"),
+    ],
+)
 def test_validation_asks_the_capabilities(monkeypatch, capability, args, match):
     """Taking a capability away from the local backend is what makes validation refuse: no name is compared."""
     load_config(None, ["--data.path=x.json", *args])
@@ -63,25 +73,41 @@ def test_backends_with_lists_the_supporting_backends():
 
 
 def test_allowed_values_are_declared_once_as_literals():
-    hints = {f"{s.name}.{k}": h for s in dataclasses.fields(Config)
-             for k, h in typing.get_type_hints(s.default_factory).items()}
+    hints = {
+        f"{s.name}.{k}": h
+        for s in dataclasses.fields(Config)
+        for k, h in typing.get_type_hints(s.default_factory).items()
+    }
     assert typing.get_origin(hints["lisa.frozen_storage"]) is typing.Literal
-    assert typing.get_args(hints["lisa.frozen_storage"]) == config.FROZEN_STORAGE == ("float32", "bfloat16", "int8",
-                                                                                       "nf4")
+    assert (
+        typing.get_args(hints["lisa.frozen_storage"]) == config.FROZEN_STORAGE == ("float32", "bfloat16", "int8", "nf4")
+    )
     assert typing.get_args(hints["backend.name"]) == config.BACKENDS
     assert typing.get_args(hints["checkpoint.export_dtype"]) == (*config.EXPORT_DTYPES, "")
     literal = {name for name, hint in hints.items() if typing.get_origin(hint) is typing.Literal}
     assert literal == set(CHOICES)
-    assert {"model.dtype", "data.format", "train.precision", "train.device", "optim.adam_8bit",
-            "logging.level"} <= literal
+    assert {
+        "model.dtype",
+        "data.format",
+        "train.precision",
+        "train.device",
+        "optim.adam_8bit",
+        "logging.level",
+    } <= literal
 
 
-@pytest.mark.parametrize(("dotted", "value", "match"), [
-    ("lisa.frozen_storage", "fp8", "lisa.frozen_storage='fp8' is not allowed: expected one of float32, bfloat16, "
-                                   "int8, nf4"),
-    ("train.precision", True, r"train.precision=True: expected one of fp32, bf16 \(a string\)"),
-    ("checkpoint.export_dtype", "fp8", "expected one of float32, bfloat16, float16, '' \\(empty\\)"),
-])
+@pytest.mark.parametrize(
+    ("dotted", "value", "match"),
+    [
+        (
+            "lisa.frozen_storage",
+            "fp8",
+            "lisa.frozen_storage='fp8' is not allowed: expected one of float32, bfloat16, int8, nf4",
+        ),
+        ("train.precision", True, r"train.precision=True: expected one of fp32, bf16 \(a string\)"),
+        ("checkpoint.export_dtype", "fp8", "expected one of float32, bfloat16, float16, '' \\(empty\\)"),
+    ],
+)
 def test_a_literal_field_refuses_other_values_naming_field_value_and_allowed(dotted, value, match):
     with pytest.raises(ConfigError, match=match):
         set_value(Config(), dotted, value)

@@ -1,6 +1,7 @@
 """Assistant masks for the chat templates of the families people fine-tune, each copied here in its behaviour (not
 its exact text): the supervised tokens decode to exactly the assistant turns and the template's end-of-turn markup
 (and, for Qwen3's last turn, the reasoning block it renders), from one rendering of the conversation."""
+
 import pytest
 
 from lisa_dist.data import load_examples
@@ -117,11 +118,16 @@ def test_qwen3_renders_earlier_turns_differently_and_still_trains():
 
 def test_a_turn_the_template_rewrites_is_a_bad_row_that_can_be_skipped(tmp_path):
     shouting = tokenizer_with(CHATML_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"))
-    with pytest.raises(BadRow, match=r"message 1 \(user\) is not where the chat template's rendering should have "
-                                     r"it: its turns cannot be located"):
+    with pytest.raises(
+        BadRow,
+        match=r"message 1 \(user\) is not where the chat template's rendering should have "
+        r"it: its turns cannot be located",
+    ):
         encode_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], shouting)
-    rows = [{"messages": [{"role": "user", "content": "HI"}, {"role": "assistant", "content": "HELLO"}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "HI"}, {"role": "assistant", "content": "HELLO"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     with pytest.raises(DataError, match=r"c.jsonl, line 2: message 1 \(user\) is not where"):
         load_examples(config(tmp_path, path, "chat"), shouting)
@@ -135,20 +141,28 @@ TOOLS = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
-TOOL_ROWS = [{"messages": [
-    {"role": "system", "content": "You can call add."},
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": None, "tool_calls": [CALL]},
-    {"role": "tool", "content": "4", "tool_call_id": "0"},
-    {"role": "assistant", "content": "2+2 is 4."},
-]}]
-SHAREGPT_ROWS = [{"conversations": [
-    {"from": "system", "value": "You can call add."},
-    {"from": "human", "value": "What is 2+2?"},
-    {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 2}}'},
-    {"from": "observation", "value": "4"},
-    {"from": "gpt", "value": "2+2 is 4."},
-]}]
+TOOL_ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "You can call add."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "content": "4", "tool_call_id": "0"},
+            {"role": "assistant", "content": "2+2 is 4."},
+        ]
+    }
+]
+SHAREGPT_ROWS = [
+    {
+        "conversations": [
+            {"from": "system", "value": "You can call add."},
+            {"from": "human", "value": "What is 2+2?"},
+            {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 2}}'},
+            {"from": "observation", "value": "4"},
+            {"from": "gpt", "value": "2+2 is 4."},
+        ]
+    }
+]
 
 
 def _runs(ds, tok):
@@ -158,8 +172,10 @@ def _runs(ds, tok):
 def test_openai_tool_calls_are_supervised_and_tool_turns_are_not(tmp_path):
     tok = tokenizer_with(TOOLS)
     ds = load_examples(config(tmp_path, write_jsonl(tmp_path / "t.jsonl", TOOL_ROWS), "chat"), tok)
-    assert _runs(ds, tok) == ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 2}}</tool_call><|im_end|>\n',
-                              "2+2 is 4.<|im_end|>\n"]
+    assert _runs(ds, tok) == [
+        '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 2}}</tool_call><|im_end|>\n',
+        "2+2 is 4.<|im_end|>\n",
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "auto"])
@@ -172,9 +188,15 @@ def test_sharegpt_turns_by_from_and_value(tmp_path, fmt):
         load_examples(config(tmp_path / "bad", write_jsonl(tmp_path / "b.jsonl", bad), fmt), tok)
 
 
-@pytest.mark.parametrize(("rows", "expected"), [
-    (TOOL_ROWS, "chat"), (SHAREGPT_ROWS, "sharegpt"), ([{"instruction": "Hi", "output": "Hello"}], "alpaca"),
-    ([{"text": "Plain text. " * 20}], "text")])
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (TOOL_ROWS, "chat"),
+        (SHAREGPT_ROWS, "sharegpt"),
+        ([{"instruction": "Hi", "output": "Hello"}], "alpaca"),
+        ([{"text": "Plain text. " * 20}], "text"),
+    ],
+)
 def test_auto_detects_the_format_from_the_first_row(tmp_path, rows, expected):
     from lisa_dist.data import resolve_sources
     from lisa_dist.data.sources import detect_format
@@ -185,9 +207,12 @@ def test_auto_detects_the_format_from_the_first_row(tmp_path, rows, expected):
 
 def test_auto_and_explicit_formats_name_the_fields_they_expected(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "Hi", "answer": "Hello"}])
-    with pytest.raises(DataError, match=r"data.format=auto: \S*q.jsonl, line 1 has fields 'question', 'answer'; "
-                                        r"expected 'messages' \(chat\), 'conversations' \(sharegpt\), 'instruction' "
-                                        r"and 'output' \(alpaca\) or 'text' \(text\)"):
+    with pytest.raises(
+        DataError,
+        match=r"data.format=auto: \S*q.jsonl, line 1 has fields 'question', 'answer'; "
+        r"expected 'messages' \(chat\), 'conversations' \(sharegpt\), 'instruction' "
+        r"and 'output' \(alpaca\) or 'text' \(text\)",
+    ):
         load_examples(config(tmp_path, path, "auto"), byte_tokenizer())
     with pytest.raises(DataError, match=r"q.jsonl, line 1: missing field 'conversations'"):
         load_examples(config(tmp_path, path, "sharegpt"), byte_tokenizer())
@@ -205,8 +230,11 @@ def test_chat_template_option_replaces_or_gives_the_template(tmp_path):
     (tmp_path / "gemma.jinja").write_text(GEMMA)
     use_chat_template(tok, str(tmp_path / "gemma.jinja"))
     assert tok.chat_template == GEMMA
-    with pytest.raises(ConfigError, match=r"data.chat_template='llama9' is not allowed: expected a Jinja file or one "
-                                          r"of chatml"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.chat_template='llama9' is not allowed: expected a Jinja file or one "
+        r"of chatml",
+    ):
         load_config(None, [f"--data.path={tmp_path / 'gemma.jinja'}", "--data.chat_template=llama9"])
 
 
@@ -214,7 +242,8 @@ def test_a_tokenizer_without_offsets_is_named():
     class SlowTokenizer:
         chat_template, is_fast = CHATML_TEMPLATE, False
 
-    with pytest.raises(BadRow, match="SlowTokenizer gives no character offsets, which locating the assistant turns "
-                                     "needs") as failure:
+    with pytest.raises(
+        BadRow, match="SlowTokenizer gives no character offsets, which locating the assistant turns needs"
+    ) as failure:
         encode_messages([dict(m) for m in CONVERSATION], SlowTokenizer())
     assert not failure.value.skippable  # every row would fail alike: not a row to skip

@@ -1,4 +1,5 @@
 """Checkpoints on the local backend: exact resume, nothing lost, corruption detected, config changes refused, export."""
+
 import json
 import logging
 
@@ -39,8 +40,11 @@ def resumed(tmp_path, data_file, *extra):
     return run.start_step, [train_step(run, s)["loss"] for s in range(run.start_step, STEPS)], run
 
 
-@pytest.mark.parametrize("stop, extra", [(3, ()), (4, ()), (3, ("--lisa.strategy=grad_norm",))],
-                         ids=["mid-period", "period-boundary", "grad_norm"])
+@pytest.mark.parametrize(
+    "stop, extra",
+    [(3, ()), (4, ()), (3, ("--lisa.strategy=grad_norm",))],
+    ids=["mid-period", "period-boundary", "grad_norm"],
+)
 def test_exact_resume(tmp_path, data_file, stop, extra):
     """grad_norm: the layer-importance estimates are part of the checkpoint, so the schedule goes on unchanged."""
     expected, reference = straight(tmp_path, data_file, *extra)
@@ -57,8 +61,9 @@ def test_checkpoint_is_atomic_with_manifest_and_latest(tmp_path, data_file):
     root = tmp_path / "run" / "checkpoints"
     folder = root / "step-2"
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
-    assert {"trainer.json", "config.yaml", "versions.json", "rng/rank0.pt", "state/model.pt",
-            "state/optim.pt"} <= set(manifest)
+    assert {"trainer.json", "config.yaml", "versions.json", "rng/rank0.pt", "state/model.pt", "state/optim.pt"} <= set(
+        manifest
+    )
     assert all(entry["bytes"] == (folder / name).stat().st_size for name, entry in manifest.items())
     assert "sha256" in manifest["trainer.json"]
     assert (root / "latest").read_text().strip() == "step-2"
@@ -121,11 +126,18 @@ def test_changed_config_is_refused_unless_override(tmp_path, data_file, caplog):
 def test_resume_none_and_an_explicit_checkpoint(tmp_path, data_file):
     stop_after(tmp_path, data_file, 3)
     # A fresh start beside another run's checkpoints would prune them (or be resumed from them later): refused.
-    with pytest.raises(ConfigError, match=r"checkpoint.resume=none, but .*checkpoints holds the checkpoints step-3 "
-                                          r"of an earlier run.*checkpoint.resume=auto.*train.overwrite=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint.resume=none, but .*checkpoints holds the checkpoints step-3 "
+        r"of an earlier run.*checkpoint.resume=auto.*train.overwrite=true",
+    ):
         build(cfg_for(tmp_path, data_file, "--checkpoint.resume=none"))
-    assert build(cfg_for(tmp_path, data_file, "--checkpoint.resume=none",
-                         f"--checkpoint.dir={tmp_path / 'own'}")).start_step == 0
+    assert (
+        build(
+            cfg_for(tmp_path, data_file, "--checkpoint.resume=none", f"--checkpoint.dir={tmp_path / 'own'}")
+        ).start_step
+        == 0
+    )
     with pytest.raises(ConfigError, match="is not a usable checkpoint: the folder does not exist"):
         build(cfg_for(tmp_path, data_file, f"--checkpoint.resume={tmp_path / 'nope'}"))
     with pytest.raises(ConfigError, match="a folder of checkpoints, not one checkpoint"):

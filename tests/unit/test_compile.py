@@ -1,6 +1,7 @@
 """train.compile: every decoder block compiled in place; the compiled run follows the eager one across LISA
 switches, and after the first step no switch compiles anything (dynamo's graph count stays put); no block breaks
 its graph, and a run whose block does is warned, naming dynamo's reason."""
+
 import logging
 import re
 
@@ -28,10 +29,11 @@ def _run(tmp_path, *extra):
 # rtol: compiled and eager kernels differ only in rounding (plain: 1e-7 measured). NF4 re-quantizes a block at each
 # switch, and a rounding difference can move an element to the next of its 16 levels: a step in the loss that grows
 # over the run (1.2e-5 measured by step 7 on an AMX CPU, under 1e-5 on another), so its bound is 1e-4.
-@pytest.mark.parametrize(("extra", "rtol"), [((), 1e-5),
-                                             (("--train.activation_checkpointing=true", "--lisa.frozen_storage=nf4"),
-                                              1e-4)],
-                         ids=["plain", "checkpointed-nf4"])
+@pytest.mark.parametrize(
+    ("extra", "rtol"),
+    [((), 1e-5), (("--train.activation_checkpointing=true", "--lisa.frozen_storage=nf4"), 1e-4)],
+    ids=["plain", "checkpointed-nf4"],
+)
 def test_switches_do_not_recompile(tmp_path, extra, rtol):
     torch._dynamo.reset()
     counters.clear()
@@ -51,8 +53,16 @@ def test_switches_do_not_recompile(tmp_path, extra, rtol):
 def test_deepspeed_is_refused_naming_the_field(tmp_path):
     data = write_text_data(tmp_path / "data.jsonl")
     with pytest.raises(ConfigError, match=r"train.compile.*backend.name=local or fsdp.*deepspeed"):
-        load_config(None, tiny_overrides(tmp_path, data, "--train.compile=true", "--backend.name=deepspeed",
-                                         "--backend.ds_config=ds_configs/zero2.json"))
+        load_config(
+            None,
+            tiny_overrides(
+                tmp_path,
+                data,
+                "--train.compile=true",
+                "--backend.name=deepspeed",
+                "--backend.ds_config=ds_configs/zero2.json",
+            ),
+        )
 
 
 def _break_mlp(block):
@@ -70,16 +80,26 @@ def _no_compile(block):
     block._compiled_call_impl = torch._dynamo.disable(block.forward)
 
 
-@pytest.mark.parametrize(("damage", "expected"),
-                         [(_break_mlp, r"broke a decoder block's graph, so that part runs eagerly: .*graph_break"),
-                          (_no_compile, r"the first step compiled no graph, so every decoder block ran eagerly")],
-                         ids=["graph-break", "nothing-compiled"])
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_break_mlp, r"broke a decoder block's graph, so that part runs eagerly: .*graph_break"),
+        (_no_compile, r"the first step compiled no graph, so every decoder block ran eagerly"),
+    ],
+    ids=["graph-break", "nothing-compiled"],
+)
 def test_eager_fallback_is_warned_naming_the_cause(tmp_path, caplog, damage, expected):
     torch._dynamo.reset()
     counters.clear()
     data = write_text_data(tmp_path / "data.jsonl")
-    run = build(load_config(None, tiny_overrides(tmp_path, data, "--train.steps=2", "--train.compile=true",
-                                                 "--train.activation_checkpointing=true")))
+    run = build(
+        load_config(
+            None,
+            tiny_overrides(
+                tmp_path, data, "--train.steps=2", "--train.compile=true", "--train.activation_checkpointing=true"
+            ),
+        )
+    )
     for block in run.layout.layers:
         damage(block)
     with caplog.at_level(logging.WARNING, logger="lisa_dist"):

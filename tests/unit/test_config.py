@@ -47,11 +47,14 @@ def test_override_parsing():
         parse_overrides(["--lisa.gamma"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--lisa.gama=2", "did you mean 'lisa.gamma'"),
-    ("--lsia.gamma=2", "did you mean 'lisa'"),
-    ("--optim.learning_rate=1", "unknown key in section 'optim'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--lisa.gama=2", "did you mean 'lisa.gamma'"),
+        ("--lsia.gamma=2", "did you mean 'lisa'"),
+        ("--optim.learning_rate=1", "unknown key in section 'optim'"),
+    ],
+)
 def test_unknown_keys_name_the_closest_valid_one(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["--data.path=x", override])
@@ -63,45 +66,51 @@ def test_unknown_key_in_file(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--lisa.gamma=x", "lisa.gamma='x': expected an integer"),
-    ("--lisa.enabled=3", "expected true or false"),
-    ("--optim.lr=fast", "expected a number"),
-    ("--optim.betas=0.9", "expected a list"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--lisa.gamma=x", "lisa.gamma='x': expected an integer"),
+        ("--lisa.enabled=3", "expected true or false"),
+        ("--optim.lr=fast", "expected a number"),
+        ("--optim.betas=0.9", "expected a list"),
+    ],
+)
 def test_type_errors_name_field_and_value(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["--data.path=x", override])
 
 
-@pytest.mark.parametrize("override, field, allowed", [
-    ("--lisa.gamma=0", "lisa.gamma=0", ">= 1"),
-    ("--lisa.interval=0", "lisa.interval=0", ">= 1"),
-    ("--optim.lr=0", "optim.lr=0.0", "> 0"),
-    ("--optim.lr=-1e-3", "optim.lr=-0.001", "> 0"),
-    ("--optim.weight_decay=-1", "optim.weight_decay", ">= 0"),
-    ("--optim.betas=[0.9, 1.0]", "optim.betas", "[0, 1)"),
-    ("--optim.eps=0", "optim.eps", "> 0"),
-    ("--optim.schedule=step", "optim.schedule='step'", "cosine, linear, constant"),
-    ("--optim.min_lr_ratio=2", "optim.min_lr_ratio", "[0, 1]"),
-    ("--optim.max_grad_norm=-1", "optim.max_grad_norm", ">= 0"),
-    ("--optim.warmup_steps=-1", "optim.warmup_steps", ">= 0"),
-    ("--train.steps=0", "train.steps=0", ">= 1"),
-    ("--train.micro_batch_size=0", "train.micro_batch_size", ">= 1"),
-    ("--train.grad_accum=0", "train.grad_accum", ">= 1"),
-    ("--train.precision=fp16", "train.precision='fp16'", "fp32, bf16"),
-    ("--train.device=tpu", "train.device", "auto, cpu, cuda"),
-    ("--data.format=csv", "data.format='csv'", "text, alpaca, chat"),
-    ("--data.max_length=1", "data.max_length", ">= 2"),
-    ("--lisa.strategy=greedy", "lisa.strategy", "uniform, weighted, fixed"),
-    ("--lisa.strategy=weighted", "lisa.weights", "required"),
-    ("--lisa.strategy=fixed", "lisa.fixed_layers", "required"),
-    ("--lisa.weights=[-1, 2]", None, None),
-    ("--model.dtype=float16", "model.dtype", "float32, bfloat16"),
-    ("--backend.name=horovod", "backend.name='horovod'", "local"),
-    ("--lora.enabled=true", "lora.enabled", "lisa.enabled=false"),
-    ("--logging.level=LOUD", "logging.level", "INFO"),
-])
+@pytest.mark.parametrize(
+    "override, field, allowed",
+    [
+        ("--lisa.gamma=0", "lisa.gamma=0", ">= 1"),
+        ("--lisa.interval=0", "lisa.interval=0", ">= 1"),
+        ("--optim.lr=0", "optim.lr=0.0", "> 0"),
+        ("--optim.lr=-1e-3", "optim.lr=-0.001", "> 0"),
+        ("--optim.weight_decay=-1", "optim.weight_decay", ">= 0"),
+        ("--optim.betas=[0.9, 1.0]", "optim.betas", "[0, 1)"),
+        ("--optim.eps=0", "optim.eps", "> 0"),
+        ("--optim.schedule=step", "optim.schedule='step'", "cosine, linear, constant"),
+        ("--optim.min_lr_ratio=2", "optim.min_lr_ratio", "[0, 1]"),
+        ("--optim.max_grad_norm=-1", "optim.max_grad_norm", ">= 0"),
+        ("--optim.warmup_steps=-1", "optim.warmup_steps", ">= 0"),
+        ("--train.steps=0", "train.steps=0", ">= 1"),
+        ("--train.micro_batch_size=0", "train.micro_batch_size", ">= 1"),
+        ("--train.grad_accum=0", "train.grad_accum", ">= 1"),
+        ("--train.precision=fp16", "train.precision='fp16'", "fp32, bf16"),
+        ("--train.device=tpu", "train.device", "auto, cpu, cuda"),
+        ("--data.format=csv", "data.format='csv'", "text, alpaca, chat"),
+        ("--data.max_length=1", "data.max_length", ">= 2"),
+        ("--lisa.strategy=greedy", "lisa.strategy", "uniform, weighted, fixed"),
+        ("--lisa.strategy=weighted", "lisa.weights", "required"),
+        ("--lisa.strategy=fixed", "lisa.fixed_layers", "required"),
+        ("--lisa.weights=[-1, 2]", None, None),
+        ("--model.dtype=float16", "model.dtype", "float32, bfloat16"),
+        ("--backend.name=horovod", "backend.name='horovod'", "local"),
+        ("--lora.enabled=true", "lora.enabled", "lisa.enabled=false"),
+        ("--logging.level=LOUD", "logging.level", "INFO"),
+    ],
+)
 def test_validation_errors_name_field_value_and_allowed(override, field, allowed):
     overrides = ["--data.path=x", override]
     if field is None:  # weights are only checked under the weighted strategy

@@ -1,5 +1,6 @@
 """CPU guards for what the CUDA reading found (../shared/probes/cuda-reading-1.md): each fails here if its defect
 comes back, without a GPU."""
+
 import pytest
 import torch
 
@@ -21,9 +22,18 @@ def test_packed_micro_batches_go_to_flash_attention_as_one_row_with_the_same_los
     from lisa_dist.data import collate_rows, flatten_packed
     from lisa_dist.models import supervised_tokens
 
-    cfg = load_config(None, tiny_overrides(tmp_path, DEMO_DATA, "--data.format=alpaca", "--data.packing=true",
-                                           "--data.max_length=512", "--data.skip_bad_rows=true",
-                                           f"--model.attn_implementation={attn}"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            DEMO_DATA,
+            "--data.format=alpaca",
+            "--data.packing=true",
+            "--data.max_length=512",
+            "--data.skip_bad_rows=true",
+            f"--model.attn_implementation={attn}",
+        ),
+    )
     run = build(cfg)
     rows = run.batches.dataset[:4]
     batch = collate_rows(rows, run.tokenizer.pad_token_id)
@@ -34,20 +44,31 @@ def test_packed_micro_batches_go_to_flash_attention_as_one_row_with_the_same_los
     with torch.no_grad():
         assert torch.allclose(lm_loss_sum(model, flat), lm_loss_sum(model, batch), rtol=1e-5)
     assert collate_rows(rows, run.tokenizer.pad_token_id, flatten=True)["input_ids"].equal(flat["input_ids"])
-    flash = load_config(None, [*tiny_overrides(tmp_path, DEMO_DATA, "--data.format=alpaca", "--data.packing=true"),
-                               "--model.attn_implementation=flash_attention_2"])
+    flash = load_config(
+        None,
+        [
+            *tiny_overrides(tmp_path, DEMO_DATA, "--data.format=alpaca", "--data.packing=true"),
+            "--model.attn_implementation=flash_attention_2",
+        ],
+    )
     assert flash.train.micro_batch_size == 4  # no longer refused
 
 
-@pytest.mark.parametrize(("visible", "local_rank", "expected"), [(8, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, None)],
-                         ids=["one-per-rank", "one-visible-per-task", "too-few"])
+@pytest.mark.parametrize(
+    ("visible", "local_rank", "expected"),
+    [(8, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, None)],
+    ids=["one-per-rank", "one-visible-per-task", "too-few"],
+)
 def test_a_local_rank_gets_its_gpu_or_a_line_naming_the_variables(monkeypatch, visible, local_rank, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
     if expected is None:
-        with pytest.raises(ConfigError, match=r"local rank 3 has no GPU of its own: this process sees 2 GPUs "
-                                              r"\(CUDA_VISIBLE_DEVICES='0,1', LOCAL_RANK="):
+        with pytest.raises(
+            ConfigError,
+            match=r"local rank 3 has no GPU of its own: this process sees 2 GPUs "
+            r"\(CUDA_VISIBLE_DEVICES='0,1', LOCAL_RANK=",
+        ):
             lisa_dist_dist.resolve_device("auto", local_rank)
     else:
         assert str(lisa_dist_dist.resolve_device("auto", local_rank)) == expected
@@ -73,8 +94,9 @@ def test_a_rank_without_gradients_puts_its_zero_norm_on_the_given_device():
 
 
 def test_chunked_loss_takes_its_kept_tokens_from_the_host_copy(tmp_path, data_file):
-    run = build(load_config(None, tiny_overrides(tmp_path, data_file, "--train.loss=chunked",
-                                                 "--train.loss_chunk_tokens=16")))
+    run = build(
+        load_config(None, tiny_overrides(tmp_path, data_file, "--train.loss=chunked", "--train.loss_chunk_tokens=16"))
+    )
     batch = run.batches.step_batches(0)[0]
     batch["labels"][:, :5] = -100
     moved = to_device(batch, torch.device("cpu"), chunk_tokens=16)
@@ -86,8 +108,9 @@ def test_chunked_loss_takes_its_kept_tokens_from_the_host_copy(tmp_path, data_fi
 
 
 def test_resume_with_quantized_storage_loads_the_exact_model_to_host_memory(tmp_path, data_file, monkeypatch):
-    run = build(load_config(None, tiny_overrides(tmp_path, data_file, "--lisa.frozen_storage=nf4",
-                                                 "--train.precision=bf16")))
+    run = build(
+        load_config(None, tiny_overrides(tmp_path, data_file, "--lisa.frozen_storage=nf4", "--train.precision=bf16"))
+    )
     train_step(run, 0)
     save(run, 1)
     loads = []
@@ -98,8 +121,9 @@ def test_resume_with_quantized_storage_loads_the_exact_model_to_host_memory(tmp_
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording)
-    resumed = build(load_config(None, tiny_overrides(tmp_path, data_file, "--lisa.frozen_storage=nf4",
-                                                     "--train.precision=bf16")))
+    resumed = build(
+        load_config(None, tiny_overrides(tmp_path, data_file, "--lisa.frozen_storage=nf4", "--train.precision=bf16"))
+    )
     assert resumed.start_step == 1
     assert ("model.pt", "cpu") in loads
 
@@ -150,4 +174,5 @@ def test_host_copies_stay_pageable_when_cuda_refuses_to_lock_them(monkeypatch, c
     shards.unpin(1)  # nothing registered, nothing to unregister
     assert [r.message for r in caplog.records].count(
         "page-locking the exact host copies failed (Registering memory failed with cudaError: 712.): they stay "
-        "pageable, so their copies to the GPU at LISA switches are synchronous") == 1
+        "pageable, so their copies to the GPU at LISA switches are synchronous"
+    ) == 1

@@ -120,11 +120,14 @@ def test_alpaca_labels_mask_exactly_the_prompt(tmp_path, tok):
     assert len(ds) == 3
     for row, ex in zip(ALPACA_ROWS, ds, strict=True):
         template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        prompt = [tok.bos_token_id, *ids_of(tok, template.format(instruction=row["instruction"], input=row.get("input", "")))]
+        prompt = [
+            tok.bos_token_id,
+            *ids_of(tok, template.format(instruction=row["instruction"], input=row.get("input", ""))),
+        ]
         ids, labels = ex["input_ids"], ex["labels"]
         assert ids[: len(prompt)] == prompt
         assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-        assert IGNORE_INDEX not in labels[len(prompt):]
+        assert IGNORE_INDEX not in labels[len(prompt) :]
         supervised = [t for t in labels if t != IGNORE_INDEX]
         assert tok.decode(supervised, skip_special_tokens=False) == row["output"] + tok.eos_token
 
@@ -174,8 +177,7 @@ def test_chat_template_problems(tmp_path):
     unstable.chat_template = unstable.chat_template.replace("assistant\n{% endif %}", "assistant:\n{% endif %}")
     assert unstable.chat_template != byte_tokenizer().chat_template
     ds = load_examples(config(tmp_path / "unstable", path, "chat"), unstable)
-    runs = [unstable.decode(r, skip_special_tokens=False) for r in supervised_runs(ds[0]["input_ids"],
-                                                                                    ds[0]["labels"])]
+    runs = [unstable.decode(r, skip_special_tokens=False) for r in supervised_runs(ds[0]["input_ids"], ds[0]["labels"])]
     assert runs == [m["content"] + "<|im_end|>\n" for m in CONVERSATION if m["role"] == "assistant"]
 
 
@@ -184,12 +186,15 @@ def test_chat_template_problems(tmp_path):
 
 
 @pytest.mark.parametrize("writer, unit", [(write_jsonl, "line"), (write_json_list, "record")])
-@pytest.mark.parametrize("bad, reason", [
-    ({"instruction": "Hi", "input": ""}, "missing field 'output'"),
-    ({"instruction": 7, "output": "x"}, "field 'instruction' is int, not str"),
-    ({"instruction": "Hi", "output": "  "}, "field 'output' is empty"),
-    ({"instruction": "Hi", "input": ["a"], "output": "x"}, "field 'input' is list, not str"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({"instruction": "Hi", "input": ""}, "missing field 'output'"),
+        ({"instruction": 7, "output": "x"}, "field 'instruction' is int, not str"),
+        ({"instruction": "Hi", "output": "  "}, "field 'output' is empty"),
+        ({"instruction": "Hi", "input": ["a"], "output": "x"}, "field 'input' is list, not str"),
+    ],
+)
 def test_bad_alpaca_rows_name_file_and_row(tmp_path, tok, writer, unit, bad, reason):
     path = writer(tmp_path / f"bad.{'jsonl' if unit == 'line' else 'json'}", [*ALPACA_ROWS[:2], bad, ALPACA_ROWS[2]])
     with pytest.raises(DataError, match=f"{path.name}, {unit} 3: {reason}"):
@@ -203,12 +208,15 @@ def test_jsonl_line_numbers_count_blank_lines(tmp_path, tok):
         load_examples(config(tmp_path, path, "alpaca"), tok)
 
 
-@pytest.mark.parametrize("messages, reason", [
-    ([{"role": "user", "content": "hi"}], "no assistant message"),
-    ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "message 1 has role 'robot'"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}], "message 2 content is int"),
-    ("hello", "field 'messages' is str"),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([{"role": "user", "content": "hi"}], "no assistant message"),
+        ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "message 1 has role 'robot'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}], "message 2 content is int"),
+        ("hello", "field 'messages' is str"),
+    ],
+)
 def test_bad_chat_rows(tmp_path, tok, messages, reason):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}, {"messages": messages}])
     with pytest.raises(DataError, match=f"c.jsonl, line 2: {reason}"):
@@ -216,8 +224,13 @@ def test_bad_chat_rows(tmp_path, tok, messages, reason):
 
 
 def test_skip_bad_rows_counts_and_logs_them(tmp_path, tok, caplog):
-    rows = [ALPACA_ROWS[0], {"instruction": "x"}, {"instruction": 1, "output": "y"}, ALPACA_ROWS[1],
-            {"instruction": "z", "output": ""}]
+    rows = [
+        ALPACA_ROWS[0],
+        {"instruction": "x"},
+        {"instruction": 1, "output": "y"},
+        ALPACA_ROWS[1],
+        {"instruction": "z", "output": ""},
+    ]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="lisa_dist.data.sources"):
         ds, stats = load_examples_with_stats(config(tmp_path, path, "alpaca", skip_bad_rows=True), tok)
@@ -318,8 +331,10 @@ def toy_dataset(n: int) -> datasets.Dataset:
 
 
 def batches(ds, world, micro, accum, seed=3) -> list[ShardedBatches]:
-    return [ShardedBatches(ds, seed=seed, rank=r, world_size=world, micro_batch_size=micro, grad_accum=accum)
-            for r in range(world)]
+    return [
+        ShardedBatches(ds, seed=seed, rank=r, world_size=world, micro_batch_size=micro, grad_accum=accum)
+        for r in range(world)
+    ]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -335,7 +350,7 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch(world, n):
         for s in range(spe):
             for k, micro in enumerate(r.step_indices(s)):
                 first = s * world * 4 + (k * world + rank) * 2
-                assert micro == perm[first: first + 2]
+                assert micro == perm[first : first + 2]
     seen = [i for stream in streams for i in stream]
     assert len(seen) == len(set(seen)) == spe * world * 4
     assert set(seen) == set(perm[: spe * world * 4])
@@ -351,7 +366,7 @@ def test_two_ranks_see_the_global_batch_of_one_rank_with_double_micro_batch():
         union = [sorted(a + b) for a, b in zip(two[0].step_indices(step), two[1].step_indices(step), strict=True)]
         assert union == [sorted(m) for m in reference]
         epoch, within = divmod(step, 3)
-        assert [i for m in reference for i in m] == one.permutation(epoch)[within * 12: (within + 1) * 12].tolist()
+        assert [i for m in reference for i in m] == one.permutation(epoch)[within * 12 : (within + 1) * 12].tolist()
 
 
 def test_one_rank_with_more_accumulation_computes_the_ranks_micro_batches():

@@ -1,5 +1,6 @@
 """The documentation: the generated reference covers every config field and backend, every page is in the site's
 navigation, the README stays a front page, and (where mkdocs is installed) the site builds with --strict."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,9 @@ def test_the_reference_lists_every_field_with_its_default():
         values = dataclasses.asdict(getattr(config.Config(), section.name))
         assert f"## `{section.name}`" in reference
         for key in values:
-            row = next((line for line in reference.splitlines() if line.startswith(f"| `{section.name}.{key}` |")),
-                       None)
+            row = next(
+                (line for line in reference.splitlines() if line.startswith(f"| `{section.name}.{key}` |")), None
+            )
             assert row is not None, f"{section.name}.{key} is missing from the configuration reference"
             assert row.count(" | ") >= 4, row
 
@@ -88,11 +90,14 @@ def test_the_readme_is_a_front_page():
     assert any(line.startswith("make test ") for line in readme)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
-                    reason="mkdocs and mkdocs-material are installed by make docs")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
+    reason="mkdocs and mkdocs-material are installed by make docs",
+)
 def test_the_site_builds_strictly(tmp_path):
     mkdocs = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
-    done = subprocess.run(mkdocs, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        mkdocs, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "site" / "configuration" / "index.html").is_file()

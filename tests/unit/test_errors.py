@@ -1,4 +1,5 @@
 """Bad input gets one message naming the file, line or field and the cause (exit 2), never a raw traceback."""
+
 import json
 import logging
 import subprocess
@@ -26,14 +27,26 @@ def tok():
 
 
 def data_cfg(tmp_path, path, fmt="alpaca", **extra):
-    return load_config(None, [f"--data.path={path}", f"--data.format={fmt}", f"--data.cache_dir={tmp_path / 'c'}",
-                              *[f"--data.{k}={v}" for k, v in extra.items()]]).data
+    return load_config(
+        None,
+        [
+            f"--data.path={path}",
+            f"--data.format={fmt}",
+            f"--data.cache_dir={tmp_path / 'c'}",
+            *[f"--data.{k}={v}" for k, v in extra.items()],
+        ],
+    ).data
 
 
 def test_a_non_utf8_line_is_named_and_can_be_skipped(tmp_path, tok):
     path = tmp_path / "a.jsonl"
-    path.write_bytes(json.dumps(ROW).encode() + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n'
-                     + json.dumps(ROW).encode() + b"\n")
+    path.write_bytes(
+        json.dumps(ROW).encode()
+        + b"\n"
+        + b'{"instruction": "caf\xe9", "output": "x"}\n'
+        + json.dumps(ROW).encode()
+        + b"\n"
+    )
     with pytest.raises(DataError, match=r"a.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 21\)"):
         load_examples(data_cfg(tmp_path, path), tok)
     _, stats = load_examples_with_stats(data_cfg(tmp_path, path, skip_bad_rows="true"), tok)
@@ -47,11 +60,15 @@ def test_a_malformed_json_line_has_its_one_based_line_number(tmp_path, tok):
         load_examples(data_cfg(tmp_path, path), tok)
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("", "is empty"), ("  \n\t\n", "is empty"),
-    (json.dumps([ROW]) + "\n" + json.dumps(ROW) + "\n", "line 2: more JSON after the list"),
-    ('[{"instruction": "x",\n "output": }]', r"line 2: malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "is empty"),
+        ("  \n\t\n", "is empty"),
+        (json.dumps([ROW]) + "\n" + json.dumps(ROW) + "\n", "line 2: more JSON after the list"),
+        ('[{"instruction": "x",\n "output": }]', r"line 2: malformed JSON"),
+    ],
+)
 def test_unusable_json_files(tmp_path, tok, text, reason):
     path = tmp_path / "a.json"
     path.write_text(text)
@@ -90,8 +107,10 @@ def test_cuda_without_a_gpu_names_the_field(tmp_path, caplog):
     assert "train.device='cuda' but torch sees no CUDA device" in caplog.text
 
 
-@pytest.mark.parametrize("flag, value", [("--seq-len", "-5"), ("--gpu-mem", "0"), ("--gpus", "0"),
-                                         ("--gpu-mem", "nan"), ("--gpu-mem", "inf")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--seq-len", "-5"), ("--gpu-mem", "0"), ("--gpus", "0"), ("--gpu-mem", "nan"), ("--gpu-mem", "inf")],
+)
 def test_estimate_refuses_non_positive_and_non_finite_sizes(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["estimate", "--model", "llama-2-7b", flag, value])
@@ -122,9 +141,20 @@ def test_config_doc_prints_every_field_with_its_documentation(capsys):
 
 def test_a_distributed_backend_without_a_launcher_says_how_to_start_more(tmp_path):
     data = write_text_data(tmp_path / "d.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "lisa_dist.cli", "train",
-                           *tiny_overrides(tmp_path, data, "--backend.name=fsdp", "--train.steps=1")],
-                          capture_output=True, text=True, cwd=REPO, env=launcher_env(), timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lisa_dist.cli",
+            "train",
+            *tiny_overrides(tmp_path, data, "--backend.name=fsdp", "--train.steps=1"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=launcher_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend.name=fsdp without a launcher: running as one rank" in proc.stderr
     assert "launch/torchrun.sh (NPROC_PER_NODE=N)" in proc.stderr

@@ -1,5 +1,6 @@
 """Evaluation (held-out or a file, its schedule, keep_best), packing without cross-talk, train.epochs and
 model.attn_implementation, on the local backend (FSDP and ZeRO-3 against it: tests/distributed)."""
+
 import json
 
 import pytest
@@ -20,10 +21,22 @@ TINY = ('--model.config_overrides={"num_hidden_layers":4,"hidden_size":64}', "--
 
 
 def overrides(tmp_path, *extra):
-    return [f"--data.path={DEMO_DATA}", "--data.format=alpaca", "--data.max_length=1024", "--data.skip_bad_rows=true",
-            f"--data.cache_dir={tmp_path / 'cache'}", *TINY, "--train.micro_batch_size=4", "--train.steps=4",
-            f"--train.output_dir={tmp_path / 'run'}", "--optim.lr=3e-3", "--lisa.gamma=1", "--lisa.interval=2",
-            "--logging.progress=false", *extra]
+    return [
+        f"--data.path={DEMO_DATA}",
+        "--data.format=alpaca",
+        "--data.max_length=1024",
+        "--data.skip_bad_rows=true",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+        "--train.micro_batch_size=4",
+        "--train.steps=4",
+        f"--train.output_dir={tmp_path / 'run'}",
+        "--optim.lr=3e-3",
+        "--lisa.gamma=1",
+        "--lisa.interval=2",
+        "--logging.progress=false",
+        *extra,
+    ]
 
 
 def cfg_for(tmp_path, *extra):
@@ -32,8 +45,11 @@ def cfg_for(tmp_path, *extra):
 
 def token_losses(model, batch):
     """Per-position next-token losses (0 where no label) of a collated batch."""
-    inputs = ({"position_ids": batch["position_ids"]} if "position_ids" in batch
-              else {"attention_mask": batch["attention_mask"]})
+    inputs = (
+        {"position_ids": batch["position_ids"]}
+        if "position_ids" in batch
+        else {"attention_mask": batch["attention_mask"]}
+    )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
@@ -57,13 +73,13 @@ def test_packed_rows_give_each_example_its_unpacked_loss(tmp_path, attn):
         positions, ids = packed[i]["position_ids"], packed[i]["input_ids"]
         for j in (j for j, p in enumerate(positions) if p == 0):
             n = next((m for m in range(j + 1, len(positions)) if positions[m] == 0), len(positions)) - j
-            starts.append((i, j, index[tuple(ids[j:j + n])]))
+            starts.append((i, j, index[tuple(ids[j : j + n])]))
     assert sorted(k for _, _, k in starts) == list(range(len(examples)))  # every example exactly once
     for row, start, k in starts:
-        alone = token_losses(model, collate_rows(examples[k:k + 1], pad))[0]
+        alone = token_losses(model, collate_rows(examples[k : k + 1], pad))[0]
         n = len(examples[k]["input_ids"])
         # In the row, the loss of the example's token t sits at row position start + t - 1 (t >= 1).
-        together = row_losses[row, start: start + n - 1]
+        together = row_losses[row, start : start + n - 1]
         assert torch.allclose(together, alone[: n - 1], atol=1e-5, rtol=1e-5), (attn, k)
     # The first label of every packed example but the row's first is not a target.
     assert all(packed[i]["labels"][s] == IGNORE_INDEX for i, s, _ in starts if s > 0)
@@ -91,9 +107,18 @@ def test_held_out_examples_are_fixed_by_seed_and_never_trained_on(tmp_path):
 
 
 def test_eval_schedule_summary_and_keep_best(tmp_path):
-    summary = train(cfg_for(tmp_path, "--data.eval_fraction=0.2", "--train.eval_every=2", "--train.steps=5",
-                            "--train.eval_batches=2", "--checkpoint.every=1", "--checkpoint.keep_last=1",
-                            "--checkpoint.keep_best=1"))
+    summary = train(
+        cfg_for(
+            tmp_path,
+            "--data.eval_fraction=0.2",
+            "--train.eval_every=2",
+            "--train.steps=5",
+            "--train.eval_batches=2",
+            "--checkpoint.every=1",
+            "--checkpoint.keep_last=1",
+            "--checkpoint.keep_best=1",
+        )
+    )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4, 5]  # start, every 2, end
@@ -111,17 +136,29 @@ def test_eval_schedule_summary_and_keep_best(tmp_path):
 
 
 def test_eval_at_start_false_skips_only_the_first_evaluation(tmp_path):
-    train(cfg_for(tmp_path, "--data.eval_fraction=0.2", "--train.eval_every=2", "--train.steps=4",
-                  "--train.eval_batches=1", "--train.eval_at_start=false"))
+    train(
+        cfg_for(
+            tmp_path,
+            "--data.eval_fraction=0.2",
+            "--train.eval_every=2",
+            "--train.steps=4",
+            "--train.eval_batches=1",
+            "--train.eval_at_start=false",
+        )
+    )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
 
 
 def test_epochs_set_the_steps(tmp_path):
     # 95% held out: one epoch of the remaining examples is a few steps.
-    args = [a for a in overrides(tmp_path, "--train.epochs=1", "--data.eval_fraction=0.95", "--train.eval_batches=1",
-                                 "--lisa.interval=100")
-            if a != "--train.steps=4"]
+    args = [
+        a
+        for a in overrides(
+            tmp_path, "--train.epochs=1", "--data.eval_fraction=0.95", "--train.eval_batches=1", "--lisa.interval=100"
+        )
+        if a != "--train.steps=4"
+    ]
     summary = train(load_config(None, args))
     examples = load_examples(cfg_for(tmp_path).data, build(cfg_for(tmp_path / "b")).tokenizer)
     assert summary["steps"] == len(split_heldout(examples, 0.95, seed=42)[0]) // 4 > 1
@@ -135,15 +172,21 @@ def test_epochs_set_the_steps(tmp_path):
     assert (run.seed, run.sampler_seed, cfg.lisa.seed) == (42, 42, None)
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--train.epochs=2", "--train.steps=10"], r"train.epochs=2 and train.steps=10 both on the command line: give one"),
-    (["--data.eval_fraction=1.5"], r"data.eval_fraction=1.5.*\[0, 1\)"),
-    (["--data.eval_fraction=0.1", "--data.eval_path=x.json"], r"data.eval_path.*or data.eval_fraction, not both"),
-    (["--train.eval_every=5"], r"train.eval_every=5.*needs evaluation data"),
-    (["--checkpoint.keep_best=1"], r"checkpoint.keep_best=1.*needs data.eval_path"),
-    (["--data.packing=true", "--data.format=text"], r"data.packing=True.*already packed"),
-    (["--model.attn_implementation=flash"], r"model.attn_implementation='flash'.*sdpa, eager, flash_attention_2"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (
+            ["--train.epochs=2", "--train.steps=10"],
+            r"train.epochs=2 and train.steps=10 both on the command line: give one",
+        ),
+        (["--data.eval_fraction=1.5"], r"data.eval_fraction=1.5.*\[0, 1\)"),
+        (["--data.eval_fraction=0.1", "--data.eval_path=x.json"], r"data.eval_path.*or data.eval_fraction, not both"),
+        (["--train.eval_every=5"], r"train.eval_every=5.*needs evaluation data"),
+        (["--checkpoint.keep_best=1"], r"checkpoint.keep_best=1.*needs data.eval_path"),
+        (["--data.packing=true", "--data.format=text"], r"data.packing=True.*already packed"),
+        (["--model.attn_implementation=flash"], r"model.attn_implementation='flash'.*sdpa, eager, flash_attention_2"),
+    ],
+)
 def test_bad_eval_settings_name_the_field(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         cfg_for(tmp_path, *extra)
@@ -167,6 +210,7 @@ def test_an_unavailable_attention_names_the_field(tmp_path):
     pytest.importorskip("torch")
     try:
         import flash_attn  # noqa: F401
+
         pytest.skip("flash-attn is installed here")
     except ImportError:
         pass
@@ -187,14 +231,22 @@ def test_a_run_feeds_tensorboard_with_train_and_eval_scalars(tmp_path):
     """logging.tensorboard: the trainer's records (training and evaluation) read back from the event file."""
     from .test_trackers import tensorboard_scalars
 
-    train(cfg_for(tmp_path, "--logging.tensorboard=true", "--data.eval_fraction=0.2", "--train.eval_batches=1",
-                  "--train.steps=2"))
+    train(
+        cfg_for(
+            tmp_path,
+            "--logging.tensorboard=true",
+            "--data.eval_fraction=0.2",
+            "--train.eval_batches=1",
+            "--train.steps=2",
+        )
+    )
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in records if "loss" in r])
     assert [s for s, _ in scalars["eval/eval_loss"]] == [0, 2]
-    assert [v for _, v in scalars["eval/eval_loss"]] == pytest.approx([r["eval_loss"] for r in records
-                                                                       if "eval_loss" in r])
+    assert [v for _, v in scalars["eval/eval_loss"]] == pytest.approx(
+        [r["eval_loss"] for r in records if "eval_loss" in r]
+    )
 
 
 def test_best_fit_decreasing_fills_rows_tighter_than_in_order():
@@ -217,5 +269,8 @@ def test_packing_reports_its_fill_and_packs_within_windows(tmp_path):
     examples = load_examples(cfg_for(tmp_path).data, byte_tokenizer())
     whole, windowed = pack_examples(examples, 1024), pack_examples(examples, 1024, window=8)
     assert fill_rate(whole, 1024) >= fill_rate(windowed, 1024) > 0.5
-    assert sum(map(len, whole["input_ids"])) == sum(map(len, windowed["input_ids"])) == \
-        sum(map(len, examples["input_ids"]))
+    assert (
+        sum(map(len, whole["input_ids"]))
+        == sum(map(len, windowed["input_ids"]))
+        == sum(map(len, examples["input_ids"]))
+    )

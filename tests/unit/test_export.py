@@ -1,5 +1,6 @@
 """Export at scale: sharded safetensors in the dtype asked for, written a shard at a time from tensors fetched a
 module at a time; exact against `save_pretrained` (float32) and a plain cast (bfloat16); model.config_overrides."""
+
 import json
 import weakref
 
@@ -59,8 +60,9 @@ def test_float32_is_save_pretrained_bitwise_and_bfloat16_a_plain_cast_in_bounded
         assert size <= limit or len({k.rsplit(".", 1)[0] for k in shard}) == 1
     probe = torch.arange(24, dtype=torch.long).reshape(2, 12) % 200 + 5
     with torch.no_grad():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(input_ids=probe).logits,
-                           run.backend.model(input_ids=probe).logits)
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(out)(input_ids=probe).logits, run.backend.model(input_ids=probe).logits
+        )
     bf16 = tmp_path / "bf16"
     assert cli.main(["export", str(ckpt), str(bf16), "--dtype", "bfloat16"]) == 0
     got = load_file(bf16 / "model.safetensors")
@@ -113,8 +115,9 @@ def test_the_default_dtype_is_the_published_one_and_a_tied_head_is_written_once(
 
 
 def test_lora_exports_merged_by_peft_module_by_module(tmp_path, data_file):
-    _, ckpt = trained(tmp_path, data_file, "--lisa.enabled=false", "--lora.enabled=true", "--lora.r=4",
-                      "--optim.lr=5e-2")
+    _, ckpt = trained(
+        tmp_path, data_file, "--lisa.enabled=false", "--lora.enabled=true", "--lora.r=4", "--optim.lr=5e-2"
+    )
     assert cli.main(["export", str(ckpt), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     cfg = load_config(ckpt / "step-3" / "config.yaml")
     reference = open_model(cfg.model, seed=cfg.train.seed)[0]
@@ -131,8 +134,18 @@ def test_lora_exports_merged_by_peft_module_by_module(tmp_path, data_file):
 
 
 def test_save_final_writes_the_dtype_and_shards_asked_for(tmp_path, data_file):
-    cfg = load_config(None, tiny_overrides(tmp_path, data_file, "--train.steps=2", WIDE, "--checkpoint.save_final=true",
-                                           "--checkpoint.export_dtype=bfloat16", "--checkpoint.max_shard_size=150KB"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            data_file,
+            "--train.steps=2",
+            WIDE,
+            "--checkpoint.save_final=true",
+            "--checkpoint.export_dtype=bfloat16",
+            "--checkpoint.max_shard_size=150KB",
+        ),
+    )
     train(cfg)
     final = tmp_path / "run" / "final"
     index = json.loads((final / "model.safetensors.index.json").read_text())
@@ -146,8 +159,12 @@ def test_moe_experts_are_written_in_the_hub_layout_as_save_pretrained_writes_the
     model.save_pretrained(tmp_path / "reference")
     expected = load_file(tmp_path / "reference" / "model.safetensors")
     state = model.state_dict()
-    save_hf_folder(tmp_path / "hf", model, lambda names: {n: state[n] for n in names},
-                   FolderSpec(torch.float32, 20_000, progress=False))
+    save_hf_folder(
+        tmp_path / "hf",
+        model,
+        lambda names: {n: state[n] for n in names},
+        FolderSpec(torch.float32, 20_000, progress=False),
+    )
     got = folder_tensors(tmp_path / "hf")
     assert any(".experts.0." in k for k in expected)  # per-expert tensors on disk, fused ones in the model
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
@@ -163,8 +180,10 @@ def test_a_checkpoint_that_lacks_a_tensor_is_named_before_anything_is_read(tmp_p
         exporter._open(ckpt / "step-3")
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("5 parsecs", "expected a size above 0"), ("0", "expected a size above 0"), ("-1GB", "expected a size")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("5 parsecs", "expected a size above 0"), ("0", "expected a size above 0"), ("-1GB", "expected a size")],
+)
 def test_a_bad_shard_size_is_named(tmp_path, data_file, value, message):
     with pytest.raises(ConfigError, match=f"checkpoint.max_shard_size=.*{message}"):
         load_config(None, tiny_overrides(tmp_path, data_file, f"--checkpoint.max_shard_size={value}"))
@@ -177,8 +196,12 @@ def test_config_overrides_apply_to_a_local_folder_and_a_preset(tmp_path):
     model, tokenizer = build_preset("tiny-qwen3")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    overrides = {"max_position_embeddings": 8192, "attention_dropout": 0.1, "attn_implementation": "eager",
-                 "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}}
+    overrides = {
+        "max_position_embeddings": 8192,
+        "attention_dropout": 0.1,
+        "attn_implementation": "eager",
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+    }
     skeleton, _, _ = open_model(ModelConfig(name=str(folder), config_overrides=overrides), seed=0)
     config = skeleton.config
     assert config.max_position_embeddings == 8192 and config.attention_dropout == 0.1

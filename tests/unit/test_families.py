@@ -3,6 +3,7 @@
 A vision-language model (Gemma-3 4B-27B) trains its language tower: LISA samples the language model's layers, and
 the vision tower and the multi-modal projector stay frozen (no gradients, no optimizer state, never run on text).
 """
+
 import json
 import logging
 import math
@@ -26,23 +27,52 @@ LANGUAGE = "model.language_model"
 # modules, tied head). Each preset has 4 layers.
 FAMILIES = {
     "llama-3.x": ("tiny-llama3", "LlamaForCausalLM", "model.layers", {"model.embed_tokens", "model.norm"}, True),
-    "qwen2.5": ("tiny-qwen2", "Qwen2ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm", "lm_head"},
-                False),
-    "qwen3": ("tiny-qwen3", "Qwen3ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm", "lm_head"},
-              False),
-    "qwen3-moe": ("tiny-qwen3-moe", "Qwen3MoeForCausalLM", "model.layers",
-                  {"model.embed_tokens", "model.norm", "lm_head"}, False),
+    "qwen2.5": (
+        "tiny-qwen2",
+        "Qwen2ForCausalLM",
+        "model.layers",
+        {"model.embed_tokens", "model.norm", "lm_head"},
+        False,
+    ),
+    "qwen3": ("tiny-qwen3", "Qwen3ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm", "lm_head"}, False),
+    "qwen3-moe": (
+        "tiny-qwen3-moe",
+        "Qwen3MoeForCausalLM",
+        "model.layers",
+        {"model.embed_tokens", "model.norm", "lm_head"},
+        False,
+    ),
     "gemma-2": ("tiny-gemma2", "Gemma2ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm"}, True),
     "gemma-3-text": ("tiny-gemma3", "Gemma3ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm"}, True),
-    "mistral": ("tiny-mistral", "MistralForCausalLM", "model.layers", {"model.embed_tokens", "model.norm", "lm_head"},
-                False),
+    "mistral": (
+        "tiny-mistral",
+        "MistralForCausalLM",
+        "model.layers",
+        {"model.embed_tokens", "model.norm", "lm_head"},
+        False,
+    ),
     "phi-3": ("tiny-phi3", "Phi3ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm", "lm_head"}, False),
-    "olmo-2": ("tiny-olmo2", "Olmo2ForCausalLM", "model.layers", {"model.embed_tokens", "model.norm", "lm_head"},
-               False),
-    "gpt-neox": ("tiny-gpt-neox", "GPTNeoXForCausalLM", "gpt_neox.layers",
-                 {"gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head"}, False),
-    "gemma-3-vision": ("tiny-gemma3-vl", "Gemma3ForConditionalGeneration", f"{LANGUAGE}.layers",
-                       {f"{LANGUAGE}.embed_tokens", f"{LANGUAGE}.norm"}, True),
+    "olmo-2": (
+        "tiny-olmo2",
+        "Olmo2ForCausalLM",
+        "model.layers",
+        {"model.embed_tokens", "model.norm", "lm_head"},
+        False,
+    ),
+    "gpt-neox": (
+        "tiny-gpt-neox",
+        "GPTNeoXForCausalLM",
+        "gpt_neox.layers",
+        {"gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head"},
+        False,
+    ),
+    "gemma-3-vision": (
+        "tiny-gemma3-vl",
+        "Gemma3ForConditionalGeneration",
+        f"{LANGUAGE}.layers",
+        {f"{LANGUAGE}.embed_tokens", f"{LANGUAGE}.norm"},
+        True,
+    ),
 }
 STEPS, GAMMA, LAYERS = 3, 2, 4
 EXACT = ("params", "grads", "masters", "moments", "host")  # the planner's exact figures
@@ -88,10 +118,19 @@ def test_layer_discovery(family):
 
 def _args(tmp_path, data_file, preset) -> list[str]:
     return [
-        f"--data.path={data_file}", "--data.format=text", "--data.max_length=32",
-        f"--data.cache_dir={tmp_path / 'cache'}", f"--model.name={preset}", "--train.micro_batch_size=2",
-        f"--train.steps={STEPS}", f"--train.output_dir={tmp_path / 'run'}", "--train.device=cpu", "--optim.lr=3e-3",
-        f"--lisa.gamma={GAMMA}", "--lisa.interval=2", "--logging.progress=false",
+        f"--data.path={data_file}",
+        "--data.format=text",
+        "--data.max_length=32",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--model.name={preset}",
+        "--train.micro_batch_size=2",
+        f"--train.steps={STEPS}",
+        f"--train.output_dir={tmp_path / 'run'}",
+        "--train.device=cpu",
+        "--optim.lr=3e-3",
+        f"--lisa.gamma={GAMMA}",
+        "--lisa.interval=2",
+        "--logging.progress=false",
     ]
 
 
@@ -110,7 +149,7 @@ def _lisa_steps(run) -> dict[str, torch.Tensor]:
         assert len(active) == GAMMA and set(active) <= set(range(run.layout.num_layers))
         for i, layer in enumerate(run.trainable.layers):
             moved = [not torch.equal(before[n], p) for n, p in layer]
-            assert (any(moved) if i in active else not any(moved)), (step, i, active)
+            assert any(moved) if i in active else not any(moved), (step, i, active)
     assert run.switches == 2  # periods of 2 steps: a switch at steps 1 and 3
     return first
 
@@ -159,8 +198,9 @@ def test_planner_stores_the_vision_tower_frozen():
     assert lisa.moments == 2 * 4 * (VL_TRAINED + GAMMA * layer)  # and none of its moments
 
 
-@pytest.mark.parametrize("extra", [(), ("--lisa.frozen_storage=bfloat16", "--train.precision=bf16")],
-                         ids=["fp32", "frozen-bf16"])
+@pytest.mark.parametrize(
+    "extra", [(), ("--lisa.frozen_storage=bfloat16", "--train.precision=bf16")], ids=["fp32", "frozen-bf16"]
+)
 def test_planner_matches_the_vision_language_run(tmp_path, data_file, extra):
     """frozen-bf16: the vision tower is stored in bf16 like the frozen layers; the planner knows, byte for byte."""
     cfg = load_config(None, [*_args(tmp_path, data_file, "tiny-gemma3-vl"), *extra])

@@ -1,5 +1,6 @@
 """Frozen layers stored quantized (int8, NF4) or cast (bf16) on the local backend: no update is ever lost, what is
 saved and exported is exact, resume is exact; frozen embeddings and 8-bit Adam; config errors name the field."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,8 +34,7 @@ def layer_weights(run, i):
 @pytest.mark.parametrize("storage", QUANTIZED)
 def test_never_sampled_layers_are_exported_bitwise(tmp_path, data_file, storage):
     original = build(cfg_for(tmp_path / "ref", data_file)).backend.model.state_dict()
-    cfg = cfg_for(tmp_path, data_file, f"--lisa.frozen_storage={storage}", "--checkpoint.save_final=true",
-                  *TAKE_TURNS)
+    cfg = cfg_for(tmp_path, data_file, f"--lisa.frozen_storage={storage}", "--checkpoint.save_final=true", *TAKE_TURNS)
     summary = train(cfg)
     assert summary["layers_visited"] == [0, 1]
     exported = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
@@ -48,8 +48,9 @@ def test_never_sampled_layers_are_exported_bitwise(tmp_path, data_file, storage)
 @pytest.mark.parametrize("storage", (*QUANTIZED, "bfloat16"))
 def test_a_layer_starts_its_next_period_from_the_weights_it_left_with(tmp_path, data_file, storage):
     extra = ["--train.precision=bf16"] if storage == "bfloat16" else []
-    run = build(cfg_for(tmp_path, data_file, f"--lisa.frozen_storage={storage}", *TAKE_TURNS, "--train.steps=8",
-                        *extra))
+    run = build(
+        cfg_for(tmp_path, data_file, f"--lisa.frozen_storage={storage}", *TAKE_TURNS, "--train.steps=8", *extra)
+    )
     left_with, quantized_seen = {}, False
     for step in range(8):
         before = {i: layer_weights(run, i) for i in range(2)}
@@ -65,11 +66,15 @@ def test_a_layer_starts_its_next_period_from_the_weights_it_left_with(tmp_path, 
     assert quantized_seen == (storage in QUANTIZED)
 
 
-@pytest.mark.parametrize("extra", [("--lisa.frozen_storage=nf4",),
-                                   ("--lisa.frozen_storage=int8", "--lisa.train_embeddings=false"),
-                                   pytest.param(("--lisa.frozen_storage=nf4", "--optim.adam_8bit=all"),
-                                                marks=pytest.mark.slow)],
-                         ids=["nf4", "int8-frozen-embeddings", "nf4-adam8"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--lisa.frozen_storage=nf4",),
+        ("--lisa.frozen_storage=int8", "--lisa.train_embeddings=false"),
+        pytest.param(("--lisa.frozen_storage=nf4", "--optim.adam_8bit=all"), marks=pytest.mark.slow),
+    ],
+    ids=["nf4", "int8-frozen-embeddings", "nf4-adam8"],
+)
 def test_exact_resume_with_quantized_storage(tmp_path, data_file, extra):
     steps = ["--train.steps=6"]
     straight = build(cfg_for(tmp_path / "straight", data_file, *steps, *extra))
@@ -99,8 +104,14 @@ def test_frozen_embeddings_stay_while_the_head_trains(tmp_path, data_file):
 
 
 def test_a_tied_embedding_trains_as_the_head(tmp_path, data_file):
-    run = build(cfg_for(tmp_path, data_file, "--lisa.train_embeddings=false",
-                        '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}'))
+    run = build(
+        cfg_for(
+            tmp_path,
+            data_file,
+            "--lisa.train_embeddings=false",
+            '--model.config_overrides={"num_hidden_layers":4,"hidden_size":64,"tie_word_embeddings":true}',
+        )
+    )
     weight = run.layout.embedding.weight
     before = weight.detach().clone()
     train_step(run, 0)
@@ -121,23 +132,32 @@ def test_8bit_moments_are_smaller_and_training_matches_closely(tmp_path, data_fi
     assert type(eight.backend.optimizer.state[layer_param]["exp_avg"]) is torch.Tensor  # layers: fp32 (always)
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--backend.frozen_dtype=bfloat16"], r"'backend.frozen_dtype' is now 'lisa.frozen_storage'"),
-    (["--lisa.frozen_storage=fp8"], r"lisa.frozen_storage='fp8'.*float32, bfloat16, int8, nf4"),
-    (["--lisa.frozen_storage=bfloat16"], r"lisa.frozen_storage='bfloat16'.*train.precision=bf16"),
-    (["--lisa.frozen_storage=nf4", "--model.dtype=bfloat16"], r"model.dtype='bfloat16'.*float32"),
-    (["--lisa.frozen_storage=nf4", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero2.json"],
-     r"lisa.frozen_storage='nf4'.*backend.name=local or fsdp"),
-    (["--optim.adam_8bit=all", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero3.json"],
-     r"optim.adam_8bit='all'.*backend.name=local or fsdp"),
-    (["--lisa.train_embeddings=false", "--lisa.enabled=false", "--lora.enabled=true"],
-     r"lisa.train_embeddings=False.*LoRA baseline"),
-    (["--optim.adam_8bit=some"], r"optim.adam_8bit='some'.*none, always, all"),
-    (["--optim.adam_8bit=yes"], r"optim.adam_8bit=True: expected one of none, always, all"),
-    (["--lisa.host_dtype=int8"], r"lisa.host_dtype='int8'.*float32, bfloat16"),
-    (["--train.loss=fused"], r"train.loss='fused'.*plain, chunked"),
-    (["--train.loss_chunk_tokens=0"], r"train.loss_chunk_tokens=0"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--backend.frozen_dtype=bfloat16"], r"'backend.frozen_dtype' is now 'lisa.frozen_storage'"),
+        (["--lisa.frozen_storage=fp8"], r"lisa.frozen_storage='fp8'.*float32, bfloat16, int8, nf4"),
+        (["--lisa.frozen_storage=bfloat16"], r"lisa.frozen_storage='bfloat16'.*train.precision=bf16"),
+        (["--lisa.frozen_storage=nf4", "--model.dtype=bfloat16"], r"model.dtype='bfloat16'.*float32"),
+        (
+            ["--lisa.frozen_storage=nf4", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero2.json"],
+            r"lisa.frozen_storage='nf4'.*backend.name=local or fsdp",
+        ),
+        (
+            ["--optim.adam_8bit=all", "--backend.name=deepspeed", "--backend.ds_config=ds_configs/zero3.json"],
+            r"optim.adam_8bit='all'.*backend.name=local or fsdp",
+        ),
+        (
+            ["--lisa.train_embeddings=false", "--lisa.enabled=false", "--lora.enabled=true"],
+            r"lisa.train_embeddings=False.*LoRA baseline",
+        ),
+        (["--optim.adam_8bit=some"], r"optim.adam_8bit='some'.*none, always, all"),
+        (["--optim.adam_8bit=yes"], r"optim.adam_8bit=True: expected one of none, always, all"),
+        (["--lisa.host_dtype=int8"], r"lisa.host_dtype='int8'.*float32, bfloat16"),
+        (["--train.loss=fused"], r"train.loss='fused'.*plain, chunked"),
+        (["--train.loss_chunk_tokens=0"], r"train.loss_chunk_tokens=0"),
+    ],
+)
 def test_bad_storage_settings_name_the_field(tmp_path, data_file, extra, match):
     with pytest.raises(ConfigError, match=match):
         cfg_for(tmp_path, data_file, *extra)

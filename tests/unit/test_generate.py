@@ -1,4 +1,5 @@
 """Trying a model: answers from an exported folder or a checkpoint, the prompt it was trained on, the CLI."""
+
 import io
 import sys
 
@@ -18,8 +19,10 @@ from lisa_dist.tools.generation import build_prompt
 
 from ..helpers import tiny_overrides
 
-TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}[assistant] {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 def _save_tiny(folder, chat_template):
@@ -62,7 +65,7 @@ def test_greedy_answers_are_deterministic_bounded_and_start_at_the_argmax(folder
     first = generate(model, tokenizer, "hello", max_new_tokens=6)
     assert isinstance(first, str) and generate(model, tokenizer, "hello", max_new_tokens=6) == first
     ids, out = calls[0]
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     assert len(new) == 6 or (len(new) < 6 and new[-1] == tokenizer.eos_token_id)
     assert first == tokenizer.decode(new, skip_special_tokens=True)
     with torch.no_grad():
@@ -85,8 +88,9 @@ def test_a_chat_template_renders_system_history_and_the_generation_prompt(folder
     model, tokenizer = load_for_generation(folder)
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     messages = [{"role": "system", "content": "be brief"}, *history, {"role": "user", "content": "why?"}]
-    expected = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
+    expected = list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
     assert tokenizer.decode(expected).endswith("[user] why?\n[assistant] ")
     assert build_prompt(tokenizer, "why?", system="be brief", history=history) == expected
     calls = _spy_generate(monkeypatch, model)
@@ -163,5 +167,6 @@ def test_cli_names_a_path_that_is_no_model(tmp_path, folder, capsys):
     assert "does not load as a Hugging Face model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # refused as the arguments are read, before the model loads
         cli.main(["generate", str(folder), "--prompt", "hi", "--temperature", "-1"])
-    assert stop.value.code == 2 and "argument --temperature: '-1': expected a value in [0, 100]" in \
-        capsys.readouterr().err
+    assert (
+        stop.value.code == 2 and "argument --temperature: '-1': expected a value in [0, 100]" in capsys.readouterr().err
+    )

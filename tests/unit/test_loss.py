@@ -1,5 +1,6 @@
 """The chunked loss (head and cross-entropy over chunks of supervised tokens, recomputed in backward) equals the
 plain loss in value and gradients, in fp32, within 1e-6; the full logits never exist."""
+
 import pytest
 import torch
 
@@ -79,8 +80,9 @@ def test_training_with_the_chunked_loss_follows_the_plain_loss(tmp_path):
     data = write_text_data(tmp_path / "data.jsonl")
     runs = {}
     for loss in ("plain", "chunked"):
-        cfg = load_config(None, tiny_overrides(tmp_path / loss, data, f"--train.loss={loss}",
-                                               "--train.loss_chunk_tokens=50"))
+        cfg = load_config(
+            None, tiny_overrides(tmp_path / loss, data, f"--train.loss={loss}", "--train.loss_chunk_tokens=50")
+        )
         run = build(cfg)
         runs[loss] = [train_step(run, s)["loss"] for s in range(4)]
     assert runs["chunked"] == pytest.approx(runs["plain"], rel=1e-6)

@@ -1,5 +1,6 @@
 """data.mixture: several sources drawn by weight, reproducibly from the seed; a hub-style dataset folder through
 datasets.load_dataset (offline); per-source counts in the log and summary.json; a bad source names itself."""
+
 import json
 import logging
 
@@ -23,16 +24,33 @@ def write_jsonl(path, rows):
 
 def sources(tmp_path):
     """An Alpaca file (the demo's 252 rows) and a ShareGPT file of 40 short conversations."""
-    chats = [{"conversations": [{"from": "human", "value": f"Count to {i}."},
-                                {"from": "gpt", "value": " ".join(map(str, range(1, i + 2)))}]} for i in range(40)]
+    chats = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Count to {i}."},
+                {"from": "gpt", "value": " ".join(map(str, range(1, i + 2)))},
+            ]
+        }
+        for i in range(40)
+    ]
     return str(DEMO_DATA), str(write_jsonl(tmp_path / "chats.jsonl", chats))
 
 
 def overrides(tmp_path, mixture, *extra):
-    return [f"--data.mixture={json.dumps(mixture)}", "--data.max_length=512", "--data.skip_bad_rows=true",
-            f"--data.cache_dir={tmp_path / 'cache'}", *TINY, "--train.micro_batch_size=2", "--train.steps=3",
-            f"--train.output_dir={tmp_path / 'run'}", "--lisa.gamma=1", "--lisa.interval=2", "--logging.progress=false",
-            *extra]
+    return [
+        f"--data.mixture={json.dumps(mixture)}",
+        "--data.max_length=512",
+        "--data.skip_bad_rows=true",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+        "--train.micro_batch_size=2",
+        "--train.steps=3",
+        f"--train.output_dir={tmp_path / 'run'}",
+        "--lisa.gamma=1",
+        "--lisa.interval=2",
+        "--logging.progress=false",
+        *extra,
+    ]
 
 
 def test_each_epoch_draws_sources_by_weight_reproducibly():
@@ -50,8 +68,10 @@ def test_each_epoch_draws_sources_by_weight_reproducibly():
 def test_a_mixture_trains_and_reports_each_source(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lisa_dist")
     alpaca, chats = sources(tmp_path)
-    mixture = [{"path": alpaca, "format": "alpaca", "weight": 1}, {"path": chats, "format": "auto", "weight": 3,
-                                                                     "eval_fraction": 0.1}]
+    mixture = [
+        {"path": alpaca, "format": "alpaca", "weight": 1},
+        {"path": chats, "format": "auto", "weight": 3, "eval_fraction": 0.1},
+    ]
     cfg = load_config(None, overrides(tmp_path, mixture))
     run = build(cfg)
     train_rows = [s["rows"] for s in run.data_sources]
@@ -70,35 +90,49 @@ def test_a_mixture_trains_and_reports_each_source(tmp_path, caplog):
 def test_a_hub_style_dataset_folder_loads_through_datasets_with_its_subset(tmp_path):
     repo = tmp_path / "repo"
     (repo / "easy").mkdir(parents=True)
-    (repo / "README.md").write_text("---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: train\n"
-                                    "    path: easy/*.jsonl\n---\n")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: train\n    path: easy/*.jsonl\n---\n"
+    )
     write_jsonl(repo / "easy" / "part.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(30)])
     mixture = [{"path": str(repo), "subset": "easy", "format": "alpaca"}, {"path": str(DEMO_DATA), "weight": 0.5}]
     run = build(load_config(None, overrides(tmp_path, mixture, "--data.format=alpaca")))
     assert run.data_sources[0]["examples"] == 30
     bad = [{"path": str(repo), "subset": "hard", "format": "alpaca"}]
-    with pytest.raises(DataError, match=r"data.mixture\[0\] \(\S*repo\): data.path \S*repo\S* is neither a local "
-                                        r"file or folder nor a dataset reachable on the hub \(split 'train', subset "
-                                        r"'hard'\)"):
+    with pytest.raises(
+        DataError,
+        match=r"data.mixture\[0\] \(\S*repo\): data.path \S*repo\S* is neither a local "
+        r"file or folder nor a dataset reachable on the hub \(split 'train', subset "
+        r"'hard'\)",
+    ):
         build(load_config(None, overrides(tmp_path / "bad", bad, "--data.format=alpaca")))
 
 
 def test_a_bad_source_names_itself(tmp_path):
     alpaca, _ = sources(tmp_path)
     mixture = [{"path": alpaca}, {"path": str(tmp_path / "missing.jsonl")}]
-    with pytest.raises(DataError, match=r"data.mixture\[1\] \(\S*missing.jsonl\): data.path '\S*missing.jsonl' does "
-                                        r"not exist"):
+    with pytest.raises(
+        DataError,
+        match=r"data.mixture\[1\] \(\S*missing.jsonl\): data.path '\S*missing.jsonl' does "
+        r"not exist",
+    ):
         build(load_config(None, overrides(tmp_path, mixture)))
 
 
-@pytest.mark.parametrize(("mixture", "extra", "message"), [
-    ([{"path": "a.jsonl", "wieght": 2}], [], r"data.mixture\[0\].wieght is not a field \(did you mean 'weight'\?\)"),
-    ([{"path": "a.jsonl", "weight": 0}], [], r"data.mixture\[0\].weight=0 is not allowed: expected a number > 0"),
-    ([{"format": "chat"}], [], r"data.mixture\[0\].path=None is not allowed"),
-    ([{"path": "a.jsonl", "format": "csv"}], [], r"data.mixture\[0\].format='csv' is not allowed"),
-    ([{"path": "a.jsonl"}], ["--data.path=b.jsonl"], "give data.path or data.mixture, not both"),
-    ([{"path": "a.jsonl"}], ["--data.eval_fraction=0.1"], "give each source its eval_fraction"),
-])
+@pytest.mark.parametrize(
+    ("mixture", "extra", "message"),
+    [
+        (
+            [{"path": "a.jsonl", "wieght": 2}],
+            [],
+            r"data.mixture\[0\].wieght is not a field \(did you mean 'weight'\?\)",
+        ),
+        ([{"path": "a.jsonl", "weight": 0}], [], r"data.mixture\[0\].weight=0 is not allowed: expected a number > 0"),
+        ([{"format": "chat"}], [], r"data.mixture\[0\].path=None is not allowed"),
+        ([{"path": "a.jsonl", "format": "csv"}], [], r"data.mixture\[0\].format='csv' is not allowed"),
+        ([{"path": "a.jsonl"}], ["--data.path=b.jsonl"], "give data.path or data.mixture, not both"),
+        ([{"path": "a.jsonl"}], ["--data.eval_fraction=0.1"], "give each source its eval_fraction"),
+    ],
+)
 def test_bad_mixtures_name_the_field(tmp_path, mixture, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*overrides(tmp_path, mixture), *extra])

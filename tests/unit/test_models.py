@@ -1,4 +1,5 @@
 """Layer discovery for every registered family, tiny presets, and loading models by name."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -84,8 +85,9 @@ def test_layout_of_family(model_type):
     assert {n for n, _ in always} == {n for n in named if not n.startswith(f"{path}.")} - frozen
     layer_params = [p for i in range(3) for p in layout.layer_params(i)]
     assert not {id(p) for p in layer_params} & {id(p) for _, p in always}
-    assert _numel(p for _, p in always) + _numel(layer_params) + _numel(named[n] for n in frozen) == \
-        _numel(model.parameters())
+    assert _numel(p for _, p in always) + _numel(layer_params) + _numel(named[n] for n in frozen) == _numel(
+        model.parameters()
+    )
 
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     always_ids = {id(p) for _, p in always}
@@ -138,11 +140,18 @@ def test_generic_fallback_picks_the_longest_block_list():
     layout = find_layout(model)
     assert layout.layers_path == "blocks" and layout.layers is model.blocks
     assert {n for n, _ in layout.always_trained_params()} == {
-        "embed.weight", "heads.0.proj.weight", "heads.0.proj.bias", "heads.1.proj.weight", "heads.1.proj.bias",
+        "embed.weight",
+        "heads.0.proj.weight",
+        "heads.0.proj.bias",
+        "heads.1.proj.weight",
+        "heads.1.proj.bias",
     }
     # Neither a Hugging Face model nor a registered family: every module outside the blocks that holds parameters.
-    assert layout.always == {"embed": model.embed, "heads.0.proj": model.heads[0].proj,
-                             "heads.1.proj": model.heads[1].proj}
+    assert layout.always == {
+        "embed": model.embed,
+        "heads.0.proj": model.heads[0].proj,
+        "heads.1.proj": model.heads[1].proj,
+    }
 
 
 def test_generic_fallback_ignores_lists_inside_blocks():
@@ -301,8 +310,9 @@ def _write_gguf(model: nn.Module, tokenizer, path) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types([gguf.TokenType.CONTROL if t in tokenizer.all_special_tokens else gguf.TokenType.NORMAL
-                            for t in tokens])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in tokenizer.all_special_tokens else gguf.TokenType.NORMAL for t in tokens]
+    )
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)

@@ -1,6 +1,7 @@
 """torch AdamW's fused and foreach kernels (optim.implementation) train the same weights as its per-param loop
 across LISA switches; auto picks the fused kernel on CPU, so every other test (exact resumes included) runs it
 (timing: benchmarks/optimizer_step.py)."""
+
 import pytest
 import torch
 
@@ -14,8 +15,16 @@ from ..helpers import tiny_overrides, write_text_data
 def _trained(tmp_path, implementation, steps=6):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_text_data(tmp_path / "data.jsonl")
-    cfg = load_config(None, tiny_overrides(tmp_path / implementation, data, f"--optim.implementation={implementation}",
-                                           "--optim.weight_decay=0.1", f"--train.steps={max(steps, 1)}"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / implementation,
+            data,
+            f"--optim.implementation={implementation}",
+            "--optim.weight_decay=0.1",
+            f"--train.steps={max(steps, 1)}",
+        ),
+    )
     run = build(cfg)
     losses = [train_step(run, step)["loss"] for step in range(steps)]
     return run, losses, {n: p.detach().clone() for n, p in run.layout.model.named_parameters()}

@@ -1,6 +1,7 @@
 """Nothing already saved is lost: fresh starts beside another run's outputs, relaunching a finished run, exports into
 used folders, two jobs on one folder, a full disk, a resumed run's summary, corrupted or unloadable checkpoints,
 and changed optimizer settings at resume. All on the local backend (one process)."""
+
 import contextlib
 import errno
 import json
@@ -24,8 +25,11 @@ from .test_checkpoint import STEPS, cfg_for
 
 def files_of(folder):
     """Every file under `folder` with its bytes: what a relaunch must leave as it was."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-            and p.name != outputs.LOCK_NAME}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != outputs.LOCK_NAME
+    }
 
 
 # -- 1. tied embeddings ----------------------------------------------------------------------------------------------
@@ -61,8 +65,16 @@ def test_relaunching_a_finished_run_leaves_it_untouched_and_more_steps_continue_
     # The same command again: exit 0, nothing written, nothing pruned.
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    assert cli.main(["train", str(config), *tiny_overrides(tmp_path, data_file, f"--train.steps={STEPS}",
-                                                          "--checkpoint.every=4")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(config),
+                *tiny_overrides(tmp_path, data_file, f"--train.steps={STEPS}", "--checkpoint.every=4"),
+            ]
+        )
+        == 0
+    )
     assert files_of(run_dir) == before
     assert train(cfg_for(tmp_path, data_file, "--checkpoint.every=4")) == summary
     # Raising train.steps continues the finished run from its last checkpoint.
@@ -114,8 +126,14 @@ def test_export_refuses_a_used_folder_and_overwrite_replaces_it_whole(tmp_path, 
 def test_a_second_job_on_the_same_folder_is_refused_naming_the_first(tmp_path, data_file):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    args = [sys.executable, "-m", "lisa_dist.cli", "train", str(config),
-            *tiny_overrides(tmp_path, data_file, "--train.steps=100000", "--checkpoint.every=5")]
+    args = [
+        sys.executable,
+        "-m",
+        "lisa_dist.cli",
+        "train",
+        str(config),
+        *tiny_overrides(tmp_path, data_file, "--train.steps=100000", "--checkpoint.every=5"),
+    ]
     first = subprocess.Popen(args, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -184,8 +202,11 @@ def test_disk_full_during_a_save_names_the_cause_and_keeps_the_previous_checkpoi
 def test_read_only_output_folders_are_refused_before_the_first_step(tmp_path, data_file, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     try:
-        with pytest.raises(ConfigError, match=rf"checkpoint.dir='{small_disk}' is not writable: the filesystem is "
-                                              "read-only"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"checkpoint.dir='{small_disk}' is not writable: the filesystem is "
+            "read-only",
+        ):
             train(cfg_for(tmp_path, data_file, f"--checkpoint.dir={small_disk}"))
         with pytest.raises(ConfigError, match=r"train.output_dir=.* is not writable: the filesystem is read-only"):
             train(cfg_for(tmp_path, data_file, f"--train.output_dir={small_disk / 'run'}"))
@@ -255,7 +276,7 @@ def test_flipped_bytes_anywhere_are_caught_by_the_hash(tmp_path, data_file, capl
     model = root / "step-4" / "state" / "model.pt"
     data = bytearray(model.read_bytes())
     middle = len(data) // 2
-    data[middle: middle + 4096] = bytes(4096)  # same size, 4 KiB zeroed
+    data[middle : middle + 4096] = bytes(4096)  # same size, 4 KiB zeroed
     model.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="lisa_dist.run.resume"):
         start, rest = _resumed_losses(tmp_path, data_file)
@@ -301,11 +322,16 @@ def test_resume_latest_needs_a_checkpoint(tmp_path, data_file):
     assert build(cfg_for(tmp_path, data_file, "--checkpoint.resume=latest")).start_step == 4
 
 
-@pytest.mark.parametrize("change, field", [("--optim.lr=5e-3", "optim.lr: 0.003 -> 0.005"),
-                                           ("--optim.schedule=linear", "optim.schedule: 'cosine' -> 'linear'"),
-                                           ("--optim.warmup_steps=2", "optim.warmup_steps: 0 -> 2"),
-                                           ("--optim.betas=[0.8,0.99]", "optim.betas"),
-                                           ("--train.precision=bf16", "train.precision")])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ("--optim.lr=5e-3", "optim.lr: 0.003 -> 0.005"),
+        ("--optim.schedule=linear", "optim.schedule: 'cosine' -> 'linear'"),
+        ("--optim.warmup_steps=2", "optim.warmup_steps: 0 -> 2"),
+        ("--optim.betas=[0.8,0.99]", "optim.betas"),
+        ("--train.precision=bf16", "train.precision"),
+    ],
+)
 def test_optimizer_and_schedule_changes_are_refused_at_resume(tmp_path, data_file, change, field):
     _two_checkpoints(tmp_path, data_file)
     with pytest.raises(ConfigError, match=rf"{field.replace('[', '.').replace('(', '.')}.*checkpoint.override=true"):

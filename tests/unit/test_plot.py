@@ -1,5 +1,6 @@
 """`lisa-dist plot`: loss curves and the LISA layer schedule of runs, from metrics files written by the JSONL sink;
 bad run folders are refused with one line and exit status 2."""
+
 import pytest
 import yaml
 from matplotlib.image import imread
@@ -17,14 +18,35 @@ def fake_run(folder, loss_scale=1.0, num_hidden_layers=None):
     sink = JsonlSink(folder / "metrics.jsonl")
     for step in range(1, STEPS + 1):
         period = (step - 1) // 2
-        sink.write({"step": step, "epoch": 0, "loss": loss_scale * 5.0 / step, "lr": 1e-3, "grad_norm": 1.0,
-                    "tokens": 128 * step, "tokens_per_s": 1000.0, "elapsed_s": 0.1 * step,
-                    "active_layers": sorted({period % 4, (period + 2) % 4}), "switched": step % 2 == 1,
-                    "switch_s": 0.01, "trainable_params": 1000, "optimizer_state_bytes": 8000,
-                    "state_bytes": {"params": 4000}})
+        sink.write(
+            {
+                "step": step,
+                "epoch": 0,
+                "loss": loss_scale * 5.0 / step,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens": 128 * step,
+                "tokens_per_s": 1000.0,
+                "elapsed_s": 0.1 * step,
+                "active_layers": sorted({period % 4, (period + 2) % 4}),
+                "switched": step % 2 == 1,
+                "switch_s": 0.01,
+                "trainable_params": 1000,
+                "optimizer_state_bytes": 8000,
+                "state_bytes": {"params": 4000},
+            }
+        )
         if step % 4 == 0:
-            sink.write({"step": step, "eval_loss": loss_scale * 6.0 / step, "eval_ppl": 2.0, "eval_tokens": 256,
-                        "tokens": 128 * step, "eval_s": 0.05})
+            sink.write(
+                {
+                    "step": step,
+                    "eval_loss": loss_scale * 6.0 / step,
+                    "eval_ppl": 2.0,
+                    "eval_tokens": 256,
+                    "tokens": 128 * step,
+                    "eval_s": 0.05,
+                }
+            )
     sink.close()
     if num_hidden_layers:
         model = {"name": "tiny-llama", "config_overrides": {"num_hidden_layers": num_hidden_layers}}
@@ -51,8 +73,10 @@ def test_plot_writes_loss_and_layer_pngs_of_several_runs(tmp_path, runs, capsys)
 
 def test_plot_defaults_to_the_first_runs_plots_folder(runs, capsys):
     assert cli.main(["plot", str(runs[1])]) == 0
-    assert capsys.readouterr().out.splitlines() == [str(runs[1] / "plots" / "loss.png"),
-                                                    str(runs[1] / "plots" / "layers.png")]
+    assert capsys.readouterr().out.splitlines() == [
+        str(runs[1] / "plots" / "loss.png"),
+        str(runs[1] / "plots" / "layers.png"),
+    ]
     assert (runs[1] / "plots" / "layers.png").stat().st_size > 5000
 
 
@@ -74,11 +98,14 @@ def test_plot_refuses_a_folder_without_metrics(tmp_path, runs, capsys):
     assert not (runs[0] / "plots").exists()
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("", "is empty"),
-    ('{"step": 4, "eval_loss": 2.0, "tokens": 10}\n', "holds no training record"),
-    ('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n', "line 2: not a JSON record"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "is empty"),
+        ('{"step": 4, "eval_loss": 2.0, "tokens": 10}\n', "holds no training record"),
+        ('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n', "line 2: not a JSON record"),
+    ],
+)
 def test_plot_refuses_an_unusable_metrics_file(tmp_path, capsys, text, problem):
     (tmp_path / "metrics.jsonl").write_text(text)
     assert cli.main(["plot", str(tmp_path)]) == cli.EXIT_BAD_INPUT

@@ -2,6 +2,7 @@
 configs) is built on the meta device and laid out (layers, tied head, gamma against L), its chat template masks the
 assistant turns, and `lisa-dist estimate --config` prints the figures its header states, so the header cannot go
 stale. Also the registry itself and the planner's reading of a config."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,15 @@ CARDS = (24, 40, 48, 80, 141)
 FAMILY_TEMPLATE = {"llama": "llama3", "qwen2": "chatml", "qwen3": "qwen3", "mistral": "mistral", "gemma3": "gemma"}
 # transformers' parameter count of each recipe model's registry config, tied weights once; the hub pages show 8.03B,
 # 70.6B, 7.62B, 8.19B, 7.25B and 12.2B.
-PUBLISHED_SIZES = {"meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248, "meta-llama/Llama-3.1-70B": 70_553_706_496,
-                   "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496, "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
-                   "Qwen/Qwen3-8B": 8_190_735_360, "mistralai/Mistral-7B-Instruct-v0.3": 7_248_023_552,
-                   "google/gemma-3-12b-it": 12_187_325_040}
+PUBLISHED_SIZES = {
+    "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B": 70_553_706_496,
+    "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496,
+    "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
+    "Qwen/Qwen3-8B": 8_190_735_360,
+    "mistralai/Mistral-7B-Instruct-v0.3": 7_248_023_552,
+    "google/gemma-3-12b-it": 12_187_325_040,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +106,7 @@ def _header(path: Path, part: str | None = None) -> str:
     if part is None:
         return header
     start = header.index(f"# {part}")
-    return header[start:header.find("\n#\n", start)]
+    return header[start : header.find("\n#\n", start)]
 
 
 def _planned(header: str, what: str) -> float:
@@ -116,12 +122,19 @@ def test_recipe_header_states_what_the_planner_prints(path, capsys):
     assert command and command.group(2) == f"configs/recipes/{path.name}", "the header names its planner command"
     assert cli_main(["estimate", *command.group(1).split(), "--json"]) == 0
     lisa = json.loads(capsys.readouterr().out)["lisa"]
-    for what, key in (("state", "state"), ("activations", "activations"), ("buffers", "buffers"),
-                      ("CUDA runtime", "runtime"), ("total", "gpu_total"), ("host", "host")):
+    for what, key in (
+        ("state", "state"),
+        ("activations", "activations"),
+        ("buffers", "buffers"),
+        ("CUDA runtime", "runtime"),
+        ("total", "gpu_total"),
+        ("host", "host"),
+    ):
         assert _planned(header, what) == round(lisa[key] / GIB, 2), f"{path.name}: {what}"
     gpu = int(_planned(header, "fits"))
-    assert re.search(rf"fits {gpu} GiB: (yes|no)", header).group(1) == ("yes" if lisa["gpu_total"] <= 0.9 * gpu * GIB
-                                                                         else "no")
+    assert re.search(rf"fits {gpu} GiB: (yes|no)", header).group(1) == (
+        "yes" if lisa["gpu_total"] <= 0.9 * gpu * GIB else "no"
+    )
     smallest = next(size for size in CARDS if lisa["gpu_total"] <= 0.9 * size * GIB)
     assert int(_planned(header, r"smallest card it fits \(90% of it\):")) == smallest
     launch = _header(path, "Launch")
@@ -131,8 +144,11 @@ def test_recipe_header_states_what_the_planner_prints(path, capsys):
 
 
 def test_docs_table_lists_every_recipe_with_its_planned_total():
-    rows = {line.split("|")[1].strip(" `"): line for line in (REPO / "docs" / "recipes.md").read_text().splitlines()
-            if line.startswith("| `")}
+    rows = {
+        line.split("|")[1].strip(" `"): line
+        for line in (REPO / "docs" / "recipes.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
     assert set(rows) == {path.name for path in RECIPES}
     for path in RECIPES:
         assert f"| {_planned(_header(path, 'Planned'), 'total'):.2f}" in rows[path.name], path.name
@@ -155,22 +171,33 @@ def test_builtin_llama3_renders_llama_3_1s_chat_format():
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = BUILTIN_TEMPLATES["llama3"]
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
-    messages = [{"role": "system", "content": " Answer briefly. "}, {"role": "user", "content": "What is 2+2?"},
-                {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "4"},
-                {"role": "assistant", "content": "4."}]
+    messages = [
+        {"role": "system", "content": " Answer briefly. "},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4."},
+    ]
     header = "<|start_header_id|>{}<|end_header_id|>\n\n"
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False) == (
         f"<s>{header.format('system')}Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
         f"Answer briefly.<|eot_id|>{header.format('user')}What is 2+2?<|eot_id|>"
         f'{header.format("assistant")}{{"name": "add", "parameters": {{"a": 2, "b": 2}}}}<|eot_id|>'
-        f'{header.format("ipython")}"4"<|eot_id|>{header.format("assistant")}4.<|eot_id|>')
+        f'{header.format("ipython")}"4"<|eot_id|>{header.format("assistant")}4.<|eot_id|>'
+    )
     prompt = tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith(f"What is 2+2?<|eot_id|>{header.format('assistant')}")
 
 
-@pytest.mark.parametrize("ds_config, expected", [("ds_configs/zero1.json", "zero1"), ("ds_configs/zero2.json", "zero2"),
-                                                 ("ds_configs/zero3.json", "zero3"),
-                                                 ("ds_configs/zero3_offload.json", "zero3_offload")])
+@pytest.mark.parametrize(
+    "ds_config, expected",
+    [
+        ("ds_configs/zero1.json", "zero1"),
+        ("ds_configs/zero2.json", "zero2"),
+        ("ds_configs/zero3.json", "zero3"),
+        ("ds_configs/zero3_offload.json", "zero3_offload"),
+    ],
+)
 def test_planner_reads_the_zero_stage_of_the_ds_config(ds_config, expected):
     cfg = load_config(None, ["--data.path=x.jsonl", "--backend.name=deepspeed", f"--backend.ds_config={ds_config}"])
     assert planner_backend(cfg) == expected
@@ -192,8 +219,9 @@ def test_estimate_config_errors_name_the_problem(tmp_path, capsys):
 def test_estimate_config_reads_a_local_folder_and_takes_flags_over_the_config(tmp_path, capsys):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**HUB_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"],
-                                                    "num_hidden_layers": 4}))
+    (folder / "config.json").write_text(
+        json.dumps({**HUB_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"], "num_hidden_layers": 4})
+    )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {{name: {folder}}}\ndata: {{path: x.jsonl, max_length: 1024}}\nlisa: {{gamma: 3}}\n")
     assert cli_main(["estimate", "--config", str(recipe), "--micro-batch", "2"]) == 0

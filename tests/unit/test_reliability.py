@@ -1,6 +1,7 @@
 """The second reliability probe's defects (../shared/probes/reliability-probe-2.md), each test named by its D-number,
 and the cases of the same kinds found beside them. One process, the local backend; the multi-rank ones (D2, D3, D23,
 Ctrl-C under torchrun) are in tests/e2e/test_preemption.py."""
+
 import errno
 import json
 import logging
@@ -35,8 +36,11 @@ def _files(folder):
 # -- D1: export never writes over what it exports --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("out", ["run/checkpoints", "run", "run/checkpoints/step-4", "run/checkpoints/step-4/hf", "."],
-                         ids=["the-checkpoints-folder", "the-run", "the-step", "inside-the-step", "above-the-run"])
+@pytest.mark.parametrize(
+    "out",
+    ["run/checkpoints", "run", "run/checkpoints/step-4", "run/checkpoints/step-4/hf", "."],
+    ids=["the-checkpoints-folder", "the-run", "the-step", "inside-the-step", "above-the-run"],
+)
 def test_d1_export_refuses_a_folder_that_is_holds_or_lies_inside_its_source(tmp_path, data_file, out, capsys):
     assert _train(tmp_path, data_file, "--checkpoint.every=2") == 0
     run = tmp_path / "run"
@@ -68,8 +72,9 @@ def test_d6_save_final_replaces_an_earlier_final_folder_whole(tmp_path, data_fil
     assert not (final / "model.safetensors.index.json").exists() and not (final / "notes.txt").exists()
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not list(final.parent.glob(".final*"))  # no staging or replaced folder left beside it
-    cfg = load_config(None, tiny_overrides(tmp_path / "again", data_file, f"--model.name={final}",
-                                           "--model.config_overrides={}"))
+    cfg = load_config(
+        None, tiny_overrides(tmp_path / "again", data_file, f"--model.name={final}", "--model.config_overrides={}")
+    )
     assert cfg.model.name == str(final)
     from lisa_dist.models import load_model
 
@@ -86,10 +91,14 @@ def test_d5_a_runs_default_checkpoint_folder_is_locked(tmp_path, data_file):
     try:
         from lisa_dist.run.trainer import _lock_outputs
 
-        second = load_config(None, tiny_overrides(tmp_path / "b", data_file,
-                                                  f"--checkpoint.dir={tmp_path / 'run' / 'checkpoints'}"))
-        with pytest.raises(ConfigError, match=r"checkpoint.dir=.*run/checkpoints' is in use by another run: process "
-                                              rf"{os.getpid()}"):
+        second = load_config(
+            None, tiny_overrides(tmp_path / "b", data_file, f"--checkpoint.dir={tmp_path / 'run' / 'checkpoints'}")
+        )
+        with pytest.raises(
+            ConfigError,
+            match=r"checkpoint.dir=.*run/checkpoints' is in use by another run: process "
+            rf"{os.getpid()}",
+        ):
             _lock_outputs(second)
     finally:
         lock.release()
@@ -119,8 +128,14 @@ def test_d21_a_model_change_that_does_not_load_says_so_and_keeps_the_checkpoints
     assert _train(tmp_path, data_file, "--checkpoint.every=2") == 0
     before = _files(tmp_path / "run" / "checkpoints")
     with caplog.at_level(logging.ERROR, logger="lisa_dist"):
-        code = _train(tmp_path, data_file, "--checkpoint.every=2", "--checkpoint.override=true",
-                      '--model.config_overrides={"num_hidden_layers":6,"hidden_size":64}', steps=6)
+        code = _train(
+            tmp_path,
+            data_file,
+            "--checkpoint.every=2",
+            "--checkpoint.override=true",
+            '--model.config_overrides={"num_hidden_layers":6,"hidden_size":64}',
+            steps=6,
+        )
     assert code == 2  # bad input, not "could not write" (5)
     text = caplog.text
     assert "does not load into this run's model" in text
@@ -145,8 +160,10 @@ def test_d3_a_checkpoint_exception_from_dcp_is_cleaned_up_like_any_failure(tmp_p
         raise CheckpointException("save", {0: OSError(errno.ENOSPC, "No space left on device")})
 
     monkeypatch.setattr(run.backend, "save_state", dcp_full)
-    with pytest.raises(CheckpointError, match="no space left on the device; the previous checkpoint is intact and "
-                                              "its temporary folder was removed"):
+    with pytest.raises(
+        CheckpointError,
+        match="no space left on the device; the previous checkpoint is intact and its temporary folder was removed",
+    ):
         save(run, 1)
     assert not list((tmp_path / "run" / "checkpoints").glob("*"))
 
@@ -159,8 +176,11 @@ def test_d22_a_short_write_says_the_disk_is_full(tmp_path, data_file, monkeypatc
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 805440 vs 805392")
 
     monkeypatch.setattr(torch, "save", short_write)
-    with pytest.raises(CheckpointError, match=r"no space left on the device: a write was cut short \(the disk is "
-                                              r"full or over quota; [0-9.]+ MiB free there now\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no space left on the device: a write was cut short \(the disk is "
+        r"full or over quota; [0-9.]+ MiB free there now\)",
+    ):
         save(run, 1)
 
 
@@ -172,8 +192,11 @@ def test_d2_the_main_ranks_failure_to_make_the_folder_reaches_the_save_as_one_er
     root = tmp_path / "run" / "checkpoints"
     root.parent.mkdir(parents=True, exist_ok=True)
     root.write_text("not a folder")
-    with pytest.raises(CheckpointError, match=r"saving checkpoint step-1 into .*checkpoints failed: a part of the "
-                                              r"path is a file, not a folder"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"saving checkpoint step-1 into .*checkpoints failed: a part of the "
+        r"path is a file, not a folder",
+    ):
         save(run, 1)
 
 
@@ -221,10 +244,15 @@ def test_d4_ctrl_c_in_training_saves_a_checkpoint_and_exits_75(tmp_path, data_fi
 # -- D7: train_embeddings=false freezes every input embedding ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, frozen", [("tiny-gpt2", ["transformer.wpe.weight"]),
-                                            ("tiny-opt", ["model.decoder.embed_positions.weight"]),
-                                            ("tiny-llama", ["model.embed_tokens.weight"]),
-                                            ("tiny-gpt-neox", ["gpt_neox.embed_in.weight"])])
+@pytest.mark.parametrize(
+    "preset, frozen",
+    [
+        ("tiny-gpt2", ["transformer.wpe.weight"]),
+        ("tiny-opt", ["model.decoder.embed_positions.weight"]),
+        ("tiny-llama", ["model.embed_tokens.weight"]),
+        ("tiny-gpt-neox", ["gpt_neox.embed_in.weight"]),
+    ],
+)
 def test_d7_frozen_embeddings_include_learned_positions_in_every_family(preset, frozen):
     model, _ = build_preset(preset)
     layout = find_layout(model)
@@ -232,12 +260,20 @@ def test_d7_frozen_embeddings_include_learned_positions_in_every_family(preset, 
     assert layout.frozen_embedding_params(True) == []
 
 
-def test_d7_gpt2_with_frozen_embeddings_trains_no_embedding_and_backward_stops_at_the_lowest_layer(tmp_path,
-                                                                                                  data_file):
+def test_d7_gpt2_with_frozen_embeddings_trains_no_embedding_and_backward_stops_at_the_lowest_layer(tmp_path, data_file):
     def first_record(folder, value):
-        cfg = load_config(None, tiny_overrides(folder, data_file, "--model.name=tiny-gpt2", GPT2,
-                                               f"--lisa.train_embeddings={value}", "--lisa.strategy=fixed",
-                                               "--lisa.fixed_layers=[2]"))
+        cfg = load_config(
+            None,
+            tiny_overrides(
+                folder,
+                data_file,
+                "--model.name=tiny-gpt2",
+                GPT2,
+                f"--lisa.train_embeddings={value}",
+                "--lisa.strategy=fixed",
+                "--lisa.fixed_layers=[2]",
+            ),
+        )
         run = build(cfg)
         record = train_step(run, 0)
         return run, record
@@ -289,8 +325,9 @@ def test_d9_non_finite_config_numbers_are_refused_naming_the_field(tmp_path, fie
         load_config(None, tiny_overrides(tmp_path, tmp_path / "d.jsonl", f"--{field}={value}"))
 
 
-@pytest.mark.parametrize("flag, value", [("--temperature", "-2"), ("--temperature", "nan"), ("--top-p", "0"),
-                                         ("--top-p", "1.5")])
+@pytest.mark.parametrize(
+    "flag, value", [("--temperature", "-2"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5")]
+)
 def test_sampling_options_are_checked_before_anything_loads(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["chat", "/nonexistent", flag, value])
@@ -321,8 +358,13 @@ def test_d10_a_truncated_weights_file_under_generate_is_one_line(tmp_path, expor
     assert "does not load as a Hugging Face model folder: SafetensorError" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("device, message", [("gpu", "is not a device: expected cpu, cuda or cuda:N"),
-                                             ("cuda", "this torch is built without CUDA|no GPU is visible")])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", "is not a device: expected cpu, cuda or cuda:N"),
+        ("cuda", "this torch is built without CUDA|no GPU is visible"),
+    ],
+)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_d11_generate_on_a_device_this_machine_lacks_is_one_line(exported, device, message, capsys):
     assert cli.main(["generate", str(exported), "--prompt", "hi", "--device", device]) == 2
@@ -346,11 +388,21 @@ def test_d13_a_model_folder_without_tokenizer_files_is_one_line(tmp_path, capsys
 
 
 def test_d14_max_length_beyond_learned_positions_names_both(tmp_path, data_file):
-    cfg = load_config(None, tiny_overrides(tmp_path, data_file, "--model.name=tiny-gpt2",
-                                           '--model.config_overrides={"n_embd": 64, "n_layer": 4, "n_head": 4, '
-                                           '"n_positions": 128}', "--data.max_length=256"))
-    with pytest.raises(ConfigError, match=r"data.max_length=256 is not allowed: expected <= 128: the model's learned "
-                                          "position embedding has 128 positions"):
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            data_file,
+            "--model.name=tiny-gpt2",
+            '--model.config_overrides={"n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 128}',
+            "--data.max_length=256",
+        ),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data.max_length=256 is not allowed: expected <= 128: the model's learned "
+        "position embedding has 128 positions",
+    ):
         build(cfg)
     model, _ = build_preset("tiny-llama")
     assert find_layout(model).learned_positions() is None  # rotary: no limit to enforce
@@ -393,15 +445,20 @@ def test_d17_plot_into_a_file_is_one_line(tmp_path, data_file, capsys):
 
 def test_d18_lora_target_modules_that_match_nothing_name_the_model_s_layers(tmp_path, data_file, caplog):
     with caplog.at_level(logging.ERROR, logger="lisa_dist"):
-        assert _train(tmp_path, data_file, "--lisa.enabled=false", "--lora.enabled=true",
-                      "--lora.target_modules=[nope_proj]") == 2
+        assert (
+            _train(
+                tmp_path, data_file, "--lisa.enabled=false", "--lora.enabled=true", "--lora.target_modules=[nope_proj]"
+            )
+            == 2
+        )
     assert "lora.target_modules=['nope_proj']" in caplog.text and "q_proj" in caplog.text
 
 
 def test_d19_config_overrides_transformers_refuses_are_one_line(tmp_path, data_file, caplog):
     with caplog.at_level(logging.ERROR, logger="lisa_dist"):
-        assert _train(tmp_path, data_file,
-                      '--model.config_overrides={"hidden_size": 60, "num_attention_heads": 7}') == 2
+        assert (
+            _train(tmp_path, data_file, '--model.config_overrides={"hidden_size": 60, "num_attention_heads": 7}') == 2
+        )
     assert "model.config_overrides of tiny-llama" in caplog.text and "not a multiple" in caplog.text
 
 
@@ -470,8 +527,9 @@ def test_export_never_replaces_the_model_its_checkpoint_was_trained_from(tmp_pat
     base.mkdir()
     for path in exported.iterdir():
         (base / path.name).write_bytes(path.read_bytes())
-    assert _train(tmp_path, data_file, f"--model.name={base}", "--model.config_overrides={}",
-                  "--checkpoint.every=2") == 0
+    assert (
+        _train(tmp_path, data_file, f"--model.name={base}", "--model.config_overrides={}", "--checkpoint.every=2") == 0
+    )
     before = _files(base)
     for out in (base, tmp_path):
         assert cli.main(["export", str(tmp_path / "run" / "checkpoints"), str(out), "--overwrite"]) == 2
@@ -479,8 +537,9 @@ def test_export_never_replaces_the_model_its_checkpoint_was_trained_from(tmp_pat
     assert _files(base) == before
 
 
-def test_save_final_failing_on_the_main_rank_is_one_error_and_keeps_the_earlier_final(tmp_path, data_file,
-                                                                                      monkeypatch, caplog):
+def test_save_final_failing_on_the_main_rank_is_one_error_and_keeps_the_earlier_final(
+    tmp_path, data_file, monkeypatch, caplog
+):
     assert _train(tmp_path, data_file, "--checkpoint.save_final=true", "--checkpoint.every=2") == 0
     final = tmp_path / "run" / "final"
     before = _files(final)

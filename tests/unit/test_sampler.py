@@ -83,11 +83,17 @@ def test_period_of_step():
     assert [sampler.period_of(s) for s in (0, 4, 5, 9, 10)] == [0, 0, 1, 1, 2]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"gamma": 0}, "gamma"), ({"gamma": 7}, "gamma"), ({"interval": 0}, "interval"),
-    ({"strategy": "greedy"}, "strategy"), ({"strategy": "weighted", "weights": [1.0]}, "weights"),
-    ({"strategy": "fixed", "fixed_layers": [1]}, "fixed_layers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"gamma": 0}, "gamma"),
+        ({"gamma": 7}, "gamma"),
+        ({"interval": 0}, "interval"),
+        ({"strategy": "greedy"}, "strategy"),
+        ({"strategy": "weighted", "weights": [1.0]}, "weights"),
+        ({"strategy": "fixed", "fixed_layers": [1]}, "fixed_layers"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     args = {"num_layers": 6, "gamma": 2, "interval": 1, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=match):
@@ -133,8 +139,9 @@ def test_grad_norm_training_visits_every_layer_and_prefers_larger_gradients(tmp_
     from ..helpers import tiny_overrides, write_text_data
 
     data = write_text_data(tmp_path / "text.jsonl")
-    cfg = load_config(None, tiny_overrides(tmp_path, data, "--lisa.strategy=grad_norm", "--lisa.interval=1",
-                                           "--train.steps=12"))
+    cfg = load_config(
+        None, tiny_overrides(tmp_path, data, "--lisa.strategy=grad_norm", "--lisa.interval=1", "--train.steps=12")
+    )
     run = build(cfg)
     for step in range(12):
         train_step(run, step)

@@ -1,5 +1,6 @@
 """The wait for idle gloo workers before the interpreter finalizes (lisa_dist.teardown): it must pass idle
 workers at once and hold while one still runs; the races themselves are counted by benchmarks/exit_stress.py."""
+
 from __future__ import annotations
 
 import ctypes

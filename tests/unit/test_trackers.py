@@ -1,6 +1,7 @@
 """The TensorBoard and W&B sinks, read back from the files they write: training and evaluation records as
 "train/<key>" and "eval/<key>" scalars, nested dicts flattened, a resumed run's repeated steps, offline W&B without
 network or account, and the error that names the config field when a tracker's package is missing."""
+
 import json
 import sys
 import time
@@ -13,10 +14,22 @@ from lisa_dist.run import TensorBoardSink, WandbSink
 
 
 def train_record(step: int, loss: float) -> dict:
-    return {"step": step, "epoch": 0, "loss": loss, "lr": 1e-3 * step, "grad_norm": 0.5, "tokens": 100 * step,
-            "tokens_per_s": 1000.0, "elapsed_s": 0.1 * step, "active_layers": [step % 4, 3], "switched": step == 1,
-            "switch_s": 0.01, "trainable_params": 4096, "optimizer_state_bytes": 32768,
-            "state_bytes": {"params": 1000 + step, "grads": 500, "moments": 2000}}
+    return {
+        "step": step,
+        "epoch": 0,
+        "loss": loss,
+        "lr": 1e-3 * step,
+        "grad_norm": 0.5,
+        "tokens": 100 * step,
+        "tokens_per_s": 1000.0,
+        "elapsed_s": 0.1 * step,
+        "active_layers": [step % 4, 3],
+        "switched": step == 1,
+        "switch_s": 0.01,
+        "trainable_params": 4096,
+        "optimizer_state_bytes": 32768,
+        "state_bytes": {"params": 1000 + step, "grads": 500, "moments": 2000},
+    }
 
 
 EVAL = {"step": 3, "eval_loss": 2.5, "eval_ppl": 12.18, "eval_tokens": 640, "tokens": 300, "eval_s": 0.2}
@@ -44,9 +57,22 @@ def test_tensorboard_sink_writes_train_and_eval_scalars(tmp_path):
     assert scalars["eval/eval_loss"] == [(3, 2.5)]
     assert scalars["eval/tokens"] == [(3, 300)]
     assert scalars["eval/eval_ppl"] == [(3, pytest.approx(12.18))]
-    train_tags = {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "epoch", "switched", "switch_s",
-                  "trainable_params", "optimizer_state_bytes", "state_bytes/params", "state_bytes/grads",
-                  "state_bytes/moments"}
+    train_tags = {
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "elapsed_s",
+        "epoch",
+        "switched",
+        "switch_s",
+        "trainable_params",
+        "optimizer_state_bytes",
+        "state_bytes/params",
+        "state_bytes/grads",
+        "state_bytes/moments",
+    }
     eval_tags = {"eval_loss", "eval_ppl", "eval_tokens", "tokens", "eval_s"}
     # No step tag (it is the x axis) and no list (active_layers).
     assert set(scalars) == {f"train/{t}" for t in train_tags} | {f"eval/{t}" for t in eval_tags}
@@ -75,10 +101,10 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
         if pos + 7 + length > len(data):  # a chunk still being written
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -103,9 +129,14 @@ def finished_log(path: Path, timeout_s: float = 20.0) -> list:
 @pytest.fixture
 def wandb_home(tmp_path, monkeypatch):
     """W&B quiet, offline and kept out of the home folder: its settings, cache and credentials live in tmp_path."""
-    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "config",
-                        "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_DATA_DIR": tmp_path / "data",
-                        "NETRC": tmp_path / "netrc"}.items():
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": tmp_path / "config",
+        "WANDB_CACHE_DIR": tmp_path / "cache",
+        "WANDB_DATA_DIR": tmp_path / "data",
+        "NETRC": tmp_path / "netrc",
+    }.items():
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     return tmp_path
@@ -140,10 +171,13 @@ def test_wandb_sink_online_without_credentials_does_not_prompt(wandb_home):
         WandbSink("lisa-dist-test", wandb_home / "out", config={}, mode="online")
 
 
-@pytest.mark.parametrize(("make", "module", "field", "extra"), [
-    (lambda tmp: TensorBoardSink(tmp), "torch.utils.tensorboard", "logging.tensorboard", "tensorboard"),
-    (lambda tmp: WandbSink("p", tmp, config={}), "wandb", "logging.wandb", "wandb"),
-])
+@pytest.mark.parametrize(
+    ("make", "module", "field", "extra"),
+    [
+        (lambda tmp: TensorBoardSink(tmp), "torch.utils.tensorboard", "logging.tensorboard", "tensorboard"),
+        (lambda tmp: WandbSink("p", tmp, config={}), "wandb", "logging.wandb", "wandb"),
+    ],
+)
 def test_missing_tracker_package_names_the_field_and_the_fix(tmp_path, monkeypatch, make, module, field, extra):
     monkeypatch.setitem(sys.modules, module, None)  # what `import` sees when the package is not installed
     with pytest.raises(ConfigError) as caught:
@@ -151,4 +185,3 @@ def test_missing_tracker_package_names_the_field_and_the_fix(tmp_path, monkeypat
     message = str(caught.value)
     assert message.startswith(f"{field}=true needs the {extra} package")
     assert f"pip install -e .[{extra}]" in message
-

@@ -1,4 +1,5 @@
 """The local backend and the one training loop: optimizer state only for active params, equivalences, metrics."""
+
 import itertools
 import json
 import shutil
@@ -118,8 +119,17 @@ def test_train_writes_per_step_metrics_and_summary(tmp_path, data_file):
     summary = train(cfg)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 13))
-    fields = {"step", "loss", "lr", "tokens", "tokens_per_s", "active_layers", "trainable_params",
-              "optimizer_state_bytes", "grad_norm"}
+    fields = {
+        "step",
+        "loss",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "active_layers",
+        "trainable_params",
+        "optimizer_state_bytes",
+        "grad_norm",
+    }
     assert fields <= set(records[0])
     assert records[-1]["tokens"] > records[0]["tokens"] > 0
     assert summary["switches"] == 6 and summary["last_loss"] < summary["first_loss"]
@@ -128,10 +138,18 @@ def test_train_writes_per_step_metrics_and_summary(tmp_path, data_file):
 
 
 def test_cli_train_and_errors(tmp_path, data_file, capsys):
-    args = ["train", f"--data.path={data_file}", "--data.format=text", "--data.max_length=64",
-            f"--data.cache_dir={tmp_path / 'c'}",
-            "--model.config_overrides={num_hidden_layers: 2, hidden_size: 32}", "--train.steps=2",
-            f"--train.output_dir={tmp_path / 'run'}", "--logging.progress=false", "--lisa.gamma=1"]
+    args = [
+        "train",
+        f"--data.path={data_file}",
+        "--data.format=text",
+        "--data.max_length=64",
+        f"--data.cache_dir={tmp_path / 'c'}",
+        "--model.config_overrides={num_hidden_layers: 2, hidden_size: 32}",
+        "--train.steps=2",
+        f"--train.output_dir={tmp_path / 'run'}",
+        "--logging.progress=false",
+        "--lisa.gamma=1",
+    ]
     assert cli.main(args) == 0
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
     assert cli.main([*args, "--lisa.gamma=3"]) == 2  # the tiny model has 2 layers
@@ -161,11 +179,17 @@ def test_shipped_example_configs_train(tmp_path, name):
     data = tmp_path / "d.jsonl"
     rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
     data.write_text("".join(json.dumps({"text": r["output"]} if text else r) + "\n" for r in rows))
-    cfg = load_config(REPO / "configs" / name, [
-        f"--data.path={data}", f"--data.cache_dir={tmp_path / 'c'}", "--train.steps=2",
-        f"--train.output_dir={tmp_path / 'run'}", "--logging.progress=false",
-        "--model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64}",
-    ])
+    cfg = load_config(
+        REPO / "configs" / name,
+        [
+            f"--data.path={data}",
+            f"--data.cache_dir={tmp_path / 'c'}",
+            "--train.steps=2",
+            f"--train.output_dir={tmp_path / 'run'}",
+            "--logging.progress=false",
+            "--model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64}",
+        ],
+    )
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["last_loss"] > 0
 

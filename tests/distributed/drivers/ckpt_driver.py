@@ -5,6 +5,7 @@
 
 Rank 0 writes OUT_DIR/<mode>.json with the first step it trained and the losses.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from lisa_dist.run import build, save, train_step
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     stop = int(sys.argv[3]) if mode == "save" else None
-    cfg = load_config(None, sys.argv[4 if mode == "save" else 3:])
+    cfg = load_config(None, sys.argv[4 if mode == "save" else 3 :])
     run = build(cfg)
     last = stop if stop is not None else cfg.train.steps
     losses = [train_step(run, step)["loss"] for step in range(run.start_step, last)]

@@ -3,6 +3,7 @@ collectives of every step and of its LISA switch apart; each rank writes OUT_DIR
 
     torchrun --nproc-per-node 2 tests/distributed/drivers/comm_driver.py OUT_DIR [--section.key=value ...]
 """
+
 from __future__ import annotations
 
 import gc
@@ -31,8 +32,15 @@ def main(out: Path, overrides: list[str]) -> None:
                 switched = maybe_switch(run, step)
             with count_collectives() as comm:
                 train_step(run, step)
-            result[method].append({"calls": comm.calls, "bytes": comm.bytes, "switched": switched,
-                                   "changed": sorted(set(before) ^ set(run.active)), "switch_bytes": switch.bytes})
+            result[method].append(
+                {
+                    "calls": comm.calls,
+                    "bytes": comm.bytes,
+                    "switched": switched,
+                    "changed": sorted(set(before) ^ set(run.active)),
+                    "switch_bytes": switch.bytes,
+                }
+            )
             result["groups"].update(comm.by_group())
     result["groups"] = sorted(result["groups"])
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))

@@ -8,6 +8,7 @@ weights they had before its switch. With evaluation data, also the eval record
 after the last step. Rank 0 also writes the gathered final weights
 (weights.pt), a Hugging Face export (hf/) and the sharded model's logits on a fixed input (logits.pt).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,10 @@ def expected_moment_numel(run) -> int:
     if run.cfg.backend.name != "deepspeed":
         return sum(local(p).numel() for _, p in named)
     world = run.backend.world_size
-    groups = [g["params"] for g in param_groups(run.trainable.always, run.trainable.layer_params(run.active), 0.0,
-                                                drop_empty=True)]
+    groups = [
+        g["params"]
+        for g in param_groups(run.trainable.always, run.trainable.layer_params(run.active), 0.0, drop_empty=True)
+    ]
     if run.backend.stage == 3:
         # Each param is partitioned on its own, padded to a multiple of the world size.
         return sum(math.ceil(p.ds_numel / world) for group in groups for p in group)
@@ -63,10 +66,20 @@ def step_checks(run, before: dict[str, torch.Tensor]) -> dict:
             same = torch.equal(local(p), before[name].to(p.dtype))
             frozen_ok &= same and p.grad is None and not p.requires_grad
     expected = expected_moment_numel(run)
-    dtypes = sorted({str(p.dtype) for i in range(len(run.trainable.layers)) if i not in run.active
-                     for _, p in run.trainable.layers[i]})
-    return {"frozen_ok": frozen_ok, "expected_bytes": 2 * FP32 * expected, "frozen_dtypes": dtypes,
-            "active_dtypes": sorted({str(p.dtype) for _, p in run.trainable.layer_params(run.active)})}
+    dtypes = sorted(
+        {
+            str(p.dtype)
+            for i in range(len(run.trainable.layers))
+            if i not in run.active
+            for _, p in run.trainable.layers[i]
+        }
+    )
+    return {
+        "frozen_ok": frozen_ok,
+        "expected_bytes": 2 * FP32 * expected,
+        "frozen_dtypes": dtypes,
+        "active_dtypes": sorted({str(p.dtype) for _, p in run.trainable.layer_params(run.active)}),
+    }
 
 
 def always_state(run) -> tuple[list[torch.Tensor], list[int]]:
@@ -86,8 +99,11 @@ def switch_with_carry_check(run, step: int) -> dict:
     if not maybe_switch(run, step):
         return {"switched": False}
     after_masters, after_steps = always_state(run)
-    return {"switched": True, "steps_kept": steps == after_steps,
-            "masters_kept": all(torch.equal(a, b) for a, b in zip(masters, after_masters, strict=True))}
+    return {
+        "switched": True,
+        "steps_kept": steps == after_steps,
+        "masters_kept": all(torch.equal(a, b) for a, b in zip(masters, after_masters, strict=True)),
+    }
 
 
 def main() -> None:
@@ -102,16 +118,21 @@ def main() -> None:
         carry = switch_with_carry_check(run, step)
         # The active layers start from exactly the weights they had before the switch (an entering block loaded
         # from its exact copy, not from its frozen storage).
-        carry["entered_ok"] = all(torch.equal(local(p).float(), before[n].float())
-                                  for n, p in run.trainable.layer_params(run.active))
+        carry["entered_ok"] = all(
+            torch.equal(local(p).float(), before[n].float()) for n, p in run.trainable.layer_params(run.active)
+        )
         record = train_step(run, step)
         record.update(step_checks(run, before), **carry)
         if run.cfg.backend.name == "deepspeed":
             record["always_steps"] = always_state(run)[1]
         steps.append(record)
-    result = {"rank": rank, "steps": steps, "peak_rss_after_load": rss_after_load,
-              "eval": evaluate(run, cfg.train.steps) if run.eval_set is not None else None,
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {
+        "rank": rank,
+        "steps": steps,
+        "peak_rss_after_load": rss_after_load,
+        "eval": evaluate(run, cfg.train.steps) if run.eval_set is not None else None,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     state = run.backend.full_state_dict()
     probe = torch.arange(24, dtype=torch.long).reshape(2, 12) % 200 + 5

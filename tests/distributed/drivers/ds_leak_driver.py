@@ -7,6 +7,7 @@ Writes OUT_DIR/rank{R}.json with, after switches 1, 2, 10, 25 and the last, the 
 modules and the live DeepSpeed engines and ZeRO optimizers (counted through the garbage collector), and the engines
 alive right after the switch, before this driver collects anything.
 """
+
 from __future__ import annotations
 
 import gc
@@ -47,8 +48,15 @@ def main() -> None:
         if i in (0, 1, 9, 24, switches - 1):
             gc.collect()
             engines, optimizers = live()
-            counts.append({"switch": i + 1, "hooks": hooks(run.backend.model), "engines": engines,
-                           "optimizers": optimizers, "engines_after_switch": engines_after_switch})
+            counts.append(
+                {
+                    "switch": i + 1,
+                    "hooks": hooks(run.backend.model),
+                    "engines": engines,
+                    "optimizers": optimizers,
+                    "engines_after_switch": engines_after_switch,
+                }
+            )
     (out / f"rank{run.backend.rank}.json").write_text(json.dumps({"counts": counts}))
     run.backend.close()
 

@@ -3,6 +3,7 @@ peak RSS after loading, and whether its shards hold exactly the file's rows.
 
     torchrun --nproc-per-node 2 tests/distributed/drivers/fsdp_load_driver.py OUT_DIR [--section.key=value ...]
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ rate and the same AdamW settings, so its losses can be compared with lisa_dist's
 (no LISA) for the state bytes. Per rank: OUT_DIR/rank{R}.json with per-step loss, active layers, Adam moment bytes
 and what lisa_dist.tools.memory predicts for them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,15 @@ class Recorder(TrainerCallback):
         expected = estimate(self.shapes, "lisa" if self.lisa else "full", self.setup, active=layers).moments
         gc.collect()
         engines = sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
-        self.steps.append({"step": state.global_step, "active_layers": list(layers) if layers else None,
-                           "moment_bytes": moment_bytes(inner), "expected_moment_bytes": expected,
-                           "live_engines": engines})
+        self.steps.append(
+            {
+                "step": state.global_step,
+                "active_layers": list(layers) if layers else None,
+                "moment_bytes": moment_bytes(inner),
+                "expected_moment_bytes": expected,
+                "live_engines": engines,
+            }
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
@@ -61,9 +68,18 @@ class Recorder(TrainerCallback):
 
 def ordered_micro_batches(cfg, dataset, pad_id: int, world: int) -> list[dict]:
     """lisa_dist's micro-batches in the order accelerate deals them out: item i goes to rank i % world."""
-    ranks = [ShardedBatches(dataset, seed=cfg.train.seed, rank=r, world_size=world,
-                            micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
-                            pad_id=pad_id) for r in range(world)]
+    ranks = [
+        ShardedBatches(
+            dataset,
+            seed=cfg.train.seed,
+            rank=r,
+            world_size=world,
+            micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum,
+            pad_id=pad_id,
+        )
+        for r in range(world)
+    ]
     items = []
     for step in range(cfg.train.steps):
         per_rank = [batches.step_batches(step) for batches in ranks]
@@ -77,9 +93,15 @@ def backend_args(backend: str) -> tuple[dict, str]:
     if backend.startswith("zero"):
         return {"deepspeed": str(REPO / "ds_configs" / f"{backend}.json")}, backend
     if backend == "fsdp":
-        return {"fsdp": "full_shard auto_wrap",
-                "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}}, "fsdp"
+        return {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "reshard_after_forward": True,
+                "state_dict_type": "SHARDED_STATE_DICT",
+            },
+        }, "fsdp"
     return {"ddp_backend": "gloo"} if backend == "ddp" else {}, "ddp" if backend == "ddp" else "local"
 
 
@@ -121,14 +143,31 @@ def main() -> None:
         model.save_pretrained(folder)
         del model
     training_args = TrainingArguments(
-        output_dir=str(args.out / "trainer"), per_device_train_batch_size=1,
-        gradient_accumulation_steps=cfg.train.grad_accum, max_steps=cfg.train.steps,
-        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
-        adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[], seed=cfg.train.seed,
-        train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=True, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        save_only_model=False, **extra)
+        output_dir=str(args.out / "trainer"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        max_steps=cfg.train.steps,
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        report_to=[],
+        seed=cfg.train.seed,
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_only_model=False,
+        **extra,
+    )
     world = training_args.world_size
     if args.backend == "zero3":
         import deepspeed
@@ -148,17 +187,24 @@ def main() -> None:
     cls = Trainer if args.full else LisaTrainer
     if args.backend == "fsdp":
         cls = fsdp_on_cpu(cls)
-    trainer = cls(model=model, args=training_args, train_dataset=items, data_collator=lambda rows: rows[0],
-                  callbacks=callbacks)
+    trainer = cls(
+        model=model, args=training_args, train_dataset=items, data_collator=lambda rows: rows[0], callbacks=callbacks
+    )
     trainer_ref.append(trainer)
     if args.stop_after:
+
         class Stop(TrainerCallback):
             def on_step_end(self, a, state, control, **kwargs):
                 control.should_training_stop = state.global_step >= args.stop_after
+
         trainer.add_callback(Stop())
     trainer.train(resume_from_checkpoint=args.resume)
-    result = {"rank": rank, "world": world, "steps": recorder.steps,
-              "schedule": [[s, list(layers)] for s, layers in lisa.schedule] if lisa else []}
+    result = {
+        "rank": rank,
+        "world": world,
+        "steps": recorder.steps,
+        "schedule": [[s, list(layers)] for s, layers in lisa.schedule] if lisa else [],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
     shutdown()

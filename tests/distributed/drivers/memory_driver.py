@@ -3,6 +3,7 @@ every rank writes what it holds (backend.state_bytes) next to what lisa_dist.too
 
     torchrun --nproc-per-node 2 tests/distributed/drivers/memory_driver.py OUT_DIR DATA_FILE
 """
+
 from __future__ import annotations
 
 import json
@@ -16,24 +17,48 @@ from lisa_dist.tools import Setup, estimate, shapes_of
 
 REPO = Path(__file__).resolve().parents[3]
 TIED = '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130,"tie_word_embeddings":true}'
-DS = {stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}"
-      for stage in ("zero1", "zero2", "zero3", "zero3_offload")}
+DS = {
+    stage: f"--backend.ds_config={REPO / 'ds_configs' / f'{stage}.json'}"
+    for stage in ("zero1", "zero2", "zero3", "zero3_offload")
+}
 # name -> (memory-model backend, extra overrides)
 SETUPS = {
     "fsdp-fp32": ("fsdp", ["--backend.name=fsdp"]),
     "fsdp-fp32-full": ("fsdp", ["--backend.name=fsdp", "--lisa.enabled=false"]),
     "fsdp-bf16": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16"]),
-    "fsdp-bf16-frozen-bf16": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16",
-                                       "--lisa.frozen_storage=bfloat16"]),
-    "fsdp-bf16-frozen-bf16-embeddings": ("fsdp", ["--backend.name=fsdp", "--train.precision=bf16",
-                                                  "--lisa.frozen_storage=bfloat16", "--lisa.train_embeddings=false"]),
-    "fsdp-adam8": ("fsdp", ["--backend.name=fsdp", "--optim.adam_8bit=all", "--train.loss=chunked",
-                            '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130,'
-                            '"vocab_size":1031}']),
+    "fsdp-bf16-frozen-bf16": (
+        "fsdp",
+        ["--backend.name=fsdp", "--train.precision=bf16", "--lisa.frozen_storage=bfloat16"],
+    ),
+    "fsdp-bf16-frozen-bf16-embeddings": (
+        "fsdp",
+        [
+            "--backend.name=fsdp",
+            "--train.precision=bf16",
+            "--lisa.frozen_storage=bfloat16",
+            "--lisa.train_embeddings=false",
+        ],
+    ),
+    "fsdp-adam8": (
+        "fsdp",
+        [
+            "--backend.name=fsdp",
+            "--optim.adam_8bit=all",
+            "--train.loss=chunked",
+            '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130,"vocab_size":1031}',
+        ],
+    ),
     # int8 / NF4 frozen blocks: each rank's padded shards quantized on the device, exact on the host.
     "fsdp-nf4": ("fsdp", ["--backend.name=fsdp", "--lisa.frozen_storage=nf4"]),
-    "fsdp-int8-host-bf16-frozen-embeddings": ("fsdp", ["--backend.name=fsdp", "--lisa.frozen_storage=int8",
-                                                       "--lisa.host_dtype=bfloat16", "--lisa.train_embeddings=false"]),
+    "fsdp-int8-host-bf16-frozen-embeddings": (
+        "fsdp",
+        [
+            "--backend.name=fsdp",
+            "--lisa.frozen_storage=int8",
+            "--lisa.host_dtype=bfloat16",
+            "--lisa.train_embeddings=false",
+        ],
+    ),
     "ddp": ("ddp", ["--backend.name=fsdp", "--backend.replicate=2"]),
     "zero1": ("zero1", ["--backend.name=deepspeed", DS["zero1"]]),
     "zero2": ("zero2", ["--backend.name=deepspeed", DS["zero2"]]),
@@ -41,8 +66,10 @@ SETUPS = {
     "zero3": ("zero3", ["--backend.name=deepspeed", DS["zero3"]]),
     "zero3-frozen-embeddings": ("zero3", ["--backend.name=deepspeed", DS["zero3"], "--lisa.train_embeddings=false"]),
     "zero3-bf16": ("zero3", ["--backend.name=deepspeed", DS["zero3"], "--train.precision=bf16"]),
-    "zero3-offload-bf16": ("zero3_offload", ["--backend.name=deepspeed", DS["zero3_offload"],
-                                             "--train.precision=bf16"]),
+    "zero3-offload-bf16": (
+        "zero3_offload",
+        ["--backend.name=deepspeed", DS["zero3_offload"], "--train.precision=bf16"],
+    ),
     # The LM head tied to the embedding: one parameter, counted once, on every backend (ZeRO-3: under zero.Init).
     "fsdp-fp32-tied": ("fsdp", ["--backend.name=fsdp", TIED]),
     "zero2-tied": ("zero2", ["--backend.name=deepspeed", DS["zero2"], TIED]),
@@ -52,10 +79,21 @@ SETUPS = {
 
 def overrides(out: Path, data: str) -> list[str]:
     # Odd sizes (vocabulary 261, intermediate 130) so that FSDP's row padding and ZeRO's group padding show.
-    return [f"--data.path={data}", "--data.format=text", "--data.max_length=64", f"--data.cache_dir={out / 'cache'}",
-            "--model.name=tiny-llama", '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130}',
-            "--train.micro_batch_size=2", "--train.steps=3", f"--train.output_dir={out / 'run'}",
-            "--lisa.gamma=2", "--lisa.interval=2", "--logging.progress=false", "--logging.level=WARNING"]
+    return [
+        f"--data.path={data}",
+        "--data.format=text",
+        "--data.max_length=64",
+        f"--data.cache_dir={out / 'cache'}",
+        "--model.name=tiny-llama",
+        '--model.config_overrides={"num_hidden_layers":4,"intermediate_size":130}',
+        "--train.micro_batch_size=2",
+        "--train.steps=3",
+        f"--train.output_dir={out / 'run'}",
+        "--lisa.gamma=2",
+        "--lisa.interval=2",
+        "--logging.progress=false",
+        "--logging.level=WARNING",
+    ]
 
 
 def main() -> None:
@@ -68,16 +106,26 @@ def main() -> None:
         for step in range(cfg.train.steps):
             train_step(run, step)
         method = "lisa" if run.sampler else "full"
-        setup = Setup(backend=backend, world_size=run.backend.world_size, replicate=cfg.backend.replicate,
-                      precision=cfg.train.precision, param_dtype=cfg.model.dtype,
-                      frozen_storage=cfg.lisa.frozen_storage, host_dtype=cfg.lisa.host_dtype,
-                      train_embeddings=cfg.lisa.train_embeddings,
-                      adam_8bit=cfg.optim.adam_8bit, rank=run.backend.rank)
+        setup = Setup(
+            backend=backend,
+            world_size=run.backend.world_size,
+            replicate=cfg.backend.replicate,
+            precision=cfg.train.precision,
+            param_dtype=cfg.model.dtype,
+            frozen_storage=cfg.lisa.frozen_storage,
+            host_dtype=cfg.lisa.host_dtype,
+            train_embeddings=cfg.lisa.train_embeddings,
+            adam_8bit=cfg.optim.adam_8bit,
+            rank=run.backend.rank,
+        )
         # The shapes from the config alone, as `lisa-dist estimate` sees them, not from the model that trained.
         shapes = shapes_of(preset_config(cfg.model.name, cfg.model.config_overrides), cfg.model.name)
         predicted = estimate(shapes, method, setup, active=run.active)
-        results[name] = {"measured": run.backend.state_bytes(), "predicted": predicted.as_dict(),
-                         "active": list(run.active)}
+        results[name] = {
+            "measured": run.backend.state_bytes(),
+            "predicted": predicted.as_dict(),
+            "active": list(run.active),
+        }
     (out / f"rank{run.backend.rank}.json").write_text(json.dumps(results, indent=1))
     run.backend.close()
 

@@ -3,6 +3,7 @@ rank with a different config would), then training must stop with the agreement 
 
     torchrun --nproc-per-node 2 tests/distributed/drivers/seed_mismatch_driver.py OUT_DIR [--section.key=value ...]
 """
+
 from __future__ import annotations
 
 import sys
