@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
+from benchmarks.methods import SIZES as METHOD_SIZES
 from lisa_dist.config import load_config
 from lisa_dist.run import build, train_step
 
@@ -49,16 +50,7 @@ SIZES = {
         "head_dim": 64,
         "vocab_size": 8192,
     },
-    "135m": {
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "tie_word_embeddings": True,
-    },
+    "135m": METHOD_SIZES["smollm2-135m"],  # SmolLM2-135M's shape, as benchmarks.methods sizes it
     "370m": {
         "hidden_size": 1024,
         "intermediate_size": 2816,

@@ -85,6 +85,14 @@ class ModelConfig:
     packed micro-batch goes as one row of its real tokens, the only batch its varlen kernel reads as packed)."""
 
 
+def config_overrides_of(model: ModelConfig | dict[str, Any]) -> dict[str, Any]:
+    """model.config_overrides, or its old name model.preset_overrides (earlier runs' configs), as a new dict: of the
+    dataclass, or of a saved config.yaml's `model` mapping."""
+    if isinstance(model, ModelConfig):
+        return dict(model.config_overrides or model.preset_overrides)
+    return dict(model.get("config_overrides") or model.get("preset_overrides") or {})
+
+
 @dataclass
 class DataConfig:
     path: str = ""

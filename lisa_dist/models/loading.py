@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from lisa_dist.config import ModelConfig
+from lisa_dist.config import ModelConfig, config_overrides_of
 from lisa_dist.errors import ConfigError, first_line
 from lisa_dist.models.presets import PRESETS, build_preset, override_config, preset_config, torch_dtype
 from lisa_dist.models.saving import EXPORT_DTYPES
@@ -50,7 +50,7 @@ def open_model(
     `cfg.tokenizer`, when set, replaces the model's own tokenizer; a tokenizer without a pad token pads with eos.
     """
     dtype = torch_dtype(cfg.dtype)
-    overrides = config_overrides(cfg)
+    overrides = config_overrides_of(cfg)
     attention = overrides.pop("attn_implementation", cfg.attn_implementation)
     build = partial(
         build_skeleton,
@@ -149,11 +149,6 @@ def _from_config(
     config = copy.deepcopy(config)  # from_config records the attention it tried on the config, failed or not
     with empty_init() if empty_init else init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-
-
-def config_overrides(cfg: ModelConfig) -> dict[str, Any]:
-    """model.config_overrides (or its old name, model.preset_overrides), as a new dict."""
-    return dict(cfg.config_overrides or cfg.preset_overrides)
 
 
 def _open_pretrained(

@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lisa_dist.config import Config, backends_with, capabilities
+from lisa_dist.config import Config, backends_with, capabilities, config_overrides_of
 from lisa_dist.data import data_fingerprint
 from lisa_dist.dist import all_gather_objects, from_main, raise_together, run_together
 from lisa_dist.errors import CheckpointError, ConfigError
@@ -257,8 +257,7 @@ def _free(folder: Path) -> str:
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
     section, key = dotted.split(".")
     if dotted == "model.config_overrides":  # under its old name in earlier runs' configs
-        model = cfg.get("model", {})
-        return model.get("config_overrides") or model.get("preset_overrides") or {}
+        return config_overrides_of(cfg.get("model", {}))
     return cfg.get(section, {}).get(key)
 
 

@@ -9,6 +9,7 @@ is published in). `load_checkpoint` gives the same model whole in memory, withou
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -145,7 +146,7 @@ def _open(ckpt: Path) -> tuple[Config, nn.Module, PreTrainedTokenizerBase, Fetch
     reader = _reader(cfg.backend.name, ckpt / "state")
     if cfg.lora.enabled:
         with torch.device("meta"):  # peft builds the adapters beside the base weights: nothing is allocated
-            adapted, _ = apply_lora(open_model(cfg.model, seed=cfg.train.seed)[0], cfg.lora)
+            adapted, _ = apply_lora(copy.deepcopy(model), cfg.lora)  # peft wraps in place: the plan keeps the base
         fetch: Fetch = LoraMerge(reader, adapted)
     else:
         fetch = reader

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, cast
 
-from lisa_dist.config import Config, capabilities, validate_for_model
+from lisa_dist.config import Config, capabilities, config_overrides_of, validate_for_model
 from lisa_dist.ds_config import read_ds_config
 from lisa_dist.errors import ConfigError
 from lisa_dist.models import override_config
@@ -49,11 +49,7 @@ def plan_config(cfg: Config, world_size: int, **replaced: Any) -> tuple[ModelSha
     lora.r) and its Setup on `world_size` ranks, with `replaced` Setup fields (the planner's flags) instead of the
     config's. The config is checked against the model as a run would check it (gamma against the layers)."""
     config = model_config(cfg.model.name, field="model.name")
-    overrides = {
-        k: v
-        for k, v in (cfg.model.config_overrides or cfg.model.preset_overrides).items()
-        if k != "attn_implementation"
-    }
+    overrides = {k: v for k, v in config_overrides_of(cfg.model).items() if k != "attn_implementation"}
     if overrides:  # as the run will load it (a folder's or the registry's config, changed)
         config = override_config(config, config.to_dict(), overrides, cfg.model.name)
     shapes = shapes_of(

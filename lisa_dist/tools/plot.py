@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lisa_dist.config import config_overrides_of
 from lisa_dist.errors import ConfigError
 from lisa_dist.models import PRESETS, preset_config
 from lisa_dist.run import outputs, read_jsonl
@@ -100,7 +101,7 @@ def _declared_layers(run_dir: Path) -> int | None:
         return None
     if name in PRESETS:
         try:
-            return preset_config(name, model.get("config_overrides") or model.get("preset_overrides")).num_hidden_layers
+            return preset_config(name, config_overrides_of(model)).num_hidden_layers
         except (ConfigError, TypeError, ValueError):
             return None
     folder_config = Path(name) / "config.json"

@@ -52,22 +52,6 @@ def trained(tmp_path, data, *extra, steps=5):
     return run
 
 
-def setup_of(cfg, backend="local", world_size=1, rank=0) -> Setup:
-    """The planner's Setup for a run's config (its flags mirror these fields)."""
-    return Setup(
-        backend=backend,
-        world_size=world_size,
-        replicate=cfg.backend.replicate,
-        precision=cfg.train.precision,
-        param_dtype=cfg.model.dtype,
-        frozen_storage=cfg.lisa.frozen_storage,
-        host_dtype=cfg.lisa.host_dtype,
-        train_embeddings=cfg.lisa.train_embeddings,
-        adam_8bit=cfg.optim.adam_8bit,
-        rank=rank,
-    )
-
-
 BF16 = "--train.precision=bf16"
 
 
@@ -126,7 +110,7 @@ def test_local_state_bytes_are_predicted_exactly(tmp_path, data, method, extra):
     run = trained(tmp_path, data, *extra, steps=3 if "adam_8bit" in " ".join(extra) else 5)
     lora = run.trainable.always if method == "lora" else ()
     predicted = estimate(
-        shapes_of_model(run.layout.model, lora=lora), method, setup_of(run.cfg), active=run.active
+        shapes_of_model(run.layout.model, lora=lora), method, Setup.from_config(run.cfg), active=run.active
     ).as_dict()
     measured = run.backend.state_bytes()
     assert {k: measured[k] for k in (*EXACT, "host")} == {k: predicted[k] for k in (*EXACT, "host")}

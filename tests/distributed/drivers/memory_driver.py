@@ -106,18 +106,7 @@ def main() -> None:
         for step in range(cfg.train.steps):
             train_step(run, step)
         method = "lisa" if run.sampler else "full"
-        setup = Setup(
-            backend=backend,
-            world_size=run.backend.world_size,
-            replicate=cfg.backend.replicate,
-            precision=cfg.train.precision,
-            param_dtype=cfg.model.dtype,
-            frozen_storage=cfg.lisa.frozen_storage,
-            host_dtype=cfg.lisa.host_dtype,
-            train_embeddings=cfg.lisa.train_embeddings,
-            adam_8bit=cfg.optim.adam_8bit,
-            rank=run.backend.rank,
-        )
+        setup = Setup.from_config(cfg, backend, run.backend.world_size, run.backend.rank)
         # The shapes from the config alone, as `lisa-dist estimate` sees them, not from the model that trained.
         shapes = shapes_of(preset_config(cfg.model.name, cfg.model.config_overrides), cfg.model.name)
         predicted = estimate(shapes, method, setup, active=run.active)
