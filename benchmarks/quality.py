@@ -158,6 +158,42 @@ def split_cpt(out: Path, quick: bool) -> dict:
 # -- one run ------------------------------------------------------------------------------------------------------
 
 
+def run_overrides(
+    model: list[str],
+    data: dict,
+    work: Path,
+    sizes: argparse.Namespace,
+    steps: int,
+    seed: int,
+    out: str | Path,
+    eval_at_start: bool,
+) -> list[str]:
+    """The overrides every run of the quality studies shares: the data split, `sizes.micro_batch` rows of
+    `sizes.seq_len` tokens, bf16 autocast, the chunked loss, warmup (a tenth of `steps`) and cosine, quiet logs."""
+    return [
+        *model,
+        f"--data.path={data['train']}",
+        f"--data.eval_path={data['eval']}",
+        f"--data.max_length={sizes.seq_len}",
+        "--data.skip_bad_rows=true",
+        f"--data.cache_dir={work / 'cache'}",
+        f"--train.micro_batch_size={sizes.micro_batch}",
+        f"--train.steps={steps}",
+        f"--train.seed={seed}",
+        "--train.precision=bf16",
+        "--train.loss=chunked",
+        f"--train.output_dir={out}",
+        f"--train.eval_at_start={str(eval_at_start).lower()}",
+        f"--optim.warmup_steps={max(1, steps // 10)}",
+        "--optim.schedule=cosine",
+        "--logging.progress=false",
+        "--logging.level=WARNING",
+        "--logging.log_every=1",
+        "--checkpoint.save_final=false",
+        "--train.overwrite=true",
+    ]
+
+
 def run_one(spec: dict) -> dict:
     """Train one run (spec: key, method, overrides, prompts) through the trainer loop and collect its numbers."""
     import torch
@@ -280,29 +316,8 @@ class Study:
                 self.results[result["key"]] = result
 
     def base(self, study: str, out: str, seed: int, eval_at_start: bool) -> list[str]:
-        a, data = self.args, self.data[study]
-        common = [
-            *self.model,
-            f"--data.path={data['train']}",
-            f"--data.eval_path={data['eval']}",
-            f"--data.max_length={a.seq_len}",
-            "--data.skip_bad_rows=true",
-            f"--data.cache_dir={self.work / 'cache'}",
-            f"--train.micro_batch_size={a.micro_batch}",
-            f"--train.steps={a.steps}",
-            f"--train.seed={seed}",
-            "--train.precision=bf16",
-            "--train.loss=chunked",
-            f"--train.output_dir={out}",
-            f"--train.eval_at_start={str(eval_at_start).lower()}",
-            f"--optim.warmup_steps={max(1, a.steps // 10)}",
-            "--optim.schedule=cosine",
-            "--logging.progress=false",
-            "--logging.level=WARNING",
-            "--logging.log_every=1",
-            "--checkpoint.save_final=false",
-            "--train.overwrite=true",
-        ]
+        a = self.args
+        common = run_overrides(self.model, self.data[study], self.work, a, a.steps, seed, out, eval_at_start)
         if study == "sft":
             return [*common, "--data.format=chat", "--data.packing=true"]
         return [
@@ -773,6 +788,27 @@ DEFAULTS = {
 }
 
 
+def add_sizes(parser: argparse.ArgumentParser, defaults: dict, helps: dict[str, str]) -> None:
+    """An integer flag per entry of `defaults` (name: (full study, --quick)); unset, `resolve_sizes` fills it."""
+    for name, (full, quick) in defaults.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"{helps.get(name, name.replace('_', ' '))} (default {full}; --quick: {quick})",
+        )
+
+
+def resolve_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict) -> None:
+    """Each size flag not given: its default for the mode; one given below 1: an error naming it."""
+    for name, (full, quick) in defaults.items():
+        value = getattr(args, name)
+        if value is None:
+            setattr(args, name, quick if args.quick else full)
+        elif value < 1:
+            parser.error(f"--{name.replace('_', '-')}={value}: expected at least 1")
+
+
 def main() -> None:
     parser = harness.parser(__doc__, "quality", quick=True)
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the runs done")
@@ -782,13 +818,7 @@ def main() -> None:
         "workers": "runs at a time",
         "threads": "threads per run",
     }
-    for name, (full, quick) in DEFAULTS.items():
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=int,
-            default=None,
-            help=f"{helps.get(name, name.replace('_', ' '))} (default {full}; --quick: {quick})",
-        )
+    add_sizes(parser, DEFAULTS, helps)
     parser.add_argument("--work", help="runs, data and results.jsonl (default: runs/quality or runs/quality_quick)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -797,12 +827,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))))
         return
-    for name, (full, quick) in DEFAULTS.items():
-        value = getattr(args, name)
-        if value is None:
-            setattr(args, name, quick if args.quick else full)
-        elif value < 1:
-            parser.error(f"--{name.replace('_', '-')}={value}: expected at least 1")
+    resolve_sizes(parser, args, DEFAULTS)
     start = time.perf_counter()
     study = Study(args)
     timing = study.work / "timing.json"

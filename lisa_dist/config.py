@@ -203,6 +203,12 @@ class OptimConfig:
     """Linear warmup steps from 0 to lr."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of lr, in [0, 1]."""
+    always_lr_scale: float | None = None
+    """The always-trained params' (embeddings, final norm, head) lr as a multiple of the layers' (optim.lr, and the
+    schedule's value at each step), >= 0. They train at every step while LISA trains each layer a period at a time.
+    Unset: 0.3 under LISA (the quality study: 0.3 and 0 both ahead of 1, docs/quality.md), 1 for full fine-tuning
+    and LoRA. 0 freezes them (every backend): no gradient and no Adam state, stored like a frozen embedding
+    (lisa.train_embeddings); backward stops at the lowest active layer."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clipping over trainable params; 0 disables."""
     adam_8bit: Adam8bit = "none"
@@ -479,8 +485,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         set_value(cfg, key, value)
     given = {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
     _steps_or_epochs(cfg, given, {key for key, _ in pairs})
+    cfg.optim.always_lr_scale = always_lr_scale_of(cfg)  # the method's default, written like a given value
     validate(cfg)
     return cfg
+
+
+LISA_ALWAYS_LR_SCALE = 0.3
+"""optim.always_lr_scale's default under LISA (the quality study, docs/quality.md)."""
+
+
+def always_lr_scale_of(cfg: Config) -> float:
+    """optim.always_lr_scale, or unset the method's default: LISA_ALWAYS_LR_SCALE under LISA, 1 otherwise."""
+    if cfg.optim.always_lr_scale is not None:
+        return cfg.optim.always_lr_scale
+    return LISA_ALWAYS_LR_SCALE if cfg.lisa.enabled and not cfg.lora.enabled else 1.0
 
 
 def _steps_or_epochs(cfg: Config, in_file: set[str], on_command_line: set[str]) -> None:
@@ -888,6 +906,14 @@ def _validate_storage(cfg: Config) -> None:
             lisa.train_embeddings,
             "the LoRA baseline trains adapters over its own base model",
         )
+    if cfg.optim.always_lr_scale not in (None, 1.0):
+        _require(
+            not cfg.lora.enabled,
+            "optim.always_lr_scale",
+            cfg.optim.always_lr_scale,
+            "1 with LoRA: the scale is of LISA's and full fine-tuning's embeddings, final norm and head, and the "
+            "LoRA baseline trains adapters only",
+        )
     if lisa.frozen_storage == "bfloat16":
         _require(
             cfg.train.precision == "bf16",
@@ -945,6 +971,12 @@ def _validate_optim(o: OptimConfig) -> None:
     _choice("optim.implementation", o.implementation, ADAM_IMPLEMENTATIONS)
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "expected >= 0")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "expected in [0, 1]")
+    _require(
+        o.always_lr_scale is None or (math.isfinite(o.always_lr_scale) and o.always_lr_scale >= 0),
+        "optim.always_lr_scale",
+        o.always_lr_scale,
+        "expected a finite number >= 0 (0 freezes the embeddings, final norm and head)",
+    )
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "expected >= 0 (0 disables clipping)")
 
 

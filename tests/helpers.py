@@ -58,6 +58,30 @@ def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -
     return run_launcher(cmd, timeout)
 
 
+def quick_study(module: str, tmp_path: Path, *extra: str, timeout: int = 400) -> str:
+    """`python -m benchmarks.MODULE --quick` with its results in tmp_path/out and its work in tmp_path/work; the
+    stdout (the test fails with the output's tail if the study does)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"benchmarks.{module}",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 def launcher_env() -> dict[str, str]:
     # The venv's launchers first on PATH; DeepSpeed's CPU comm op compiled once into the repo's ignored cache.
     # No GPU for the ranks even on a GPU host: these tests compare gloo ranks on the CPU with a CPU reference.

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
 from lisa_dist.backends import build_engine, carry_out, destroy_engine, rerun_lazy_init, unlink_shm_at_exit
-from lisa_dist.config import OptimConfig
+from lisa_dist.config import LISA_ALWAYS_LR_SCALE, OptimConfig
 from lisa_dist.method import (
     LayerSampler,
     TrainableSet,
@@ -191,7 +191,11 @@ class LisaTrainer(Trainer):
     def _optim_config(self) -> OptimConfig:
         a = self.args
         return OptimConfig(
-            lr=a.learning_rate, weight_decay=a.weight_decay, betas=[a.adam_beta1, a.adam_beta2], eps=a.adam_epsilon
+            lr=a.learning_rate,
+            weight_decay=a.weight_decay,
+            betas=[a.adam_beta1, a.adam_beta2],
+            eps=a.adam_epsilon,
+            always_lr_scale=LISA_ALWAYS_LR_SCALE,  # the loop's LISA default: the same run either way
         )
 
     def _trainable(self) -> TrainableSet:

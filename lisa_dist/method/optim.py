@@ -59,14 +59,16 @@ def param_groups(
     active: NamedParams,
     weight_decay: float,
     drop_empty: bool = False,
+    always_lr_scale: float = 1.0,
 ) -> list[dict]:
     """Always-trained groups first (a fixed order), then the layer groups; `drop_empty` for DeepSpeed, whose
-    partitioning needs at least one param per group."""
+    partitioning needs at least one param per group. Each group's `lr_scale` multiplies the schedule's lr for it
+    (`set_lr`): `always_lr_scale` for the always-trained groups, 1 for the layers'."""
     groups = []
-    for role, params in ((ALWAYS, always), (LAYERS, active)):
+    for role, params, scale in ((ALWAYS, always, always_lr_scale), (LAYERS, active, 1.0)):
         decay, no_decay = _split_decay(params)
-        groups.append({"params": decay, "weight_decay": weight_decay, "role": role})
-        groups.append({"params": no_decay, "weight_decay": 0.0, "role": role})
+        groups.append({"params": decay, "weight_decay": weight_decay, "role": role, "lr_scale": scale})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "role": role, "lr_scale": scale})
     return [g for g in groups if g["params"]] if drop_empty else groups
 
 
@@ -77,7 +79,11 @@ def build_adamw(
     drop_empty: bool = False,
 ) -> torch.optim.Optimizer:
     """torch's AdamW, or with `cfg.adam_8bit` torchao's AdamW8bit (`lisa_dist.method.adam8bit`)."""
-    groups = param_groups(always, active, cfg.weight_decay, drop_empty)
+    # A bare OptimConfig (not from load_config, which gives the method's default) trains them at the layers' lr.
+    scale = 1.0 if cfg.always_lr_scale is None else cfg.always_lr_scale
+    groups = param_groups(always, active, cfg.weight_decay, drop_empty, scale)
+    for group in groups:  # a scheduler that scales each group's initial lr (Trainer's) keeps the ratio
+        group["lr"] = cfg.lr * group["lr_scale"]
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.adam_8bit == "none":
         device = next((p.device for _, p in always + active), torch.device("cpu"))
@@ -202,11 +208,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's `lr` for this step, times each group's `lr_scale` (optim.always_lr_scale)."""
     for group in optimizer.param_groups:
+        scaled = lr * group.get("lr_scale", 1.0)
         if torch.is_tensor(group["lr"]):  # torchao's optimizers keep it a tensor (no recompile per value)
-            group["lr"].fill_(lr)
+            group["lr"].fill_(scaled)
         else:
-            group["lr"] = lr
+            group["lr"] = scaled
 
 
 def moment_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -17,14 +17,15 @@ def layer_named_params(layout: ModelLayout) -> list[NamedParams]:
     ]
 
 
-def lisa_trainable(layout: ModelLayout, train_embeddings: bool = True) -> TrainableSet:
-    """Always-trained modules (less the input embedding without `train_embeddings`), plus every decoder layer as a
-    unit that can be switched on and off; a vision-language model's vision tower is frozen always."""
-    return TrainableSet(
-        always=layout.always_trained_params(train_embeddings),
-        layers=layer_named_params(layout),
-        frozen=layout.frozen_params(),
-    )
+def lisa_trainable(layout: ModelLayout, train_embeddings: bool = True, always_lr_scale: float = 1.0) -> TrainableSet:
+    """Always-trained modules (less the input embedding without `train_embeddings`; none at `always_lr_scale` 0,
+    optim.always_lr_scale: they join the frozen ones), plus every decoder layer as a unit that can be switched on
+    and off; a vision-language model's vision tower is frozen always."""
+    always = layout.always_trained_params(train_embeddings)
+    frozen = layout.frozen_params()
+    if always_lr_scale == 0:
+        always, frozen = [], frozen + always
+    return TrainableSet(always=always, layers=layer_named_params(layout), frozen=frozen)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> tuple[nn.Module, TrainableSet]:

@@ -89,6 +89,7 @@ EXACTNESS_FIELDS = (
     "optim.min_lr_ratio",
     "optim.max_grad_norm",
     "optim.adam_8bit",
+    "optim.always_lr_scale",
     "train.seed",
     "train.precision",
     "backend.name",

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_dist.backends import Backend, build_backend
-from lisa_dist.config import Config, parse_size, validate_for_model
+from lisa_dist.config import Config, always_lr_scale_of, parse_size, validate_for_model
 from lisa_dist.data import (
     MixtureOrder,
     ShardedBatches,
@@ -109,7 +109,7 @@ def build(cfg: Config, backend: Backend | None = None, start: Start | None = Non
     if cfg.lora.enabled:
         model, trainable = apply_lora(model, cfg.lora)
     else:
-        trainable = lisa_trainable(layout, cfg.lisa.train_embeddings)
+        trainable = lisa_trainable(layout, cfg.lisa.train_embeddings, always_lr_scale_of(cfg))
         if not cfg.lisa.train_embeddings and layout.embedding is not None and layout.head is None:
             lookup_without_grad(layout.embedding)  # tied: the shared matrix learns as the head only
     data = load_data(cfg, tokenizer, backend, seed)

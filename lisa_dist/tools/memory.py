@@ -47,6 +47,7 @@ from lisa_dist.config import (
     Dtype,
     FrozenStorage,
     Precision,
+    always_lr_scale_of,
 )
 from lisa_dist.errors import ConfigError
 from lisa_dist.method import quantizable, quantized_bytes
@@ -134,6 +135,9 @@ class Setup:
     """lisa.train_embeddings: false freezes the untied input embedding (stored like the frozen layers)."""
     adam_8bit: Adam8bit = "none"
     """optim.adam_8bit: none, always (8-bit moments for the always-trained params) or all (active layers too)."""
+    always_lr_scale: float = 1.0
+    """optim.always_lr_scale: 0 freezes the embeddings, final norm and head of LISA and full fine-tuning (stored
+    like a frozen embedding); any other value trains them."""
     loss_chunk_tokens: int = 0
     """train.loss=chunked with train.loss_chunk_tokens (0: the plain loss, full logits)."""
     gamma: int = 2
@@ -157,6 +161,7 @@ class Setup:
             host_dtype=cfg.lisa.host_dtype,
             train_embeddings=cfg.lisa.train_embeddings,
             adam_8bit=cfg.optim.adam_8bit,
+            always_lr_scale=always_lr_scale_of(cfg),
             loss_chunk_tokens=cfg.train.loss_chunk_tokens if cfg.train.loss == "chunked" else 0,
             gamma=cfg.lisa.gamma,
             micro_batch=cfg.train.micro_batch_size,
@@ -392,14 +397,15 @@ def _zero2_grad_numel(group: list[Param], world: int, rank: int) -> int:
 
 
 def _roles(
-    shapes: ModelShapes, method: str, active: Sequence[int], train_embeddings: bool = True
+    shapes: ModelShapes, method: str, active: Sequence[int], train_embeddings: bool = True, always_frozen: bool = False
 ) -> tuple[list[Param], list[Param], list[Param]]:
     """(trainable params, params with optimizer state, params stored as frozen) of `method`."""
     every = [p for layer in shapes.layers for p in layer]
     if method in ("lora", "qlora"):
         return shapes.lora, shapes.lora, shapes.always + every + shapes.frozen
-    # Stored like a frozen embedding: a vision tower, and the input embedding with lisa.train_embeddings=false.
-    frozen_embedding = shapes.frozen + ([] if train_embeddings else shapes.embedding)
+    # Stored like a frozen embedding: a vision tower, the input embedding with lisa.train_embeddings=false, and
+    # every always-trained param with optim.always_lr_scale=0.
+    frozen_embedding = _frozen_outside(shapes, train_embeddings, always_frozen)
     always = [p for p in shapes.always if p not in frozen_embedding]
     if method == "full":
         return always + every, always + every, frozen_embedding
@@ -413,6 +419,14 @@ def _roles(
     raise ConfigError(f"method={method!r}: allowed values are {', '.join(METHODS)}")
 
 
+def _frozen_outside(shapes: ModelShapes, train_embeddings: bool, always_frozen: bool) -> list[Param]:
+    """The params outside the decoder layers that LISA and full fine-tuning never train: a vision tower, the input
+    embedding without lisa.train_embeddings, every always-trained param with optim.always_lr_scale=0."""
+    if always_frozen:
+        return shapes.frozen + shapes.always
+    return shapes.frozen + ([] if train_embeddings else shapes.embedding)
+
+
 def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[int] | None = None) -> Breakdown:
     """Bytes one rank holds for `method` under `setup`. `active`: the LISA layers (default: the gamma largest)."""
     if method == "naive_lisa" and setup.backend in NAIVE_UNSUPPORTED:
@@ -424,7 +438,7 @@ def estimate(shapes: ModelShapes, method: str, setup: Setup, active: Sequence[in
         active = sorted(range(len(sizes)), key=lambda i: -sizes[i])[: setup.gamma]
     if method == "qlora" and setup.backend.startswith("zero"):
         return Breakdown(supported=False, note="QLoRA's NF4 base is not partitioned by DeepSpeed ZeRO here")
-    trainable, with_state, frozen = _roles(shapes, method, active, setup.train_embeddings)
+    trainable, with_state, frozen = _roles(shapes, method, active, setup.train_embeddings, setup.always_lr_scale == 0)
     out = _state(shapes, method, setup, trainable, with_state, frozen)
     out.activations = activation_bytes(shapes, setup)
     out.buffers = _buffers(shapes, setup, trainable)
@@ -499,7 +513,8 @@ def _stored_bytes(shapes: ModelShapes, method: str, s: Setup, frozen: list[Param
     layer matrices in NF4, the rest of its base in bf16."""
     storage = DTYPE_BYTES[s.param_dtype]
     layer_names = {p.name for layer in shapes.layers for p in layer}
-    embedding = {p.name for p in shapes.embedding + shapes.frozen}  # both stored by `freeze_outside`
+    # Stored by `freeze_outside` (the always-trained params too when optim.always_lr_scale=0 freezes them).
+    embedding = {p.name for p in shapes.embedding + _frozen_outside(shapes, True, s.always_lr_scale == 0)}
     frozen_names = {p.name for p in frozen}
     exact = s.frozen_storage if s.frozen_storage not in QUANTIZED else "bfloat16"
     base = min(storage, DTYPE_BYTES[exact])

@@ -108,6 +108,20 @@ def test_fp32_matches_local_across_switches(tmp_path, data_file, stage, tol):
         assert torch.allclose(logits, torch.load(out / "logits.pt"), atol=1e-5, rtol=0)
 
 
+def test_always_lr_scale_matches_local_under_zero2(tmp_path, data_file):
+    """optim.always_lr_scale=0.25 survives the engine's rebuild at every switch: the always-trained groups keep
+    their scaled lr (the losses follow the local reference's) and their Adam state."""
+    extra = ("--train.steps=6", "--optim.always_lr_scale=0.25")
+    ref_losses, ref_layers = reference(tmp_path, data_file, *extra)
+    plain_losses, _ = reference(tmp_path / "plain", data_file, "--train.steps=6")
+    _, ranks = run_ds(tmp_path, data_file, "zero2.json", *extra)
+    for result in ranks:
+        assert [s["loss"] for s in result["steps"]] == pytest.approx(ref_losses, abs=ZERO12_TOL, rel=0)
+        assert [s["active_layers"] for s in result["steps"]] == ref_layers
+    assert ref_losses[-1] != pytest.approx(plain_losses[-1], abs=10 * ZERO12_TOL, rel=0)  # the scale changed them
+    check_state(ranks)
+
+
 def test_eval_loss_matches_local_under_zero3(tmp_path, data_file):
     """Evaluation on ZeRO-3 (every rank runs the same forwards: gathers are collective) after 4 steps."""
     extra = ("--data.eval_fraction=0.1", "--train.steps=4")

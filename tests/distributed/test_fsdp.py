@@ -159,6 +159,19 @@ def test_frozen_embeddings_and_the_chunked_loss_match_local(tmp_path, data_file)
     assert torch.equal(weights["model.embed_tokens.weight"], untrained.backend.model.model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("scale", ["0", "0.25"], ids=["always-frozen", "always-scaled"])
+def test_always_lr_scale_matches_local(tmp_path, data_file, scale):
+    """optim.always_lr_scale on sharded params: 0 freezes the root unit's embedding, final norm and head (they keep
+    the weights the model was built with), 0.25 scales their lr; the same losses and weights as local, bitwise."""
+    extra = (f"--optim.always_lr_scale={scale}", "--train.steps=4")
+    ref, ref_weights = reference(tmp_path, data_file, *extra)
+    out, ranks = fsdp(tmp_path, data_file, *extra)
+    weights = check_bitwise_local(out, ranks, ref, ref_weights)
+    untrained = build(load_config(None, tiny_overrides(tmp_path / "untrained", data_file))).backend.model
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(weights[name], untrained.get_parameter(name)) == (scale == "0"), name
+
+
 @pytest.mark.slow  # about 40 s on 2 cores: make test-slow (test_memory's fsdp-adam8 checks the per-rank bytes)
 def test_8bit_adam_on_sharded_params(tmp_path, data_file):
     """torchao's AdamW8bit on FSDP2's DTensor shards: its blocks are cut from each rank's shard, so the losses

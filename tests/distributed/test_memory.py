@@ -69,6 +69,9 @@ BF16 = "--train.precision=bf16"
         ("lisa", ["--lisa.frozen_storage=nf4", "--lisa.train_embeddings=false", BF16]),
         ("lisa", ["--lisa.train_embeddings=false"]),
         ("full", ["--lisa.enabled=false", "--lisa.train_embeddings=false"]),
+        ("lisa", ["--optim.always_lr_scale=0"]),
+        ("lisa", ["--optim.always_lr_scale=0", "--lisa.frozen_storage=nf4", BF16]),
+        ("lisa", ["--optim.always_lr_scale=0.3", "--lisa.frozen_storage=bfloat16", BF16]),
         pytest.param(
             "lisa",
             [
@@ -99,6 +102,9 @@ BF16 = "--train.precision=bf16"
         "nf4-frozen-embeddings-bf16",
         "frozen-embeddings",
         "full-frozen-embeddings",
+        "always-frozen",
+        "always-frozen-nf4-bf16",
+        "always-scaled-frozen-bf16",
         "adam8-always",
         "adam8-all-nf4",
         "lora-adam8",

@@ -2,8 +2,6 @@
 studies, the seed stage, the report; a study resumes from its results; and the real-model cache."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -11,29 +9,11 @@ from benchmarks import harness
 from lisa_dist.errors import ConfigError
 from lisa_dist.tools import prepare_model
 
-from ..helpers import REPO
+from ..helpers import quick_study
 
 
 def quick(tmp_path, *extra):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.quality",
-            "--quick",
-            "--out",
-            str(tmp_path / "out"),
-            "--work",
-            str(tmp_path / "work"),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
+    return quick_study("quality", tmp_path, *extra, timeout=300)
 
 
 def test_quick_study_runs_both_studies_seeds_and_report_and_resumes(tmp_path):

@@ -94,6 +94,7 @@ def test_type_errors_name_field_and_value(override, message):
         ("--optim.min_lr_ratio=2", "optim.min_lr_ratio", "[0, 1]"),
         ("--optim.max_grad_norm=-1", "optim.max_grad_norm", ">= 0"),
         ("--optim.warmup_steps=-1", "optim.warmup_steps", ">= 0"),
+        ("--optim.always_lr_scale=-0.5", "optim.always_lr_scale=-0.5", ">= 0 (0 freezes"),
         ("--train.steps=0", "train.steps=0", ">= 1"),
         ("--train.micro_batch_size=0", "train.micro_batch_size", ">= 1"),
         ("--train.grad_accum=0", "train.grad_accum", ">= 1"),
@@ -119,6 +120,22 @@ def test_validation_errors_name_field_value_and_allowed(override, field, allowed
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert field in str(info.value) and allowed in str(info.value)
+
+
+def test_always_lr_scale_defaults_by_method():
+    """Unset: 0.3 under LISA (the quality study), 1 for full fine-tuning and LoRA; a given value stays."""
+    assert load_config(None, ["--data.path=x"]).optim.always_lr_scale == 0.3
+    assert load_config(None, ["--data.path=x", "--lisa.enabled=false"]).optim.always_lr_scale == 1.0
+    lora = ["--data.path=x", "--lisa.enabled=false", "--lora.enabled=true"]
+    assert load_config(None, lora).optim.always_lr_scale == 1.0
+    assert load_config(None, ["--data.path=x", "--optim.always_lr_scale=1"]).optim.always_lr_scale == 1.0
+
+
+def test_always_lr_scale_is_refused_with_lora():
+    with pytest.raises(ConfigError, match=r"optim.always_lr_scale=0.5 .*LoRA baseline trains adapters only"):
+        load_config(
+            None, ["--data.path=x", "--lisa.enabled=false", "--lora.enabled=true", "--optim.always_lr_scale=0.5"]
+        )
 
 
 def test_missing_data_path():

@@ -52,3 +52,25 @@ def test_an_unknown_kernel_is_refused_naming_the_field(tmp_path):
     data = write_text_data(tmp_path / "data.jsonl")
     with pytest.raises(ConfigError, match=r"optim.implementation='fast'.*auto, fused, foreach, for_loop"):
         load_config(None, tiny_overrides(tmp_path, data, "--optim.implementation=fast"))
+
+
+def test_always_lr_scale_scales_the_always_trained_groups_and_zero_freezes_them(tmp_path):
+    """optim.always_lr_scale: the embeddings', final norm's and head's groups step at scale x the schedule's lr, the
+    layers' at the lr itself; at 0 they get no gradient, no Adam state and keep their weights."""
+    data = write_text_data(tmp_path / "d.jsonl")
+
+    def trained(scale: str):
+        run = build(load_config(None, tiny_overrides(tmp_path / scale, data, f"--optim.always_lr_scale={scale}")))
+        before = {n: p.detach().clone() for n, p in run.trainable.always + run.trainable.frozen}
+        records = [train_step(run, s) for s in range(3)]
+        return run, before, records
+
+    run, _, records = trained("0.5")
+    lrs = {g["role"]: g["lr"] for g in run.backend.optimizer.param_groups}
+    assert lrs["always"] == pytest.approx(0.5 * records[-1]["lr"]) and lrs["layers"] == pytest.approx(records[-1]["lr"])
+    frozen, before, frozen_records = trained("0")
+    assert frozen.trainable.always == [] and before  # the embedding, norm and head moved to the frozen params
+    for name, p in frozen.trainable.frozen:
+        assert p.grad is None and not p.requires_grad and torch.equal(p, before[name]), name
+    assert all(p not in frozen.backend.optimizer.state for _, p in frozen.trainable.frozen)
+    assert frozen_records[-1]["trainable_params"] < records[-1]["trainable_params"]
