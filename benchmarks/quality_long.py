@@ -294,19 +294,20 @@ class Study:
                 self.record(run_one(todo[0]))
             print(f"{len(self.results)} runs done, 0 to go", flush=True)
             return
-        children: dict[str, subprocess.Popen] = {}
+        children: dict[str, tuple[dict, subprocess.Popen]] = {}
         while True:
+            # The runs that ended before this load: their results, written before they exit, are in it.
+            ended = [(spec, child) for spec, child in children.values() if child.poll() is not None]
             self.load()
-            for slug, child in list(children.items()):
-                if child.poll() is not None:
-                    del children[slug]
-                    (self.work / "running" / slug).unlink(missing_ok=True)
-                    self.report_end(slug, child.returncode)
+            for spec, child in ended:
+                del children[spec["slug"]]
+                (self.work / "running" / spec["slug"]).unlink(missing_ok=True)
+                self.report_end(spec, child.returncode)
             running = self.running()
             todo = [s for s in self.todo() if s["slug"] not in running]
             out_of_time = time.perf_counter() - start > budget_s
             if todo and len(running) < self.args.workers and not out_of_time:
-                children[todo[0]["slug"]] = self.launch(todo[0])
+                children[todo[0]["slug"]] = todo[0], self.launch(todo[0])
                 continue
             if not running:
                 break
@@ -330,12 +331,11 @@ class Study:
         print(f"started  {spec['key']}", flush=True)
         return child
 
-    def report_end(self, slug: str, code: int) -> None:
-        result = next((r for r in self.results.values() if r["spec"]["slug"] == slug), None)
-        if code or result is None:
-            key = next(s["key"] for s in self.candidates() if s["slug"] == slug)
-            self.failed.add(key)
-            print(f"FAILED   {key} (exit {code}): {self.work / 'logs' / slug}.log", flush=True)
+    def report_end(self, spec: dict, code: int) -> None:
+        result = self.results.get(spec["key"])
+        if code or result is None or result["spec"] != spec:
+            self.failed.add(spec["key"])
+            print(f"FAILED   {spec['key']} (exit {code}): {self.work / 'logs' / spec['slug']}.log", flush=True)
             return
         self.print_result(result)
 
